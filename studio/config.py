@@ -1,0 +1,288 @@
+"""Typed configuration for the studio, loaded from YAML presets with omegaconf.
+
+A preset is a YAML file in ``presets/`` whose keys mirror :class:`StudioConfig`. omegaconf
+merges it onto the dataclass schema, so an unknown key or a wrong type fails with an error
+that names the key; each dataclass then checks its values in ``__post_init__``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+# The SD 1.x training scale: timesteps are integers in [0, NUM_TRAIN_TIMESTEPS).
+NUM_TRAIN_TIMESTEPS = 1000
+
+DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
+
+
+class ConfigError(ValueError):
+    """A preset or a setting is invalid; the message names the key and what is allowed."""
+
+
+def check_band(band: list[int] | tuple[int, int], what: str = "band") -> tuple[int, int]:
+    """Validate a timestep interval ``[lo, hi]`` on the 0..999 scale and return it as a tuple."""
+    if len(band) != 2:
+        raise ConfigError(f"{what} must be two timesteps [start, end], got {list(band)}")
+    lo, hi = int(band[0]), int(band[1])
+    if not 0 <= lo < hi <= NUM_TRAIN_TIMESTEPS:
+        raise ConfigError(
+            f"{what} must satisfy 0 <= start < end <= {NUM_TRAIN_TIMESTEPS}, got start={lo}, end={hi}"
+        )
+    return lo, hi
+
+
+def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Which frozen Stable Diffusion 1.x backbone to use and where it runs."""
+
+    # "tiny" (random weights, offline), a hub id, a local diffusers folder, or a single .safetensors
+    source: str = "tiny"
+    # hub revision or branch (hub ids only)
+    revision: str | None = None
+    # a diffusers config folder for a single-file checkpoint (needed offline)
+    single_file_config: str | None = None
+    # CLIP image encoder for the image bypass: "tiny", a hub id or a folder; None disables it
+    image_encoder: str | None = "openai/clip-vit-base-patch32"
+    # "auto" picks cuda > mps > cpu
+    device: str = "auto"
+    # weights dtype of the frozen parts: auto (fp32 on cpu, bf16/fp16 on gpu), float32, bfloat16, float16
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.source.strip():
+            raise ConfigError("model.source must name a model: 'tiny', a hub id, a folder or a .safetensors file")
+        _one_of(self.dtype, ("auto", "float32", "bfloat16", "float16"), "model.dtype")
+        if self.device != "auto" and not self.device.split(":")[0] in ("cpu", "cuda", "mps"):
+            raise ConfigError(f"model.device must be auto, cpu, cuda[:N] or mps; got {self.device!r}")
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.source == "tiny"
+
+
+@dataclass
+class ConceptConfig:
+    """Shape of the learned concept: identity tokens and the timestep mapper (SPEC §3)."""
+
+    # number of identity tokens <id1> ... <idK> that stand for the person
+    num_tokens: int = 4
+    # the super-category word; must be a single CLIP token
+    super_category: str = "face"
+    # anchors of the mapper's first layer, spread evenly over the training band
+    num_anchors: int = 200
+    # width of the mapper's hidden layers
+    hidden_dim: int = 128
+    # size of the sinusoidal timestep encoding
+    time_encoding_dim: int = 2048
+    # learn the image-bypass branch (needs model.image_encoder)
+    use_bypass: bool = True
+    # probability of zeroing the bypass per training sample
+    bypass_dropout: float = 0.5
+    # identity used after the band (t < start): "band_edge" = MLP(start) (authors), "super_category"
+    late_stage: str = "band_edge"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_tokens <= 16:
+            raise ConfigError(f"concept.num_tokens must be between 1 and 16, got {self.num_tokens}")
+        if not self.super_category.strip() or " " in self.super_category.strip():
+            raise ConfigError(f"concept.super_category must be one word, got {self.super_category!r}")
+        if self.num_anchors < 1 or self.hidden_dim < 1 or self.time_encoding_dim < 2 or self.time_encoding_dim % 2:
+            raise ConfigError("concept.num_anchors, hidden_dim must be >= 1 and time_encoding_dim even")
+        if not 0.0 <= self.bypass_dropout <= 1.0:
+            raise ConfigError(f"concept.bypass_dropout must be in [0, 1], got {self.bypass_dropout}")
+        _one_of(self.late_stage, ("band_edge", "super_category"), "concept.late_stage")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of the mapper (SPEC §4)."""
+
+    # optimiser steps (each of grad_accum micro-steps of batch_size photos)
+    steps: int = 1000
+    batch_size: int = 1
+    grad_accum: int = 2
+    # effective learning rate of AdamW
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-2
+    # timesteps sampled during training: uniform in [band[0], band[1])
+    band: list[int] = field(default_factory=lambda: [400, 800])
+    # weight lambda of the Tandem Equilibrium loss
+    te_weight: float = 1e-3
+    # balance target beta of the TE loss (0.5 = the paper)
+    te_balance: float = 0.5
+    # softmax temperature tau of the TE loss
+    te_temperature: float = 100.0
+    # image side in pixels fed to the VAE
+    resolution: int = 512
+    # autocast dtype on GPU: auto (bf16 if supported, else fp16), no, bf16, fp16; always fp32 on CPU
+    mixed_precision: str = "auto"
+    seed: int = 0
+    # preview images every N optimiser steps (and at step 0); 0 disables
+    preview_every: int = 100
+    # keep a rollback snapshot every N steps (NaN recovery)
+    snapshot_every: int = 25
+    # clip gradient norm (0 disables)
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "grad_accum", "resolution"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.resolution % 8:
+            raise ConfigError(f"train.resolution must be a multiple of 8, got {self.resolution}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        check_band(self.band, "train.band")
+        if not 0.0 <= self.te_balance <= 1.0:
+            raise ConfigError(f"train.te_balance must be in [0, 1], got {self.te_balance}")
+        if self.te_weight < 0:
+            raise ConfigError(f"train.te_weight must be >= 0, got {self.te_weight}")
+        _one_of(self.mixed_precision, ("auto", "no", "bf16", "fp16"), "train.mixed_precision")
+        if self.preview_every < 0 or self.snapshot_every < 1:
+            raise ConfigError("train.preview_every must be >= 0 and train.snapshot_every >= 1")
+
+
+@dataclass
+class SampleConfig:
+    """Stage-regulated generation and the studio's previews (SPEC §5)."""
+
+    # denoising steps for generation
+    steps: int = 50
+    # denoising steps for the live previews (fewer = faster)
+    preview_steps: int = 20
+    guidance_scale: float = 8.0
+    # a diffusers scheduler name, see studio.sampler.SCHEDULERS
+    scheduler: str = "dpmsolver++"
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    # generation band: denoising steps with t in [band[0], band[1]] get the identity
+    band: list[int] = field(default_factory=lambda: [400, 800])
+    # tandem balance gamma: < 1 favours the prompt, > 1 the identity, 1 = neutral
+    balance: float = 1.0
+    # how many of the text encoder's last layers the balance gamma acts on
+    balance_layers: int = 1
+    # output side in pixels (0 = the training resolution)
+    resolution: int = 0
+    # fixed prompts and seeds of the live previews; "{}" stands for the person
+    preview_prompts: list[str] = field(
+        default_factory=lambda: ["a photo of {}", "{} as a chef in a kitchen", "an oil painting of {}", "{} reading a book in a park"]
+    )
+    preview_seeds: list[int] = field(default_factory=lambda: [0])
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.preview_steps < 1:
+            raise ConfigError("sample.steps and sample.preview_steps must be >= 1")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"sample.guidance_scale must be >= 0, got {self.guidance_scale}")
+        check_band(self.band, "sample.band")
+        if not self.balance > 0:
+            raise ConfigError(f"sample.balance must be > 0, got {self.balance}")
+        if self.balance_layers < 1:
+            raise ConfigError(f"sample.balance_layers must be >= 1, got {self.balance_layers}")
+        if self.resolution < 0 or self.resolution % 8:
+            raise ConfigError(f"sample.resolution must be 0 or a positive multiple of 8, got {self.resolution}")
+        if not self.preview_prompts or any("{}" not in p for p in self.preview_prompts):
+            raise ConfigError("sample.preview_prompts must be non-empty and each must contain {} for the person")
+        if not self.preview_seeds:
+            raise ConfigError("sample.preview_seeds must list at least one seed")
+
+
+@dataclass
+class FaceConfig:
+    """Face detection, alignment and masking (DESIGN.md, face stack)."""
+
+    # auto (insightface when its model files exist, else dlib), insightface, dlib
+    backend: str = "auto"
+    # where insightface looks for models (None = ~/.insightface/models)
+    insightface_root: str | None = None
+    insightface_model: str = "buffalo_l"
+    # side of the aligned square crop in pixels (the trainer resizes it to train.resolution)
+    crop_size: int = 512
+    # extra context around the face: 0 = tight face chip, 0.5 = head and some shoulders
+    margin: float = 0.6
+    # smallest accepted face: eye-to-mouth box side in pixels of the original photo
+    min_face_px: int = 64
+    # photos larger than this many pixels are downscaled before detection
+    max_pixels: int = 4_000_000
+    # feather of the soft mask, as a fraction of the crop side
+    mask_feather: float = 0.06
+    # dlib Euclidean distance above which two photos are flagged as different people
+    same_person_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        _one_of(self.backend, ("auto", "insightface", "dlib"), "face.backend")
+        if self.crop_size < 64 or self.min_face_px < 8 or self.max_pixels < 256 * 256:
+            raise ConfigError("face.crop_size must be >= 64, face.min_face_px >= 8, face.max_pixels >= 65536")
+        if not 0.0 <= self.margin <= 2.0:
+            raise ConfigError(f"face.margin must be in [0, 2], got {self.margin}")
+
+
+@dataclass
+class StudioConfig:
+    """Everything a run needs: one preset."""
+
+    # preset name shown in the UI
+    name: str = "custom"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    concept: ConceptConfig = field(default_factory=ConceptConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    face: FaceConfig = field(default_factory=FaceConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-serialisable dict (saved beside outputs and inside concepts)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> StudioConfig:
+        """A validated copy with dotted-key overrides, e.g. ``replace(**{"train.steps": 10})``."""
+        return config_from_dict(self.to_dict(), overrides)
+
+
+def available_presets() -> list[str]:
+    """Names of the presets shipped in ``presets/``."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def config_from_dict(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> StudioConfig:
+    """Validate ``data`` (+ dotted overrides) against the schema and build a :class:`StudioConfig`."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(StudioConfig), OmegaConf.create(data))
+        for key, value in (overrides or {}).items():
+            OmegaConf.update(merged, key, value, merge=False)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"invalid setting {key!r}: {first_line}") from None
+
+
+def load_preset(name_or_path: str | Path, **overrides: Any) -> StudioConfig:
+    """Load a preset by name (``presets/NAME.yaml``) or path, with dotted-key overrides."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no preset {str(name_or_path)!r}; available: {', '.join(available_presets())}")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as exc:  # YAML syntax errors
+        raise ConfigError(f"preset {path.name} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path.name} must be a mapping of settings")
+    data.setdefault("name", path.stem)
+    return config_from_dict(data, overrides)

@@ -1,0 +1,42 @@
+"""Shared fixtures: the tiny preset and backbone, and the real face photos."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+warnings.filterwarnings("ignore", message=".*Pandas4Warning.*")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _faces_dir() -> Path:
+    env = os.environ.get("STUDIO_FACES_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "data" / "faces"
+
+
+@pytest.fixture(scope="session")
+def faces_dir() -> Path:
+    """../shared/data/faces (or $STUDIO_FACES_DIR): real photos; missing is a failure, not a skip."""
+    path = _faces_dir()
+    if not (path / "single").is_dir():
+        pytest.fail(f"test photos not found at {path}; set STUDIO_FACES_DIR to the faces folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from studio.config import load_preset
+
+    return load_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def backbone(tiny_cfg):
+    from studio.backbone import get_backbone
+
+    return get_backbone(tiny_cfg.model)
