@@ -1,0 +1,884 @@
+"""Face preparation: load a photo safely, find the face, align a square crop, build a soft
+face mask and an identity embedding (DESIGN.md, "Face stack" and "Bad input").
+
+Two backends share one small interface, :class:`FaceAnalyzer`:
+
+- ``dlib`` (always available offline): HOG frontal detector, 5-point landmarks,
+  ``dlib.get_face_chip`` alignment and the 128-D ResNet identity model shipped in the
+  ``face-recognition-models`` package. Distance is Euclidean: on shared/data/faces, different
+  photos of one person measure 0.33-0.53 and different people 0.57-1.07;
+  ``FaceConfig.same_person_threshold`` (0.6, dlib's own value) separates them.
+- ``insightface`` (buffalo_l) when its model files are already on disk; it is never
+  downloaded from here. Distance is the cosine distance ``1 - cos``.
+
+Every problem with a photo becomes a :class:`PhotoError` whose message is a plain sentence;
+:func:`prepare` turns each one into a failed :class:`PhotoReport` and carries on, so one bad
+photo never loses the others. No traceback reaches the user.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import io
+import logging
+import math
+import re
+import threading
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from studio.config import FaceConfig
+
+log = logging.getLogger(__name__)
+
+PhotoSource = str | Path | bytes | Image.Image
+
+# Decoded pixels we accept before refusing a photo: ~50 MP is a large phone photo; a 12-bit
+# RGBA PNG this size already takes 200 MB. JPEGs are decoded at 1/2..1/8 scale first (draft),
+# so only their reduced size counts.
+MAX_DECODE_PIXELS = 50_000_000
+# Files larger than this are refused before reading (no photo needs 200 MB).
+MAX_FILE_BYTES = 200_000_000
+# HOG detection runs on a copy whose longest side is at most this (speed); landmarks,
+# alignment and the embedding then use the full working image.
+DETECT_MAX_SIDE = 1024
+# Crops enlarged more than this from the photo are flagged as soft.
+MAX_CROP_UPSCALE = 2.0
+# dlib-style crop padding (0.25 = the tight recognition chip): the margin shrinks down to
+# this when the photo has no room around the head, rather than filling the crop with
+# stretched border pixels.
+MIN_CROP_PADDING = 0.4
+# Flag crops of which more than this fraction still lies outside the photo (border-filled).
+MAX_OUTSIDE_FRACTION = 0.1
+# Transparent pixels are composited on this colour (white: what a cut-out portrait
+# usually sits on, and what a person expects to see in the crop).
+ALPHA_BACKGROUND = (255, 255, 255)
+# insightface similarity is cosine; photos with cosine below 0.35 are treated as different
+# people (buffalo_l verification thresholds are usually quoted between 0.3 and 0.4).
+INSIGHTFACE_SAME_PERSON_DISTANCE = 0.65
+INSIGHTFACE_HELP = (
+    "Download buffalo_l.zip from the insightface model zoo "
+    "(https://github.com/deepinsight/insightface/releases, 'buffalo_l') on a machine with "
+    "internet access and unzip it so that the .onnx files sit in {folder}, "
+    "or set face.backend to dlib (works offline)."
+)
+
+
+class PhotoError(ValueError):
+    """A photo cannot be used; ``str(err)`` is a sentence a non-expert understands.
+
+    ``report`` (one photo) or ``reports`` (all photos, from :func:`prepare`) keep what was
+    learned about the photos, so nothing is lost when the error is shown.
+    """
+
+    def __init__(self, message: str, report: PhotoReport | None = None,
+                 reports: tuple[PhotoReport, ...] = ()) -> None:
+        super().__init__(message)
+        self.report = report
+        self.reports = reports
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass(frozen=True)
+class PhotoReport:
+    """What happened to one input photo, usable or not."""
+
+    name: str
+    ok: bool
+    backend: str
+    # faces detected in the photo (the largest one is used)
+    faces: int = 0
+    # the used face: x0, y0, x1, y1 in the original (EXIF-rotated) photo's pixels
+    box: tuple[int, int, int, int] | None = None
+    # detector confidence of the used face (dlib: SVM margin, ~0-3; insightface: 0-1)
+    score: float | None = None
+    warnings: tuple[str, ...] = ()
+    # why the photo is unusable (a plain sentence), None when ok
+    error: str | None = None
+    # the file path as given, None for bytes / in-memory images
+    path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (keys: path, name, ok, backend, faces, box, score, warnings, error)."""
+        return {
+            "path": self.path if self.path is not None else self.name,
+            "name": self.name,
+            "ok": self.ok,
+            "backend": self.backend,
+            "faces": self.faces,
+            "box": list(self.box) if self.box is not None else None,
+            "score": None if self.score is None else round(float(self.score), 4),
+            "warnings": list(self.warnings),
+            "error": self.error,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedPhoto:
+    """One usable photo, ready for training."""
+
+    name: str
+    # aligned RGB square of side FaceConfig.crop_size
+    crop: Image.Image
+    # float32 (crop_size, crop_size) in [0, 1]: soft face mask, 1 on the face
+    mask: np.ndarray
+    # float32 (5, 2) landmarks in crop pixels (dlib: eye corners + nose; insightface: eyes, nose, mouth corners)
+    landmarks: np.ndarray
+    # float32 identity embedding (128 for dlib, 512 for insightface)
+    embedding: np.ndarray
+    report: PhotoReport
+
+    def mask_overlay(self, color: tuple[int, int, int] = (255, 64, 160), strength: float = 0.45) -> Image.Image:
+        """The crop with the mask tinted in ``color``, for the UI."""
+        crop = np.asarray(self.crop, dtype=np.float32)
+        alpha = (strength * self.mask)[..., None]
+        tinted = crop * (1.0 - alpha) + np.asarray(color, np.float32) * alpha
+        return Image.fromarray(tinted.round().astype(np.uint8), "RGB")
+
+    def mask_at(self, size: int) -> np.ndarray:
+        """The mask resized (area average) to ``(size, size)`` float32, e.g. 64 for SD latents."""
+        return cv2.resize(self.mask, (size, size), interpolation=cv2.INTER_AREA).clip(0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedSet:
+    """The photos of one person, prepared together."""
+
+    # usable photos only, in input order
+    photos: tuple[PreparedPhoto, ...]
+    # one report per input, in input order
+    reports: tuple[PhotoReport, ...]
+    backend: str
+    # (n, n) float32 identity distances between usable photos, in the backend's distance
+    identity_distances: np.ndarray
+    # indices into ``photos`` of photos that probably show a different person
+    outliers: tuple[int, ...] = ()
+
+    def summary(self) -> str:
+        """Short human text: how many photos are usable, which were skipped and why."""
+        lines = [f"{len(self.photos)} of {len(self.reports)} photos usable (face backend: {self.backend})."]
+        lines += [f"Skipped {r.name}: {r.error}" for r in self.reports if not r.ok]
+        if self.outliers:
+            names = ", ".join(self.photos[i].name for i in self.outliers)
+            lines.append(f"May show a different person: {names}.")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectedFace:
+    """A face found by an analyzer, in the pixels of the image it analysed."""
+
+    # x0, y0, x1, y1 (floats, may reach outside the image)
+    box: tuple[float, float, float, float]
+    score: float
+    # float32 (5, 2) landmarks in image pixels
+    landmarks: np.ndarray
+    # the backend's own object (dlib full_object_detection, insightface Face)
+    native: Any = dataclasses.field(repr=False, compare=False, default=None)
+
+    @property
+    def side(self) -> float:
+        return max(self.box[2] - self.box[0], self.box[3] - self.box[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignedFace:
+    """An aligned crop and where the landmarks landed in it."""
+
+    crop: np.ndarray  # uint8 (size, size, 3)
+    landmarks: np.ndarray  # float32 (5, 2) crop pixels
+    scale: float  # crop pixels per photo pixel (> 1: the crop is enlarged)
+    outside_fraction: float  # share of the crop that lies outside the photo
+
+
+class FaceAnalyzer(ABC):
+    """Detects faces, aligns crops and computes identity embeddings for one backend.
+
+    ``distance`` is the backend's own scale (dlib: Euclidean, insightface: 1 - cosine);
+    ``similarity`` maps it monotonically to [0, 1] (1 = same face), see the subclasses.
+    Instances are shared per process (:func:`get_face_analyzer`) and are thread-safe.
+    """
+
+    name: str
+    embedding_dim: int
+    same_person_threshold: float
+
+    @abstractmethod
+    def detect(self, rgb: np.ndarray) -> list[DetectedFace]:
+        """Faces in an RGB uint8 (H, W, 3) image, largest first."""
+
+    @abstractmethod
+    def align(self, rgb: np.ndarray, face: DetectedFace, size: int, margin: float) -> AlignedFace:
+        """An upright square crop of side ``size``; ``margin`` 0 = tight face, 0.5 = head and shoulders."""
+
+    @abstractmethod
+    def embed(self, rgb: np.ndarray, face: DetectedFace) -> np.ndarray:
+        """Identity embedding float32 (embedding_dim,) of ``face``."""
+
+    @abstractmethod
+    def eyes_and_nose(self, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(left-of-image eye centre, right-of-image eye centre, nose) from the 5 landmarks, each (2,)."""
+
+    def distance(self, a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.linalg.norm(np.asarray(a, np.float32) - np.asarray(b, np.float32)))
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
+        """``1 - d / (2 * threshold)`` clipped to [0, 1]: 1 = identical, 0.5 = the same-person threshold."""
+        return float(np.clip(1.0 - self.distance(a, b) / (2.0 * self.same_person_threshold), 0.0, 1.0))
+
+    def distance_matrix(self, embeddings: np.ndarray) -> np.ndarray:
+        """(n, n) float32 distances between the rows of ``embeddings`` (n, D)."""
+        n = len(embeddings)
+        out = np.zeros((n, n), np.float32)
+        for i in range(n):
+            for j in range(i + 1, n):
+                out[i, j] = out[j, i] = self.distance(embeddings[i], embeddings[j])
+        return out
+
+
+def _face_recognition_models_dir() -> Path | None:
+    # The package's __init__ imports pkg_resources (gone from modern setuptools), so find its
+    # folder without importing it.
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "models"
+
+
+DLIB_MODEL_FILES = ("shape_predictor_5_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat")
+
+
+class DlibFaceAnalyzer(FaceAnalyzer):
+    """dlib: HOG detector, 5-point landmarks, get_face_chip, 128-D ResNet.
+
+    Distance: Euclidean between 128-D descriptors (0 for the same image; different photos of
+    one person measured 0.33-0.53, different people 0.57-1.07). Similarity:
+    ``max(0, 1 - d / (2 * threshold))``, so with the default threshold 0.6 a distance of 0.3
+    gives 0.75, the threshold itself 0.5, and 1.2 or more 0.
+    Landmarks (dlib 5-point order): right eye outer/inner corner, left eye outer/inner
+    corner, bottom of the nose (right/left as seen from the person).
+    """
+
+    name = "dlib"
+    embedding_dim = 128
+
+    def __init__(self, same_person_threshold: float = 0.6) -> None:
+        import dlib
+
+        models = _face_recognition_models_dir()
+        missing = [f for f in DLIB_MODEL_FILES if models is None or not (models / f).is_file()]
+        if missing:
+            raise PhotoError(
+                "The dlib face models are missing (" + ", ".join(missing) + "). "
+                "Install them with: pip install face-recognition-models"
+            )
+        self._dlib = dlib
+        self.same_person_threshold = same_person_threshold
+        self._detector = dlib.get_frontal_face_detector()
+        self._landmarks = dlib.shape_predictor(str(models / DLIB_MODEL_FILES[0]))
+        self._encoder = dlib.face_recognition_model_v1(str(models / DLIB_MODEL_FILES[1]))
+        # dlib's DNN keeps per-layer buffers inside the network object: one forward at a time.
+        self._encoder_lock = threading.Lock()
+
+    def detect(self, rgb: np.ndarray) -> list[DetectedFace]:
+        dlib = self._dlib
+        height, width = rgb.shape[:2]
+        shrink = min(1.0, DETECT_MAX_SIDE / max(height, width))
+        small = rgb if shrink == 1.0 else cv2.resize(
+            rgb, (round(width * shrink), round(height * shrink)), interpolation=cv2.INTER_AREA)
+        # HOG finds faces >= ~80 px; upsampling once (4x the work) reaches ~40 px, so try it
+        # only when the plain pass finds nothing.
+        rects, scores, _ = self._detector.run(small, 0, 0.0)
+        if not rects:
+            rects, scores, _ = self._detector.run(small, 1, 0.0)
+        faces = []
+        for rect, score in zip(rects, scores):
+            box = tuple(v / shrink for v in (rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1))
+            full_rect = dlib.rectangle(*(round(v) for v in box))
+            shape = self._landmarks(rgb, full_rect)
+            points = np.array([(p.x, p.y) for p in shape.parts()], np.float32)
+            faces.append(DetectedFace(box, float(score), points, shape))  # type: ignore[arg-type]
+        return sorted(faces, key=lambda f: f.side, reverse=True)
+
+    def align(self, rgb: np.ndarray, face: DetectedFace, size: int, margin: float) -> AlignedFace:
+        dlib = self._dlib
+        # dlib's padding 0.25 is its tight recognition chip; margin adds context on each side.
+        wanted = 0.25 + margin
+        to_chip = _chip_matrix(dlib.get_face_chip_details(face.native, size, wanted), size)
+        padding = _padding_that_fits(to_chip, size, wanted, rgb.shape[:2])
+        if padding != wanted:
+            to_chip = _chip_matrix(dlib.get_face_chip_details(face.native, size, padding), size)
+        outside, pads = _outside_of_photo(to_chip, rgb.shape[:2], size)
+        shape = face.native
+        if any(pads):
+            # get_face_chip fills outside the photo with black; stretch the border instead so
+            # the crop has no hard black bars (a mirrored border could duplicate the head).
+            left, top, right, bottom = pads
+            rgb = cv2.copyMakeBorder(rgb, top, bottom, left, right, cv2.BORDER_REPLICATE)
+            r = shape.rect
+            shape = dlib.full_object_detection(
+                dlib.rectangle(r.left() + left, r.top() + top, r.right() + left, r.bottom() + top),
+                [dlib.point(p.x + left, p.y + top) for p in shape.parts()],
+            )
+        crop = dlib.get_face_chip(np.ascontiguousarray(rgb), shape, size, padding)
+        landmarks = _apply_affine(to_chip, face.landmarks)
+        scale = float(math.hypot(to_chip[0, 0], to_chip[0, 1]))
+        return AlignedFace(crop, landmarks, scale, outside)
+
+    def embed(self, rgb: np.ndarray, face: DetectedFace) -> np.ndarray:
+        with self._encoder_lock:
+            descriptor = self._encoder.compute_face_descriptor(rgb, face.native, 0, 0.25)
+        return np.asarray(descriptor, np.float32)
+
+    def eyes_and_nose(self, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        eye_a, eye_b = landmarks[0:2].mean(axis=0), landmarks[2:4].mean(axis=0)
+        left, right = (eye_a, eye_b) if eye_a[0] <= eye_b[0] else (eye_b, eye_a)
+        return left, right, landmarks[4]
+
+
+# ArcFace's 112 px alignment template (insightface.utils.face_align): eyes, nose, mouth corners.
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    np.float32,
+)
+
+
+def insightface_model_dir(cfg: FaceConfig) -> Path:
+    """Where the insightface model files for ``cfg`` are expected.
+
+    ``cfg.insightface_root`` may name the folder holding ``<model>/`` (like
+    ``~/.insightface/models``) or insightface's own root holding ``models/<model>/``.
+    """
+    root = Path(cfg.insightface_root or "~/.insightface/models").expanduser()
+    nested = root / "models" / cfg.insightface_model
+    return nested if nested.is_dir() and not (root / cfg.insightface_model).is_dir() else root / cfg.insightface_model
+
+
+def _has_onnx(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("*.onnx"))
+
+
+class InsightFaceAnalyzer(FaceAnalyzer):
+    """insightface (buffalo_l by default): SCRFD detector with 5 keypoints, ArcFace embedding.
+
+    Distance: cosine distance ``1 - cos`` between 512-D embeddings. Similarity: the cosine
+    similarity clipped to [0, 1] (the identity score papers report). Landmarks: left eye,
+    right eye, nose tip, left and right mouth corner (as seen in the image).
+    """
+
+    name = "insightface"
+    embedding_dim = 512
+    same_person_threshold = INSIGHTFACE_SAME_PERSON_DISTANCE
+
+    def __init__(self, model_dir: Path) -> None:
+        if not _has_onnx(model_dir):
+            raise PhotoError(
+                f"The insightface model files are not in {model_dir}. " + INSIGHTFACE_HELP.format(folder=model_dir)
+            )
+        from insightface.app import FaceAnalysis
+
+        # Passing the existing folder as ``name`` makes insightface load it directly and
+        # never reach its download code.
+        self._app = FaceAnalysis(
+            name=str(model_dir), root=str(model_dir.parent),
+            allowed_modules=["detection", "recognition"], providers=["CPUExecutionProvider"],
+        )
+        self._app.prepare(ctx_id=-1, det_size=(640, 640))
+        self._lock = threading.Lock()
+
+    def detect(self, rgb: np.ndarray) -> list[DetectedFace]:
+        with self._lock:
+            found = self._app.get(np.ascontiguousarray(rgb[..., ::-1]))  # insightface wants BGR
+        faces = [
+            DetectedFace(tuple(float(v) for v in f.bbox[:4]), float(f.det_score), np.asarray(f.kps, np.float32), f)  # type: ignore[arg-type]
+            for f in found
+        ]
+        return sorted(faces, key=lambda f: f.side, reverse=True)
+
+    def align(self, rgb: np.ndarray, face: DetectedFace, size: int, margin: float) -> AlignedFace:
+        # Same framing as dlib: the 112 px template is a tight (dlib padding 0.25) chip.
+        def matrix_for(padding: float) -> np.ndarray:
+            template_scale = size * (1.0 + 2 * 0.25) / (1.0 + 2 * padding) / 112.0
+            template = (ARCFACE_TEMPLATE - 56.0) * template_scale + (size - 1) / 2.0
+            return cv2.estimateAffinePartial2D(face.landmarks, template, method=cv2.LMEDS)[0]
+
+        wanted = 0.25 + margin
+        matrix = matrix_for(wanted)
+        padding = _padding_that_fits(matrix, size, wanted, rgb.shape[:2])
+        if padding != wanted:
+            matrix = matrix_for(padding)
+        scale = float(math.hypot(matrix[0, 0], matrix[0, 1]))
+        source = rgb
+        to_crop = matrix
+        if scale < 0.5:
+            # warpAffine samples without low-pass filtering: shrink with area averaging first.
+            factor = 2.0 * scale
+            source = cv2.resize(rgb, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
+            to_crop = matrix @ np.diag([1.0 / factor, 1.0 / factor, 1.0])
+        crop = cv2.warpAffine(source, to_crop, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        outside, _ = _outside_of_photo(to_crop, source.shape[:2], size)
+        return AlignedFace(crop, _apply_affine(matrix, face.landmarks), scale, outside)
+
+    def embed(self, rgb: np.ndarray, face: DetectedFace) -> np.ndarray:
+        return np.asarray(face.native.normed_embedding, np.float32)
+
+    def eyes_and_nose(self, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return landmarks[0], landmarks[1], landmarks[2]
+
+    def distance(self, a: np.ndarray, b: np.ndarray) -> float:
+        return 1.0 - self._cosine(a, b)
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.clip(self._cosine(a, b), 0.0, 1.0))
+
+    @staticmethod
+    def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
+
+
+_ANALYZERS: dict[tuple, FaceAnalyzer] = {}
+_ANALYZERS_LOCK = threading.Lock()
+
+
+def available_backends(cfg: FaceConfig | None = None) -> list[str]:
+    """Backends that can run now, best first (insightface only when its files are on disk)."""
+    cfg = cfg or FaceConfig()
+    found = []
+    if importlib.util.find_spec("insightface") is not None and _has_onnx(insightface_model_dir(cfg)):
+        found.append("insightface")
+    models = _face_recognition_models_dir()
+    if importlib.util.find_spec("dlib") is not None and models is not None and all((models / f).is_file() for f in DLIB_MODEL_FILES):
+        found.append("dlib")
+    return found
+
+
+def resolve_backend(cfg: FaceConfig) -> str:
+    """``cfg.backend`` with "auto" resolved: insightface if its model files exist, else dlib."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "insightface" if _has_onnx(insightface_model_dir(cfg)) and importlib.util.find_spec("insightface") else "dlib"
+
+
+def get_face_analyzer(cfg: FaceConfig) -> FaceAnalyzer:
+    """The process-wide analyzer for ``cfg`` (built once, then shared). Raises PhotoError
+    naming the missing files when the chosen backend cannot run."""
+    backend = resolve_backend(cfg)
+    key = (backend, str(insightface_model_dir(cfg)) if backend == "insightface" else cfg.same_person_threshold)
+    with _ANALYZERS_LOCK:
+        if key not in _ANALYZERS:
+            if backend == "insightface":
+                if importlib.util.find_spec("insightface") is None:
+                    raise PhotoError("The insightface package is not installed: pip install insightface onnxruntime")
+                _ANALYZERS[key] = InsightFaceAnalyzer(insightface_model_dir(cfg))
+            else:
+                _ANALYZERS[key] = DlibFaceAnalyzer(cfg.same_person_threshold)
+        return _ANALYZERS[key]
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def _chip_matrix(details: Any, size: int) -> np.ndarray:
+    """2x3 affine photo -> chip of a dlib ``chip_details``: the rect, rotated by ``angle``
+    about its centre, maps corner to corner onto the chip (checked against get_face_chip)."""
+    rect = details.rect
+    cx, cy = (rect.left() + rect.right()) / 2.0, (rect.top() + rect.bottom()) / 2.0
+    scale = (size - 1) / (rect.right() - rect.left())
+    cos, sin = math.cos(-details.angle) * scale, math.sin(-details.angle) * scale
+    linear = np.array([[cos, -sin], [sin, cos]])
+    offset = np.array([(size - 1) / 2.0, (size - 1) / 2.0]) - linear @ np.array([cx, cy])
+    return np.hstack([linear, offset[:, None]])
+
+
+def _apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return (np.asarray(points, np.float64) @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
+
+
+def _crop_corners(to_crop: np.ndarray, size: int) -> np.ndarray:
+    """(4, 2) photo coordinates of the crop's corners."""
+    return _apply_affine(cv2.invertAffineTransform(to_crop), np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float32))
+
+
+def _padding_that_fits(to_crop: np.ndarray, size: int, padding: float, photo_hw: tuple[int, int]) -> float:
+    """The largest padding <= ``padding`` (but >= MIN_CROP_PADDING) whose crop, shrunk about
+    its centre, stays inside the photo. The crop side is proportional to 1 + 2 * padding."""
+    height, width = photo_hw
+    centre = _apply_affine(cv2.invertAffineTransform(to_crop), np.array([[size / 2, size / 2]], np.float32))[0]
+    offsets = _crop_corners(to_crop, size) - centre
+    limits = np.where(offsets > 0, (np.array([width, height]) - centre) / np.maximum(offsets, 1e-9),
+                      centre / np.maximum(-offsets, 1e-9))
+    shrink = float(min(1.0, limits.min()))
+    return float(np.clip((shrink * (1 + 2 * padding) - 1) / 2, min(MIN_CROP_PADDING, padding), padding))
+
+
+def _outside_of_photo(to_crop: np.ndarray, photo_hw: tuple[int, int], size: int) -> tuple[float, tuple[int, int, int, int]]:
+    """Share of the crop that falls outside the photo, and the (left, top, right, bottom)
+    padding the photo needs to contain the whole crop."""
+    height, width = photo_hw
+    corners = _crop_corners(to_crop, size)
+    (min_x, min_y), (max_x, max_y) = corners.min(axis=0), corners.max(axis=0)
+    if min_x >= 0 and min_y >= 0 and max_x <= width and max_y <= height:
+        return 0.0, (0, 0, 0, 0)
+    pads = tuple(max(0, math.ceil(v) + 2) for v in (-min_x, -min_y, max_x - width, max_y - height))
+    # Warp a coarse "inside the photo" map onto a 64 x 64 grid: cheap and exact enough.
+    probe, step = 64, max(1, math.ceil(max(height, width) / 256))
+    inside = np.ones((math.ceil(height / step), math.ceil(width / step)), np.uint8)
+    probe_matrix = (probe / size) * to_crop @ np.diag([step, step, 1.0])
+    warped = cv2.warpAffine(inside, probe_matrix, (probe, probe), flags=cv2.INTER_NEAREST, borderValue=0)
+    return float(1.0 - warped.mean()), pads  # type: ignore[return-value]
+
+
+def face_mask(analyzer: FaceAnalyzer, landmarks: np.ndarray, size: int, feather: float) -> np.ndarray:
+    """Soft face mask float32 (size, size) in [0, 1] from 5 landmarks in crop pixels.
+
+    An ellipse built on the eye line covers forehead to chin and cheek to cheek (adult face
+    proportions in units of the eye distance), then a Gaussian feathers its edge with
+    sigma = feather * size / 2.
+    """
+    left_eye, right_eye, nose = (np.asarray(p, np.float64) for p in analyzer.eyes_and_nose(landmarks))
+    eye_mid = (left_eye + right_eye) / 2.0
+    eye_distance = max(float(np.linalg.norm(right_eye - left_eye)), 1.0)
+    across = (right_eye - left_eye) / eye_distance
+    down = np.array([-across[1], across[0]])
+    if down @ (nose - eye_mid) < 0:  # the nose is below the eyes, whatever the image axes say
+        down = -down
+    # Eyes sit a little above the middle of the face: hairline ~1.2 eye distances above
+    # them, chin ~1.9 below; cheekbones ~1.1 to each side. In a three-quarter view the nose
+    # swings towards the side the person faces while the visible cheek widens on the other
+    # side: widen the ellipse towards that cheek, keeping its far edge where it was.
+    nose_shift = float((nose - eye_mid) @ across)
+    centre = eye_mid + 0.4 * eye_distance * down - 0.8 * nose_shift * across
+    axes = (1.1 * eye_distance + 0.8 * abs(nose_shift), 1.6 * eye_distance)
+    angle = math.degrees(math.atan2(across[1], across[0]))
+    mask = np.zeros((size, size), np.float32)
+    cv2.ellipse(mask, (tuple(centre), (2 * axes[0], 2 * axes[1]), angle), 1.0, thickness=-1, lineType=cv2.LINE_AA)
+    sigma = max(feather * size / 2.0, 0.5)
+    mask = cv2.GaussianBlur(mask, (0, 0), sigmaX=sigma, sigmaY=sigma)
+    return mask.clip(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclasses.dataclass
+class _LoadedPhoto:
+    image: Image.Image  # RGB, at most max_pixels
+    original_size: tuple[int, int]  # (width, height) after EXIF rotation, before any downscale
+    warnings: list[str]
+
+
+_MAGIC_NAMES = (
+    (b"%PDF", "a PDF document"),
+    (b"PK\x03\x04", "a ZIP archive (or an Office document)"),
+    (b"<!DOCTYPE html", "a web page (HTML)"),
+    (b"<html", "a web page (HTML)"),
+    (b"<?xml", "an XML or SVG file"),
+    (b"<svg", "an SVG drawing"),
+)
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+_NOT_A_PHOTO = "Please use a JPEG, PNG or WebP photo."
+
+
+def _describe_unreadable(head: bytes) -> str:
+    """A sentence for a file PIL cannot identify, from its first bytes."""
+    stripped = head.lstrip()
+    for magic, what in _MAGIC_NAMES:
+        if stripped[: len(magic)].lower() == magic.lower():
+            return f"This file is not an image: it is {what}. {_NOT_A_PHOTO}"
+    if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif", b"ftypheis"):
+        return ("This is a HEIC/AVIF photo, which cannot be read here. Export or save it as JPEG "
+                "(on an iPhone: Settings > Camera > Formats > Most Compatible) and try again.")
+    if any(head.startswith(m) for m in _IMAGE_MAGIC):
+        return ("This image file is damaged or incomplete and cannot be read. Re-export or "
+                "upload the original file again.")
+    try:
+        head.decode("utf-8")
+        return f"This file is not an image: it contains text. {_NOT_A_PHOTO}"
+    except UnicodeDecodeError:
+        return f"This file is not an image or is in a format that cannot be read. {_NOT_A_PHOTO}"
+
+
+def _too_large(pixels: int, limit: int = MAX_DECODE_PIXELS) -> PhotoError:
+    return PhotoError(
+        f"This image is too large to open safely ({pixels / 1e6:.0f} megapixels; the limit is "
+        f"{limit / 1e6:.0f}). Resize it, e.g. to 4000 pixels on the longest side, and try again."
+    )
+
+
+def _open(source: PhotoSource) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise PhotoError("This file is empty (0 bytes). Upload the photo again.")
+        fp: Any = io.BytesIO(data)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise PhotoError(f"The file {path.name or str(path)!r} does not exist or is not a file.")
+        size = path.stat().st_size
+        if size == 0:
+            raise PhotoError("This file is empty (0 bytes). Upload the photo again.")
+        if size > MAX_FILE_BYTES:
+            raise PhotoError(f"This file is too large ({size / 1e6:.0f} MB; the limit is {MAX_FILE_BYTES / 1e6:.0f} MB). "
+                             "Resize or re-save it as a JPEG and try again.")
+        # Read it whole: PIL then holds no open file handle (animated files keep theirs open).
+        fp = io.BytesIO(path.read_bytes())
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit below replaces PIL's warning; its hard error is handled here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(fp)
+    except Image.DecompressionBombError as exc:
+        match = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(int(match.group(1)) if match else 2 * (Image.MAX_IMAGE_PIXELS or 0)) from None
+    except UnidentifiedImageError:
+        raise PhotoError(_describe_unreadable(fp.getvalue()[:64])) from None
+
+
+def _to_rgb(image: Image.Image, warnings_out: list[str]) -> Image.Image:
+    """Any PIL mode -> RGB; a warning for each conversion that changes what the photo shows."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] < 255:
+            warnings_out.append("The transparent background was filled with white.")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "CMYK":
+        warnings_out.append("Converted from CMYK (print) colours to RGB; colours may look slightly different.")
+        return image.convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        # 16-bit / 32-bit grey: PIL's convert clips to 0..255, so rescale the range ourselves.
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or values.max() > 255 else 255.0
+        if mode == "F" and values.max() <= 1.0:
+            top = 1.0
+        grey = (values / top * 255.0).clip(0, 255).round().astype(np.uint8)
+        warnings_out.append("Converted a 16-bit black-and-white image to 8-bit; the learned face will have no colour.")
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode in ("L", "1"):
+        warnings_out.append("This is a black-and-white photo; the learned face will have no skin or hair colour.")
+        return image.convert("RGB")
+    if mode == "P":
+        warnings_out.append("This image has a limited colour palette (like a GIF); the photo quality may be low.")
+        return image.convert("RGB")
+    return image.convert("RGB")  # YCbCr, LAB, HSV, ...: plain colour conversions
+
+
+def _load(source: PhotoSource, max_pixels: int) -> _LoadedPhoto:
+    notes: list[str] = []
+    image = _open(source)
+    width, height = image.size
+    if getattr(image, "is_animated", False):
+        frames = getattr(image, "n_frames", 2)
+        notes.append(f"This is an animated image ({frames} frames); only the first frame is used.")
+        image.seek(0)
+    if image.format == "JPEG" and width * height > max_pixels:
+        # libjpeg decodes at 1/2, 1/4 or 1/8 scale directly: huge photos never exist in
+        # memory at full size. draft keeps the result >= the requested size; asking for half
+        # of max_pixels lets a 12 MP photo decode at 1/2 scale (3 MP) with no resize after.
+        shrink = math.sqrt(max_pixels / 2 / (width * height))
+        image.draft(None, (max(1, int(width * shrink)), max(1, int(height * shrink))))
+    if image.width * image.height > MAX_DECODE_PIXELS:
+        raise _too_large(width * height)
+    try:
+        image.load()
+    except OSError as exc:
+        if "truncated" in str(exc).lower():
+            raise PhotoError("This image file is incomplete (it was cut off, e.g. by an interrupted "
+                             "download or upload). Upload the complete file again.") from None
+        raise PhotoError("This image file is damaged and cannot be read. Re-export or upload the "
+                         "original file again.") from None
+    except (SyntaxError, ValueError, EOFError, IndexError, TypeError):
+        raise PhotoError("This image file is damaged and cannot be read. Re-export or upload the "
+                         "original file again.") from None
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+        if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: width and height swap
+            width, height = height, width
+        if orientation not in (None, 1):  # exif_transpose copies the image even when upright
+            image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block should not cost the photo
+        log.debug("ignoring unreadable EXIF orientation", exc_info=True)
+    image = _to_rgb(image, notes)
+    if image.width * image.height > max_pixels:
+        shrink = math.sqrt(max_pixels / (image.width * image.height))
+        size = (max(1, int(image.width * shrink)), max(1, int(image.height * shrink)))
+        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
+    return _LoadedPhoto(image, (width, height), notes)
+
+
+def load_photo(source: PhotoSource, max_pixels: int) -> tuple[Image.Image, list[str]]:
+    """Decode a photo safely: EXIF rotation applied, any mode converted to RGB, at most
+    ``max_pixels`` (huge JPEGs are decoded at reduced scale). Returns the RGB image (its
+    ``info["original_size"]`` is the full (width, height)) and warnings; raises PhotoError."""
+    loaded = _load(source, max_pixels)
+    loaded.image.info["original_size"] = loaded.original_size
+    return loaded.image, loaded.warnings
+
+
+# ----------------------------------------------------------------------------- preparing
+
+
+def _source_name(source: PhotoSource) -> str:
+    if isinstance(source, (str, Path)):
+        return Path(source).name or str(source)
+    if isinstance(source, Image.Image) and getattr(source, "filename", ""):
+        return Path(source.filename).name
+    return "photo"
+
+
+def _prepare(source: PhotoSource, cfg: FaceConfig, analyzer: FaceAnalyzer, name: str) -> PreparedPhoto:
+    path = str(source) if isinstance(source, (str, Path)) else None
+    report = PhotoReport(name=name, ok=False, backend=analyzer.name, path=path)
+    try:
+        loaded = _load(source, cfg.max_pixels)
+    except PhotoError as err:
+        raise PhotoError(str(err), dataclasses.replace(report, error=str(err))) from None
+    notes = list(loaded.warnings)
+    rgb = np.ascontiguousarray(np.asarray(loaded.image))
+    faces = analyzer.detect(rgb)
+    if not faces:
+        message = ("No face was found in this photo. Use a photo where the face is clearly visible, "
+                   "looks roughly towards the camera, is well lit and not covered (sunglasses, hands, mask).")
+        raise PhotoError(message, dataclasses.replace(report, warnings=tuple(notes), error=message))
+    face = faces[0]
+    to_original = loaded.original_size[0] / rgb.shape[1]
+    x0, y0, x1, y1 = (v * to_original for v in face.box)
+    box = (max(0, round(x0)), max(0, round(y0)),
+           min(loaded.original_size[0], round(x1)), min(loaded.original_size[1], round(y1)))
+    side = face.side * to_original
+    if len(faces) > 1:
+        notes.append(f"Found {len(faces)} faces; using the largest one. A photo with only this person works best.")
+    report = dataclasses.replace(report, faces=len(faces), box=box, score=face.score, warnings=tuple(notes))
+    if side < cfg.min_face_px:
+        message = (f"The face is too small ({side:.0f} pixels across); it must be at least {cfg.min_face_px} "
+                   "pixels. Use a closer or higher-resolution photo, or crop the photo around the face.")
+        raise PhotoError(message, dataclasses.replace(report, error=message))
+    aligned = analyzer.align(rgb, face, cfg.crop_size, cfg.margin)
+    if aligned.scale > MAX_CROP_UPSCALE:
+        notes.append(f"The face covers few pixels, so the {cfg.crop_size} px crop is enlarged "
+                     f"{aligned.scale:.1f}x and may look soft; a sharper or closer photo works better.")
+    if aligned.outside_fraction > MAX_OUTSIDE_FRACTION:
+        notes.append(f"The face is close to the photo's edge: {aligned.outside_fraction:.0%} of the crop "
+                     "was filled by stretching the border. A photo with more room around the head works better.")
+    embedding = analyzer.embed(rgb, face)
+    mask = face_mask(analyzer, aligned.landmarks, cfg.crop_size, cfg.mask_feather)
+    report = dataclasses.replace(report, ok=True, warnings=tuple(notes))
+    return PreparedPhoto(name, Image.fromarray(aligned.crop, "RGB"), mask, aligned.landmarks, embedding, report)
+
+
+
+def prepare_photo(source: PhotoSource, cfg: FaceConfig, analyzer: FaceAnalyzer | None = None,
+                  name: str | None = None) -> PreparedPhoto:
+    """Load, detect, align, mask and embed one photo. Raises PhotoError (with ``.report``)."""
+    analyzer = analyzer or get_face_analyzer(cfg)
+    name = name or _source_name(source)
+    try:
+        return _prepare(source, cfg, analyzer, name)
+    except PhotoError:
+        raise
+    except MemoryError:
+        message = "There was not enough memory to process this photo. Try a smaller photo."
+    except Exception as exc:  # never let a traceback reach the user; keep it in the log
+        log.exception("unexpected error preparing %s", name)
+        message = f"This photo could not be processed because of an unexpected problem ({type(exc).__name__}). Try another photo."
+    path = str(source) if isinstance(source, (str, Path)) else None
+    raise PhotoError(message, PhotoReport(name=name, ok=False, backend=analyzer.name, error=message, path=path))
+
+
+def find_outliers(distances: np.ndarray, threshold: float) -> tuple[int, ...]:
+    """Photos closer than ``threshold`` to fewer than half of the others (n >= 2).
+
+    With two photos of different people both are flagged: nothing says which one is meant.
+    """
+    n = len(distances)
+    if n < 2:
+        return ()
+    close = (distances < threshold).sum(axis=1) - 1  # minus the photo itself
+    return tuple(int(i) for i in np.flatnonzero(2 * close < n - 1))
+
+
+def prepare(sources: Sequence[PhotoSource], cfg: FaceConfig, analyzer: FaceAnalyzer | None = None) -> PreparedSet:
+    """Prepare the photos of one person. A bad photo becomes a failed report and the rest go
+    on; raises PhotoError (with ``.reports``) only when no photo is usable."""
+    analyzer = analyzer or get_face_analyzer(cfg)
+    # bytes and unnamed images get "photo 1", "photo 2", ... so reports stay distinguishable
+    names = [_source_name(s) if _source_name(s) != "photo" else f"photo {i + 1}" for i, s in enumerate(sources)]
+    prepared: list[PreparedPhoto] = []
+    reports: list[PhotoReport] = []
+    report_of_photo: list[int] = []  # index into reports of each prepared photo
+    for source, name in zip(sources, names):
+        try:
+            photo = prepare_photo(source, cfg, analyzer, name)
+        except PhotoError as err:
+            reports.append(err.report or PhotoReport(name=name, ok=False, backend=analyzer.name, error=str(err)))
+            continue
+        report_of_photo.append(len(reports))
+        prepared.append(photo)
+        reports.append(photo.report)
+    if not prepared:
+        problems = "; ".join(f"{r.name}: {r.error}" for r in reports) or "no photos were given."
+        raise PhotoError(f"None of the photos can be used. {problems}", reports=tuple(reports))
+
+    distances = analyzer.distance_matrix(np.stack([p.embedding for p in prepared]))
+    outliers = find_outliers(distances, analyzer.same_person_threshold)
+    for index in outliers:
+        others = np.delete(distances[index], index)
+        note = (f"This photo may show a different person from the others (identity distance "
+                f"{float(np.median(others)):.2f}; the same person is usually below {analyzer.same_person_threshold:.2f}).")
+        photo = prepared[index]
+        report = dataclasses.replace(photo.report, warnings=photo.report.warnings + (note,))
+        prepared[index] = dataclasses.replace(photo, report=report)
+        reports[report_of_photo[index]] = report
+    return PreparedSet(tuple(prepared), tuple(reports), analyzer.name, distances, outliers)
+
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def identity_embedding(image: PhotoSource | np.ndarray, analyzer: FaceAnalyzer,
+                       max_pixels: int = 4_000_000) -> np.ndarray | None:
+    """Embedding float32 (D,) of the largest face in ``image``; None when no face is found
+    (e.g. a generated image without a face). Raises PhotoError for unreadable files."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    loaded = _load(image, max_pixels)
+    rgb = np.ascontiguousarray(np.asarray(loaded.image))
+    faces = analyzer.detect(rgb)
+    return analyzer.embed(rgb, faces[0]) if faces else None
+
+
+def identity_similarity(a: PhotoSource | np.ndarray, b: PhotoSource | np.ndarray,
+                        analyzer: FaceAnalyzer) -> float | None:
+    """Identity similarity in [0, 1] (1 = same face, see the analyzer's docstring) between
+    two images or embeddings (1-D arrays); None when either image has no face."""
+    def as_embedding(x: PhotoSource | np.ndarray) -> np.ndarray | None:
+        if isinstance(x, np.ndarray) and x.ndim == 1:
+            return x
+        return identity_embedding(x, analyzer)
+
+    emb_a, emb_b = as_embedding(a), as_embedding(b)
+    if emb_a is None or emb_b is None:
+        return None
+    return analyzer.similarity(emb_a, emb_b)
