@@ -1,0 +1,576 @@
+"""The training loop (SPEC §4): no threads, no UI, no printing; it emits typed events.
+
+A :class:`Trainer` owns one mapper, its optimiser and its random streams. Everything that does
+not change during training (VAE latents, masks, the image embedding, tokenised prompts) is
+computed once in the constructor. :meth:`Trainer.run` is a generator: stop iterating to pause,
+iterate a new ``run()`` to resume; each event is yielded only once the trainer is consistent.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import random
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image, ImageOps
+
+from studio.backbone import Backbone
+from studio.concept import Concept
+from studio.conditioning import encode_text, super_category_id, tokenize
+from studio.config import StudioConfig, check_band
+from studio.events import PreviewReady, RolledBack, TrainingEvent, TrainingFailed, TrainingFinished, TrainingStep
+from studio.losses import TandemEquilibriumLoss, masked_mse, prompt_lengths
+from studio.mapper import IdentityMapper
+from studio.prompts import RECONSTRUCTION_TEMPLATES, TANDEM_PROMPTS
+
+# Consecutive rollbacks after which training gives up (the learning rate is too high).
+MAX_ROLLBACKS_IN_ROW = 3
+# fp16 only: steps the GradScaler may skip in a row while it searches for a usable scale.
+MAX_SCALER_SKIPS = 16
+STATE_FORMAT = 1
+_GLOBAL_RNG_LOCK = threading.Lock()
+
+
+# --------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class TrainingPhoto:
+    """One training photo.
+
+    image: RGB, square, any size (resized to ``train.resolution``).
+    mask: (H, W) float soft face mask in [0, 1], same framing as ``image``; None = whole image.
+    """
+
+    image: Image.Image
+    mask: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.image.width != self.image.height:
+            raise ValueError(f"training photos must be square, got {self.image.width}x{self.image.height}")
+        if self.mask is not None:
+            mask = np.asarray(self.mask)
+            if mask.ndim != 2:
+                raise ValueError(f"a face mask must be 2-D (H, W), got shape {mask.shape}")
+            if not mask.max(initial=0) > 0:
+                raise ValueError("the face mask is empty: nothing of the photo would be learned")
+
+    @classmethod
+    def from_prepared(cls, prepared: Any) -> TrainingPhoto:
+        """From a face-prepared photo: anything with ``.crop`` (PIL) and ``.mask`` (array, PIL or None)."""
+        return cls(image=prepared.crop.convert("RGB"), mask=_float_mask(prepared.mask))
+
+    @classmethod
+    def center_crop(cls, image: Image.Image) -> TrainingPhoto:
+        """Fallback without face preparation: the largest centred square, no mask."""
+        image = ImageOps.exif_transpose(image).convert("RGB")
+        side = min(image.size)
+        return cls(image=ImageOps.fit(image, (side, side)), mask=None)
+
+
+def _float_mask(mask: Any) -> np.ndarray | None:
+    if mask is None:
+        return None
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    mask = np.asarray(mask, dtype=np.float32)
+    if mask.max(initial=0.0) > 1.0:  # 0..255 masks
+        mask = mask / 255.0
+    return np.clip(mask, 0.0, 1.0)
+
+
+class PreviewSampler(Protocol):
+    """What the trainer needs from ``studio.sampler.Sampler`` to render previews."""
+
+    def __call__(self, concept: Concept, prompts: list[str], **kwargs: Any) -> Any: ...
+
+
+@dataclass
+class _MicroStep:
+    """Losses of one micro-batch: ``loss`` keeps the graph, the rest are for logging."""
+
+    loss: torch.Tensor
+    rec_loss: torch.Tensor
+    te_loss: torch.Tensor
+    balance: torch.Tensor
+
+
+@dataclass
+class _Snapshot:
+    """Last known-good mapper + optimiser state, for NaN rollback."""
+
+    step: int
+    mapper: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any] | None
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+def _clone_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in state.items()}
+
+
+# --------------------------------------------------------------------------- trainer
+class Trainer:
+    """Train an :class:`IdentityMapper` on photos of one person with a frozen backbone.
+
+    Attributes: ``step`` (optimiser steps done), ``total`` (``cfg.train.steps``), ``mapper``,
+    ``last_balance`` (ā of the TE term in the last step), ``preview_band`` / ``preview_balance``
+    (live preview settings; the engine sets them from the UI sliders).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        cfg: StudioConfig,
+        photos: Sequence[TrainingPhoto],
+        *,
+        sampler: PreviewSampler | None = None,
+    ) -> None:
+        self.backbone, self.cfg, self.sampler = backbone, cfg, sampler
+        self._init_photos(photos)
+        self._init_tokens()
+        self._init_randomness()
+        self._init_mapper()
+        self._init_optimizer()
+        self._init_precision()
+        self._init_latents()
+        self._init_image_embedding()
+        self._init_prompts()
+        self._init_bookkeeping()
+
+    # ------------------------------------------------------------------ setup
+    def _init_photos(self, photos: Sequence[TrainingPhoto]) -> None:
+        if not photos:
+            raise ValueError("No photos to train on: add at least one photo of the person.")
+        self.photos = tuple(photos)
+
+    def _init_tokens(self) -> None:
+        tokenizer = self.backbone.tokenizer
+        self.super_category = self.cfg.concept.super_category.strip()
+        self.slot_id = super_category_id(tokenizer, self.super_category)  # PromptError if not one token
+        self.class_embedding = self.backbone.text_encoder.get_input_embeddings().weight[self.slot_id].detach().float()
+
+    def _init_randomness(self) -> None:
+        """Every random draw of training comes from these two streams, seeded by ``train.seed``."""
+        seed = self.cfg.train.seed
+        self.generator = torch.Generator(device=self.backbone.device).manual_seed(seed)
+        self.rng = random.Random(seed)
+
+    def _init_mapper(self) -> None:
+        concept = self.cfg.concept
+        has_image_encoder = self.backbone.image_encoder is not None
+        self.use_bypass = concept.use_bypass and has_image_encoder
+        # nn.Linear initialises from torch's global CPU RNG: seed it inside a fork, under a lock
+        # (sessions build trainers on their own threads), so the same train.seed gives the same
+        # start without disturbing anyone else's stream. Layers are built on the CPU, then moved.
+        with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(self.cfg.train.seed)
+            self.mapper = IdentityMapper(
+                self.class_embedding,
+                num_tokens=concept.num_tokens,
+                band=tuple(self.cfg.train.band),
+                num_anchors=concept.num_anchors,
+                hidden_dim=concept.hidden_dim,
+                time_encoding_dim=concept.time_encoding_dim,
+                image_embed_dim=self.backbone.image_embed_dim if self.use_bypass else None,
+            )
+        self.mapper.to(self.backbone.device, torch.float32).train()
+
+    def _init_optimizer(self) -> None:
+        train = self.cfg.train
+        self.optimizer = torch.optim.AdamW(
+            self.mapper.parameters(),
+            lr=train.lr,
+            betas=tuple(train.betas),
+            weight_decay=train.weight_decay,
+            fused=self.backbone.device.type == "cuda",
+        )
+
+    def _init_precision(self) -> None:
+        """Autocast dtype on CUDA only: CPU bf16/fp16 kernels are reference-slow (PITFALLS)."""
+        choice = self.cfg.train.mixed_precision
+        self.autocast_dtype: torch.dtype | None = None
+        if self.backbone.device.type == "cuda" and choice != "no":
+            if choice == "auto":
+                choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            self.autocast_dtype = torch.bfloat16 if choice == "bf16" else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.backbone.device.type, dtype=self.autocast_dtype)
+
+    def _init_latents(self) -> None:
+        """VAE latents (N, 4, h, w) and latent-size masks (N, 1, h, w) of the photos, once."""
+        self.latents = self._encode_latents(self.photos)
+        side = self.latents.shape[-1]
+        masks = []
+        for photo in self.photos:
+            if photo.mask is None:
+                masks.append(torch.ones(1, 1, side, side))
+            else:
+                full = torch.from_numpy(np.asarray(photo.mask, dtype=np.float32))[None, None]
+                masks.append(F.interpolate(full, size=(side, side), mode="area"))  # soft edges survive
+        self.masks = torch.cat(masks).to(self.backbone.device)
+
+    @torch.no_grad()
+    def _encode_latents(self, photos: Sequence[TrainingPhoto]) -> torch.Tensor:
+        """(N, 4, h, w) z0 = posterior mean · scaling_factor (tests override this to bring latents).
+
+        The mean, not a sample: the latent is computed once, and a single frozen posterior
+        sample would add a fixed noise pattern to every step instead of averaging it out.
+        """
+        vae, size = self.backbone.vae, self.cfg.train.resolution
+        processor = VaeImageProcessor(vae_scale_factor=self.backbone.vae_scale_factor)
+        latents = []
+        for photo in photos:
+            pixels = processor.preprocess(photo.image.convert("RGB"), height=size, width=size)  # (1, 3, H, W) in [-1, 1]
+            posterior = vae.encode(pixels.to(self.backbone.device, vae.dtype)).latent_dist
+            latents.append(posterior.mean.float() * vae.config.scaling_factor)
+        return torch.cat(latents)
+
+    @torch.no_grad()
+    def _init_image_embedding(self) -> None:
+        """(E,) mean CLIP image embedding of the photos for the bypass; None without bypass."""
+        self.image_embedding: torch.Tensor | None = None
+        if not self.use_bypass:
+            return
+        encoder, processor = self.backbone.image_encoder, self.backbone.image_processor
+        pixels = processor(images=[p.image.convert("RGB") for p in self.photos], return_tensors="pt").pixel_values
+        embeds = encoder(pixel_values=pixels.to(self.backbone.device, encoder.dtype)).image_embeds
+        self.image_embedding = embeds.float().mean(dim=0)
+
+    def _init_prompts(self) -> None:
+        """Tokenise every template once; each step indexes rows."""
+        tokenizer, device, k = self.backbone.tokenizer, self.backbone.device, self.cfg.concept.num_tokens
+        ids, mask = tokenize(tokenizer, list(RECONSTRUCTION_TEMPLATES), k, self.slot_id)
+        self.rec_ids, self.rec_mask = ids.to(device), mask.to(device)
+        ids, mask = tokenize(tokenizer, list(TANDEM_PROMPTS), k, self.slot_id)
+        self.te_ids, self.te_mask = ids.to(device), mask.to(device)
+        self.te_lengths = prompt_lengths(self.te_ids, tokenizer.eos_token_id)
+        train = self.cfg.train
+        self.tandem = TandemEquilibriumLoss(balance_target=train.te_balance, temperature=train.te_temperature)
+
+    def _init_bookkeeping(self) -> None:
+        self.step = 0
+        self.last_balance: float | None = None
+        self._preview_band = check_band(self.cfg.sample.band, "preview band")
+        self._preview_balance = float(self.cfg.sample.balance)
+        self._last_preview_step: int | None = None
+        self._rollbacks_in_row = 0
+        self._weights_version = 0  # bumped whenever the mapper's weights change
+        self._concept_cache: tuple[int, Concept] | None = None
+        self._take_snapshot()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def total(self) -> int:
+        return self.cfg.train.steps
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total
+
+    @property
+    def preview_band(self) -> tuple[int, int]:
+        return self._preview_band
+
+    @preview_band.setter
+    def preview_band(self, band: tuple[int, int]) -> None:
+        self._preview_band = check_band(band, "preview band")
+
+    @property
+    def preview_balance(self) -> float:
+        return self._preview_balance
+
+    @preview_balance.setter
+    def preview_balance(self, balance: float) -> None:
+        if not balance > 0:
+            raise ValueError(f"the tandem balance must be > 0, got {balance}")
+        self._preview_balance = float(balance)
+
+    # ------------------------------------------------------------------ loop
+    def run(self, until: int | None = None) -> Iterator[TrainingEvent]:
+        """Train up to step ``until`` (default: ``total``), yielding events as they happen.
+
+        Yields a PreviewReady for the current step if one is due and not yet shown, then per
+        step a TrainingStep (or RolledBack) and any due PreviewReady, and TrainingFinished once
+        ``step == total``. Failures (out of memory, repeated NaN) end the run with a
+        TrainingFailed; the trainer stays usable.
+        """
+        stop = self.total if until is None else min(until, self.total)
+        if self._should_preview():
+            if isinstance((yield from self._guarded(self.preview)), TrainingFailed):
+                return
+        while self.step < stop:
+            outcome = yield from self._guarded(self.train_step)
+            if isinstance(outcome, TrainingFailed):
+                return
+            if isinstance(outcome, RolledBack) and self._rollbacks_in_row >= MAX_ROLLBACKS_IN_ROW:
+                yield TrainingFailed(
+                    step=self.step,
+                    message=(
+                        f"The loss was not a finite number {self._rollbacks_in_row} times in a row, even after going "
+                        f"back to step {outcome.restored_step}. Lower the learning rate (now {self.cfg.train.lr:g}) "
+                        f"and train again."
+                    ),
+                )
+                return
+            if self._should_preview():
+                if isinstance((yield from self._guarded(self.preview)), TrainingFailed):
+                    return
+        if self.done:
+            yield TrainingFinished(step=self.step, total=self.total, concept=self.concept())
+
+    def _guarded(self, action: Callable[[], TrainingEvent]) -> Generator[TrainingEvent, None, TrainingEvent]:
+        """Yield and return ``action()``'s event; out of memory becomes a TrainingFailed event."""
+        try:
+            event = action()
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            self._free_memory()
+            event = TrainingFailed(
+                step=self.step,
+                kind="oom",
+                message=(
+                    "Out of memory on the accelerator. Try a smaller batch size, a lower resolution, "
+                    "or a smaller preset; the training so far is kept."
+                ),
+            )
+        yield event
+        return event
+
+    def _free_memory(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _should_preview(self) -> bool:
+        every = self.cfg.train.preview_every
+        return every > 0 and self.step % every == 0 and self._last_preview_step != self.step
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> TrainingStep | RolledBack:
+        """One optimiser step of ``grad_accum`` micro-batches; rolls back on a non-finite value."""
+        started = time.perf_counter()
+        train = self.cfg.train
+        for _ in range(MAX_SCALER_SKIPS):
+            self.optimizer.zero_grad(set_to_none=True)
+            totals = {"loss": 0.0, "rec_loss": 0.0, "te_loss": 0.0, "balance": 0.0}
+            for _ in range(train.grad_accum):
+                micro = self._micro_step()
+                if not torch.isfinite(micro.loss):
+                    return self._roll_back("the loss was not a finite number")
+                loss = micro.loss / train.grad_accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                logged = torch.stack([micro.loss.detach(), micro.rec_loss, micro.te_loss, micro.balance]).tolist()
+                for key, value in zip(totals, logged):
+                    totals[key] += value / train.grad_accum
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            max_norm = train.max_grad_norm if train.max_grad_norm > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.mapper.parameters(), max_norm)
+            if torch.isfinite(grad_norm):
+                break
+            if not self.scaler:
+                return self._roll_back("the gradients were not finite numbers")
+            # fp16: the scaler skips this update and lowers its scale; try the step again.
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            return self._roll_back("the fp16 gradients kept overflowing")
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._weights_version += 1
+        self._rollbacks_in_row = 0
+        self.last_balance = totals["balance"]
+        if self.step % train.snapshot_every == 0:
+            self._take_snapshot()
+        return TrainingStep(
+            step=self.step,
+            total=self.total,
+            loss=totals["loss"],
+            rec_loss=totals["rec_loss"],
+            te_loss=totals["te_loss"],
+            lr=self.optimizer.param_groups[0]["lr"],
+            seconds=time.perf_counter() - started,
+        )
+
+    def _micro_step(self) -> _MicroStep:
+        """Forward one micro-batch of ``batch_size`` samples: L = L_rec + λ·L_TE (SPEC §4)."""
+        backbone, train, device = self.backbone, self.cfg.train, self.backbone.device
+        batch = train.batch_size
+        # 1. Sample photos and prompts (python RNG), timesteps, noise and bypass dropout (torch).
+        photo_idx = torch.tensor([self.rng.randrange(len(self.photos)) for _ in range(batch)], device=device)
+        rec_idx = torch.tensor([self.rng.randrange(len(RECONSTRUCTION_TEMPLATES)) for _ in range(batch)], device=device)
+        te_idx = torch.tensor([self.rng.randrange(len(TANDEM_PROMPTS)) for _ in range(batch)], device=device)
+        lo, hi = train.band
+        timesteps = torch.randint(lo, hi, (batch,), generator=self.generator, device=device)
+        latents, masks = self.latents[photo_idx], self.masks[photo_idx]
+        noise = torch.randn(latents.shape, generator=self.generator, device=device, dtype=latents.dtype)
+        noisy = backbone.noise_scheduler.add_noise(latents, noise, timesteps)
+
+        # 2. The mapper runs outside autocast: it is tiny, and its fp32 output keeps the
+        #    renormalised token vectors exact.
+        identity = self.mapper(timesteps)  # (B, K, D)
+        bypass = None
+        if self.use_bypass:
+            vectors = self.mapper.bypass_vectors(timesteps, self.image_embedding)
+            keep = torch.rand(batch, generator=self.generator, device=device) >= self.cfg.concept.bypass_dropout
+            vectors = vectors * keep[:, None, None].to(vectors.dtype)
+            # TE rows never reach the UNet: their bypass is zero.
+            bypass = torch.cat([vectors, torch.zeros_like(vectors)])
+        with self._autocast():
+            # 3. One text-encoder pass over [reconstruction rows ; TE rows], same t for both halves.
+            ids = torch.cat([self.rec_ids[rec_idx], self.te_ids[te_idx]])
+            identity_mask = torch.cat([self.rec_mask[rec_idx], self.te_mask[te_idx]])
+            states = encode_text(
+                backbone,
+                ids,
+                identity_mask,
+                identity=torch.cat([identity, identity]),
+                bypass=bypass,
+                capture_attention=True,
+            )
+            # 4. Denoise the reconstruction rows; values from the bypassed states when on.
+            kwargs = {"value_states": states.values[:batch]} if states.values is not None else None
+            pred = backbone.unet(
+                noisy.to(backbone.unet.dtype),
+                timesteps,
+                encoder_hidden_states=states.hidden[:batch],
+                cross_attention_kwargs=kwargs,
+            ).sample
+        if backbone.noise_scheduler.config.prediction_type == "v_prediction":
+            target = backbone.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        rec_loss = masked_mse(pred, target, masks)
+        # 5. Tandem Equilibrium on the TE rows' last-layer self-attention.
+        tandem = self.tandem(states.attention[batch:], self.te_mask[te_idx], self.te_lengths[te_idx])
+        loss = rec_loss + train.te_weight * tandem.loss if train.te_weight > 0 else rec_loss
+        return _MicroStep(loss=loss, rec_loss=rec_loss.detach(), te_loss=tandem.loss.detach(), balance=tandem.balance.detach().mean())
+
+    # ------------------------------------------------------------------ rollback
+    def _take_snapshot(self) -> None:
+        self._snapshot = _Snapshot(
+            step=self.step,
+            mapper=_clone_tensors(self.mapper.state_dict()),
+            optimizer=copy.deepcopy(self.optimizer.state_dict()),
+            scaler=copy.deepcopy(self.scaler.state_dict()) if self.scaler else None,
+        )
+
+    def _roll_back(self, reason: str) -> RolledBack:
+        """Restore the last good snapshot; the random streams go on, so the next draw differs."""
+        failed_step = self.step + 1
+        self.optimizer.zero_grad(set_to_none=True)
+        snapshot = self._snapshot
+        self.mapper.load_state_dict(snapshot.mapper)
+        self.optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
+        if self.scaler and snapshot.scaler:
+            self.scaler.load_state_dict(snapshot.scaler)
+        self.step = snapshot.step
+        self._weights_version += 1
+        self._rollbacks_in_row += 1
+        return RolledBack(step=failed_step, restored_step=snapshot.step, reason=reason)
+
+    # ------------------------------------------------------------------ outputs
+    def concept(self) -> Concept:
+        """An immutable snapshot of the current weights (same object until the weights change)."""
+        if self._concept_cache is not None and self._concept_cache[0] == self._weights_version:
+            return self._concept_cache[1]
+        mapper = copy.deepcopy(self.mapper).eval().requires_grad_(False)
+        concept = Concept(
+            mapper=mapper,
+            super_category=self.super_category,
+            train_band=tuple(self.cfg.train.band),
+            late_stage=self.cfg.concept.late_stage,
+            backbone=self.backbone.fingerprint(),
+            image_embedding=None if self.image_embedding is None else self.image_embedding.detach().clone(),
+            steps_done=self.step,
+            config=self.cfg.to_dict(),
+        )
+        self._concept_cache = (self._weights_version, concept)
+        return concept
+
+    def preview(self) -> PreviewReady:
+        """Render the preview prompts with the current weights and the live band / balance."""
+        sample = self.cfg.sample
+        band, balance = self.preview_band, self.preview_balance
+        side = sample.resolution or self.cfg.train.resolution
+        with torch.no_grad():
+            result = self._preview_sampler()(
+                self.concept(),
+                list(sample.preview_prompts),
+                seeds=list(sample.preview_seeds),
+                num_inference_steps=sample.preview_steps,
+                guidance_scale=sample.guidance_scale,
+                band=band,
+                balance=balance,
+                balance_layers=sample.balance_layers,
+                negative_prompt=sample.negative_prompt,
+                scheduler=sample.scheduler,
+                height=side,
+                width=side,
+            )
+        self._last_preview_step = self.step
+        return PreviewReady(
+            step=self.step, images=tuple(result.images), captions=tuple(result.captions), band=band, balance=balance
+        )
+
+    def _preview_sampler(self) -> PreviewSampler:
+        if self.sampler is None:
+            from studio.sampler import Sampler  # only when previews are wanted
+
+            self.sampler = Sampler(self.backbone)
+        return self.sampler
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs: mapper, optimiser, scaler, both RNG streams, step."""
+        return {
+            "format": STATE_FORMAT,
+            "step": self.step,
+            "mapper": _clone_tensors(self.mapper.state_dict()),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scaler": copy.deepcopy(self.scaler.state_dict()) if self.scaler else None,
+            "generator": self.generator.get_state(),
+            "python_random": self.rng.getstate(),
+            "last_preview_step": self._last_preview_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where ``state`` (from :meth:`state_dict`) left off."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"unknown trainer state format {state.get('format')!r}")
+        self.mapper.load_state_dict(state["mapper"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        self.rng.setstate(state["python_random"])
+        self.step = int(state["step"])
+        self._last_preview_step = state.get("last_preview_step")
+        self._weights_version += 1
+        self._rollbacks_in_row = 0
+        self._take_snapshot()
