@@ -2,16 +2,35 @@
 
 A :class:`Concept` is a snapshot: the trainer hands out a new one (with a new ``uid``) whenever
 weights change, so samplers may cache text conditions by ``uid``.
+
+Concept files are safetensors: the mapper's tensors (``mapper.<name>``), the reference image
+embedding, and one JSON string of metadata (key ``personamagic``). Training checkpoints use the
+same container. Files are read with safetensors only: nothing a user hands us is unpickled.
 """
 from __future__ import annotations
 
+import datetime
+import errno
+import hashlib
+import json
+import os
+import struct
+import tempfile
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from studio.mapper import IdentityMapper
+
+if TYPE_CHECKING:
+    from studio.backbone import Backbone
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,3 +59,437 @@ class Concept:
     def tokens(self) -> list[str]:
         """Display names of the identity tokens: <id1> ... <idK>."""
         return [f"<id{i + 1}>" for i in range(self.num_tokens)]
+
+
+# =========================================================================== concept files
+CONCEPT_FORMAT = "personamagic-studio-concept"
+CHECKPOINT_FORMAT = "personamagic-studio-checkpoint"
+FORMAT_VERSION = 1
+METADATA_KEY = "personamagic"
+# A concept is a few MB; the header of any safetensors file is far below this.
+MAX_HEADER_BYTES = 100_000_000
+
+
+class ConceptFileError(ValueError):
+    """A concept (or checkpoint) file cannot be written or read; the message says why and what to do."""
+
+
+def _studio_version() -> str:
+    import studio
+
+    return getattr(studio, "__version__", "dev")
+
+
+def _mapper_shape(mapper: IdentityMapper) -> dict[str, Any]:
+    """The constructor arguments that rebuild ``mapper`` (weights come from the tensors)."""
+    image_embed_dim = None
+    if mapper.bypass is not None:
+        image_embed_dim = mapper.bypass[0][0].in_features - mapper.time_encoding_dim
+    return {
+        "num_tokens": mapper.num_tokens,
+        "num_anchors": mapper.anchors.out_features,
+        "hidden_dim": mapper.head.in_features,
+        "time_encoding_dim": mapper.time_encoding_dim,
+        "image_embed_dim": image_embed_dim,
+    }
+
+
+def concept_to_bytes(concept: Concept) -> bytes:
+    """The concept as the bytes of a ``.safetensors`` concept file (for downloads and saving)."""
+    tensors = {f"mapper.{name}": value.detach().cpu().contiguous() for name, value in concept.mapper.state_dict().items()}
+    if concept.image_embedding is not None:
+        tensors["image_embedding"] = concept.image_embedding.detach().float().cpu().contiguous()
+    info = {
+        "format": CONCEPT_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "backbone": concept.backbone,
+        "tokens": concept.tokens,
+        "super_category": concept.super_category,
+        "train_band": list(concept.train_band),
+        "late_stage": concept.late_stage,
+        **_mapper_shape(concept.mapper),
+        "steps_done": concept.steps_done,
+        "config": concept.config,
+        "uid": concept.uid,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "studio_version": _studio_version(),
+    }
+    return save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(info, default=str)})
+
+
+def save_concept(concept: Concept, path: str | Path) -> Path:
+    """Write ``concept`` to ``path`` atomically (temp file + rename); raises :class:`ConceptFileError`."""
+    path = Path(path)
+    _write_atomic(path, concept_to_bytes(concept), "the concept")
+    return path
+
+
+def _write_atomic(path: Path, data: bytes, what: str) -> None:
+    """Write into a temp file in the target folder, then rename: a failed write never leaves a
+    partial file, and an older file at ``path`` stays intact."""
+    if path.is_dir():
+        raise ConceptFileError(f"Cannot save {what} to {path}: that is a folder. Give a file name ending in .safetensors.")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ConceptFileError(f"Cannot save {what} to {path}: the folder {folder} does not exist.")
+    tmp_name = None
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+        tmp_name = None
+    except OSError as exc:
+        raise ConceptFileError(_write_error_message(exc, path, what, len(data))) from None
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+
+
+def _write_error_message(exc: OSError, path: Path, what: str, size: int) -> str:
+    megabytes = f"{size / 1e6:.1f} MB"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"Not enough disk space to save {what} to {path} (it needs {megabytes}). Free some space or choose another folder."
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"No permission to write {path}. Choose a folder you can write to."
+    return f"Could not save {what} to {path}: {exc.strerror or exc}."
+
+
+# --------------------------------------------------------------------------- reading
+# First bytes of files people drop by mistake -> what they are.
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"RIFF", "a WEBP image or other RIFF file"),
+    (b"PK\x03\x04", "a zip archive (PyTorch .pt/.ckpt checkpoints are zipped pickles)"),
+    (b"%PDF", "a PDF document"),
+)
+_PICKLE_HINT = " Pickled files are never opened here, because loading them can run arbitrary code."
+
+
+def _kind_of_bytes(head: bytes) -> str:
+    for signature, kind in _SIGNATURES:
+        if head.startswith(signature):
+            return kind
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a Python pickle (e.g. a .ckpt/.pt/.bin file)"
+    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head[:64]):
+        return "a text file"
+    return "some other kind of file"
+
+
+def _parse_header(head: bytes, total_size: int, name: str) -> dict[str, Any]:
+    """Validate the safetensors framing (8-byte length + JSON header + data) without reading data.
+
+    ``head`` holds at least the file's first 8 + header-length bytes when they exist.
+    """
+    if total_size == 0:
+        raise ConceptFileError(f"{name} is empty: it is not a concept file.")
+    not_ours = f"{name} is not a concept file"
+    if total_size < 8:
+        raise ConceptFileError(f"{not_ours}: it is only {total_size} bytes long.")
+    (header_len,) = struct.unpack("<Q", head[:8])
+    starts_like_json = head[8:9] == b"{"
+    if not starts_like_json or header_len < 2 or header_len > MAX_HEADER_BYTES:
+        kind = _kind_of_bytes(head[:64])
+        hint = _PICKLE_HINT if "pickle" in kind else ""
+        raise ConceptFileError(
+            f"{not_ours}: it looks like {kind}. Concept files are .safetensors files exported by PersonaMagic Studio.{hint}"
+        )
+    if 8 + header_len > total_size:
+        raise ConceptFileError(f"{name} is truncated (the download or copy was cut short): export or download it again.")
+    try:
+        header = json.loads(bytes(head[8 : 8 + header_len]).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a mapping")
+        data_end = 0
+        for key, entry in header.items():
+            if key != "__metadata__":
+                data_end = max(data_end, int(entry["data_offsets"][1]))
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
+        raise ConceptFileError(f"{name} is damaged (its safetensors header cannot be read): export it again.") from None
+    expected = 8 + header_len + data_end
+    if total_size < expected:
+        raise ConceptFileError(
+            f"{name} is truncated: it has {total_size:,} of {expected:,} bytes (the download or copy was cut short). "
+            f"Export or download it again."
+        )
+    if total_size > expected:
+        raise ConceptFileError(f"{name} is damaged: it has {total_size - expected:,} extra bytes after its data.")
+    return header
+
+
+def _foreign_kind(tensor_names: list[str]) -> str:
+    """A guess at what a safetensors file that is not ours holds, from its tensor names."""
+    joined = " ".join(tensor_names[:2000]).lower()
+    if "lora" in joined:
+        return "a LoRA"
+    if "model.diffusion_model" in joined or "first_stage_model" in joined or "down_blocks" in joined:
+        return "a Stable Diffusion model"
+    if "emb_params" in joined or "string_to_param" in joined or "clip_l" in joined:
+        return "a textual-inversion embedding"
+    return f"another kind of safetensors file ({len(tensor_names)} tensors, e.g. {tensor_names[0]!r})" if tensor_names else "an empty safetensors file"
+
+
+def _open_concept_file(source: str | Path | bytes | bytearray | memoryview) -> tuple[bytes, str, dict[str, Any]]:
+    """(file bytes, display name, PersonaMagic metadata) of a file of ours, else a :class:`ConceptFileError`.
+
+    A path is judged by its header before the rest is read: a 4 GB checkpoint dropped by
+    mistake is refused without reading it whole.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data, name = bytes(source), "The uploaded file"
+        return data, name, _check_ours(_parse_header(data, len(data), name), name)
+    path = Path(source)
+    name = path.name
+    if not path.is_file():
+        raise ConceptFileError(f"File not found: {path}")
+    try:
+        with path.open("rb") as handle:
+            total = os.fstat(handle.fileno()).st_size
+            head = handle.read(8)
+            if len(head) == 8:
+                (header_len,) = struct.unpack("<Q", head)
+                head += handle.read(header_len if header_len <= MAX_HEADER_BYTES else 64)
+            info = _check_ours(_parse_header(head, total, name), name)
+            handle.seek(0)
+            data = handle.read()
+    except OSError as exc:
+        raise ConceptFileError(f"Could not read {path}: {exc.strerror or exc}.") from None
+    if len(data) != total:
+        raise ConceptFileError(f"{name} changed while it was being read; try again.")
+    return data, name, info
+
+
+def _check_ours(header: dict[str, Any], name: str) -> dict[str, Any]:
+    """The PersonaMagic metadata of a safetensors header, or a :class:`ConceptFileError`."""
+    metadata = header.get("__metadata__") or {}
+    tensor_names = [k for k in header if k != "__metadata__"]
+    if METADATA_KEY not in metadata:
+        raise ConceptFileError(
+            f"{name} is a safetensors file but not a PersonaMagic concept: it looks like {_foreign_kind(tensor_names)}. "
+            f"Import a concept exported by this studio."
+        )
+    try:
+        info = json.loads(metadata[METADATA_KEY])
+    except (ValueError, TypeError):
+        raise ConceptFileError(f"{name} is damaged: its PersonaMagic metadata is not valid JSON.") from None
+    if not isinstance(info, dict) or info.get("format") not in (CONCEPT_FORMAT, CHECKPOINT_FORMAT):
+        raise ConceptFileError(f"{name} is not a PersonaMagic concept (unknown format {info.get('format') if isinstance(info, dict) else info!r}).")
+    version = info.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ConceptFileError(f"{name} has an invalid format version {version!r}.")
+    if version > FORMAT_VERSION:
+        raise ConceptFileError(
+            f"{name} was made by a newer PersonaMagic Studio (file format version {version}); this studio reads "
+            f"version {FORMAT_VERSION}. Update the studio to open it."
+        )
+    return info
+
+
+def _backbone_text(fingerprint: dict[str, Any]) -> str:
+    return f"{fingerprint.get('source', '?')} (width {fingerprint.get('token_dim', '?')})"
+
+
+def check_backbone(fingerprint: dict[str, Any], backbone: Backbone) -> str | None:
+    """Raise :class:`ConceptFileError` when a concept cannot run on ``backbone``; else a warning or None.
+
+    A different width or vocabulary cannot work; the same width from another source (e.g. a
+    fine-tune of SD 1.5) runs, but the likeness may suffer.
+    """
+    mine = backbone.fingerprint()
+    if fingerprint.get("token_dim") != mine["token_dim"] or fingerprint.get("vocab_size") != mine["vocab_size"]:
+        raise ConceptFileError(
+            f"This concept was trained on {_backbone_text(fingerprint)}, and this studio runs {_backbone_text(mine)}: "
+            f"their text encoders differ, so it cannot be used here. Switch to the model it was trained on."
+        )
+    if fingerprint.get("source") != mine["source"] or fingerprint.get("text_layers") != mine["text_layers"]:
+        return (
+            f"This concept was trained on {fingerprint.get('source')!r} and is used with {mine['source']!r}: "
+            f"the text encoders have the same width, so it runs, but the likeness may be weaker."
+        )
+    return None
+
+
+def compatibility_warning(concept: Concept, backbone: Backbone) -> str | None:
+    """A sentence when ``concept`` runs on ``backbone`` only approximately (see :func:`check_backbone`)."""
+    return check_backbone(concept.backbone, backbone)
+
+
+def _tensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise ConceptFileError(f"{name} is damaged: its tensors cannot be read ({exc}).") from None
+
+
+def load_concept(source: str | Path | bytes, backbone: Backbone | None = None) -> Concept:
+    """Read a concept file (path or bytes) with safetensors only; never unpickles.
+
+    With ``backbone``, also checks that the concept fits it (see :func:`check_backbone`) and
+    puts the mapper on its device. Every problem is a :class:`ConceptFileError` with a sentence.
+    """
+    data, name, info = _open_concept_file(source)
+    if info["format"] != CONCEPT_FORMAT:
+        raise ConceptFileError(f"{name} is a PersonaMagic training checkpoint, not a concept: use it to resume training.")
+    required = ("backbone", "super_category", "train_band", "late_stage", "num_tokens", "num_anchors", "hidden_dim", "time_encoding_dim")
+    missing = [key for key in required if key not in info]
+    if missing:
+        raise ConceptFileError(f"{name} is damaged: its metadata lacks {', '.join(missing)}.")
+    if not isinstance(info["backbone"], dict) or not isinstance(info["train_band"], list) or len(info["train_band"]) != 2:
+        raise ConceptFileError(f"{name} is damaged: its backbone or band metadata is malformed.")
+    if backbone is not None:
+        check_backbone(info["backbone"], backbone)
+    tensors = _tensors(data, name)
+    if "mapper.class_embedding" not in tensors:
+        raise ConceptFileError(f"{name} is damaged: the tensor mapper.class_embedding is missing.")
+    try:
+        mapper = IdentityMapper(
+            tensors["mapper.class_embedding"],
+            num_tokens=int(info["num_tokens"]),
+            band=tuple(info["train_band"]),
+            num_anchors=int(info["num_anchors"]),
+            hidden_dim=int(info["hidden_dim"]),
+            time_encoding_dim=int(info["time_encoding_dim"]),
+            image_embed_dim=info.get("image_embed_dim"),
+        )
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ConceptFileError(f"{name} is damaged: its mapper settings are invalid ({exc}).") from None
+    expected = {f"mapper.{k}": v.shape for k, v in mapper.state_dict().items()}
+    present = {k: v for k, v in tensors.items() if k.startswith("mapper.")}
+    lacking = sorted(set(expected) - set(present))
+    if lacking:
+        raise ConceptFileError(f"{name} is damaged: tensors missing: {', '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''}.")
+    unexpected = sorted(set(present) - set(expected))
+    if unexpected:
+        raise ConceptFileError(f"{name} does not match its own settings: unexpected tensors {', '.join(unexpected[:5])}.")
+    for key, shape in expected.items():
+        if present[key].shape != shape:
+            raise ConceptFileError(
+                f"{name} is damaged: tensor {key} has shape {tuple(present[key].shape)}, expected {tuple(shape)}."
+            )
+    mapper.load_state_dict({k.removeprefix("mapper."): v for k, v in present.items()})
+    image_embedding = tensors.get("image_embedding")
+    device = backbone.device if backbone is not None else torch.device("cpu")
+    mapper = mapper.to(device).eval().requires_grad_(False)
+    return Concept(
+        mapper=mapper,
+        super_category=str(info["super_category"]),
+        train_band=(int(info["train_band"][0]), int(info["train_band"][1])),
+        late_stage=str(info["late_stage"]),
+        backbone=dict(info["backbone"]),
+        image_embedding=None if image_embedding is None else image_embedding.to(device),
+        steps_done=int(info.get("steps_done", 0)),
+        config=dict(info.get("config") or {}),
+        # Same file -> same uid, so a re-imported concept reuses cached text conditions.
+        uid=hashlib.sha256(data).hexdigest()[:32],
+    )
+
+
+def read_concept_info(source: str | Path | bytes) -> dict[str, Any]:
+    """The JSON metadata of a concept file, without building the mapper."""
+    return _open_concept_file(source)[2]
+
+
+def describe(concept: Concept) -> str:
+    """One line for people: tokens, super-category, training, band, source model."""
+    bypass = "with" if concept.mapper.has_bypass and concept.image_embedding is not None else "without"
+    lo, hi = concept.train_band
+    source = concept.backbone.get("source", "?")
+    return (
+        f"{' '.join(concept.tokens)} ({concept.super_category}), {concept.steps_done} training steps on {source}, "
+        f"band {lo}-{hi}, {bypass} image bypass, {sum(p.numel() for p in concept.mapper.parameters()) / 1e6:.2f} M parameters"
+    )
+
+
+# =========================================================================== training checkpoints
+# A trainer state (nested dicts / lists / tuples of tensors, numbers, strings and numpy RNG
+# arrays) is stored as safetensors tensors named by their dotted path, plus a JSON tree in
+# the metadata in which each tensor is {"__tensor__": name}. JSON has no tuples and only str
+# keys, so tuples and dicts with other keys are tagged; loading restores the exact types.
+def _encode_state(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        name = path or "tensor"
+        while name in tensors:
+            name += "_"
+        tensors[name] = value.detach().cpu().contiguous().clone()
+        return {"__tensor__": name}
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, torch.dtype):
+        return {"__dtype__": str(value).removeprefix("torch.")}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode_state(v, f"{path}.{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode_state(v, f"{path}.{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        prefix = f"{path}." if path else ""
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: _encode_state(v, f"{prefix}{k}", tensors) for k, v in value.items()}
+        return {"__dict__": [[_encode_state(k, "", {}), _encode_state(v, f"{prefix}{k}", tensors)] for k, v in value.items()]}
+    raise ConceptFileError(f"cannot store a {type(value).__name__} at {path!r} in a training checkpoint")
+
+
+def _decode_state(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode_state(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__ndarray__" in value:
+        return np.asarray(value["__ndarray__"], dtype=value["dtype"])
+    if "__dtype__" in value:
+        return getattr(torch, value["__dtype__"])
+    if "__tuple__" in value:
+        return tuple(_decode_state(v, tensors) for v in value["__tuple__"])
+    if "__dict__" in value:
+        return {_hashable(_decode_state(k, tensors)): _decode_state(v, tensors) for k, v in value["__dict__"]}
+    return {k: _decode_state(v, tensors) for k, v in value.items()}
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if isinstance(key, list) else key
+
+
+def checkpoint_to_bytes(trainer_state: dict[str, Any]) -> bytes:
+    """A trainer's state_dict() as safetensors bytes (tensors + JSON metadata, no pickle)."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode_state(trainer_state, "", tensors)
+    info = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "state": tree,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "studio_version": _studio_version(),
+    }
+    return save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(info)})
+
+
+def save_checkpoint(path: str | Path, trainer_state: dict[str, Any]) -> Path:
+    """Write a trainer state (optimiser, RNG states, step, ...) atomically to ``path``."""
+    path = Path(path)
+    _write_atomic(path, checkpoint_to_bytes(trainer_state), "the training checkpoint")
+    return path
+
+
+def load_checkpoint(source: str | Path | bytes) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; tensors come back on the CPU."""
+    data, name, info = _open_concept_file(source)
+    if info["format"] != CHECKPOINT_FORMAT:
+        raise ConceptFileError(f"{name} is a concept, not a training checkpoint: import it as a concept instead.")
+    tensors = _tensors(data, name)
+    try:
+        return _decode_state(info["state"], tensors)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConceptFileError(f"{name} is damaged: its state cannot be rebuilt ({exc}).") from None

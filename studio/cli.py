@@ -1,0 +1,325 @@
+"""Command line: ``python -m studio {train,generate,prepare,eval} ...``.
+
+Expected problems (bad photo, bad prompt, foreign concept file, missing weights, ...) end with
+one ``error: ...`` line on stderr and exit status 2, never a traceback. A training run that
+fails on its own (out of memory, loss not finite) exits with 1. Progress bars go to stderr,
+results to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from studio.backbone import Backbone
+    from studio.config import StudioConfig
+
+EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR = 0, 1, 2
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class CliError(Exception):
+    """A user error found by the command line itself (bad argument value, unwritable output)."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is meant for the user (imported lazily: torch is slow)."""
+    from studio.backbone import BackboneUnavailable
+    from studio.concept import ConceptFileError
+    from studio.conditioning import PromptError
+    from studio.config import ConfigError
+
+    errors: list[type[BaseException]] = [CliError, ConfigError, PromptError, ConceptFileError, BackboneUnavailable]
+    for module, name in (("studio.sampler", "SamplerInputError"), ("studio.faces", "PhotoError")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+# --------------------------------------------------------------------------- shared helpers
+def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-3", "sample.band=[200, 900]"]`` -> {"train.lr": 0.001, ...} (YAML values)."""
+    import yaml
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"--set expects key=value (e.g. train.lr=1e-3), got {pair!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        overrides[key.strip()] = value
+    return overrides
+
+
+def _load_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> StudioConfig:
+    from studio.config import load_preset
+
+    overrides = {**_parse_overrides(args.set or []), **(extra or {})}
+    return load_preset(args.preset, **overrides)
+
+
+def _backbone(cfg: StudioConfig) -> Backbone:
+    from studio.backbone import get_backbone
+
+    backbone = get_backbone(cfg.model)
+    if backbone.is_random:
+        print("note: the tiny preset has random weights: its images are noise (it shows the machinery, not a likeness).")
+    return backbone
+
+
+def _check_output(path: Path, suffixes: tuple[str, ...], what: str) -> None:
+    """Fail before any work when the output cannot be written where asked."""
+    if path.suffix.lower() not in suffixes:
+        raise CliError(f"{what} {path} must end with {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise CliError(f"{what} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise CliError(f"the folder {path.parent} for {what} {path} does not exist")
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+# --------------------------------------------------------------------------- train
+def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train", help="learn a concept from photos of one person",
+        description="Prepare the face in each photo, train the identity mapper and save the concept.",
+    )
+    parser.add_argument("--preset", required=True, help="preset name (tiny, sd15, ...) or YAML path")
+    parser.add_argument("--image", action="append", required=True, metavar="IMG", help="a photo of the person (repeat for more)")
+    parser.add_argument("--out", type=Path, required=True, metavar="CONCEPT.safetensors", help="where to save the concept")
+    parser.add_argument("--steps", type=int, help="optimiser steps (default: the preset's train.steps)")
+    parser.add_argument("--seed", type=int, help="training seed (default: the preset's train.seed)")
+    parser.add_argument("--preview-dir", type=Path, help="save the preview images here (previews are off without it)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset setting, e.g. train.lr=1e-3")
+    parser.set_defaults(func=run_train)
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from studio.concept import save_concept
+    from studio.events import PreviewReady, RolledBack, TrainingFailed, TrainingFinished, TrainingStep
+    from studio.faces import prepare
+    from studio.trainer import Trainer, TrainingPhoto
+
+    _check_output(args.out, (".safetensors",), "the concept file")
+    if args.preview_dir is not None and not args.preview_dir.is_dir():
+        raise CliError(f"the preview folder {args.preview_dir} does not exist")
+    extra: dict[str, Any] = {}
+    if args.steps is not None:
+        extra["train.steps"] = args.steps
+    if args.seed is not None:
+        extra["train.seed"] = args.seed
+    if args.preview_dir is None:
+        extra["train.preview_every"] = 0  # previews cost generation time nobody would see
+    cfg = _load_config(args, extra)
+    missing = [path for path in args.image if not Path(path).is_file()]
+    if missing:
+        raise CliError(f"photo not found: {', '.join(missing)}")
+
+    prepared = prepare([str(path) for path in args.image], cfg.face)
+    print(prepared.summary())
+    for report in prepared.reports:
+        for warning in report.warnings:
+            print(f"warning: {report.name}: {warning}", file=sys.stderr)
+    photos = [TrainingPhoto.from_prepared(photo) for photo in prepared.photos]
+
+    backbone = _backbone(cfg)
+    trainer = Trainer(backbone, cfg, photos)
+    started, last_loss, concept = time.perf_counter(), float("nan"), None
+    with _progress(cfg.train.steps, "training") as bar:
+        for event in trainer.run():
+            if isinstance(event, TrainingStep):
+                last_loss = event.loss
+                bar.update(event.step - bar.n)
+                bar.set_postfix(loss=f"{event.loss:.4f}")
+            elif isinstance(event, RolledBack):
+                bar.write(f"warning: step {event.step}: {event.reason}; went back to step {event.restored_step}", file=sys.stderr)
+            elif isinstance(event, PreviewReady) and args.preview_dir is not None:
+                for index, image in enumerate(event.images):
+                    image.save(args.preview_dir / f"step{event.step:05d}_{index}.png")
+            elif isinstance(event, TrainingFailed):
+                bar.close()
+                print(f"error: training failed at step {event.step}: {event.message}", file=sys.stderr)
+                return EXIT_FAILED
+            elif isinstance(event, TrainingFinished):
+                concept = event.concept
+    if concept is None:
+        print("error: training ended without a result", file=sys.stderr)
+        return EXIT_FAILED
+    save_concept(concept, args.out)
+    seconds = time.perf_counter() - started
+    size_kb = args.out.stat().st_size / 1024
+    print(f"trained {concept.steps_done} steps in {seconds:.1f} s, final loss {last_loss:.4f}")
+    print(f"saved {args.out} ({size_kb:.0f} KB)")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- generate
+def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "generate", help="generate images of a concept",
+        description="Generate images with a saved concept ({} in the prompt stands for the person). "
+                    "Without --concept: plain Stable Diffusion with the super-category word, as a baseline.",
+    )
+    parser.add_argument("--preset", required=True, help="preset name or YAML path (the model the concept was trained on)")
+    parser.add_argument("--concept", type=Path, metavar="C.safetensors", help="the concept file (omit for plain SD)")
+    parser.add_argument("--prompt", action="append", required=True, help="e.g. 'a photo of {} as a chef' (repeatable)")
+    parser.add_argument("--out", type=Path, required=True, metavar="OUT.png",
+                        help="output image; several images are written as OUT_0.png, OUT_1.png, ...")
+    parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt, seeds seed, seed+1, ... (default 1)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the preset's sample.steps)")
+    parser.add_argument("--band", type=int, nargs=2, metavar=("LO", "HI"), help="timestep interval that gets the identity")
+    parser.add_argument("--balance", type=float, help="tandem balance gamma (<1 favours the prompt, >1 the identity)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    parser.add_argument("--scheduler", help="dpmsolver++, 'dpmsolver++ karras', ddim, euler, 'euler ancestral', unipc, pndm, ddpm")
+    parser.add_argument("--negative", help="negative prompt")
+    parser.add_argument("--size", type=int, help="image side in pixels (default: the preset's sample.resolution or the model's)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset setting, e.g. sample.balance_layers=2")
+    parser.set_defaults(func=run_generate)
+    return parser
+
+
+def _output_paths(out: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{index}{out.suffix}") for index in range(count)]
+
+
+def _save_image(image: Image, path: Path, settings: dict[str, Any]) -> None:
+    if path.suffix.lower() == ".png":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("personamagic", json.dumps(settings))  # enough to reproduce the image
+        image.save(path, pnginfo=info)
+    else:
+        image.save(path)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from studio.concept import compatibility_warning, load_concept, read_concept_info
+    from studio.conditioning import check_prompt
+    from studio.config import check_band
+    from studio.sampler import Sampler
+
+    # Cheap checks first: a typo should not wait for a model to load.
+    _check_output(args.out, IMAGE_SUFFIXES, "the output image")
+    if args.num_images < 1:
+        raise CliError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.seed < 0:
+        raise CliError(f"--seed must be >= 0, got {args.seed}")
+    for prompt in args.prompt:
+        check_prompt(prompt, require_identity=args.concept is not None)
+    cfg = _load_config(args)
+    sample = cfg.sample
+    band = check_band(args.band, "--band") if args.band else tuple(sample.band)
+    if args.concept is not None:
+        read_concept_info(args.concept)  # refuses foreign / damaged files before the model loads
+    backbone = _backbone(cfg)
+    concept = None
+    if args.concept is not None:
+        concept = load_concept(args.concept, backbone)
+        warning = compatibility_warning(concept, backbone)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+    size = args.size or sample.resolution or None
+    settings = dict(
+        negative_prompt=sample.negative_prompt if args.negative is None else args.negative,
+        num_inference_steps=args.steps or sample.steps,
+        guidance_scale=sample.guidance_scale if args.guidance is None else args.guidance,
+        band=band,
+        balance=sample.balance if args.balance is None else args.balance,
+        balance_layers=sample.balance_layers,
+        seeds=list(range(args.seed, args.seed + args.num_images)),
+        height=size,
+        width=size,
+        scheduler=args.scheduler or sample.scheduler,
+    )
+    sampler = Sampler(backbone)
+    sampler.check_inputs(concept, args.prompt, **settings)
+    with _progress(None, "generating") as bar:
+        def on_step(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = sampler(concept, args.prompt, callback_on_step_end=on_step, **settings)
+    paths = _output_paths(args.out, len(result.images))
+    for image, path, settings in zip(result.images, paths, result.settings):
+        _save_image(image, path, settings)
+    for path, caption in zip(paths, result.captions):
+        print(f"{path}: {caption}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- delegated commands
+def _add_delegated(subparsers: Any, name: str, module: str, adder: str, help_text: str) -> None:
+    """Register a sub-command that lives in its own module (``studio.cli_prepare``, ``studio.cli_eval``).
+
+    The import happens here, not at the top, so the rest of the CLI works while such a module is
+    missing or broken; the sub-command then explains that instead of crashing.
+    """
+    try:
+        getattr(importlib.import_module(module), adder)(subparsers)
+    except (ImportError, AttributeError) as exc:
+        parser = subparsers.add_parser(name, help=f"{help_text} (unavailable)", add_help=False)
+        parser.set_defaults(ignores_arguments=True)  # whatever follows, the answer is the same
+        reason = f"{type(exc).__name__}: {exc}"
+
+        def unavailable(args: argparse.Namespace) -> int:
+            raise CliError(f"the '{name}' command is not available in this installation ({module}: {reason})")
+
+        parser.set_defaults(func=unavailable)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m studio",
+        description="PersonaMagic Studio: stage-regulated face customisation of Stable Diffusion 1.x.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train_parser(subparsers)
+    add_generate_parser(subparsers)
+    # prepare: face detection / crops / masks (owned by the face stack).
+    _add_delegated(subparsers, "prepare", "studio.cli_prepare", "add_prepare_parser", "detect, align and mask faces")
+    # eval: identity / prompt similarity over prompts x seeds x settings (owned by the metrics).
+    _add_delegated(subparsers, "eval", "studio.cli_eval", "add_eval_parser", "score a concept")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, run the sub-command, turn expected errors into one line + exit status 2."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "ignores_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return int(func(args) or EXIT_OK)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            message = " ".join(str(exc).split())  # one line, whatever the message holds
+            print(f"error: {message}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        raise

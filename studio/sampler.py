@@ -1,0 +1,451 @@
+"""Stage-regulated generation with a learned concept (SPEC §2, §5), shaped like a diffusers pipeline.
+
+Each denoising step ``t`` gets its text condition from the stage table: early steps (t above
+the band) see the prompt with the super-category word, steps inside the band the identity
+tokens ``mapper(t)`` (+ image bypass), late steps ``mapper(band start)`` or the
+super-category word. All conditions a call needs are encoded in ONE batched text-encoder
+pass and cached, so moving the seed or the band slider re-runs only the UNet.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+
+from studio.backbone import Backbone
+from studio.concept import Concept
+from studio.conditioning import (
+    PromptError,
+    Stage,
+    StageSchedule,
+    check_prompt,
+    encode_text,
+    super_category_id,
+    tokenize,
+)
+from studio.config import DEFAULT_NEGATIVE_PROMPT, check_band
+
+# The word that stands in for {} when there is no concept (plain Stable Diffusion baseline).
+DEFAULT_SUPER_CATEGORY = "face"
+
+# name -> build a fresh scheduler from the backbone's training noise-schedule config. A new
+# instance per call: diffusers schedulers keep per-run state (step index, solver history).
+SCHEDULERS: dict[str, Callable[[Any], Any]] = {
+    "dpmsolver++": lambda config: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"),
+    "dpmsolver++ karras": lambda config: DPMSolverMultistepScheduler.from_config(
+        config, algorithm_type="dpmsolver++", use_karras_sigmas=True
+    ),
+    "ddim": lambda config: DDIMScheduler.from_config(config),
+    "euler": lambda config: EulerDiscreteScheduler.from_config(config),
+    "euler ancestral": lambda config: EulerAncestralDiscreteScheduler.from_config(config),
+    "unipc": lambda config: UniPCMultistepScheduler.from_config(config),
+    "pndm": lambda config: PNDMScheduler.from_config(config, skip_prk_steps=True),
+    "ddpm": lambda config: DDPMScheduler.from_config(config),
+}
+
+MAX_SEED = 2**63 - 1
+
+
+class SamplerInputError(ValueError):
+    """A generation setting is invalid; the message says what is allowed."""
+
+
+class GenerationInterrupted(Exception):
+    """``callback_on_step_end`` asked to stop; no images are returned for an unfinished run.
+
+    step: denoising steps completed; total: steps planned.
+    """
+
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__(f"Generation stopped after {step} of {total} steps.")
+        self.step, self.total = step, total
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Images in prompt-major order (all seeds of prompt 0, then prompt 1, ...), one caption
+    and one settings dict per image (enough to reproduce it)."""
+
+    images: list[Image.Image]
+    captions: list[str]
+    settings: list[dict]
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """What one denoising step gets: its timestep, stage and the mapper's input (None = the word)."""
+
+    timestep: int
+    stage: Stage
+    mapper_timestep: int | None
+
+
+def stage_plan(
+    backbone: Backbone, scheduler: str, num_inference_steps: int, band: tuple[int, int], late_stage: str = "band_edge"
+) -> list[PlannedStep]:
+    """The stage of every denoising step of ``scheduler`` for ``band`` (e.g. to show
+    "identity in 8 of 20 steps" next to the band slider)."""
+    if scheduler not in SCHEDULERS:
+        raise SamplerInputError(f"Unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}.")
+    noise_scheduler = SCHEDULERS[scheduler](backbone.noise_scheduler.config)
+    noise_scheduler.set_timesteps(num_inference_steps)
+    schedule = StageSchedule(check_band(band, "band (timestep interval)"), late_stage)
+    return [PlannedStep(int(t), schedule.stage(int(t)), schedule.mapper_timestep(int(t))) for t in noise_scheduler.timesteps]
+
+
+@dataclass(frozen=True)
+class _EncodedRow:
+    """One cached text condition: hidden (L, D) for keys (and values), values (L, D) bypassed, or None."""
+
+    hidden: torch.Tensor
+    values: torch.Tensor | None = None
+
+    @property
+    def value_states(self) -> torch.Tensor:
+        return self.hidden if self.values is None else self.values
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A text condition a call needs: cache ``group`` (LRU unit) and ``entry`` inside it.
+
+    mapper_t is None for a plain-text row (negative or super-category prompt).
+    """
+
+    group: tuple
+    entry: Any
+    prompt: str
+    mapper_t: int | None = None
+
+
+class Sampler:
+    """Generate images of a :class:`Concept` (or plain SD when ``concept`` is None).
+
+    One sampler per backbone is meant to be shared by all sessions: the text-condition cache
+    is guarded by a lock, and everything else lives in the call. ``text_encoder_calls`` counts
+    text-encoder passes (one per call at most), so tests and benchmarks can see cache hits.
+    """
+
+    def __init__(self, backbone: Backbone, cache_size: int = 64) -> None:
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        self.backbone = backbone
+        self.cache_size = cache_size
+        self.text_encoder_calls = 0
+        # group key -> {entry key -> _EncodedRow}; groups are (prompt, concept, balance) units.
+        self._cache: OrderedDict[tuple, dict[Any, _EncodedRow]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._image_processor = VaeImageProcessor(vae_scale_factor=backbone.vae_scale_factor)
+
+    # ------------------------------------------------------------------ checks
+    def check_inputs(
+        self,
+        concept: Concept | None,
+        prompts: str | list[str],
+        *,
+        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 8.0,
+        band: tuple[int, int] = (400, 800),
+        balance: float = 1.0,
+        balance_layers: int = 1,
+        seeds: int | list[int] = 0,
+        height: int | None = None,
+        width: int | None = None,
+        scheduler: str = "dpmsolver++",
+    ) -> tuple[list[str], list[int], tuple[int, int], int, int]:
+        """Fail early with a sentence the user can act on; returns normalised
+        (prompts, seeds, band, height, width)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise PromptError("No prompt given. Describe the picture, with {} for the person, e.g. 'a photo of {} as a chef'.")
+        prompts = [check_prompt(p, require_identity=concept is not None) for p in prompts]
+        if not isinstance(negative_prompt, str):
+            raise PromptError("The negative prompt must be text (it may be empty).")
+        if concept is not None:
+            if concept.mapper.token_dim != self.backbone.token_dim:
+                raise SamplerInputError(
+                    f"This concept makes tokens of width {concept.mapper.token_dim}, but the loaded model "
+                    f"({self.backbone.describe()}) reads width {self.backbone.token_dim}: it was trained on another model."
+                )
+            super_category_id(self.backbone.tokenizer, concept.super_category)
+        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= 1000:
+            raise SamplerInputError(f"The number of steps must be a whole number from 1 to 1000, got {num_inference_steps!r}.")
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise SamplerInputError(f"The guidance scale must be a number >= 0, got {guidance_scale!r}.")
+        band = check_band(band, "band (timestep interval)")
+        if not math.isfinite(balance) or balance <= 0:
+            raise SamplerInputError(
+                f"The tandem balance must be > 0 (1 = neutral, < 1 favours the prompt, > 1 the identity), got {balance!r}."
+            )
+        num_layers = self.backbone.num_text_layers
+        if not 1 <= balance_layers <= num_layers:
+            raise SamplerInputError(f"balance_layers must be between 1 and {num_layers} (the text encoder's layers), got {balance_layers}.")
+        if scheduler not in SCHEDULERS:
+            raise SamplerInputError(f"Unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}.")
+        seed_list = [seeds] if isinstance(seeds, int) else list(seeds)
+        if not seed_list:
+            raise SamplerInputError("Give at least one seed.")
+        for seed in seed_list:
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+                raise SamplerInputError(f"Seeds must be whole numbers from 0 to {MAX_SEED}, got {seed!r}.")
+        native = self.backbone.native_resolution
+        multiple = 8 * self.backbone.vae_scale_factor
+        height = native if height is None else height
+        width = native if width is None else width
+        for name, side in (("height", height), ("width", width)):
+            if not isinstance(side, int) or side < multiple or side % multiple:
+                raise SamplerInputError(
+                    f"The image {name} must be a positive multiple of {multiple} pixels for this model, got {side!r} "
+                    f"(its native size is {native})."
+                )
+        return prompts, seed_list, band, height, width
+
+    # ------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def __call__(
+        self,
+        concept: Concept | None,
+        prompts: str | list[str],
+        *,
+        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 8.0,
+        band: tuple[int, int] = (400, 800),
+        balance: float = 1.0,
+        balance_layers: int = 1,
+        seeds: int | list[int] = 0,
+        height: int | None = None,
+        width: int | None = None,
+        scheduler: str = "dpmsolver++",
+        callback_on_step_end: Callable[[int, int], bool | None] | None = None,
+    ) -> GenerationResult:
+        """One image per (prompt, seed), prompt-major, denoised together in one UNet batch.
+
+        Args:
+            concept: the identity; None = plain SD with the super-category word for ``{}``.
+            prompts: text with ``{}`` where the person goes.
+            band: (start, end) on the 0..999 scale: denoising steps with start <= t <= end get
+                mapper(t); later steps get mapper(start) or the word (``concept.late_stage``).
+            guidance_scale: classifier-free guidance; <= 1 runs without the negative branch (diffusers' rule).
+            balance: tandem balance gamma in the text encoder (1 = neutral).
+            seeds: one image per seed and prompt; latents come from a CPU generator, so a
+                seed gives the same image on every device.
+            callback_on_step_end: called as ``(steps_done, total)`` after each step; returning
+                True stops the run by raising :class:`GenerationInterrupted`.
+        """
+        prompts, seeds, band, height, width = self.check_inputs(
+            concept, prompts, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, band=band, balance=balance, balance_layers=balance_layers,
+            seeds=seeds, height=height, width=width, scheduler=scheduler,
+        )
+        backbone = self.backbone
+        device, dtype = backbone.device, backbone.dtype
+        do_cfg = guidance_scale > 1.0
+
+        # 1. Timesteps of the chosen scheduler (fresh instance: schedulers are stateful).
+        noise_scheduler = SCHEDULERS[scheduler](backbone.noise_scheduler.config)
+        noise_scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = noise_scheduler.timesteps
+        total = len(timesteps)
+
+        # 2. Which text condition each step gets (stage table), then all of them at once.
+        late_stage = concept.late_stage if concept is not None else "super_category"
+        schedule = StageSchedule(band, late_stage)
+        mapper_ts = [schedule.mapper_timestep(int(t)) if concept is not None else None for t in timesteps]
+        rows = self._text_conditions(concept, prompts, negative_prompt if do_cfg else None, mapper_ts, balance, balance_layers)
+
+        # 3. Initial latents: one CPU generator per image, so a (prompt, seed) pair gives the
+        # same noise whatever else is in the batch and on whatever device.
+        images_prompt = [p for p in range(len(prompts)) for _ in seeds]
+        images_seed = [s for _ in prompts for s in seeds]
+        generators = [torch.Generator("cpu").manual_seed(s) for s in images_seed]
+        latent_shape = (1, backbone.unet.config.in_channels, height // backbone.vae_scale_factor, width // backbone.vae_scale_factor)
+        latents = torch.cat([torch.randn(latent_shape, generator=g, dtype=torch.float32) for g in generators])
+        latents = latents.to(device=device, dtype=dtype) * noise_scheduler.init_noise_sigma
+        num_images = len(images_seed)
+        # Stochastic schedulers draw their noise from the same per-image generators (PNDM and
+        # UniPC take no generator argument).
+        step_kwargs = {"generator": generators} if "generator" in inspect.signature(noise_scheduler.step).parameters else {}
+
+        # 4. Denoising loop.
+        for i, t in enumerate(timesteps):
+            # 4a. Text conditions of this step: [negatives ; conditions] with CFG.
+            cond = [rows[(images_prompt[j], mapper_ts[i])] for j in range(num_images)]
+            if do_cfg:
+                cond = [rows["negative"]] * num_images + cond
+            hidden = torch.stack([row.hidden for row in cond])
+            kwargs = None
+            if any(row.values is not None for row in cond):
+                kwargs = {"value_states": torch.stack([row.value_states for row in cond])}
+            # 4b. Noise prediction on the whole batch, then guidance.
+            model_input = torch.cat([latents] * 2) if do_cfg else latents
+            model_input = noise_scheduler.scale_model_input(model_input, t)
+            noise_pred = backbone.unet(model_input, t, encoder_hidden_states=hidden, cross_attention_kwargs=kwargs).sample
+            if do_cfg:
+                uncond, text = noise_pred.chunk(2)
+                noise_pred = uncond + guidance_scale * (text - uncond)
+            # 4c. Scheduler step x_t -> x_{t-1} (ancestral schedulers draw from the per-image generators).
+            latents = noise_scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+            # 4d. Progress / interrupt.
+            if callback_on_step_end is not None and callback_on_step_end(i + 1, total) is True:
+                raise GenerationInterrupted(i + 1, total)
+
+        # 5. Decode all images in one VAE batch.
+        decoded = backbone.vae.decode(latents / backbone.vae.config.scaling_factor).sample
+        images = self._image_processor.postprocess(decoded.float(), output_type="pil")
+
+        identity_steps = sum(t is not None for t in mapper_ts)
+        common = dict(
+            negative_prompt=negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            band=list(band), balance=balance, balance_layers=balance_layers, scheduler=scheduler,
+            height=height, width=width, identity_steps=identity_steps, total_steps=total,
+            concept_uid=concept.uid if concept is not None else None,
+            concept_steps=concept.steps_done if concept is not None else None,
+            late_stage=late_stage,
+        )
+        settings = [dict(prompt=prompts[p], seed=s, **common) for p, s in zip(images_prompt, images_seed)]
+        captions = [f"{prompts[p]} (seed {s})" for p, s in zip(images_prompt, images_seed)]
+        return GenerationResult(images=images, captions=captions, settings=settings)
+
+    # ------------------------------------------------------------------ text conditions
+    def _text_conditions(
+        self,
+        concept: Concept | None,
+        prompts: list[str],
+        negative_prompt: str | None,
+        mapper_ts: list[int | None],
+        balance: float,
+        balance_layers: int,
+    ) -> dict[Any, _EncodedRow]:
+        """Rows for every (prompt index, mapper timestep or None) a call needs, plus "negative".
+
+        Cached rows are reused; the missing ones are encoded together in one text-encoder pass.
+        """
+        word = concept.super_category if concept is not None else DEFAULT_SUPER_CATEGORY
+        needed: dict[Any, _Request] = {}
+        if negative_prompt is not None:
+            needed["negative"] = _Request(("plain", negative_prompt, word), "text", negative_prompt)
+        for index, prompt in enumerate(prompts):
+            for mapper_t in sorted(set(mapper_ts), key=lambda t: -1 if t is None else t):
+                if mapper_t is None:
+                    needed[(index, None)] = _Request(("plain", prompt, word), "text", prompt)
+                else:
+                    group = ("identity", concept.uid, prompt, float(balance), int(balance_layers))
+                    needed[(index, mapper_t)] = _Request(group, mapper_t, prompt, mapper_t)
+
+        found: dict[Any, _EncodedRow] = {}
+        with self._lock:
+            for key, request in needed.items():
+                group = self._cache.get(request.group)
+                if group is not None and request.entry in group:
+                    found[key] = group[request.entry]
+                    self._cache.move_to_end(request.group)
+        missing = {key: request for key, request in needed.items() if key not in found}
+        if not missing:
+            return found
+
+        # Several keys can share one request (the same prompt twice): encode each once.
+        unique: dict[tuple, _Request] = {}
+        for request in missing.values():
+            unique.setdefault((request.group, request.entry), request)
+        encoded = self._encode(concept, list(unique.values()), word, balance, balance_layers)
+        with self._lock:
+            self.text_encoder_calls += 1
+            for request, row in zip(unique.values(), encoded):
+                self._cache.setdefault(request.group, {})[request.entry] = row
+                self._cache.move_to_end(request.group)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        by_request = {(r.group, r.entry): row for r, row in zip(unique.values(), encoded)}
+        for key, request in missing.items():
+            found[key] = by_request[(request.group, request.entry)]
+        return found
+
+    def _encode(
+        self, concept: Concept | None, requests: list[_Request], word: str, balance: float, balance_layers: int
+    ) -> list[_EncodedRow]:
+        """One text-encoder pass over plain rows (``{}`` = the word) and identity rows.
+
+        Identity rows carry K slots filled with mapper(t); the token injection fills slots in
+        row order, so the identity vectors (n_identity, K, D) follow the identity rows' order.
+        """
+        backbone = self.backbone
+        tokenizer = backbone.tokenizer
+        slot_id = super_category_id(tokenizer, word)
+        num_slots = concept.num_tokens if concept is not None else 0
+        ids, masks, identity_times = [], [], []
+        for request in requests:
+            identity = request.mapper_t is not None
+            row_ids, row_mask = tokenize(tokenizer, [request.prompt], num_slots if identity else 0, slot_id)
+            ids.append(row_ids)
+            masks.append(row_mask)
+            if identity:
+                identity_times.append(request.mapper_t)
+        input_ids, identity_mask = torch.cat(ids), torch.cat(masks)
+
+        identity = bypass = None
+        if identity_times:
+            mapper = concept.mapper
+            mapper_device = mapper.class_embedding.device
+            times = torch.tensor(identity_times, device=mapper_device)
+            # The mapper runs in fp32 (it is tiny); only its output meets the backbone's dtype.
+            identity = mapper(times).to(device=backbone.device, dtype=backbone.dtype)
+            if mapper.has_bypass and concept.image_embedding is not None:
+                embedding = concept.image_embedding.to(device=mapper_device, dtype=torch.float32)
+                bypass = mapper.bypass_vectors(times, embedding).to(device=backbone.device, dtype=backbone.dtype)
+        states = encode_text(
+            backbone, input_ids, identity_mask, identity=identity, bypass=bypass,
+            balance=balance, balance_layers=balance_layers,
+        )
+        rows = []
+        for index, request in enumerate(requests):
+            # clone(): a cached row must not keep the whole batch's storage alive.
+            hidden = states.hidden[index].clone()
+            values = None
+            if states.values is not None and request.mapper_t is not None:
+                values = states.values[index].clone()
+            rows.append(_EncodedRow(hidden, values))
+        return rows
+
+    # ------------------------------------------------------------------ cache
+    def clear_cache(self) -> None:
+        """Forget all cached text conditions (e.g. to free memory)."""
+        with self._lock:
+            self._cache.clear()
+
+    @property
+    def cached_groups(self) -> int:
+        with self._lock:
+            return len(self._cache)
+
+
+__all__ = [
+    "DEFAULT_SUPER_CATEGORY",
+    "GenerationInterrupted",
+    "GenerationResult",
+    "PlannedStep",
+    "SCHEDULERS",
+    "Sampler",
+    "SamplerInputError",
+    "stage_plan",
+]

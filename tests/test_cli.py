@@ -1,0 +1,126 @@
+"""``python -m studio``: end to end in a subprocess, and the error paths in-process (faster)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from studio.cli import main
+from studio.concept import load_concept, save_concept
+from test_sampler import make_concept
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "studio", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def concept_file(backbone, tmp_path_factory) -> Path:
+    return save_concept(make_concept(backbone, seed=8, bypass=True), tmp_path_factory.mktemp("cli") / "person.safetensors")
+
+
+# --------------------------------------------------------------------------- end to end
+def test_generate_writes_one_png_per_seed(concept_file, tmp_path):
+    out = tmp_path / "chef.png"
+    result = run_cli(
+        "generate", "--preset", "tiny", "--concept", str(concept_file), "--prompt", "a photo of {} as a chef",
+        "--out", str(out), "--steps", "2", "--num-images", "2", "--seed", "4", "--band", "300", "900",
+        "--scheduler", "ddim",
+    )
+    assert result.returncode == 0, result.stderr
+    paths = [tmp_path / "chef_0.png", tmp_path / "chef_1.png"]
+    assert not out.exists() and all(p.is_file() for p in paths)
+    images = [Image.open(p) for p in paths]
+    assert images[0].size == (64, 64)  # the tiny preset's sample.resolution
+    settings = [json.loads(image.text["personamagic"]) for image in images]
+    assert [s["seed"] for s in settings] == [4, 5]
+    assert settings[0]["band"] == [300, 900] and settings[0]["scheduler"] == "ddim"
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+    assert f"{paths[1]}: a photo of {{}} as a chef (seed 5)" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_a_bad_concept_file_is_one_line_and_exit_2(tmp_path):
+    fake = tmp_path / "concept.safetensors"
+    Image.new("RGB", (4, 4)).save(fake, format="PNG")
+    result = run_cli("generate", "--preset", "tiny", "--concept", str(fake), "--prompt", "a photo of {}",
+                     "--out", str(tmp_path / "x.png"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: concept.safetensors is not a concept file")
+    assert "PNG image" in lines[0] and not (tmp_path / "x.png").exists()
+
+
+def test_train_writes_a_usable_concept(faces_dir, tmp_path):
+    out = tmp_path / "me.safetensors"
+    result = run_cli("train", "--preset", "tiny", "--image", str(faces_dir / "single" / "f2d_0.jpg"), "--steps", "3",
+                     "--out", str(out), "--seed", "1", "--set", "train.lr=0.01")
+    assert result.returncode == 0, result.stderr
+    concept = load_concept(out)
+    assert concept.steps_done == 3 and concept.config["train"]["lr"] == 0.01 and concept.config["train"]["seed"] == 1
+    assert concept.image_embedding is not None  # the tiny preset trains the image bypass
+    assert "1 of 1 photos usable" in result.stdout and "trained 3 steps" in result.stdout
+    assert f"saved {out}" in result.stdout
+
+
+# --------------------------------------------------------------------------- errors, in-process
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: "), err
+    return err[-1]
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--prompt", "a photo of a chef"], "has no {} for the person"),
+        (["--prompt", "{} at sea", "--band", "900", "100"], "start=900, end=100"),
+        (["--prompt", "{} at sea", "--scheduler", "lms"], "Unknown scheduler 'lms'"),
+        (["--prompt", "{} at sea", "--set", "sample.nonsense=1"], "sample.nonsense"),
+        (["--prompt", "{} at sea", "--set", "sample.steps"], "--set expects key=value"),
+        (["--prompt", "{} at sea", "--num-images", "0"], "--num-images must be >= 1"),
+    ],
+)
+def test_generate_user_errors_exit_2(concept_file, tmp_path, capsys, extra, match):
+    code = main(["generate", "--preset", "tiny", "--concept", str(concept_file), "--out", str(tmp_path / "o.png"), *extra])
+    assert code == 2
+    assert match in _error_line(capsys)
+    assert not list(tmp_path.iterdir())
+
+
+def test_outputs_are_checked_before_any_work(concept_file, tmp_path, capsys):
+    assert main(["generate", "--preset", "tiny", "--concept", str(concept_file), "--prompt", "{}",
+                 "--out", str(tmp_path / "nowhere" / "o.png")]) == 2
+    assert "does not exist" in _error_line(capsys)
+    assert main(["generate", "--preset", "tiny", "--prompt", "{}", "--out", str(tmp_path / "o.gif")]) == 2
+    assert "must end with .png" in _error_line(capsys)
+    assert main(["train", "--preset", "tiny", "--image", "x.jpg", "--out", str(tmp_path / "c.pt")]) == 2
+    assert "must end with .safetensors" in _error_line(capsys)
+    assert main(["generate", "--preset", "nope", "--prompt", "{}", "--out", str(tmp_path / "o.png")]) == 2
+    assert "no preset 'nope'" in _error_line(capsys)
+
+
+def test_train_without_a_usable_photo_exits_2(tmp_path, capsys):
+    not_a_photo = tmp_path / "selfie.jpg"
+    not_a_photo.write_text("this is not an image")
+    code = main(["train", "--preset", "tiny", "--image", str(not_a_photo), "--out", str(tmp_path / "c.safetensors")])
+    assert code == 2
+    _error_line(capsys)
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_a_missing_subcommand_module_is_explained(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "studio.cli_eval", None)  # makes `import studio.cli_eval` fail
+    assert main(["eval", "--anything"]) == 2
+    assert "the 'eval' command is not available in this installation" in _error_line(capsys)
