@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import (
-    CLIPImageProcessor,
+    CLIPImageProcessorPil as CLIPImageProcessor,  # PIL backend: no torchvision needed
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
@@ -137,7 +137,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        try:
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        except Exception:  # ZeroGPU emulates cuda at import time; its GPUs (Hopper) have bf16
+            return torch.bfloat16
     if device.type == "mps":
         return torch.float16
     return torch.float32
@@ -298,6 +301,22 @@ def _load_image_encoder(source: str, dtype: torch.dtype) -> tuple[CLIPVisionMode
         )
     except (OSError, ValueError) as exc:
         raise BackboneUnavailable(f"could not load the CLIP image encoder {source!r}: {exc}") from None
+
+
+def weights_available(cfg: ModelConfig) -> bool:
+    """True if ``cfg`` can load without a download (tiny, a local file/folder, or hub-cached)."""
+    if cfg.is_tiny:
+        return True
+    path = Path(cfg.source).expanduser()
+    if path.suffix == ".safetensors" or path.is_dir():
+        return path.exists()
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(cfg.source, revision=cfg.revision, allow_patterns=_HUB_PATTERNS, local_files_only=True)
+        return True
+    except Exception:
+        return False
 
 
 def load_components(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:

@@ -36,6 +36,14 @@ class PreviewReady:
 
 
 @dataclass(frozen=True)
+class ConceptUpdated:
+    """New weights are available as an immutable concept (e.g. at the end of a ZeroGPU chunk)."""
+
+    step: int
+    concept: Concept
+
+
+@dataclass(frozen=True)
 class RolledBack:
     """A non-finite loss or gradient: the mapper and optimiser went back to ``restored_step``."""
 
@@ -63,4 +71,4 @@ class TrainingFailed:
     kind: str = "error"
 
 
-TrainingEvent = Union[TrainingStep, PreviewReady, RolledBack, TrainingFinished, TrainingFailed]
+TrainingEvent = Union[TrainingStep, PreviewReady, ConceptUpdated, RolledBack, TrainingFinished, TrainingFailed]

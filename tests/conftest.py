@@ -40,3 +40,30 @@ def backbone(tiny_cfg):
     from studio.backbone import get_backbone
 
     return get_backbone(tiny_cfg.model)
+
+
+# Fast heartbeats so that closing a client or tab fires demo.unload within a second.
+os.environ.setdefault("GRADIO_IS_E2E_TEST", "1")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def studio_app():
+    """The studio on the tiny preset, launched in this process: (demo, url)."""
+    import app
+
+    demo = app.create_demo("tiny")
+    demo.launch(
+        server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True,
+        **app.launch_kwargs(),
+    )
+    yield demo, demo.local_url
+    demo.sessions.close_all()
+    demo.close()

@@ -1,0 +1,78 @@
+"""PersonaMagic Studio: `python app.py [--preset NAME] [--server-port PORT]`.
+
+Also the Hugging Face Space entry point (README front matter: app_file: app.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", message=".*Pandas4Warning.*")
+
+from studio.config import ConfigError, available_presets, load_preset  # noqa: E402
+
+REAL_PRESET = "sd15"
+ZERO_GPU_PRESET = "sd15-fast"  # a few hundred steps: fits ZeroGPU's daily quota
+
+
+def default_preset() -> str:
+    """$STUDIO_PRESET, else real SD 1.5 weights when they load without a download, else tiny."""
+    if os.environ.get("STUDIO_PRESET"):
+        return os.environ["STUDIO_PRESET"]
+    from studio.backbone import weights_available
+    from studio.runner import zero_gpu
+
+    real = ZERO_GPU_PRESET if zero_gpu() else REAL_PRESET
+    return real if weights_available(load_preset(real).model) else "tiny"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="PersonaMagic Studio: one-shot face customisation of SD 1.x")
+    parser.add_argument("--preset", help=f"one of {', '.join(available_presets())} or a YAML path (default: sd15 if its weights are here, else tiny)")
+    parser.add_argument("--model", help="override the base model: hub id, local diffusers folder or .safetensors file")
+    parser.add_argument("--server-name", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--server-port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
+    return parser.parse_args(argv)
+
+
+def create_demo(preset: str | None = None, model: str | None = None):
+    """The Blocks app for a preset (used by launch, tests and Spaces)."""
+    from studio.ui import build_demo
+
+    cfg = load_preset(preset or default_preset())
+    if model:
+        cfg = cfg.replace(**{"model.source": model})
+    from studio.runner import zero_gpu
+
+    if zero_gpu():  # ZeroGPU wants the weights placed on cuda at import, before any GPU call
+        from studio.backbone import get_backbone
+
+        get_backbone(cfg.model)
+    demo = build_demo(cfg)
+    demo.queue(default_concurrency_limit=None)
+    return demo
+
+
+def launch_kwargs() -> dict:
+    from studio.ui.app import CSS
+
+    # Faces are personal data: keep no run history on the server.
+    return dict(css=CSS, run_history=False, footer_links=["api", "settings"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        demo = create_demo(args.preset, args.model)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    demo.launch(server_name=args.server_name, server_port=args.server_port, share=args.share, **launch_kwargs())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

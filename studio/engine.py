@@ -1,0 +1,432 @@
+"""The per-session engine: photos, a trainer on a background thread, previews, generation.
+
+Every public method is thread-safe. The UI never touches the trainer: it sends commands
+(``start``, ``pause``, ``resume``, ``stop``, ``render_previews``, ``generate`` ...) and reads
+immutable :class:`Snapshot`s. Accelerator work of all sessions goes through the process-wide
+fair gate (``studio.gate.GATE``), one training step at a time.
+"""
+from __future__ import annotations
+
+import enum
+import gc
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from studio.backbone import Backbone, get_backbone
+from studio.concept import Concept
+from studio.config import StudioConfig, check_band
+from studio.events import ConceptUpdated, PreviewReady, RolledBack, TrainingEvent, TrainingFailed, TrainingFinished, TrainingStep
+from studio.gate import GATE, AcceleratorGate, GateCancelled
+
+JOIN_TIMEOUT_S = 30.0
+_SAMPLERS: dict[int, Any] = {}
+_SAMPLERS_LOCK = threading.Lock()
+
+
+def shared_sampler(backbone: Backbone):
+    """One sampler (and text-condition cache) per backbone, shared by all sessions."""
+    from studio.sampler import Sampler
+
+    with _SAMPLERS_LOCK:
+        if id(backbone) not in _SAMPLERS:
+            _SAMPLERS[id(backbone)] = Sampler(backbone)
+        return _SAMPLERS[id(backbone)]
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"  # nothing trained yet (a concept may have been imported)
+    LOADING = "loading"  # loading the backbone / encoding photos
+    TRAINING = "training"
+    PAUSED = "paused"
+    FINISHED = "finished"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class LossPoint:
+    step: int
+    loss: float
+    rec_loss: float
+    te_loss: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the UI shows about one session, at one moment. Immutable."""
+
+    version: int
+    phase: Phase
+    step: int = 0
+    total: int = 0
+    losses: tuple[LossPoint, ...] = ()
+    steps_per_second: float | None = None
+    eta_seconds: float | None = None
+    preview: PreviewReady | None = None
+    message: str = ""  # last notice for the user (rollback, failure, stop)
+    queue_position: int | None = None  # > 0: waiting behind that many holders of the gate
+    concept: Concept | None = None
+    prepared: Any = None  # studio.faces.PreparedSet of the current photos
+    backbone: str = ""  # what the images come from
+    is_random_backbone: bool = False
+    rollbacks: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.phase in (Phase.LOADING, Phase.TRAINING, Phase.PAUSED)
+
+
+class EngineClosed(RuntimeError):
+    """The session has ended; open the studio again."""
+
+
+class Engine:
+    """One browser session's work. ``session_id`` names it in the gate's queue."""
+
+    def __init__(self, cfg: StudioConfig, session_id: str = "cli", gate: AcceleratorGate = GATE) -> None:
+        self.cfg = cfg
+        self.session_id = session_id
+        self._gate = gate
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._snapshot = Snapshot(version=0, phase=Phase.IDLE)
+        self._thread: threading.Thread | None = None
+        self._trainer = None
+        self._stop = threading.Event()
+        self._resume = threading.Event()
+        self._resume.set()
+        self._closed = False
+        self._cancel_generation = threading.Event()
+        self._step_times: list[float] = []
+        self._preview_settings: tuple[tuple[int, int], float] = (tuple(cfg.sample.band), cfg.sample.balance)
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshot(self) -> Snapshot:
+        """The latest immutable state (queue position filled in live)."""
+        with self._lock:
+            snap = self._snapshot
+        position = self._gate.position(self.session_id)
+        return replace(snap, queue_position=position) if position else snap
+
+    def wait_for_change(self, version: int, timeout: float = 0.5) -> Snapshot:
+        """Block until the snapshot's version is newer than ``version`` (or ``timeout``)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._snapshot.version > version or self._closed, timeout=timeout)
+        return self.snapshot()
+
+    def wait_until(self, predicate: Callable[[Snapshot], bool], timeout: float) -> Snapshot:
+        """Block until ``predicate(snapshot)`` holds; raises TimeoutError. For tests and the CLI."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not predicate(self._snapshot):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"engine state still {self._snapshot.phase.value} at step {self._snapshot.step}")
+                self._changed.wait(timeout=left)
+            return self._snapshot
+
+    def _publish(self, **changes: Any) -> None:
+        with self._changed:
+            self._snapshot = replace(self._snapshot, version=self._snapshot.version + 1, **changes)
+            self._changed.notify_all()
+
+    def configure(self, cfg: StudioConfig) -> None:
+        """Switch preset / base model; refused while training. The photos stay."""
+        with self._lock:
+            if self._snapshot.active:
+                raise RuntimeError("Stop training before switching the preset or model.")
+            self.cfg = cfg
+            self._publish(backbone="", is_random_backbone=cfg.model.is_tiny)
+
+    # ------------------------------------------------------------------ backbone
+    def backbone(self, cfg: StudioConfig | None = None) -> Backbone:
+        """The shared backbone for ``cfg`` (default: this session's), loaded on first use."""
+        backbone = get_backbone((cfg or self.cfg).model)
+        if cfg is None or cfg is self.cfg:
+            with self._lock:
+                if not self._snapshot.backbone:
+                    self._publish(backbone=backbone.describe(), is_random_backbone=backbone.is_random)
+        return backbone
+
+    # ------------------------------------------------------------------ photos
+    def prepare_photos(self, sources: Sequence[Any]):
+        """Detect, align and mask faces; on failure the previous photos stay. Returns the PreparedSet."""
+        self._check_open()
+        from studio.faces import get_face_analyzer, prepare
+
+        prepared = prepare(list(sources), self.cfg.face, get_face_analyzer(self.cfg.face))
+        self._publish(prepared=prepared)
+        return prepared
+
+    # ------------------------------------------------------------------ training commands
+    def start(
+        self,
+        overrides: dict[str, Any] | None = None,
+        *,
+        foreground: bool = False,
+        gpu_call: Callable[..., Any] | None = None,
+    ) -> Iterator[Snapshot] | None:
+        """Start training a new concept from the current photos, with dotted-key overrides.
+
+        By default a background thread trains and this returns at once. With ``foreground``
+        the caller drives training by iterating the returned snapshots (ZeroGPU, where only a
+        request handler may use the GPU); ``gpu_call`` then runs chunks of steps (studio.runner).
+        """
+        self._check_open()
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive() or self._snapshot.active:
+                raise RuntimeError("Training is already running: stop it first, or pause/resume it.")
+            prepared = self._snapshot.prepared
+            if prepared is None or not prepared.photos:
+                raise ValueError("Add at least one photo with a detectable face before training.")
+            cfg = self.cfg.replace(**overrides) if overrides else self.cfg
+            self._stop.clear()
+            self._resume.set()
+            self._step_times = []
+            self._trainer = None
+            self._publish(
+                phase=Phase.LOADING, step=0, total=cfg.train.steps, losses=(), steps_per_second=None,
+                eta_seconds=None, message="", rollbacks=0,
+            )
+            driver = self._drive(cfg, prepared, gpu_call)
+            if foreground:
+                return self._follow(driver)
+            self._thread = threading.Thread(
+                target=_run_to_end, args=(driver,), name=f"trainer-{self.session_id[:8]}", daemon=True
+            )
+            self._thread.start()
+            return None
+
+    def _follow(self, driver: Iterator[None]) -> Iterator[Snapshot]:
+        for _ in driver:
+            yield self.snapshot()
+        yield self.snapshot()
+
+    def pause(self) -> None:
+        with self._lock:
+            if self._snapshot.phase is Phase.TRAINING:
+                self._resume.clear()
+                self._publish(phase=Phase.PAUSED, message="Paused. Resume continues exactly where it stopped.")
+
+    def resume(self) -> None:
+        with self._lock:
+            if self._snapshot.phase is Phase.PAUSED:
+                self._resume.set()
+                self._publish(phase=Phase.TRAINING, message="")
+
+    def stop(self) -> None:
+        """Stop after the current step; the concept so far is kept."""
+        self._stop.set()
+        self._resume.set()
+        self._cancel_generation.set()
+
+    def set_preview_settings(self, band: tuple[int, int], balance: float) -> None:
+        """Band and balance used by the trainer's next periodic previews."""
+        band = check_band(band, "interval")
+        if not balance > 0:
+            raise ValueError(f"The tandem balance must be above 0, got {balance}.")
+        with self._lock:
+            self._preview_settings = (band, float(balance))
+            if self._trainer is not None:
+                self._trainer.preview_band, self._trainer.preview_balance = band, float(balance)
+
+    def _drive(self, cfg: StudioConfig, prepared, gpu_call: Callable[..., Any] | None) -> Iterator[None]:
+        """Pump training events into snapshots, one gated step at a time; yields after each."""
+        from studio.runner import chunked_events
+        from studio.trainer import Trainer, TrainingPhoto
+
+        try:
+            backbone = self.backbone(cfg)
+            photos = [TrainingPhoto.from_prepared(photo) for photo in prepared.photos]
+            if gpu_call is None:
+                with self._gate.hold(self.session_id, "encode photos", cancelled=self._stop.is_set):
+                    trainer = Trainer(backbone, cfg, photos, sampler=shared_sampler(backbone))
+                trainer.preview_band, trainer.preview_balance = self._preview_settings
+                with self._lock:
+                    self._trainer = trainer
+                events = trainer.run()
+            else:
+                events = chunked_events(
+                    gpu_call, cfg.to_dict(), photos, cfg.train.steps,
+                    preview=lambda: self._preview_settings, stopped=self._stop.is_set,
+                )
+            self._publish(phase=Phase.TRAINING, backbone=backbone.describe(), is_random_backbone=backbone.is_random)
+            yield
+            # Locally a stop lands after the step in flight; in chunks (ZeroGPU) it lands when the
+            # chunk ends, because only then do its weights come back from the GPU process.
+            stop_now = self._stop.is_set if gpu_call is None else (lambda: False)
+            while not stop_now():
+                self._resume.wait()
+                if stop_now():
+                    break
+                with self._gate.hold(self.session_id, "train step", cancelled=stop_now):
+                    event = next(events, None)
+                if event is None:
+                    break
+                self._on_event(event)
+                yield
+                if isinstance(event, (TrainingFinished, TrainingFailed)):
+                    return
+            events.close()
+            self._finish_stopped(cfg)
+        except GateCancelled:  # stopped while waiting for the gate
+            self._finish_stopped(cfg)
+        except GeneratorExit:  # a foreground caller walked away (its request was cancelled)
+            self._finish_stopped(cfg)
+            raise
+        except Exception as exc:  # training must always end in a state the UI can show
+            self._on_event(TrainingFailed(self._snapshot.step, _user_message(exc)))
+        yield
+
+    def _finish_stopped(self, cfg: StudioConfig) -> None:
+        trainer = self._trainer  # only the driving thread mutates it, and that is us
+        concept = trainer.concept() if trainer is not None else self._snapshot.concept
+        step = trainer.step if trainer is not None else self._snapshot.step
+        self._on_event(TrainingFinished(step, cfg.train.steps, concept, stopped=True))
+
+    def _on_event(self, event: TrainingEvent) -> None:
+        with self._lock:
+            if isinstance(event, TrainingStep):
+                self._step_times.append(event.seconds)
+                recent = self._step_times[-20:]
+                rate = len(recent) / max(sum(recent), 1e-9)
+                point = LossPoint(event.step, event.loss, event.rec_loss, event.te_loss)
+                self._publish(
+                    step=event.step, total=event.total, losses=self._snapshot.losses + (point,),
+                    steps_per_second=rate, eta_seconds=(event.total - event.step) / rate,
+                )
+            elif isinstance(event, PreviewReady):
+                self._publish(preview=event)
+            elif isinstance(event, ConceptUpdated):
+                self._publish(concept=event.concept)
+            elif isinstance(event, RolledBack):
+                self._publish(
+                    rollbacks=self._snapshot.rollbacks + 1,
+                    message=f"Step {event.step}: {event.reason}; rolled back to step {event.restored_step}.",
+                )
+            elif isinstance(event, TrainingFinished):
+                phase = Phase.STOPPED if event.stopped else Phase.FINISHED
+                text = f"Stopped at step {event.step} of {event.total}." if event.stopped else f"Finished {event.total} steps."
+                self._publish(phase=phase, step=event.step, concept=event.concept or self._snapshot.concept, message=text, eta_seconds=None)
+            elif isinstance(event, TrainingFailed):
+                self._publish(phase=Phase.FAILED, message=event.message, eta_seconds=None)
+
+    # ------------------------------------------------------------------ concepts
+    def current_concept(self) -> Concept | None:
+        """The newest weights: a fresh snapshot of a running trainer, else the last concept."""
+        with self._lock:
+            trainer, concept = self._trainer, self._snapshot.concept
+        if trainer is not None and self._snapshot.active:
+            with self._gate.hold(self.session_id, "snapshot"):
+                return trainer.concept()
+        return concept
+
+    def import_concept(self, source: str | Path | bytes) -> Concept:
+        """Load a concept file; on error the current concept stays."""
+        self._check_open()
+        from studio.concept import load_concept
+
+        concept = load_concept(source, self.backbone())
+        self._publish(concept=concept, message=f"Imported a concept trained for {concept.steps_done} steps.")
+        return concept
+
+    def export_concept(self, path: str | Path) -> Path:
+        from studio.concept import save_concept
+
+        concept = self.current_concept()
+        if concept is None:
+            raise ValueError("There is no concept yet: train one or import a file first.")
+        save_concept(concept, path)
+        return Path(path)
+
+    # ------------------------------------------------------------------ images
+    def render_previews(self, band: tuple[int, int] | None = None, balance: float | None = None) -> PreviewReady:
+        """Re-render the preview prompts with the newest weights (slider moves; 'Preview now')."""
+        self._check_open()
+        sample = self.cfg.sample
+        band = check_band(band or sample.band, "interval")
+        balance = sample.balance if balance is None else float(balance)
+        concept = self.current_concept()
+        backbone = self.backbone()
+        sampler = shared_sampler(backbone)
+        with self._gate.hold(self.session_id, "previews"):
+            result = sampler(
+                concept, list(sample.preview_prompts), seeds=list(sample.preview_seeds),
+                num_inference_steps=sample.preview_steps, guidance_scale=sample.guidance_scale,
+                band=band, balance=balance, balance_layers=sample.balance_layers,
+                negative_prompt=sample.negative_prompt, scheduler=sample.scheduler,
+            )
+        preview = PreviewReady(
+            step=concept.steps_done if concept is not None else 0, images=tuple(result.images),
+            captions=tuple(result.captions), band=band, balance=balance,
+        )
+        self._publish(preview=preview)
+        return preview
+
+    def generate(self, prompt: str | list[str], *, progress: Callable[[int, int], None] | None = None, **kwargs: Any):
+        """Generate with the newest concept. kwargs as ``Sampler.__call__`` (seeds, band, balance, ...)."""
+        self._check_open()
+        concept = self.current_concept()
+        if concept is None:
+            raise ValueError("There is no concept yet: train one (or import a concept file) before generating.")
+        sampler = shared_sampler(self.backbone())
+        self._cancel_generation.clear()
+
+        def on_step(i: int, total: int) -> bool:
+            if progress is not None:
+                progress(i, total)
+            return self._cancel_generation.is_set()
+
+        defaults = dict(
+            num_inference_steps=self.cfg.sample.steps, guidance_scale=self.cfg.sample.guidance_scale,
+            scheduler=self.cfg.sample.scheduler, negative_prompt=self.cfg.sample.negative_prompt,
+            balance_layers=self.cfg.sample.balance_layers,
+        )
+        with self._gate.hold(self.session_id, "generate", cancelled=self._cancel_generation.is_set):
+            return sampler(concept, prompt, callback_on_step_end=on_step, **{**defaults, **kwargs})
+
+    def cancel_generation(self) -> None:
+        self._cancel_generation.set()
+
+    # ------------------------------------------------------------------ lifetime
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed("This session has ended; reload the page to start a new one.")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop training, free the session's memory. Idempotent; safe from any thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.stop()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=JOIN_TIMEOUT_S)
+        with self._lock:
+            self._trainer = None
+            self._thread = None
+            self._publish(phase=Phase.CLOSED, concept=None, preview=None, prepared=None, losses=())
+        gc.collect()
+
+
+def _run_to_end(driver: Iterator[None]) -> None:
+    for _ in driver:
+        pass
+
+
+def _user_message(exc: BaseException) -> str:
+    """A sentence for the user; library errors that already speak plainly pass through."""
+    text = str(exc).strip() or type(exc).__name__
+    if "out of memory" in text.lower():
+        return "Out of memory. Try a smaller batch size or resolution, or the 'sd15-fast' / 'tiny' preset."
+    return text if isinstance(exc, (ValueError, RuntimeError, OSError)) else f"{type(exc).__name__}: {text}"

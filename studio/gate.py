@@ -1,0 +1,80 @@
+"""One fair, process-wide gate for accelerator work (training steps, previews, generations).
+
+Holders queue in arrival order. A session that trains holds the gate for one step at a time
+and queues again behind whoever arrived meanwhile, so sessions take turns step by step, and
+a waiting session can show its place in line instead of a frozen spinner.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+
+class GateCancelled(Exception):
+    """The wait for the gate was abandoned (the session stopped or closed)."""
+
+
+@dataclass(eq=False)
+class _Ticket:
+    owner: str
+    label: str
+    granted: bool = field(default=False)
+
+
+class AcceleratorGate:
+    """FIFO mutual exclusion with queue positions per owner (a session id)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: deque[_Ticket] = deque()
+
+    @contextlib.contextmanager
+    def hold(self, owner: str, label: str = "", cancelled: Callable[[], bool] | None = None) -> Iterator[None]:
+        """Wait for the turn of ``owner``, run the block, release. Raises GateCancelled if
+        ``cancelled()`` turns true while waiting."""
+        ticket = _Ticket(owner, label)
+        with self._cond:
+            self._queue.append(ticket)
+            self._cond.notify_all()  # queue positions changed
+            while self._queue[0] is not ticket:
+                if cancelled is not None and cancelled():
+                    self._queue.remove(ticket)
+                    self._cond.notify_all()
+                    raise GateCancelled(owner)
+                # Timed wait only so that `cancelled` (set without notifying us) is seen.
+                self._cond.wait(timeout=0.1)
+            ticket.granted = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._queue.remove(ticket)
+                self._cond.notify_all()
+
+    def position(self, owner: str) -> int | None:
+        """0 while ``owner`` holds the gate, n while n holders are ahead of it, None if absent."""
+        with self._cond:
+            for index, ticket in enumerate(self._queue):
+                if ticket.owner == owner:
+                    return index
+        return None
+
+    def wait_until_queued(self, owner: str, timeout: float) -> bool:
+        """Block until ``owner`` holds or waits for the gate; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: any(t.owner == owner for t in self._queue), timeout=timeout)
+
+    def busy_with(self) -> str | None:
+        """Label of the work holding the gate now."""
+        with self._cond:
+            return self._queue[0].label if self._queue else None
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+
+GATE = AcceleratorGate()

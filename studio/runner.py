@@ -1,0 +1,106 @@
+"""Where training steps run: the one place that knows about ZeroGPU.
+
+Locally (and on ordinary GPU Spaces) the engine pumps ``Trainer.run()`` on a background
+thread. On a ZeroGPU Space no background thread can hold the GPU: GPU work happens only inside
+a ``@spaces.GPU`` call, which runs in a forked process (arguments and results are pickled).
+There the same trainer runs in *chunks*: each call rebuilds it from plain data (config dict,
+photos, the previous chunk's CPU state dict), trains up to N steps yielding the usual events,
+and finally yields its state for the next chunk.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from studio.events import ConceptUpdated, TrainingEvent, TrainingFailed, TrainingFinished
+
+# A ZeroGPU call is billed against a daily quota: keep each one short.
+CHUNK_STEPS = int(os.environ.get("STUDIO_CHUNK_STEPS", "50"))
+CHUNK_DURATION_S = int(os.environ.get("STUDIO_CHUNK_DURATION_S", "120"))
+
+
+def zero_gpu() -> bool:
+    """True on a ZeroGPU Space (the variable that makes ``spaces.GPU`` active)."""
+    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+
+
+@dataclass(frozen=True)
+class ChunkState:
+    """End of one chunk: the trainer state (CPU tensors) to continue from."""
+
+    state: dict[str, Any]
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def training_chunk(
+    cfg_dict: dict[str, Any],
+    photos: Sequence[Any],
+    state: dict[str, Any] | None,
+    until: int,
+    preview_band: tuple[int, int],
+    preview_balance: float,
+) -> Iterator[TrainingEvent | ChunkState]:
+    """Train from ``state`` up to step ``until``; yields events, then a ChunkState.
+
+    Pure function of plain, picklable inputs (TrainingPhoto holds a PIL image and a numpy mask),
+    so it can run in the forked process of a ``spaces.GPU`` call.
+    """
+    from studio.backbone import get_backbone
+    from studio.config import config_from_dict
+    from studio.engine import shared_sampler
+    from studio.trainer import Trainer
+
+    cfg = config_from_dict(cfg_dict)
+    backbone = get_backbone(cfg.model)
+    trainer = Trainer(backbone, cfg, photos, sampler=shared_sampler(backbone))
+    if state is not None:
+        trainer.load_state_dict(state)
+    trainer.preview_band, trainer.preview_balance = preview_band, preview_balance
+    for event in trainer.run(until=until):
+        yield event
+        if isinstance(event, TrainingFailed):
+            return
+    if not trainer.done:
+        yield ConceptUpdated(trainer.step, trainer.concept())
+    yield ChunkState(_to_cpu(trainer.state_dict()))
+
+
+def chunked_events(
+    gpu_call: Callable[..., Iterator[Any]],
+    cfg_dict: dict[str, Any],
+    photos: Sequence[Any],
+    total: int,
+    preview: Callable[[], tuple[tuple[int, int], float]],
+    stopped: Callable[[], bool],
+    chunk_steps: int = CHUNK_STEPS,
+) -> Iterator[TrainingEvent]:
+    """The events of a whole training, made of ``gpu_call`` chunks (``training_chunk`` wrapped
+    in ``spaces.GPU``). Stops between chunks when ``stopped()``; the live preview settings
+    are read at the start of each chunk."""
+    state: dict[str, Any] | None = None
+    step = 0
+    while step < total:
+        until = min(step + chunk_steps, total)
+        band, balance = preview()
+        for item in gpu_call(cfg_dict, photos, state, until, band, balance):
+            if isinstance(item, ChunkState):
+                state, step = item.state, int(item.state["step"])
+            else:
+                yield item
+                if isinstance(item, (TrainingFailed, TrainingFinished)):
+                    return
+        if stopped():
+            return

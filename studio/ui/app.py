@@ -1,0 +1,354 @@
+"""The studio's Gradio Blocks: photos -> train (live) -> trade-off sliders -> generate / export.
+
+Handlers are thin: they find the session's Engine, send it a command, and render snapshots
+with ``studio.ui.views``. Every expected error becomes a plain sentence in the page.
+"""
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import spaces
+
+from studio.config import ConfigError, StudioConfig, available_presets, check_band, load_preset
+from studio.engine import Engine, Phase, Snapshot
+from studio.runner import CHUNK_DURATION_S, training_chunk, zero_gpu
+from studio.ui import views
+from studio.ui.sessions import SessionRegistry
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+EXAMPLE_PHOTOS = sorted(str(p) for p in (ASSETS / "examples").glob("*.png"))
+STREAM_MIN_INTERVAL_S = 0.3  # at most ~3 page updates per second while training
+# On ZeroGPU these run in a GPU-attached process; everywhere else spaces.GPU returns fn unchanged.
+GPU_TRAINING_CHUNK = spaces.GPU(duration=CHUNK_DURATION_S)(training_chunk)
+GPU_DURATION_S = 90
+CSS = (ASSETS / "studio.css").read_text() if (ASSETS / "studio.css").is_file() else ""
+
+INTRO = """# PersonaMagic Studio
+Teach Stable Diffusion a face from one or a few selfies, then **see** the identity-vs-editability
+trade-off: the identity tokens act only inside a band of denoising steps, and a tandem balance keeps
+them from drowning the rest of your prompt. *1 · Photos → 2 · Train → 3 · Trade-off → Generate.*"""
+
+
+def _user_error(exc: BaseException) -> gr.Error:
+    return gr.Error(str(exc) or type(exc).__name__, print_exception=False)
+
+
+def _scheduler_names() -> list[str]:
+    try:
+        from studio.sampler import SCHEDULERS
+
+        return list(SCHEDULERS)
+    except ImportError:  # pragma: no cover - sampler always ships
+        return ["dpmsolver++"]
+
+
+def build_demo(cfg: StudioConfig) -> gr.Blocks:
+    """The whole studio for a starting preset; each browser session gets its own Engine."""
+    sessions = SessionRegistry(cfg)
+
+    def engine_for(request: gr.Request) -> Engine:
+        return sessions.get(request.session_hash or "anonymous")
+
+    with gr.Blocks(title="PersonaMagic Studio", delete_cache=(3600, 3600)) as demo:
+        demo.sessions = sessions  # for tests and app.py
+        gr.Markdown(INTRO, elem_id="intro")
+        banner = gr.Markdown(views.TINY_BANNER, visible=cfg.model.is_tiny, elem_id="tiny-banner", elem_classes=["banner"])
+
+        with gr.Row(equal_height=False):
+            # ---------------------------------------------------------------- left: photos + training
+            with gr.Column(scale=2, min_width=360):
+                gr.Markdown("### 1 · Photos")
+                photos = gr.File(
+                    file_count="multiple", file_types=["image"], label="Selfies of one person (one is enough)",
+                    elem_id="photos", height=140,
+                )
+                if EXAMPLE_PHOTOS:
+                    gr.Examples(examples=[[[p]] for p in EXAMPLE_PHOTOS], inputs=[photos], label="Or try a sample photo")
+                crops = gr.Gallery(
+                    label="What training sees: aligned crop + face mask", columns=4, height=200,
+                    elem_id="crops", allow_preview=True, interactive=False, object_fit="contain",
+                )
+                photo_report = gr.Markdown(elem_id="photo-report")
+
+                gr.Markdown("### 2 · Train")
+                steps = gr.Slider(1, 3000, value=cfg.train.steps, step=1, label="Training steps", elem_id="steps")
+                with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
+                    preset = gr.Dropdown(available_presets(), value=cfg.name, label="Preset", elem_id="preset")
+                    model_source = gr.Textbox(
+                        cfg.model.source, label="Base model: hub id, local diffusers folder or .safetensors file",
+                        elem_id="model-source",
+                    )
+                    with gr.Row():
+                        lr = gr.Number(cfg.train.lr, label="Learning rate", elem_id="lr")
+                        batch_size = gr.Slider(1, 8, value=cfg.train.batch_size, step=1, label="Batch size")
+                        seed = gr.Number(cfg.train.seed, precision=0, label="Seed", elem_id="seed")
+                    with gr.Row():
+                        train_lo = gr.Number(cfg.train.band[0], precision=0, label="Training band start t")
+                        train_hi = gr.Number(cfg.train.band[1], precision=0, label="Training band end t")
+                    with gr.Row():
+                        te_weight = gr.Number(cfg.train.te_weight, label="Tandem weight λ")
+                        te_balance = gr.Slider(0.0, 1.0, value=cfg.train.te_balance, step=0.05, label="Tandem target β")
+                        preview_every = gr.Number(cfg.train.preview_every, precision=0, label="Preview every N steps")
+                train_btn = gr.Button("Train", variant="primary", elem_id="train")
+                with gr.Row():
+                    pause_btn = gr.Button("Pause", size="sm", min_width=60, elem_id="pause")
+                    resume_btn = gr.Button("Resume", size="sm", min_width=60, elem_id="resume")
+                    stop_btn = gr.Button("Stop", variant="stop", size="sm", min_width=60, elem_id="stop")
+                    preview_btn = gr.Button("Preview now", size="sm", min_width=90, elem_id="preview-now")
+
+            # ---------------------------------------------------------------- right: live view
+            with gr.Column(scale=3, min_width=420):
+                status = gr.Markdown("**Idle** · add a photo to begin", elem_id="status")
+                loss_plot = gr.LinePlot(
+                    views.loss_frame(Snapshot(0, Phase.IDLE)), x="step", y="loss", color="series",
+                    title="Training loss", height=220, elem_id="loss-plot",
+                    color_map={"loss": "#9ca3af", "smoothed": "#7c3aed"},
+                )
+                gr.Markdown("### 3 · Trade-off (re-renders the previews, no retraining)")
+                with gr.Row():
+                    band_lo = gr.Slider(0, 999, value=cfg.sample.band[0], step=1, label="Identity interval start t", elem_id="band-lo")
+                    band_hi = gr.Slider(1, 1000, value=cfg.sample.band[1], step=1, label="Identity interval end t", elem_id="band-hi")
+                gr.Markdown(views.SLIDER_HELP["band"], elem_classes=["help"])
+                balance = gr.Slider(0.1, 4.0, value=cfg.sample.balance, step=0.05, label="Tandem balance γ", elem_id="balance")
+                gr.Markdown(views.SLIDER_HELP["balance"], elem_classes=["help"])
+                previews = gr.Gallery(
+                    label="Previews", columns=4, height=300, elem_id="previews", interactive=False, object_fit="contain"
+                )
+
+        with gr.Tabs():
+            with gr.Tab("Generate", elem_id="tab-generate"):
+                with gr.Row():
+                    prompt = gr.Textbox(
+                        "a photo of {} as an astronaut on the moon", label="Prompt ({} = the person)", elem_id="prompt", scale=3
+                    )
+                    negative = gr.Textbox(cfg.sample.negative_prompt, label="Negative prompt", scale=2)
+                with gr.Row():
+                    gen_seed = gr.Number(0, precision=0, label="Seed")
+                    gen_steps = gr.Slider(1, 100, value=cfg.sample.steps, step=1, label="Steps", elem_id="gen-steps")
+                    guidance = gr.Slider(0.0, 15.0, value=cfg.sample.guidance_scale, step=0.5, label="Guidance")
+                    scheduler = gr.Dropdown(_scheduler_names(), value=cfg.sample.scheduler, label="Scheduler")
+                    num_images = gr.Slider(1, 8, value=2, step=1, label="Images")
+                generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                generated = gr.Gallery(label="Generated", columns=4, height=320, elem_id="generated", interactive=False)
+            with gr.Tab("Concept file", elem_id="tab-concept"):
+                gr.Markdown(
+                    "Save what was learned (a few MB of `.safetensors`: the mapper, its settings and the "
+                    "reference image embedding — not your photos), and load it later in a fresh session."
+                )
+                with gr.Row():
+                    export_btn = gr.Button("Export concept", elem_id="export")
+                    export_file = gr.File(label="Download", interactive=False, elem_id="export-file")
+                import_file = gr.File(label="Import a concept (.safetensors)", file_types=[".safetensors"], elem_id="import")
+                concept_msg = gr.Markdown(elem_id="concept-msg")
+
+        settings = [steps, lr, batch_size, seed, train_lo, train_hi, te_weight, te_balance, preview_every]
+        live_outputs = [status, loss_plot, previews]
+
+        # ---------------------------------------------------------------- handlers
+        def render(snapshot: Snapshot, last: dict[str, Any] | None = None) -> list[Any]:
+            """Status, plot and previews for a snapshot; unchanged parts are skipped."""
+            last = last if last is not None else {}
+            plot = views.loss_frame(snapshot) if last.get("losses") != len(snapshot.losses) else gr.skip()
+            gallery = views.preview_items(snapshot) if last.get("preview") is not snapshot.preview else gr.skip()
+            last.update(losses=len(snapshot.losses), preview=snapshot.preview)
+            return [views.status_markdown(snapshot), plot, gallery]
+
+        def on_photos(files: list[str] | None, request: gr.Request):
+            engine = engine_for(request)
+            if not files:
+                return gr.skip(), gr.skip()
+            from studio.faces import PhotoError
+
+            try:
+                prepared = engine.prepare_photos(files)
+            except PhotoError as exc:
+                gr.Warning(str(exc))
+                return gr.skip(), f"✗ {exc}"
+            return views.photo_items(prepared), views.photo_report(prepared)
+
+        def overrides_from(values: list[Any]) -> dict[str, Any]:
+            n_steps, lr_, batch, seed_, lo, hi, te_w, te_b, every = values
+            band = check_band([int(lo), int(hi)], "training band")
+            return {
+                "train.steps": int(n_steps), "train.lr": float(lr_), "train.batch_size": int(batch),
+                "train.seed": int(seed_), "train.band": list(band), "train.te_weight": float(te_w),
+                "train.te_balance": float(te_b), "train.preview_every": int(every),
+            }
+
+        def start_training(engine: Engine, values: list[Any], band: tuple[int, int], gamma: float, **mode: Any):
+            try:
+                engine.set_preview_settings(band, gamma)
+                return engine.start(overrides_from(values), **mode)
+            except (ValueError, RuntimeError, ConfigError) as exc:
+                raise _user_error(exc) from None
+
+        async def on_train(n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every, lo, hi, gamma, request: gr.Request):
+            """Local / GPU server: a background thread trains; this streams its snapshots."""
+            engine = engine_for(request)
+            values = [n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every]
+            start_training(engine, values, (int(lo), int(hi)), float(gamma))
+            last: dict[str, Any] = {}
+            version, position, sent = -1, None, 0.0
+            while True:
+                snapshot = await asyncio.to_thread(engine.wait_for_change, version, 0.5)
+                if snapshot.version != version or snapshot.queue_position != position:
+                    if snapshot.active and time.monotonic() - sent < STREAM_MIN_INTERVAL_S:
+                        await asyncio.sleep(STREAM_MIN_INTERVAL_S)  # rate limit only; state is re-read below
+                        snapshot = engine.snapshot()
+                    version, position, sent = snapshot.version, snapshot.queue_position, time.monotonic()
+                    yield render(snapshot, last)
+                if not snapshot.active:
+                    return
+
+        def on_train_zero_gpu(n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every, lo, hi, gamma, request: gr.Request):
+            """ZeroGPU: no thread may hold the GPU, so this request drives GPU calls in chunks."""
+            engine = engine_for(request)
+            values = [n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every]
+            snapshots = start_training(
+                engine, values, (int(lo), int(hi)), float(gamma), foreground=True, gpu_call=GPU_TRAINING_CHUNK
+            )
+            last: dict[str, Any] = {}
+            sent = 0.0
+            for snapshot in snapshots:
+                if not snapshot.active or time.monotonic() - sent >= STREAM_MIN_INTERVAL_S:
+                    sent = time.monotonic()
+                    yield render(snapshot, last)
+
+        def on_stop(request: gr.Request):
+            engine = engine_for(request)
+            engine.stop()
+            try:
+                snapshot = engine.wait_until(lambda s: not s.active, timeout=120)
+            except TimeoutError:
+                snapshot = engine.snapshot()
+            return render(snapshot)
+
+        def on_pause(request: gr.Request):
+            engine_for(request).pause()
+            return views.status_markdown(engine_for(request).snapshot())
+
+        def on_resume(request: gr.Request):
+            engine_for(request).resume()
+            return views.status_markdown(engine_for(request).snapshot())
+
+        @spaces.GPU(duration=GPU_DURATION_S)
+        def on_preview(lo: float, hi: float, gamma: float, request: gr.Request):
+            engine = engine_for(request)
+            if engine.current_concept() is None and engine.snapshot().prepared is None:
+                raise gr.Error("Nothing to preview yet: add a photo and train, or import a concept.", print_exception=False)
+            try:
+                engine.set_preview_settings((int(lo), int(hi)), float(gamma))
+                engine.render_previews((int(lo), int(hi)), float(gamma))
+            except (ValueError, RuntimeError) as exc:
+                raise _user_error(exc) from None
+            return render(engine.snapshot())
+
+        @spaces.GPU(duration=GPU_DURATION_S)
+        def on_slider(lo: float, hi: float, gamma: float, request: gr.Request):
+            engine = engine_for(request)
+            if int(lo) >= int(hi):
+                gr.Warning(f"The interval start ({int(lo)}) must be below its end ({int(hi)}).")
+                return gr.skip(), gr.skip(), gr.skip()
+            engine.set_preview_settings((int(lo), int(hi)), float(gamma))
+            if engine.current_concept() is None:
+                return gr.skip(), gr.skip(), gr.skip()
+            try:
+                engine.render_previews((int(lo), int(hi)), float(gamma))
+            except (ValueError, RuntimeError) as exc:
+                raise _user_error(exc) from None
+            return render(engine.snapshot())
+
+        @spaces.GPU(duration=GPU_DURATION_S)
+        def on_generate(text, neg, seed_, n_steps, cfg_scale, sched, count, lo, hi, gamma, request: gr.Request,
+                        progress=gr.Progress()):
+            engine = engine_for(request)
+            try:
+                result = engine.generate(
+                    text, negative_prompt=neg or "", seeds=[int(seed_) + i for i in range(int(count))],
+                    num_inference_steps=int(n_steps), guidance_scale=float(cfg_scale), scheduler=sched,
+                    band=(int(lo), int(hi)), balance=float(gamma),
+                    progress=lambda done, total: progress((done, total), desc="Denoising"),
+                )
+            except (ValueError, RuntimeError) as exc:
+                raise _user_error(exc) from None
+            return list(zip(result.images, result.captions))
+
+        def on_export(request: gr.Request):
+            engine = engine_for(request)
+            snapshot = engine.snapshot()
+            folder = Path(tempfile.mkdtemp(prefix="concept-"))
+            try:
+                path = engine.export_concept(folder / f"personamagic-concept-step{snapshot.step}.safetensors")
+            except (ValueError, OSError) as exc:
+                raise _user_error(exc) from None
+            return str(path), f"✓ Exported `{path.name}`."
+
+        def on_import(file: str | None, request: gr.Request):
+            if not file:
+                return gr.skip(), gr.skip()
+            engine = engine_for(request)
+            try:
+                concept = engine.import_concept(file)
+            except (ValueError, OSError) as exc:
+                gr.Warning(str(exc))
+                return f"✗ {exc}", views.status_markdown(engine.snapshot())
+            note = f"✓ Loaded a concept ({concept.num_tokens} tokens, {concept.steps_done} steps, super-category “{concept.super_category}”)."
+            return note, views.status_markdown(engine.snapshot())
+
+        def on_preset(name: str, request: gr.Request):
+            engine = engine_for(request)
+            try:
+                new_cfg = load_preset(name)
+                engine.configure(new_cfg)
+            except (ConfigError, RuntimeError) as exc:
+                raise _user_error(exc) from None
+            t, s = new_cfg.train, new_cfg.sample
+            return [
+                gr.update(visible=new_cfg.model.is_tiny), new_cfg.model.source, t.steps, t.lr, t.batch_size, t.seed,
+                t.band[0], t.band[1], t.te_weight, t.te_balance, t.preview_every, s.band[0], s.band[1], s.balance,
+            ]
+
+        def on_model_source(source: str, request: gr.Request):
+            engine = engine_for(request)
+            if source.strip() == engine.cfg.model.source:
+                return gr.skip()
+            try:
+                engine.configure(engine.cfg.replace(**{"model.source": source.strip()}))
+            except (ConfigError, RuntimeError) as exc:
+                raise _user_error(exc) from None
+            return gr.update(visible=engine.cfg.model.is_tiny)
+
+        # ---------------------------------------------------------------- wiring
+        photos.change(on_photos, [photos], [crops, photo_report], api_name="photos")
+        train_event = train_btn.click(
+            on_train_zero_gpu if zero_gpu() else on_train, [*settings, band_lo, band_hi, balance], live_outputs, api_name="train", concurrency_limit=None
+        )
+        stop_btn.click(on_stop, None, live_outputs, cancels=[train_event], api_name="stop", concurrency_limit=None)
+        pause_btn.click(on_pause, None, [status], api_name="pause", concurrency_limit=None)
+        resume_btn.click(on_resume, None, [status], api_name="resume", concurrency_limit=None)
+        preview_btn.click(on_preview, [band_lo, band_hi, balance], live_outputs, api_name="preview", concurrency_limit=None)
+        gr.on(
+            [band_lo.release, band_hi.release, balance.release], on_slider, [band_lo, band_hi, balance], live_outputs,
+            trigger_mode="always_last", api_name="sliders", concurrency_limit=None,
+        )
+        generate_btn.click(
+            on_generate, [prompt, negative, gen_seed, gen_steps, guidance, scheduler, num_images, band_lo, band_hi, balance],
+            [generated], api_name="generate", concurrency_limit=None,
+        )
+        export_btn.click(on_export, None, [export_file, concept_msg], api_name="export", concurrency_limit=None)
+        import_file.upload(on_import, [import_file], [concept_msg, status], api_name="import", concurrency_limit=None)
+        preset.change(
+            on_preset, [preset],
+            [banner, model_source, *settings, band_lo, band_hi, balance], api_name="preset",
+        )
+        model_source.submit(on_model_source, [model_source], [banner], api_name="model_source")
+        def on_unload(request: gr.Request):
+            sessions.close(request.session_hash or "anonymous")
+
+        demo.unload(on_unload)
+    return demo

@@ -1,0 +1,115 @@
+"""Pure functions from engine snapshots to what the page shows (text, tables, gallery items)."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from studio.engine import Phase, Snapshot
+
+MAX_PLOT_POINTS = 400
+SMOOTHING = 0.9  # EMA factor of the smoothed loss curve
+
+TINY_BANNER = (
+    "⚠️ **Demo model: images are noise.** This studio is running the `tiny` backbone — small "
+    "random-weight networks with the Stable Diffusion 1.x shape — so training, previews and sliders "
+    "work, but the pictures carry no likeness. For real results run with real weights, e.g. "
+    "`python app.py --preset sd15` (hub id, a local diffusers folder or a single `.safetensors` file)."
+)
+
+SLIDER_HELP = {
+    "band": "**Identity interval** — denoising steps with *t* in [start, end] see the person; "
+    "steps above *end* see only the word, so the prompt sets the layout. Wider = more likeness, "
+    "less prompt control.",
+    "balance": "**Tandem balance γ** — how strongly the prompt's words attend to the identity tokens: "
+    "< 1 favours the prompt (scene, style), > 1 favours the identity.",
+}
+
+
+def loss_frame(snapshot: Snapshot) -> pd.DataFrame:
+    """Raw and EMA-smoothed loss as a long frame (step, loss, series), at most ~400 points per series."""
+    points = snapshot.losses
+    if not points:
+        return pd.DataFrame({"step": pd.Series([], dtype=int), "loss": pd.Series([], dtype=float), "series": pd.Series([], dtype=str)})
+    smoothed, ema = [], None
+    for p in points:
+        ema = p.loss if ema is None else SMOOTHING * ema + (1 - SMOOTHING) * p.loss
+        smoothed.append(ema)
+    stride = max(1, math.ceil(len(points) / MAX_PLOT_POINTS))
+    keep = list(range(0, len(points), stride))
+    if keep[-1] != len(points) - 1:
+        keep.append(len(points) - 1)
+    steps = [points[i].step for i in keep]
+    return pd.DataFrame(
+        {
+            "step": steps + steps,
+            "loss": [points[i].loss for i in keep] + [smoothed[i] for i in keep],
+            "series": ["loss"] * len(keep) + ["smoothed"] * len(keep),
+        }
+    )
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "–"
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def status_markdown(snapshot: Snapshot) -> str:
+    """One status block: phase, step / total, speed, ETA, place in line, last notice."""
+    phase = snapshot.phase
+    parts = [f"**{phase.value.capitalize()}**"]
+    if snapshot.total:
+        parts.append(f"step {snapshot.step} / {snapshot.total}")
+    if snapshot.steps_per_second and phase in (Phase.TRAINING, Phase.PAUSED):
+        parts.append(f"{snapshot.steps_per_second:.2f} steps/s")
+        parts.append(f"ETA {_duration(snapshot.eta_seconds)}")
+    if snapshot.losses:
+        parts.append(f"loss {snapshot.losses[-1].loss:.4f}")
+    if snapshot.queue_position:
+        parts.append(f"waiting for the GPU: {snapshot.queue_position} ahead in line")
+    if snapshot.backbone:
+        parts.append(f"model: {snapshot.backbone}")
+    text = " · ".join(parts)
+    if snapshot.message:
+        text += f"\n\n{snapshot.message}"
+    return text
+
+
+def preview_items(snapshot: Snapshot) -> list[tuple]:
+    """Gallery items (image, caption) of the latest preview."""
+    preview = snapshot.preview
+    if preview is None:
+        return []
+    items = []
+    for i, (image, caption) in enumerate(zip(preview.images, preview.captions)):
+        score = preview.scores[i] if i < len(preview.scores) else None
+        text = f"step {preview.step} · {caption} · t∈[{preview.band[0]}, {preview.band[1]}] · γ={preview.balance:g}"
+        if score and score.get("caption"):
+            text += f" · {score['caption']}"
+        items.append((image, text))
+    return items
+
+
+def photo_items(prepared) -> list[tuple]:
+    """Gallery items: each usable crop with its mask overlay."""
+    if prepared is None:
+        return []
+    return [(photo.mask_overlay(), f"{photo.name} ({prepared.backend})") for photo in prepared.photos]
+
+
+def photo_report(prepared) -> str:
+    """Markdown: backend, one line per photo (ok / problem, warnings), outliers."""
+    if prepared is None:
+        return ""
+    lines = [f"Face backend: **{prepared.backend}** · {len(prepared.photos)} of {len(prepared.reports)} photos usable"]
+    for report in prepared.reports:
+        if report.ok:
+            line = f"- ✓ {report.name}"
+            if report.warnings:
+                line += " — " + "; ".join(report.warnings)
+        else:
+            line = f"- ✗ {report.name} — {report.error}"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""The launched studio through gradio_client: each Client is one browser session."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from gradio_client import Client, handle_file
+
+TIMEOUT = 300
+
+
+def _client(url: str) -> Client:
+    return Client(url, verbose=False, analytics_enabled=False)
+
+
+def _train_args(steps: int, seed: int, preview_every: int = 2) -> list:
+    # steps, lr, batch, seed, train band, te weight, te target, preview every, live band, balance
+    return [steps, 3e-3, 1, seed, 200, 900, 1e-3, 0.5, preview_every, 400, 800, 1.0]
+
+
+def _step_of(status: str) -> int | None:
+    match = re.search(r"step (\d+) / (\d+)", status or "")
+    return int(match.group(1)) if match else None
+
+
+def _session_of(demo, before: set[str]) -> str:
+    new = set(demo.sessions.sessions()) - before
+    assert len(new) == 1, f"expected one new session, got {new}"
+    return new.pop()
+
+
+@pytest.fixture
+def photo(faces_dir):
+    return str(faces_dir / "single" / "f2d_2.jpg")
+
+
+def test_training_streams_increasing_steps_and_preview_images(studio_app, photo):
+    demo, url = studio_app
+    client = _client(url)
+    try:
+        crops, report = client.predict([handle_file(photo)], api_name="/photos")
+        assert len(crops) == 1 and "usable" in report
+        job = client.submit(*_train_args(steps=6, seed=0), api_name="/train")
+        steps, galleries = [], []
+        for status, _plot, gallery in job:
+            if _step_of(status) is not None:
+                steps.append(_step_of(status))
+            if gallery:
+                galleries.append(gallery)
+        final_status = job.outputs()[-1][0]
+        assert "Finished" in final_status
+        assert steps == sorted(steps) and steps[-1] == 6 and len(set(steps)) >= 2
+        assert galleries, "preview images arrived while training"
+        assert all(item["image"] for item in galleries[-1])
+    finally:
+        client.close()
+
+
+def test_stop_ends_the_stream_and_reports_the_true_final_state(studio_app, photo):
+    demo, url = studio_app
+    before = set(demo.sessions.sessions())
+    client = _client(url)
+    try:
+        client.predict([handle_file(photo)], api_name="/photos")
+        engine = demo.sessions.get(_session_of(demo, before))
+        job = client.submit(*_train_args(steps=2000, seed=0, preview_every=0), api_name="/train")
+        engine.wait_until(lambda s: s.step >= 2, timeout=TIMEOUT)
+        status, _plot, _gallery = client.predict(api_name="/stop")
+        assert "Stopped" in status
+        stopped_at = _step_of(status)
+        assert stopped_at is not None and 2 <= stopped_at < 2000
+        assert engine.snapshot().step == stopped_at
+        assert not engine.snapshot().active
+    finally:
+        client.close()
+
+
+def test_two_clients_train_concurrently_with_their_own_state_and_close_frees_them(studio_app, faces_dir):
+    demo, url = studio_app
+    before = set(demo.sessions.sessions())
+    first, second = _client(url), _client(url)
+    first.predict([handle_file(str(faces_dir / "single" / "f2d_3.jpg"))], api_name="/photos")
+    second.predict([handle_file(str(faces_dir / "single" / "f2d_4.jpg"))], api_name="/photos")
+    sessions = set(demo.sessions.sessions()) - before
+    assert len(sessions) == 2
+    job_a = first.submit(*_train_args(steps=8, seed=11, preview_every=0), api_name="/train")
+    job_b = second.submit(*_train_args(steps=8, seed=12, preview_every=0), api_name="/train")
+    status_a = job_a.result(timeout=TIMEOUT)[0]
+    status_b = job_b.result(timeout=TIMEOUT)[0]
+    assert "Finished" in status_a and "Finished" in status_b
+    engines = [demo.sessions.get(s) for s in sessions]
+    finals = [e.snapshot() for e in engines]
+    assert finals[0].concept.uid != finals[1].concept.uid
+    assert [p.loss for p in finals[0].losses] != [p.loss for p in finals[1].losses]
+    assert {f.prepared.photos[0].name for f in finals} == {"f2d_3.jpg", "f2d_4.jpg"}
+
+    first.close()
+    second.close()
+    assert demo.sessions.wait_until(lambda alive: not (sessions & set(alive)), timeout=60), "unload freed both engines"
+    assert all(e.closed for e in engines)
+
+
+def test_bad_inputs_give_messages_and_the_session_stays_usable(studio_app, photo, tmp_path):
+    demo, url = studio_app
+    client = _client(url)
+    try:
+        text = tmp_path / "notes.jpg"
+        text.write_text("not a photo")
+        _crops, report = client.predict([handle_file(str(text))], api_name="/photos")
+        assert "✗" in report and "image" in report.lower()
+
+        bad = tmp_path / "concept.safetensors"
+        bad.write_bytes(b"garbage that is not a concept file")
+        message, _status = client.predict(handle_file(str(bad)), api_name="/import")
+        assert message.startswith("✗")
+
+        crops, report = client.predict([handle_file(photo)], api_name="/photos")
+        assert len(crops) == 1
+        status = client.predict(*_train_args(steps=2, seed=0, preview_every=0), api_name="/train")[0]
+        assert "Finished" in status
+    finally:
+        client.close()

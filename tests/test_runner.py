@@ -1,0 +1,95 @@
+"""The ZeroGPU path: training in chunks of GPU calls gives the same result as one run.
+
+A ZeroGPU call runs in a forked process and pickles its arguments and results; ``pickled``
+below does the same round trip, so anything that would not survive it fails here.
+"""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from studio.engine import Engine, Phase
+from studio.events import PreviewReady, TrainingFinished, TrainingStep
+from studio.runner import chunked_events, training_chunk
+from studio.trainer import Trainer, TrainingPhoto
+
+TIMEOUT = 300
+
+
+def pickled(fn):
+    """Wrap ``fn`` (a generator function) like a ZeroGPU call: pickle in, pickle each item out."""
+
+    def call(*args):
+        args = pickle.loads(pickle.dumps(args))
+        for item in fn(*args):
+            yield pickle.loads(pickle.dumps(item))
+
+    return call
+
+
+@pytest.fixture(scope="module")
+def chunk_cfg(tiny_cfg):
+    return tiny_cfg.replace(**{"train.steps": 7, "train.preview_every": 3, "train.seed": 5})
+
+
+@pytest.fixture(scope="module")
+def photos(faces_dir, tiny_cfg):
+    from studio.faces import get_face_analyzer, prepare
+
+    prepared = prepare([str(faces_dir / "single" / "f2d_0.jpg")], tiny_cfg.face, get_face_analyzer(tiny_cfg.face))
+    return [TrainingPhoto.from_prepared(p) for p in prepared.photos]
+
+
+def test_chunks_of_gpu_calls_equal_one_uninterrupted_run(chunk_cfg, photos, backbone):
+    events = list(
+        chunked_events(
+            pickled(training_chunk), chunk_cfg.to_dict(), photos, chunk_cfg.train.steps,
+            preview=lambda: ((400, 800), 1.0), stopped=lambda: False, chunk_steps=3,
+        )
+    )
+    steps = [e.step for e in events if isinstance(e, TrainingStep)]
+    previews = [e.step for e in events if isinstance(e, PreviewReady)]
+    assert steps == list(range(1, 8))
+    assert previews == [0, 3, 6], "one preview per due step, none repeated at chunk boundaries"
+    assert isinstance(events[-1], TrainingFinished)
+
+    reference = Trainer(backbone, chunk_cfg, photos)
+    for _ in range(chunk_cfg.train.steps):
+        reference.train_step()
+    chunked = events[-1].concept.mapper.state_dict()
+    for name, tensor in reference.mapper.state_dict().items():
+        assert torch.equal(tensor, chunked[name]), name
+
+
+def test_engine_in_foreground_mode_drives_chunks_and_can_stop_between_them(chunk_cfg, faces_dir):
+    cfg = chunk_cfg.replace(**{"train.steps": 200, "train.preview_every": 0})
+    engine = Engine(cfg, session_id="zerogpu-test")
+    try:
+        engine.prepare_photos([str(faces_dir / "single" / "f2d_0.jpg")])
+        seen = []
+        for snapshot in engine.start(foreground=True, gpu_call=pickled(training_chunk)):
+            seen.append(snapshot.step)
+            if snapshot.step >= 2:
+                engine.stop()
+        final = engine.snapshot()
+        assert final.phase is Phase.STOPPED
+        assert 2 <= final.step < 200
+        assert final.concept is not None and final.concept.steps_done == final.step
+        assert seen == sorted(seen)
+    finally:
+        engine.close()
+
+
+def test_engine_in_foreground_mode_finishes_with_a_concept(chunk_cfg, faces_dir):
+    engine = Engine(chunk_cfg, session_id="zerogpu-finish")
+    try:
+        engine.prepare_photos([str(faces_dir / "single" / "f2d_1.jpg")])
+        snapshots = list(engine.start(foreground=True, gpu_call=pickled(training_chunk)))
+        assert snapshots[-1].phase is Phase.FINISHED
+        assert [p.step for p in snapshots[-1].losses] == list(range(1, 8))
+        assert snapshots[-1].concept.steps_done == 7
+        assert snapshots[-1].preview is not None
+    finally:
+        engine.close()
