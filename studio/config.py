@@ -141,8 +141,8 @@ class TrainConfig:
         for key in ("steps", "batch_size", "grad_accum", "resolution"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        if self.resolution % 8:
-            raise ConfigError(f"train.resolution must be a multiple of 8, got {self.resolution}")
+        if self.resolution % 64:  # 8x the VAE factor: the size previews can be rendered at
+            raise ConfigError(f"train.resolution must be a multiple of 64, got {self.resolution}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -232,6 +232,16 @@ class FaceConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Scores shown on previews and generated images (identity and prompt fidelity)."""
+
+    # CLIP for prompt scores: auto (tiny CLIP for the tiny backbone, else openai/clip-vit-large-patch14), a hub id or folder
+    clip_model: str = "auto"
+    # score previews and generated images, and mark the training step with the best balance
+    score_images: bool = True
+
+
+@dataclass
 class StudioConfig:
     """Everything a run needs: one preset."""
 
@@ -243,6 +253,7 @@ class StudioConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     face: FaceConfig = field(default_factory=FaceConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-serialisable dict (saved beside outputs and inside concepts)."""

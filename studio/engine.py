@@ -54,6 +54,7 @@ class LossPoint:
     loss: float
     rec_loss: float
     te_loss: float
+    attention_balance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ class Snapshot:
     backbone: str = ""  # what the images come from
     is_random_backbone: bool = False
     rollbacks: int = 0
+    best_step: int | None = None  # preview step with the best identity/prompt balance so far
+    best_note: str = ""
 
     @property
     def active(self) -> bool:
@@ -102,6 +105,9 @@ class Engine:
         self._resume.set()
         self._closed = False
         self._cancel_generation = threading.Event()
+        self._cancel_sweep = threading.Event()
+        self._preview_points: list[tuple[int, Any]] = []  # (step, SweepPoint) of scored training previews
+        self._scoring_note = ""
         self._step_times: list[float] = []
         self._preview_settings: tuple[tuple[int, int], float] = (tuple(cfg.sample.band), cfg.sample.balance)
 
@@ -189,9 +195,10 @@ class Engine:
             self._resume.set()
             self._step_times = []
             self._trainer = None
+            self._preview_points = []
             self._publish(
                 phase=Phase.LOADING, step=0, total=cfg.train.steps, losses=(), steps_per_second=None,
-                eta_seconds=None, message="", rollbacks=0,
+                eta_seconds=None, message="", rollbacks=0, best_step=None, best_note="",
             )
             driver = self._drive(cfg, prepared, gpu_call)
             if foreground:
@@ -224,6 +231,7 @@ class Engine:
         self._stop.set()
         self._resume.set()
         self._cancel_generation.set()
+        self._cancel_sweep.set()
 
     def set_preview_settings(self, band: tuple[int, int], balance: float) -> None:
         """Band and balance used by the trainer's next periodic previews."""
@@ -266,6 +274,8 @@ class Engine:
                     break
                 with self._gate.hold(self.session_id, "train step", cancelled=stop_now):
                     event = next(events, None)
+                    if isinstance(event, PreviewReady):
+                        event = self._with_scores(event, cfg, cfg.concept.super_category)
                 if event is None:
                     break
                 self._on_event(event)
@@ -295,13 +305,13 @@ class Engine:
                 self._step_times.append(event.seconds)
                 recent = self._step_times[-20:]
                 rate = len(recent) / max(sum(recent), 1e-9)
-                point = LossPoint(event.step, event.loss, event.rec_loss, event.te_loss)
+                point = LossPoint(event.step, event.loss, event.rec_loss, event.te_loss, event.attention_balance)
                 self._publish(
                     step=event.step, total=event.total, losses=self._snapshot.losses + (point,),
                     steps_per_second=rate, eta_seconds=(event.total - event.step) / rate,
                 )
             elif isinstance(event, PreviewReady):
-                self._publish(preview=event)
+                self._publish(preview=event, **self._best_step_update(event))
             elif isinstance(event, ConceptUpdated):
                 self._publish(concept=event.concept)
             elif isinstance(event, RolledBack):
@@ -361,10 +371,14 @@ class Engine:
                 band=band, balance=balance, balance_layers=sample.balance_layers,
                 negative_prompt=sample.negative_prompt, scheduler=sample.scheduler,
             )
-        preview = PreviewReady(
-            step=concept.steps_done if concept is not None else 0, images=tuple(result.images),
-            captions=tuple(result.captions), band=band, balance=balance,
-        )
+            preview = self._with_scores(
+                PreviewReady(
+                    step=concept.steps_done if concept is not None else 0, images=tuple(result.images),
+                    captions=tuple(result.captions), band=band, balance=balance,
+                ),
+                self.cfg,
+                concept.super_category if concept is not None else self.cfg.concept.super_category,
+            )
         self._publish(preview=preview)
         return preview
 
@@ -388,7 +402,95 @@ class Engine:
             balance_layers=self.cfg.sample.balance_layers,
         )
         with self._gate.hold(self.session_id, "generate", cancelled=self._cancel_generation.is_set):
-            return sampler(concept, prompt, callback_on_step_end=on_step, **{**defaults, **kwargs})
+            result = sampler(concept, prompt, callback_on_step_end=on_step, **{**defaults, **kwargs})
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            per_image = [p for p in prompts for _ in range(len(result.images) // len(prompts))]
+            scores = self._score(result.images, per_image, concept.super_category, self.cfg)
+        if scores:
+            result = replace(result, captions=[f"{c} · {s.caption}" for c, s in zip(result.captions, scores)])
+        return result
+
+    # ------------------------------------------------------------------ scores and sweeps
+    def _scorer(self, cfg: StudioConfig):
+        from studio.metrics import Scorer
+
+        clip = None if cfg.metrics.clip_model == "auto" else cfg.metrics.clip_model
+        return Scorer.for_backbone(self.backbone(cfg), cfg.face, clip)
+
+    def references(self) -> list:
+        """Identity embeddings (D,) of the session's usable photos: what identity is scored against."""
+        prepared = self._snapshot.prepared
+        return [photo.embedding for photo in prepared.photos] if prepared is not None else []
+
+    def _score(self, images, prompts: list[str], super_category: str, cfg: StudioConfig) -> tuple:
+        """ImageScores per image, or () when scoring is off or its models cannot load (said once)."""
+        if not cfg.metrics.score_images or not images:
+            return ()
+        try:
+            return tuple(self._scorer(cfg).score(list(images), prompts, self.references(), super_category))
+        except Exception as exc:  # a missing CLIP must not break previews: say so, go on unscored
+            if not self._scoring_note:
+                self._scoring_note = f"Scores are off: {exc}"
+                self._publish(message=self._scoring_note)
+            return ()
+
+    def _with_scores(self, preview: PreviewReady, cfg: StudioConfig, word: str) -> PreviewReady:
+        """``preview`` with ImageScores per image (identity vs the session's photos, prompt via CLIP)."""
+        prompts = [p for p in cfg.sample.preview_prompts for _ in cfg.sample.preview_seeds]
+        scores = self._score(preview.images, prompts, word, cfg)
+        return replace(preview, scores=scores) if scores else preview
+
+    def _best_step_update(self, preview: PreviewReady) -> dict[str, Any]:
+        """Track scored training previews and mark the step with the best balance of both scores."""
+        if not preview.scores or not self._snapshot.active:
+            return {}
+        from studio.sweep import pick_balanced, summarise
+
+        point = summarise(preview.band, preview.balance, preview.images, preview.scores)
+        self._preview_points = [(s, p) for s, p in self._preview_points if s != preview.step] + [(preview.step, point)]
+        best = pick_balanced([p for _, p in self._preview_points])
+        step = next(s for s, p in self._preview_points if p is best)
+        identity = "no face found" if best.mean_identity is None else f"identity {best.mean_identity:.2f}"
+        return {"best_step": step, "best_note": f"Best balance so far: step {step} ({identity}, prompt {best.mean_prompt:.1f})"}
+
+    def sweep(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        bands: list[tuple[int, int]],
+        balances: list[float],
+        *,
+        steps: int | None = None,
+    ):
+        """Generate + score every (band, balance) with the newest concept; yields SweepPoints as they
+        finish. ``cancel_sweep()`` ends it after the current denoising step (points so far stand)."""
+        self._check_open()
+        from studio.sweep import sweep
+
+        concept = self.current_concept()
+        if concept is None:
+            raise ValueError("There is no concept yet: train one (or import a concept file) before exploring.")
+        backbone = self.backbone()
+        sampler = shared_sampler(backbone)
+        self._cancel_sweep.clear()
+
+        def gated_sampler(*args: Any, **kwargs: Any):
+            with self._gate.hold(self.session_id, "sweep", cancelled=self._cancel_sweep.is_set):
+                return sampler(*args, **kwargs)
+
+        sample = self.cfg.sample
+        try:
+            yield from sweep(
+                gated_sampler, concept, prompts, seeds, bands, balances, self._scorer(self.cfg), self.references(),
+                steps=steps or sample.preview_steps, guidance=sample.guidance_scale, scheduler=sample.scheduler,
+                negative_prompt=sample.negative_prompt, balance_layers=sample.balance_layers,
+                should_stop=self._cancel_sweep.is_set,
+            )
+        except GateCancelled:  # cancelled while waiting for the accelerator
+            return
+
+    def cancel_sweep(self) -> None:
+        self._cancel_sweep.set()
 
     def cancel_generation(self) -> None:
         self._cancel_generation.set()

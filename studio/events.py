@@ -8,6 +8,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
     from studio.concept import Concept
+    from studio.metrics import ImageScores
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class TrainingStep:
     te_loss: float
     lr: float
     seconds: float  # wall time of this step
+    attention_balance: float | None = None  # ā of the TE term: identity's share vs the top other token
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class PreviewReady:
     captions: tuple[str, ...]
     band: tuple[int, int]
     balance: float
-    scores: tuple[dict, ...] = field(default_factory=tuple)  # per image, filled by metrics when enabled
+    scores: tuple[ImageScores, ...] = field(default_factory=tuple)  # per image, when scoring is on
 
 
 @dataclass(frozen=True)

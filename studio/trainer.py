@@ -415,6 +415,7 @@ class Trainer:
             te_loss=totals["te_loss"],
             lr=self.optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - started,
+            attention_balance=totals["balance"],
         )
 
     def _micro_step(self) -> _MicroStep:

@@ -165,3 +165,30 @@ def test_close_is_idempotent_joins_the_thread_and_refuses_new_work(engine_cfg, f
     assert engine.snapshot().phase is Phase.CLOSED
     with pytest.raises(EngineClosed):
         engine.start()
+
+
+def test_previews_and_generations_carry_scores_and_the_best_step_is_marked(engine):
+    engine.start()
+    done = engine.wait_until(lambda s: not s.active, timeout=TIMEOUT)
+    scores = done.preview.scores
+    assert len(scores) == len(done.preview.images)
+    assert all(not s.identity.face_found and s.identity.similarity is None for s in scores), "noise has no face"
+    assert all(s.prompt.model for s in scores)
+    assert done.best_step in (0, 3, 6) and f"step {done.best_step}" in done.best_note
+
+    result = engine.generate("a photo of {} smiling", seeds=[1], num_inference_steps=2)
+    assert "no face" in result.captions[0] and "prompt" in result.captions[0]
+
+
+def test_a_sweep_yields_one_point_per_setting_and_can_be_cancelled(engine):
+    engine.start()
+    engine.wait_until(lambda s: not s.active, timeout=TIMEOUT)
+    points = list(engine.sweep(["a photo of {}"], [0], [(400, 800), (200, 900)], [0.5, 2.0], steps=2))
+    assert [(p.band, p.balance) for p in points] == [((400, 800), 0.5), ((400, 800), 2.0), ((200, 900), 0.5), ((200, 900), 2.0)]
+
+    partial = []
+    for point in engine.sweep(["a photo of {}"], [0], [(400, 800), (200, 900)], [0.5, 2.0], steps=2):
+        partial.append(point)
+        engine.cancel_sweep()
+    assert len(partial) == 1
+    assert len(list(engine.sweep(["a photo of {}"], [0], [(400, 800)], [1.0], steps=2))) == 1, "usable afterwards"

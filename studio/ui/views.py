@@ -66,12 +66,17 @@ def status_markdown(snapshot: Snapshot) -> str:
         parts.append(f"{snapshot.steps_per_second:.2f} steps/s")
         parts.append(f"ETA {_duration(snapshot.eta_seconds)}")
     if snapshot.losses:
-        parts.append(f"loss {snapshot.losses[-1].loss:.4f}")
+        last = snapshot.losses[-1]
+        parts.append(f"loss {last.loss:.4f}")
+        if last.attention_balance is not None:
+            parts.append(f"identity attention share ā {last.attention_balance:.2f}")
     if snapshot.queue_position:
         parts.append(f"waiting for the GPU: {snapshot.queue_position} ahead in line")
     if snapshot.backbone:
         parts.append(f"model: {snapshot.backbone}")
     text = " · ".join(parts)
+    if snapshot.best_note:
+        text += f"\n\n{snapshot.best_note}"
     if snapshot.message:
         text += f"\n\n{snapshot.message}"
     return text
@@ -86,8 +91,8 @@ def preview_items(snapshot: Snapshot) -> list[tuple]:
     for i, (image, caption) in enumerate(zip(preview.images, preview.captions)):
         score = preview.scores[i] if i < len(preview.scores) else None
         text = f"step {preview.step} · {caption} · t∈[{preview.band[0]}, {preview.band[1]}] · γ={preview.balance:g}"
-        if score and score.get("caption"):
-            text += f" · {score['caption']}"
+        if score is not None:
+            text += f" · {score.caption}"
         items.append((image, text))
     return items
 
