@@ -152,6 +152,34 @@ def load_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
+def tiny_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    """A 2-layer CLIP text encoder of width 32 that reads the real tokenizer's ids."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=32,
+    )
+
+
+def tiny_vision_config() -> CLIPVisionConfig:
+    """A 2-layer CLIP vision encoder of width 32 on 32 px images, projection 32."""
+    return CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=4, projection_dim=32,
+    )
+
+
+def tiny_image_processor() -> CLIPImageProcessor:
+    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
 def tiny_components(seed: int = 0) -> dict[str, Any]:
     """Small SD-1.x-shaped components with random weights (diffusers' test sizes), offline.
 
@@ -160,20 +188,7 @@ def tiny_components(seed: int = 0) -> dict[str, Any]:
     tokenizer = load_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=tokenizer.model_max_length,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                projection_dim=32,
-            )
-        )
+        text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
         unet = UNet2DConditionModel(
             sample_size=32,
             in_channels=4,
@@ -194,18 +209,8 @@ def tiny_components(seed: int = 0) -> dict[str, Any]:
             latent_channels=4,
             sample_size=64,
         )
-        image_encoder = CLIPVisionModelWithProjection(
-            CLIPVisionConfig(
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                image_size=32,
-                patch_size=4,
-                projection_dim=32,
-            )
-        )
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        image_encoder = CLIPVisionModelWithProjection(tiny_vision_config())
+    image_processor = tiny_image_processor()
     return dict(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
@@ -218,7 +223,7 @@ def tiny_components(seed: int = 0) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- real weights
-def _hub_snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> str:
+def hub_snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> str:
     """Local folder of a hub repo: from the cache, else downloaded; never hangs offline."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -293,7 +298,7 @@ def _load_single_file(path: str, config: str | None, dtype: torch.dtype) -> dict
 
 
 def _load_image_encoder(source: str, dtype: torch.dtype) -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessor]:
-    folder = source if Path(source).is_dir() else _hub_snapshot(source, None, _IMAGE_ENCODER_PATTERNS)
+    folder = source if Path(source).is_dir() else hub_snapshot(source, None, _IMAGE_ENCODER_PATTERNS)
     try:
         return (
             CLIPVisionModelWithProjection.from_pretrained(folder, dtype=dtype, use_safetensors=True),
@@ -341,7 +346,7 @@ def load_components(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     elif path.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1:
         raise BackboneUnavailable(f"model source {source!r} is neither a folder, a .safetensors file nor a hub id")
     else:
-        parts = _load_sd_folder(_hub_snapshot(source, cfg.revision, _HUB_PATTERNS), dtype)
+        parts = _load_sd_folder(hub_snapshot(source, cfg.revision, _HUB_PATTERNS), dtype)
     parts["image_encoder"] = parts["image_processor"] = None
     if cfg.image_encoder:
         parts["image_encoder"], parts["image_processor"] = _load_image_encoder(cfg.image_encoder, dtype)

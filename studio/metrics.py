@@ -29,12 +29,18 @@ from transformers import (
     CLIPConfig,
     CLIPImageProcessorPil,
     CLIPModel,
-    CLIPTextConfig,
     CLIPTokenizer,
-    CLIPVisionConfig,
 )
 
-from studio.backbone import Backbone, BackboneUnavailable, _hub_snapshot, load_tokenizer
+from studio.backbone import (
+    Backbone,
+    BackboneUnavailable,
+    hub_snapshot,
+    load_tokenizer,
+    tiny_image_processor,
+    tiny_text_config,
+    tiny_vision_config,
+)
 from studio.conditioning import PLACEHOLDER
 from studio.config import FaceConfig
 from studio.faces import FaceAnalyzer, PhotoError, PhotoSource, get_face_analyzer, identity_embedding
@@ -164,24 +170,16 @@ class ClipModel:
 def tiny_clip(seed: int = 0) -> tuple[CLIPModel, CLIPTokenizer, CLIPImageProcessorPil]:
     """A small random-weight CLIP (width 32, 2 layers, 32 px images) with the real tokenizer."""
     tokenizer = load_tokenizer()
-    text = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=4
-    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32))
-    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        model = CLIPModel(
+            CLIPConfig(
+                text_config=tiny_text_config(tokenizer).to_dict(),
+                vision_config=tiny_vision_config().to_dict(),
+                projection_dim=32,
+            )
+        )
+    processor = tiny_image_processor()
     return model, tokenizer, processor
 
 
@@ -192,7 +190,7 @@ def _clip_folder(source: str) -> str:
     if path.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1:
         raise ClipUnavailable(f"CLIP model {source!r} is neither a folder, a hub id (owner/name) nor 'tiny'")
     try:
-        return _hub_snapshot(source, None, _CLIP_PATTERNS)
+        return hub_snapshot(source, None, _CLIP_PATTERNS)
     except BackboneUnavailable as exc:
         # Keep the reason ("not in the local cache", "download failed: ..."), not the backbone's advice.
         reason = str(exc).partition(" Download it")[0]
