@@ -192,3 +192,18 @@ def test_a_sweep_yields_one_point_per_setting_and_can_be_cancelled(engine):
         engine.cancel_sweep()
     assert len(partial) == 1
     assert len(list(engine.sweep(["a photo of {}"], [0], [(400, 800)], [1.0], steps=2))) == 1, "usable afterwards"
+
+
+def test_a_session_waiting_for_the_accelerator_shows_its_place_in_line(engine):
+    from studio.gate import GATE
+    from studio.ui.views import status_markdown
+
+    with GATE.hold("another-session"):
+        engine.start()
+        assert GATE.wait_until_queued(engine.session_id, timeout=TIMEOUT)
+        waiting = engine.snapshot()
+        assert waiting.queue_position == 1
+        assert "1 ahead in line" in status_markdown(waiting)
+        assert waiting.step == 0
+    done = engine.wait_until(lambda s: not s.active, timeout=TIMEOUT)
+    assert done.phase is Phase.FINISHED and done.queue_position is None
