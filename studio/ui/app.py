@@ -18,6 +18,7 @@ from studio.config import ConfigError, StudioConfig, available_presets, check_ba
 from studio.engine import Engine, Phase, Snapshot
 from studio.runner import CHUNK_DURATION_S, training_chunk, zero_gpu
 from studio.ui import views
+from studio.ui.explore import build_explore_tab
 from studio.ui.sessions import SessionRegistry
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -105,9 +106,9 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             with gr.Column(scale=3, min_width=420):
                 status = gr.Markdown("**Idle** · add a photo to begin", elem_id="status")
                 loss_plot = gr.LinePlot(
-                    views.loss_frame(Snapshot(0, Phase.IDLE)), x="step", y="loss", color="series",
-                    title="Training loss", height=220, elem_id="loss-plot",
+                    None, x="step", y="loss", color="series",
                     color_map={"loss": "#9ca3af", "smoothed": "#7c3aed"},
+                    title="Training loss", height=220, elem_id="loss-plot",
                 )
                 gr.Markdown("### 3 · Trade-off (re-renders the previews, no retraining)")
                 with gr.Row():
@@ -135,6 +136,8 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                     num_images = gr.Slider(1, 8, value=2, step=1, label="Images")
                 generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                 generated = gr.Gallery(label="Generated", columns=4, height=320, elem_id="generated", interactive=False)
+            with gr.Tab("Explore", elem_id="tab-explore"):
+                build_explore_tab(engine_for, band_lo, band_hi, balance, default_steps=cfg.sample.preview_steps)
             with gr.Tab("Concept file", elem_id="tab-concept"):
                 gr.Markdown(
                     "Save what was learned (a few MB of `.safetensors`: the mapper, its settings and the "
@@ -142,7 +145,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                 )
                 with gr.Row():
                     export_btn = gr.Button("Export concept", elem_id="export")
-                    export_file = gr.File(label="Download", interactive=False, elem_id="export-file")
+                    export_file = gr.File(label="Download", interactive=False, elem_id="export-file", height=100)
                 import_file = gr.File(label="Import a concept (.safetensors)", file_types=[".safetensors"], elem_id="import")
                 concept_msg = gr.Markdown(elem_id="concept-msg")
 

@@ -26,11 +26,15 @@ SLIDER_HELP = {
 }
 
 
-def loss_frame(snapshot: Snapshot) -> pd.DataFrame:
-    """Raw and EMA-smoothed loss as a long frame (step, loss, series), at most ~400 points per series."""
+def loss_frame(snapshot: Snapshot) -> pd.DataFrame | None:
+    """Raw and EMA-smoothed loss as a long frame (step, loss, series), at most ~400 points per series.
+
+    None before the first step: Gradio's plot fixes its colour domain from the first frame it
+    draws, so that frame must already hold both series.
+    """
     points = snapshot.losses
     if not points:
-        return pd.DataFrame({"step": pd.Series([], dtype=int), "loss": pd.Series([], dtype=float), "series": pd.Series([], dtype=str)})
+        return None
     smoothed, ema = [], None
     for p in points:
         ema = p.loss if ema is None else SMOOTHING * ema + (1 - SMOOTHING) * p.loss

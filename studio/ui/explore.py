@@ -1,0 +1,513 @@
+"""The Explore tab: sweep identity interval × tandem balance, see the trade-off, adopt a setting (issue 6).
+
+The handlers are thin (``build_explore_tab``); everything shown is made by the pure functions
+above it from ``studio.sweep.SweepPoint``s, so it can be tested without a browser.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+import spaces
+
+from studio.conditioning import PromptError, check_prompt
+from studio.config import check_band
+from studio.engine import Engine
+from studio.metrics import caption
+from studio.sweep import EVAL_PROMPTS_FILE, SweepPoint, grid_image, pick_balanced, read_prompt_file
+
+EXPLAIN = (
+    "A **sweep** renders the same prompts and seeds once per *identity interval × tandem balance*, "
+    "scores every image for **identity** (face backend vs your photos) and **prompt fidelity** (CLIP), "
+    "and plots one point per setting — so you can see the trade-off and adopt the setting you like."
+)
+BAND_CHOICES = [(200, 800), (400, 800), (600, 900), (300, 700)]
+BANDS_PRESELECTED = [(200, 800), (400, 800)]
+BALANCE_CHOICES = [0.5, 0.75, 1.0, 1.5, 2.0]
+BALANCES_PRESELECTED = [1.0, 1.5]
+MAX_PROMPTS = 8
+MAX_SEEDS = 8
+STOP_TIMEOUT_S = 120.0  # a stop lands after the denoising step in flight; this only bounds a hung sweep
+GPU_DURATION_S = 120  # ZeroGPU: the most one sweep may hold the GPU
+
+# Series (colours) of the scatter plot: the outcome of each setting; the setting itself is in
+# the tooltip. Gradio 6.31 fixes a plot's colour domain when it first draws it and draws
+# points of later series without colour, so every frame carries one blank (NaN) row per
+# series: all four are in the domain and the legend from the start.
+SCORED = "identity scored"
+BEST = "★ best balance"
+NO_FACE = "no face found"
+NO_REFERENCE = "face, no photo to compare"
+SERIES_COLORS = {SCORED: "#2563eb", BEST: "#dc2626", NO_FACE: "#9ca3af", NO_REFERENCE: "#d97706"}
+PLOT_HELP = "Hover a point for its setting. Drag across points (left to right) to adopt that setting's slider values."
+TABLE_HEADERS = ["", "setting", "identity (mean ± std)", "face found", "prompt score (mean ± std)"]
+
+
+# ----------------------------------------------------------------------------- inputs
+def band_choice(band: tuple[int, int]) -> tuple[str, str]:
+    """CheckboxGroup choice (shown, value) of an interval, e.g. ("t 200–800", "200,800")."""
+    return f"t {band[0]}–{band[1]}", f"{band[0]},{band[1]}"
+
+
+def parse_bands(values: Sequence[str]) -> list[tuple[int, int]]:
+    """Sorted intervals from CheckboxGroup values "lo,hi" (which come in the order they were ticked)."""
+    if not values:
+        raise ValueError("Choose at least one identity interval to try.")
+    bands = set()
+    for value in values:
+        lo, hi = (int(part) for part in str(value).split(","))
+        bands.add(check_band((lo, hi), "interval"))
+    return sorted(bands)
+
+
+def parse_balances(values: Sequence[float | str]) -> list[float]:
+    """Sorted balances γ from CheckboxGroup values."""
+    if not values:
+        raise ValueError("Choose at least one tandem balance γ to try.")
+    return sorted({float(value) for value in values})
+
+
+def parse_prompts(text: str) -> list[str]:
+    """One prompt per non-blank line, each with {} for the person; raises ValueError naming a bad line."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError("Write at least one prompt, one per line, with {} where the person goes.")
+    if len(lines) > MAX_PROMPTS:
+        raise ValueError(f"A sweep takes at most {MAX_PROMPTS} prompts; you wrote {len(lines)}.")
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            prompts.append(check_prompt(line))
+        except PromptError as exc:
+            raise ValueError(f"Prompt {number}: {exc}") from None
+    return prompts
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Whole numbers separated by spaces or commas, e.g. "0 1"."""
+    parts = (text or "").replace(",", " ").split()
+    if not parts:
+        raise ValueError("Give at least one seed, e.g. 0 1.")
+    try:
+        seeds = [int(part) for part in parts]
+    except ValueError:
+        raise ValueError(f"Seeds must be whole numbers separated by spaces, got {text!r}.") from None
+    if len(seeds) > MAX_SEEDS:
+        raise ValueError(f"A sweep takes at most {MAX_SEEDS} seeds; you gave {len(seeds)}.")
+    return list(dict.fromkeys(seeds))
+
+
+def default_prompts() -> str:
+    """Two prompts from the shipped evaluation file: a scene and a style."""
+    try:
+        prompts = read_prompt_file(EVAL_PROMPTS_FILE)
+    except PromptError:
+        return "a photo of {} on the beach\nan oil painting of {}"
+    style = next((p for p in prompts if "painting" in p), prompts[-1])
+    return "\n".join(dict.fromkeys([prompts[0], style]))
+
+
+# ----------------------------------------------------------------------------- settings
+def setting_key(band: tuple[int, int], balance: float) -> str:
+    """A setting as a Dropdown / plot value, e.g. "400,800,1.5"."""
+    return f"{band[0]},{band[1]},{balance:g}"
+
+
+def parse_setting_key(key: str) -> tuple[tuple[int, int], float]:
+    lo, hi, balance = str(key).split(",")
+    return (int(lo), int(hi)), float(balance)
+
+
+def setting_label(band: tuple[int, int], balance: float) -> str:
+    """Same text as ``SweepPoint.label``, for settings not yet run."""
+    return f"t {band[0]}–{band[1]} · γ {balance:.2f}"
+
+
+@dataclass
+class SweepRun:
+    """One sweep of a session: what was asked and the points so far (appended by the stream handler)."""
+
+    bands: list[tuple[int, int]]
+    balances: list[float]
+    prompts: list[str]
+    seeds: list[int]
+    steps: int
+    references: int  # identity reference photos the images are scored against
+    random_backbone: bool
+    points: list[SweepPoint] = field(default_factory=list)
+    error: str = ""
+    stopped: bool = False
+    started: float = field(default_factory=time.monotonic)
+    finished_at: float | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+    grid_path: str | None = None  # the labelled grid PNG, written once the sweep has ended
+
+    @property
+    def settings(self) -> list[tuple[tuple[int, int], float]]:
+        """Band-major, the order ``studio.sweep.sweep`` runs them in."""
+        return [(band, balance) for band in self.bands for balance in self.balances]
+
+    @property
+    def total(self) -> int:
+        return len(self.bands) * len(self.balances)
+
+    @property
+    def images_per_setting(self) -> int:
+        return len(self.prompts) * len(self.seeds)
+
+    def finish(self) -> None:
+        if self.finished_at is None:
+            self.finished_at = time.monotonic()
+        self.finished.set()
+
+
+# ----------------------------------------------------------------------------- views
+def _identity_series(point: SweepPoint) -> str | None:
+    """The unscored outcome of a point, or None when it has an identity score."""
+    if point.face_rate == 0:
+        return NO_FACE
+    if point.mean_identity is None:
+        return NO_REFERENCE
+    return None
+
+
+def scatter_frame(points: Sequence[SweepPoint]) -> pd.DataFrame:
+    """Rows for the plot: prompt score (x), identity (y), series (colour), setting, faces, key.
+
+    Settings without an identity score (no face found / no reference photo) are drawn at
+    identity 0 in their own series: an outcome, not a score of 0. The best balance among the
+    scored settings is its own series, last so that it is drawn on top; when no setting has an
+    identity score the best is marked in the table and summary only. The frame starts with
+    one row per series with NaN coordinates (not drawn; see ``SERIES_COLORS``).
+    """
+    best = pick_balanced(points) if points else None
+    rows = [
+        {"prompt": math.nan, "identity": math.nan, "series": series, "setting": "", "faces": "", "key": ""}
+        for series in SERIES_COLORS
+    ]
+    drawn = []
+    for point in points:
+        unscored = _identity_series(point)
+        faces = sum(s.identity.face_found for s in point.scores)
+        drawn.append(
+            {
+                "prompt": round(point.mean_prompt, 2),
+                "identity": 0.0 if unscored else round(point.mean_identity, 3),
+                "series": unscored or (BEST if point is best else SCORED),
+                "setting": point.label,
+                "faces": f"{faces} of {len(point.scores)} images",
+                "key": setting_key(point.band, point.balance),
+            }
+        )
+    drawn.sort(key=lambda row: row["series"] == BEST)
+    frame = pd.DataFrame(rows + drawn)
+    return frame.astype({"prompt": float, "identity": float})
+
+
+def _mean_std(mean: float, std: float, digits: int) -> str:
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def results_table(points: Sequence[SweepPoint]) -> pd.DataFrame:
+    """One row per setting: best-balance mark, setting, identity, face rate, prompt score."""
+    best = pick_balanced(points) if points else None
+    rows = []
+    for point in points:
+        unscored = _identity_series(point)
+        identity = unscored if unscored else _mean_std(point.mean_identity, point.identity_std or 0.0, 2)
+        faces = sum(s.identity.face_found for s in point.scores)
+        rows.append(
+            [
+                "★" if point is best else "",
+                point.label,
+                identity,
+                f"{point.face_rate:.0%} ({faces}/{len(point.scores)})",
+                _mean_std(point.mean_prompt, point.prompt_std, 1),
+            ]
+        )
+    return pd.DataFrame(rows, columns=TABLE_HEADERS)
+
+
+def gallery_items(points: Sequence[SweepPoint], prompts: Sequence[str], seeds: Sequence[int]) -> list[tuple[Any, str]]:
+    """(image, caption) per image, setting by setting: setting · scores · seed · prompt."""
+    columns = [(prompt, seed) for prompt in prompts for seed in seeds]
+    items = []
+    for point in points:
+        for image, scores, (prompt, seed) in zip(point.images, point.scores, columns):
+            items.append((image, f"{point.label} · {caption(scores)} · seed {seed} · {prompt}"))
+    return items
+
+
+def gallery_columns(images_per_setting: int) -> int:
+    """Columns so that each row holds whole settings: 4 for 1-2 images per setting, else one setting (≤ 8)."""
+    return 4 if images_per_setting <= 2 else min(images_per_setting, 8)
+
+
+def summary_markdown(run: SweepRun) -> str:
+    """Best balance, what produced the scores, and why some points have no identity score."""
+    points = run.points
+    if not points:
+        return ""
+    best = pick_balanced(points)
+    unscored = _identity_series(best)
+    identity = unscored or f"identity {best.mean_identity:.2f}"
+    rule = (
+        "the setting whose weaker score, each scaled over this sweep, is highest"
+        if any(p.mean_identity is not None for p in points)
+        else "without identity scores the prompt score alone decides"
+    )
+    lines = [f"**{BEST}: {best.label}** — {identity}, prompt score {best.mean_prompt:.1f} ({rule})."]
+    first = points[0].scores[0]
+    photos = _count(run.references, "photo") if run.references else "no photo"
+    lines.append(f"Scores: identity by **{first.identity.model}** against {photos} · prompt by **{first.prompt.model}**.")
+    no_face = sum(p.face_rate == 0 for p in points)
+    not_scored = sum(_identity_series(p) == NO_REFERENCE for p in points)
+    if no_face or not_scored:
+        note = (
+            "Identity can only be scored with a real backbone and a reference photo. "
+            f"Grey points have no identity score and are drawn at 0 — that is not a score of 0: "
+        )
+        reasons = []
+        if no_face:
+            reasons.append(f"{no_face} of {len(points)} settings produced no detectable face")
+        if not_scored:
+            reasons.append(f"{not_scored} had faces but there is no reference photo to compare with")
+        note += "; ".join(reasons) + "."
+        if run.random_backbone:
+            note += " (The tiny demo model draws noise, so it never makes a face.)"
+        lines.append(f"⚠️ {note}")
+    return "\n\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def progress_markdown(run: SweepRun) -> str:
+    """"⏳ setting 2 of 4 …" while running; done / stopped / failed afterwards."""
+    done, total = len(run.points), run.total
+    shape = f"{_count(run.images_per_setting, 'image')} each, {_count(run.steps, 'step')}"
+    if run.error:
+        return f"✗ {run.error}"
+    if not run.finished.is_set():
+        band, balance = run.settings[min(done, total - 1)]
+        return f"⏳ **setting {done + 1} of {total}** … ({setting_label(band, balance)}; {shape})"
+    seconds = (run.finished_at or time.monotonic()) - run.started
+    if run.stopped or done < total:
+        return f"■ **Stopped** after {done} of {total} settings ({seconds:.0f} s); the finished ones are shown."
+    return f"✓ **Done**: {_count(total, 'setting')}, {shape}, in {seconds:.0f} s."
+
+
+def setting_choices(points: Sequence[SweepPoint]) -> list[tuple[str, str]]:
+    """Dropdown choices (label, key), the best balance marked."""
+    best = pick_balanced(points) if points else None
+    return [(f"{p.label}  {BEST}" if p is best else p.label, setting_key(p.band, p.balance)) for p in points]
+
+
+def is_range(x_range: Any) -> bool:
+    """A drag's [lo, hi]; the page also sends a select with [None, None] when a drag is cleared."""
+    return isinstance(x_range, (list, tuple)) and len(x_range) == 2 and all(
+        isinstance(x, (int, float)) and math.isfinite(x) for x in x_range
+    )
+
+
+def keys_in_range(frame: pd.DataFrame, x_range: Sequence[float]) -> list[str]:
+    """Keys of the settings whose prompt score lies in a drag over [lo, hi], nearest its centre first."""
+    if frame.empty or not is_range(x_range):
+        return []
+    lo, hi = sorted(float(x) for x in x_range)
+    inside = frame[(frame["prompt"] >= lo) & (frame["prompt"] <= hi)]
+    distance = (inside["prompt"] - (lo + hi) / 2).abs()
+    return [str(key) for key in inside.assign(distance=distance).sort_values("distance", kind="stable")["key"]]
+
+
+def choose_setting(keys: Sequence[str], points: Sequence[SweepPoint]) -> str | None:
+    """Of several settings a drag selected (the brush spans the x axis only), the best balance
+    among them; without their points, the one nearest the brush's centre."""
+    candidates = [p for p in points if setting_key(p.band, p.balance) in keys]
+    if candidates:
+        best = pick_balanced(candidates)
+        return setting_key(best.band, best.balance)
+    return keys[0] if keys else None
+
+
+def plot_value_frame(value: Any) -> pd.DataFrame:
+    """The ScatterPlot's payload (PlotData / dict with columns + data) back as a DataFrame."""
+    if value is None:
+        return scatter_frame([])
+    columns = value["columns"] if isinstance(value, dict) else value.columns
+    data = value["data"] if isinstance(value, dict) else value.data
+    frame = pd.DataFrame(data, columns=columns)
+    # the blank rows come back as null coordinates
+    frame["prompt"] = pd.to_numeric(frame["prompt"], errors="coerce")
+    return frame
+
+
+# ----------------------------------------------------------------------------- the tab
+# The running / last sweep of each session's engine; entries go when the engine does.
+_RUNS: weakref.WeakKeyDictionary[Engine, SweepRun] = weakref.WeakKeyDictionary()
+
+
+def build_explore_tab(
+    engine_for: Callable[[gr.Request], Engine],
+    band_lo: gr.Slider,
+    band_hi: gr.Slider,
+    balance: gr.Slider,
+    *,
+    default_steps: int = 20,
+) -> None:
+    """The Explore panel; call inside ``with gr.Tab("Explore")``. Adopting a setting sets the three sliders."""
+    gr.Markdown(EXPLAIN, elem_id="explore-help")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=340):
+            bands = gr.CheckboxGroup(
+                [band_choice(b) for b in BAND_CHOICES], value=[band_choice(b)[1] for b in BANDS_PRESELECTED],
+                label="Identity intervals to try", elem_id="explore-bands",
+            )
+            balances = gr.CheckboxGroup(
+                [(f"γ {g:g}", g) for g in BALANCE_CHOICES], value=BALANCES_PRESELECTED,
+                label="Tandem balances γ to try", elem_id="explore-balances",
+            )
+            prompts = gr.Textbox(
+                default_prompts(), lines=3, max_lines=MAX_PROMPTS, label="Prompts, one per line ({} = the person)",
+                elem_id="explore-prompts",
+            )
+            with gr.Row():
+                seeds = gr.Textbox("0 1", label="Seeds", elem_id="explore-seeds", min_width=100)
+                steps = gr.Slider(1, 100, value=default_steps, step=1, label="Denoising steps", elem_id="explore-steps")
+            with gr.Row():
+                run_btn = gr.Button("Run sweep", variant="primary", elem_id="explore-run")
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="explore-stop")
+            progress = gr.Markdown(elem_id="explore-progress")
+        with gr.Column(scale=3, min_width=420):
+            plot = gr.ScatterPlot(
+                scatter_frame([]), x="prompt", y="identity", color="series", tooltip=["setting", "faces"],
+                title="Identity vs prompt fidelity, one point per setting",
+                x_title="prompt score (CLIPScore, 0–100)", y_title="identity similarity (0–1)", color_title="outcome",
+                color_map=SERIES_COLORS, y_lim=[-0.05, 1.05], x_axis_format=".1f", height=320, elem_id="explore-plot",
+            )
+            gr.Markdown(PLOT_HELP, elem_classes=["help"])
+            summary = gr.Markdown(elem_id="explore-summary")
+            with gr.Row(equal_height=True):
+                pick = gr.Dropdown(
+                    [], label="Setting to adopt", elem_id="explore-pick", scale=3, interactive=True,
+                )
+                adopt_btn = gr.Button("Use these slider values", elem_id="explore-adopt", scale=1)
+            adopted = gr.Markdown(elem_id="explore-adopted")
+    table = gr.Dataframe(
+        headers=TABLE_HEADERS, label="Results per setting", interactive=False, elem_id="explore-table", wrap=True,
+    )
+    gallery = gr.Gallery(
+        label="Images (setting · scores · seed · prompt)", columns=4, fit_columns=False, object_fit="contain",
+        interactive=False, elem_id="explore-gallery",
+    )
+    grid_file = gr.File(label="Labelled grid (PNG)", interactive=False, elem_id="explore-grid-file")
+
+    outputs = [progress, plot, summary, table, gallery, pick, grid_file, adopted]
+
+    def frame(run: SweepRun, *, final: bool, first: bool = False) -> list[Any]:
+        """Every output for the run's current points; the grid file only once it has ended; the
+        last adoption's note is cleared when a sweep starts (its settings may not be in this one)."""
+        points = run.points
+        best = pick_balanced(points) if points else None
+        if final and points and run.grid_path is None:
+            run.grid_path = str(Path(tempfile.mkdtemp(prefix="sweep-")) / "sweep-grid.png")
+            grid_image(points, run.prompts, run.seeds).save(run.grid_path)
+        return [
+            progress_markdown(run),
+            scatter_frame(points),
+            summary_markdown(run),
+            results_table(points),
+            gr.Gallery(value=gallery_items(points, run.prompts, run.seeds), columns=gallery_columns(run.images_per_setting)),
+            gr.Dropdown(choices=setting_choices(points), value=best and setting_key(best.band, best.balance)),
+            run.grid_path if final else gr.skip(),
+            "" if first else gr.skip(),
+        ]
+
+    @spaces.GPU(duration=GPU_DURATION_S)
+    def on_run(band_values, balance_values, prompt_text, seed_text, n_steps, request: gr.Request):
+        engine = engine_for(request)
+        try:
+            run = SweepRun(
+                bands=parse_bands(band_values), balances=parse_balances(balance_values),
+                prompts=parse_prompts(prompt_text), seeds=parse_seeds(seed_text), steps=int(n_steps),
+                references=len(engine.references()), random_backbone=engine.snapshot().is_random_backbone,
+            )
+            previous = _RUNS.get(engine)
+            if previous is not None and not previous.finished.is_set():
+                raise ValueError("A sweep is already running in this session: stop it first.")
+            if engine.current_concept() is None:
+                raise ValueError("There is no concept yet: train one (or import a concept file) before exploring.")
+        except (ValueError, RuntimeError) as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        _RUNS[engine] = run
+        yield frame(run, final=False, first=True)
+        points = engine.sweep(run.prompts, run.seeds, run.bands, run.balances, steps=run.steps)
+        try:
+            for point in points:
+                run.points.append(point)
+                if len(run.points) < run.total:
+                    yield frame(run, final=False)
+        except (ValueError, RuntimeError) as exc:
+            run.error = str(exc) or type(exc).__name__
+            gr.Warning(run.error)
+        finally:
+            # Runs on normal end, on error and when Stop cancels this stream (Gradio closes it).
+            points.close()
+            run.finish()
+        yield frame(run, final=True)
+
+    def on_stop(request: gr.Request):
+        engine = engine_for(request)
+        run = _RUNS.get(engine)
+        if run is None:
+            return [gr.skip()] * len(outputs)
+        run.stopped = not run.finished.is_set()
+        engine.cancel_sweep()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        # Re-send the cancel until the sweep has ended: one sent before the sweep's first
+        # setting began would be cleared by its start.
+        while not run.finished.wait(timeout=0.25) and time.monotonic() < deadline:
+            engine.cancel_sweep()
+        return frame(run, final=True)
+
+    def adopt(key: str | None) -> list[Any]:
+        if not key:
+            gr.Warning("Run a sweep first, then choose one of its settings.")
+            return [gr.skip()] * 4
+        (lo, hi), gamma = parse_setting_key(key)
+        note = (
+            f"✓ Sliders set to **{setting_label((lo, hi), gamma)}**. "
+            "Press *Preview now* or *Generate* to use them."
+        )
+        return [lo, hi, gamma, note]
+
+    def on_select(plot_value, evt: gr.SelectData, request: gr.Request):
+        x_range = evt.value if isinstance(evt.value, list) else []
+        keys = keys_in_range(plot_value_frame(plot_value), x_range)
+        run = _RUNS.get(engine_for(request))
+        key = choose_setting(keys, run.points if run is not None else [])
+        if key is None:
+            if is_range(x_range):  # a drag over empty space, not a cleared one
+                gr.Info("No setting lies in that range: drag across a point.")
+            return [gr.skip()] * 5
+        lo, hi, gamma, note = adopt(key)
+        if len(keys) > 1:
+            note += f" ({len(keys)} settings lie in the range you dragged: this is the best balance among them.)"
+        return [key, lo, hi, gamma, note]
+
+    run_event = run_btn.click(
+        on_run, [bands, balances, prompts, seeds, steps], outputs, api_name="explore_sweep", concurrency_limit=None,
+    )
+    stop_btn.click(on_stop, None, outputs, cancels=[run_event], api_name="explore_stop", concurrency_limit=None)
+    adopt_btn.click(adopt, [pick], [band_lo, band_hi, balance, adopted], api_name="explore_adopt", concurrency_limit=None)
+    plot.select(on_select, [plot], [pick, band_lo, band_hi, balance, adopted], api_visibility="private", concurrency_limit=None)
