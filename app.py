@@ -9,6 +9,10 @@ import os
 import sys
 import warnings
 
+# Before torch loads: idle OpenMP threads sleep instead of spinning, so a CPU shared by the
+# training thread, the web server and other sessions is not burnt on busy-waiting.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 warnings.filterwarnings("ignore", message=".*Pandas4Warning.*")
 
 from studio.config import ConfigError, available_presets, load_preset  # noqa: E402

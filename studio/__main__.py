@@ -8,6 +8,7 @@ import sys
 # set before transformers / diffusers are imported. An explicit setting still wins.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: shared CPUs
 
 from studio.cli import main  # noqa: E402
 

@@ -334,6 +334,10 @@ class Trainer:
                 if isinstance((yield from self._guarded(self.preview)), TrainingFailed):
                     return
         if self.done:
+            if self.cfg.train.preview_every > 0 and self._last_preview_step != self.step:
+                # a last look at the result when training ended between two preview steps
+                if isinstance((yield from self._guarded(self.preview)), TrainingFailed):
+                    return
             yield TrainingFinished(step=self.step, total=self.total, concept=self.concept())
 
     def _guarded(self, action: Callable[[], TrainingEvent]) -> Generator[TrainingEvent, None, TrainingEvent]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as app.py: no spinning threads on shared cores
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 warnings.filterwarnings("ignore", message=".*Pandas4Warning.*")
 
