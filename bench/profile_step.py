@@ -17,7 +17,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from run import DEFAULT_PHOTO, checked_step, quiet_libraries, synchronize, training_photo  # noqa: E402
+from run import DEFAULT_PHOTO, checked_step, synchronize, training_photo  # noqa: E402
+
+from studio.backbone import quiet_loading  # noqa: E402
 
 
 def build_variant(name: str, backbone, resolution: int, batch: int):
@@ -72,7 +74,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from sd15 import build_sd15_backbone
 
-    with quiet_libraries():
+    with quiet_loading():
         backbone, _ = build_sd15_backbone(args.device, args.dtype)
     built = build_variant("ti" if args.variant == "ti" else args.variant, backbone, args.resolution, args.batch)
     step, recipe = built if isinstance(built, tuple) else (built, None)

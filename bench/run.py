@@ -41,6 +41,8 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from studio.backbone import quiet_loading  # noqa: E402
+
 DEFAULT_THREADS = torch.get_num_threads()  # before --threads changes it
 DEFAULT_PHOTO = REPO / "assets" / "examples" / "astronaut.png"  # ships with the repo (public domain)
 
@@ -335,7 +337,7 @@ class Bench:
             from sd15 import build_sd15_backbone, describe
 
             started = time.perf_counter()
-            with quiet_libraries():
+            with quiet_loading():
                 self._backbone, seconds = build_sd15_backbone(str(self.device), self.dtype)
             self.results["backbone"] = {
                 "build_s": time.perf_counter() - started,
@@ -593,7 +595,7 @@ class Bench:
 
         cfg = load_preset("tiny")
         started = time.perf_counter()
-        with quiet_libraries():
+        with quiet_loading():
             backbone = get_backbone(cfg.model)
         load_s = time.perf_counter() - started
         threads = torch.get_num_threads()
@@ -663,22 +665,6 @@ def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-@contextlib.contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """Silence diffusers' / transformers' info and dtype warnings while building models."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    old = dlog.get_verbosity(), tlog.get_verbosity()
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(old[0])
-        tlog.set_verbosity(old[1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -375,13 +375,13 @@ def get_backbone(cfg: ModelConfig) -> Backbone:
     key = (cfg.source, cfg.revision, cfg.single_file_config, cfg.image_encoder, cfg.device, cfg.dtype)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            with _quiet_loading():
+            with quiet_loading():
                 _CACHE[key] = build_backbone(cfg)
         return _CACHE[key]
 
 
 @contextlib.contextmanager
-def _quiet_loading():
+def quiet_loading():
     """Silence progress bars and info logs of diffusers/transformers while loading."""
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
