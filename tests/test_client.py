@@ -120,3 +120,21 @@ def test_bad_inputs_give_messages_and_the_session_stays_usable(studio_app, photo
         assert "Finished" in status
     finally:
         client.close()
+
+
+def test_a_real_preset_without_weights_fails_plainly_and_switching_back_works(studio_app, photo):
+    demo, url = studio_app
+    client = _client(url)
+    try:
+        client.predict([handle_file(photo)], api_name="/photos")
+        banner, source, *_ = client.predict("sd15", api_name="/preset")
+        assert source == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+        status = client.predict(*_train_args(steps=2, seed=0, preview_every=0), api_name="/train")[0]
+        assert "Failed" in status and "stable-diffusion-v1-5/stable-diffusion-v1-5" in status
+        assert "hf download" in status
+
+        client.predict("tiny", api_name="/preset")
+        status = client.predict(*_train_args(steps=2, seed=0, preview_every=0), api_name="/train")[0]
+        assert "Finished" in status
+    finally:
+        client.close()
