@@ -182,7 +182,8 @@ def test_bad_files_show_their_message_and_the_page_stays_usable(page, faces_dir,
     page.wait_for_function("() => (document.querySelector('#concept-msg')?.innerText || '').includes('✗')")
     shot(page, "08-corrupt-concept")
 
-    # still usable: a real photo is accepted afterwards
-    upload_photo(page, str(faces_dir / "single" / "f2d_0.jpg"))
+    # still usable: the bundled sample photo is accepted afterwards
+    page.get_by_text("astronaut.png").first.click()
     page.wait_for_selector("#crops img")
-    assert "✓" in page.locator("#photo-report").inner_text()
+    assert "✓ astronaut.png" in page.locator("#photo-report").inner_text()
+    shot(page, "09-sample-photo")

@@ -71,8 +71,8 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                 if EXAMPLE_PHOTOS:
                     gr.Examples(examples=[[[p]] for p in EXAMPLE_PHOTOS], inputs=[photos], label="Or try a sample photo")
                 crops = gr.Gallery(
-                    label="What training sees: aligned crop + face mask", columns=4, height=200,
-                    elem_id="crops", allow_preview=True, interactive=False, object_fit="contain",
+                    label="What training sees: aligned crop + face mask", columns=4, height=220,
+                    elem_id="crops", allow_preview=True, preview=False, fit_columns=False, interactive=False, object_fit="contain",
                 )
                 photo_report = gr.Markdown(elem_id="photo-report")
 
