@@ -63,8 +63,9 @@ def create_demo(preset: str | None = None, model: str | None = None):
 def launch_kwargs() -> dict:
     from studio.ui.app import CSS
 
-    # Faces are personal data: keep no run history on the server.
-    return dict(css=CSS, run_history=False, footer_links=["api", "settings"])
+    # Faces are personal data: keep no run history on the server. Uploads are photos and
+    # concept files (a few MB): refuse anything huge before it reaches a handler.
+    return dict(css=CSS, run_history=False, footer_links=["api", "settings"], max_file_size="100mb")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,6 +123,10 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
 
         with gr.Tabs():
             with gr.Tab("Generate", elem_id="tab-generate"):
+                gr.Markdown(
+                    "Uses the newest weights and the identity interval and balance set in *3 · Trade-off* above.",
+                    elem_classes=["help"],
+                )
                 with gr.Row():
                     prompt = gr.Textbox(
                         "a photo of {} as an astronaut on the moon", label="Prompt ({} = the person)", elem_id="prompt", scale=3
