@@ -19,13 +19,19 @@ import torch
 from studio.events import ConceptUpdated, TrainingEvent, TrainingFailed, TrainingFinished
 
 # A ZeroGPU call is billed against a daily quota: keep each one short.
-CHUNK_STEPS = int(os.environ.get("STUDIO_CHUNK_STEPS", "50"))
+DEFAULT_CHUNK_STEPS = 50
 CHUNK_DURATION_S = int(os.environ.get("STUDIO_CHUNK_DURATION_S", "120"))
 
 
 def zero_gpu() -> bool:
     """True on a ZeroGPU Space (the variable that makes ``spaces.GPU`` active)."""
     return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+
+
+def chunked_training() -> bool:
+    """Train in request-driven chunks: on ZeroGPU, or when STUDIO_CHUNKED_TRAINING=1 asks for
+    the same code path elsewhere (tests, and servers that forbid background threads)."""
+    return zero_gpu() or os.environ.get("STUDIO_CHUNKED_TRAINING", "") == "1"
 
 
 @dataclass(frozen=True)
@@ -85,11 +91,12 @@ def chunked_events(
     total: int,
     preview: Callable[[], tuple[tuple[int, int], float]],
     stopped: Callable[[], bool],
-    chunk_steps: int = CHUNK_STEPS,
+    chunk_steps: int | None = None,
 ) -> Iterator[TrainingEvent]:
     """The events of a whole training, made of ``gpu_call`` chunks (``training_chunk`` wrapped
     in ``spaces.GPU``). Stops between chunks when ``stopped()``; the live preview settings
     are read at the start of each chunk."""
+    chunk_steps = chunk_steps or int(os.environ.get("STUDIO_CHUNK_STEPS", DEFAULT_CHUNK_STEPS))
     state: dict[str, Any] | None = None
     step = 0
     while step < total:

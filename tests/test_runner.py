@@ -93,3 +93,34 @@ def test_engine_in_foreground_mode_finishes_with_a_concept(chunk_cfg, faces_dir)
         assert snapshots[-1].preview is not None
     finally:
         engine.close()
+
+
+def test_the_zerogpu_train_handler_streams_a_chunked_training_in_the_launched_app(monkeypatch, faces_dir):
+    """The sync-generator handler that drives GPU chunks on ZeroGPU, here without ZeroGPU itself."""
+    import socket
+
+    from gradio_client import Client, handle_file
+
+    import app
+
+    monkeypatch.setenv("STUDIO_CHUNKED_TRAINING", "1")
+    monkeypatch.setenv("STUDIO_CHUNK_STEPS", "2")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo = app.create_demo("tiny")
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    client = Client(demo.local_url, verbose=False, analytics_enabled=False)
+    try:
+        client.predict([handle_file(str(faces_dir / "single" / "f2d_0.jpg"))], api_name="/photos")
+        job = client.submit(5, 3e-3, 1, 0, 200, 900, 1e-3, 0.5, 0, 400, 800, 1.0, api_name="/train")
+        statuses = [status for status, _plot, _gallery in job]
+        assert "Finished" in job.outputs()[-1][0] and "step 5 / 5" in job.outputs()[-1][0]
+        assert len(statuses) >= 2
+        engine = demo.sessions.get(demo.sessions.sessions()[0])
+        assert engine._thread is None, "no background thread: the request drove the training"
+        assert [p.step for p in engine.snapshot().losses] == [1, 2, 3, 4, 5]
+    finally:
+        client.close()
+        demo.sessions.close_all()
+        demo.close()

@@ -16,7 +16,7 @@ import spaces
 
 from studio.config import ConfigError, StudioConfig, available_presets, check_band, load_preset
 from studio.engine import Engine, Phase, Snapshot
-from studio.runner import CHUNK_DURATION_S, training_chunk, zero_gpu
+from studio.runner import CHUNK_DURATION_S, chunked_training, training_chunk
 from studio.ui import views
 from studio.ui.explore import build_explore_tab
 from studio.ui.sessions import SessionRegistry
@@ -333,7 +333,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
         # ---------------------------------------------------------------- wiring
         photos.change(on_photos, [photos], [crops, photo_report], api_name="photos")
         train_event = train_btn.click(
-            on_train_zero_gpu if zero_gpu() else on_train, [*settings, band_lo, band_hi, balance], live_outputs, api_name="train", concurrency_limit=None
+            on_train_zero_gpu if chunked_training() else on_train, [*settings, band_lo, band_hi, balance], live_outputs, api_name="train", concurrency_limit=None
         )
         stop_btn.click(on_stop, None, live_outputs, cancels=[train_event], api_name="stop", concurrency_limit=None)
         pause_btn.click(on_pause, None, [status], api_name="pause", concurrency_limit=None)
