@@ -154,6 +154,8 @@ def test_photo_to_training_to_sliders_to_export_and_import(page, browser, studio
     fresh.click("#generate")
     fresh.wait_for_selector("#generated img")
     assert fresh.locator("#generated img").count() >= 1
+    caption = fresh.locator("#generated").inner_text()
+    assert "3 steps" in caption and "identity in" in caption and "γ=" in caption, caption
     shot(fresh, "05-imported-and-generated")
     fresh.context.close()
 

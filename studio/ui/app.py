@@ -139,7 +139,10 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                     scheduler = gr.Dropdown(_scheduler_names(), value=cfg.sample.scheduler, label="Scheduler")
                     num_images = gr.Slider(1, 8, value=2, step=1, label="Images")
                 generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                generated = gr.Gallery(label="Generated", columns=4, height=320, elem_id="generated", interactive=False)
+                generated = gr.Gallery(
+                    label="Generated", columns=4, height=320, elem_id="generated", interactive=False,
+                    fit_columns=False, object_fit="contain",
+                )
             with gr.Tab("Explore", elem_id="tab-explore"):
                 build_explore_tab(engine_for, band_lo, band_hi, balance, default_steps=cfg.sample.preview_steps)
             with gr.Tab("Concept file", elem_id="tab-concept"):
@@ -283,7 +286,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                 )
             except (ValueError, RuntimeError) as exc:
                 raise _user_error(exc) from None
-            return list(zip(result.images, result.captions))
+            return views.generated_items(result)
 
         def on_export(request: gr.Request):
             engine = engine_for(request)

@@ -101,6 +101,19 @@ def preview_items(snapshot: Snapshot) -> list[tuple]:
     return items
 
 
+def generated_items(result) -> list[tuple]:
+    """Gallery items (image, caption): prompt, seed, scores and the settings that made it."""
+    items = []
+    for image, caption, setting in zip(result.images, result.captions, result.settings):
+        lo, hi = setting["band"]
+        items.append((image, (
+            f"{caption} · {setting['num_inference_steps']} steps {setting['scheduler']} · CFG {setting['guidance_scale']:g}"
+            f" · t∈[{lo}, {hi}]: identity in {setting['identity_steps']} of {setting['total_steps']} steps"
+            f" · γ={setting['balance']:g}"
+        )))
+    return items
+
+
 def photo_items(prepared) -> list[tuple]:
     """Gallery items: each usable crop with its mask overlay."""
     if prepared is None:
