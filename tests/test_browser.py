@@ -149,6 +149,8 @@ def test_photo_to_training_to_sliders_to_export_and_import(page, browser, studio
     fresh.get_by_role("tab", name="Concept file").click()
     fresh.set_input_files("#import input[type=file]", str(concept_path))
     fresh.wait_for_function("() => (document.querySelector('#concept-msg')?.innerText || '').includes('Loaded')")
+    fresh.wait_for_selector("#previews img")  # the imported concept's previews, without retraining
+    assert "step 12" in fresh.locator("#previews").inner_text()
     fresh.get_by_role("tab", name="Generate").click()
     set_number(fresh, "gen-steps", 3)
     fresh.click("#generate")

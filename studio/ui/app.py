@@ -310,6 +310,16 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             note = f"✓ Loaded a concept ({concept.num_tokens} tokens, {concept.steps_done} steps, super-category “{concept.super_category}”)."
             return note, views.status_markdown(engine.snapshot())
 
+        @spaces.GPU(duration=GPU_DURATION_S)
+        def on_concept_loaded(lo: float, hi: float, gamma: float, request: gr.Request):
+            """After an import: show what the concept draws at the current slider settings."""
+            engine = engine_for(request)
+            snapshot = engine.snapshot()
+            if snapshot.concept is None or snapshot.active or int(lo) >= int(hi):
+                return gr.skip(), gr.skip(), gr.skip()
+            engine.render_previews((int(lo), int(hi)), float(gamma))
+            return render(engine.snapshot())
+
         def on_preset(name: str, request: gr.Request):
             engine = engine_for(request)
             try:
@@ -351,7 +361,9 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             [generated], api_name="generate", concurrency_limit=None,
         )
         export_btn.click(on_export, None, [export_file, concept_msg], api_name="export", concurrency_limit=None)
-        import_file.upload(on_import, [import_file], [concept_msg, status], api_name="import", concurrency_limit=None)
+        import_file.upload(on_import, [import_file], [concept_msg, status], api_name="import", concurrency_limit=None).then(
+            on_concept_loaded, [band_lo, band_hi, balance], live_outputs, concurrency_limit=None
+        )
         preset.change(
             on_preset, [preset],
             [banner, model_source, *settings, band_lo, band_hi, balance], api_name="preset",
