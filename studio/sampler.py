@@ -287,30 +287,36 @@ class Sampler:
         # UniPC take no generator argument).
         step_kwargs = {"generator": generators} if "generator" in inspect.signature(noise_scheduler.step).parameters else {}
 
-        # 4. Denoising loop.
-        for i, t in enumerate(timesteps):
-            # 4a. Text conditions of this step: [negatives ; conditions] with CFG.
-            cond = [rows[(images_prompt[j], mapper_ts[i])] for j in range(num_images)]
+        # 4. Batch text conditions [negatives ; conditions], built once per distinct mapper
+        #    timestep (a step only changes them when it enters another stage or band time).
+        batch_conditions: dict[int | None, tuple[torch.Tensor, dict | None]] = {}
+        for mapper_t in set(mapper_ts):
+            cond = [rows[(p, mapper_t)] for p in images_prompt]
             if do_cfg:
                 cond = [rows["negative"]] * num_images + cond
-            hidden = torch.stack([row.hidden for row in cond])
-            kwargs = None
+            values = None
             if any(row.values is not None for row in cond):
-                kwargs = {"value_states": torch.stack([row.value_states for row in cond])}
-            # 4b. Noise prediction on the whole batch, then guidance.
+                values = {"value_states": torch.stack([row.value_states for row in cond])}
+            batch_conditions[mapper_t] = (torch.stack([row.hidden for row in cond]), values)
+
+        # 5. Denoising loop.
+        for i, t in enumerate(timesteps):
+            # 5a. This step's text condition (stage table).
+            hidden, kwargs = batch_conditions[mapper_ts[i]]
+            # 5b. Noise prediction on the whole batch, then guidance.
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             model_input = noise_scheduler.scale_model_input(model_input, t)
             noise_pred = backbone.unet(model_input, t, encoder_hidden_states=hidden, cross_attention_kwargs=kwargs).sample
             if do_cfg:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + guidance_scale * (text - uncond)
-            # 4c. Scheduler step x_t -> x_{t-1} (ancestral schedulers draw from the per-image generators).
+            # 5c. Scheduler step x_t -> x_{t-1} (ancestral schedulers draw from the per-image generators).
             latents = noise_scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
-            # 4d. Progress / interrupt.
+            # 5d. Progress / interrupt.
             if callback_on_step_end is not None and callback_on_step_end(i + 1, total) is True:
                 raise GenerationInterrupted(i + 1, total)
 
-        # 5. Decode all images in one VAE batch.
+        # 6. Decode all images in one VAE batch.
         decoded = backbone.vae.decode(latents / backbone.vae.config.scaling_factor).sample
         images = self._image_processor.postprocess(decoded.float(), output_type="pil")
 
