@@ -7,6 +7,7 @@ fair gate (``studio.gate.GATE``), one training step at a time.
 """
 from __future__ import annotations
 
+import collections
 import enum
 import gc
 import threading
@@ -88,6 +89,10 @@ class EngineClosed(RuntimeError):
     """The session has ended; open the studio again."""
 
 
+class NoConceptYet(ValueError):
+    """Nothing has been trained or imported in this session yet."""
+
+
 class Engine:
     """One browser session's work. ``session_id`` names it in the gate's queue."""
 
@@ -108,7 +113,7 @@ class Engine:
         self._cancel_sweep = threading.Event()
         self._preview_points: list[tuple[int, Any]] = []  # (step, SweepPoint) of scored training previews
         self._scoring_note = ""
-        self._step_times: list[float] = []
+        self._step_times: collections.deque[float] = collections.deque(maxlen=20)  # for steps/s and ETA
         self._preview_settings: tuple[tuple[int, int], float] = (tuple(cfg.sample.band), cfg.sample.balance)
 
     # ------------------------------------------------------------------ snapshots
@@ -193,7 +198,7 @@ class Engine:
             cfg = self.cfg.replace(**overrides) if overrides else self.cfg
             self._stop.clear()
             self._resume.set()
-            self._step_times = []
+            self._step_times.clear()
             self._trainer = None
             self._preview_points = []
             self._publish(
@@ -227,11 +232,10 @@ class Engine:
                 self._publish(phase=Phase.TRAINING, message="")
 
     def stop(self) -> None:
-        """Stop after the current step; the concept so far is kept."""
+        """Stop training after the current step; the concept so far is kept. Generations and
+        sweeps of this session go on (they end with the session, see close())."""
         self._stop.set()
         self._resume.set()
-        self._cancel_generation.set()
-        self._cancel_sweep.set()
 
     def set_preview_settings(self, band: tuple[int, int], balance: float) -> None:
         """Band and balance used by the trainer's next periodic previews."""
@@ -303,8 +307,7 @@ class Engine:
         with self._lock:
             if isinstance(event, TrainingStep):
                 self._step_times.append(event.seconds)
-                recent = self._step_times[-20:]
-                rate = len(recent) / max(sum(recent), 1e-9)
+                rate = len(self._step_times) / max(sum(self._step_times), 1e-9)
                 point = LossPoint(event.step, event.loss, event.rec_loss, event.te_loss, event.attention_balance)
                 self._publish(
                     step=event.step, total=event.total, losses=self._snapshot.losses + (point,),
@@ -336,6 +339,13 @@ class Engine:
                 return trainer.concept()
         return concept
 
+    def _require_concept(self, purpose: str) -> Concept:
+        """The newest concept, or NoConceptYet with a sentence naming what it was needed for."""
+        concept = self.current_concept()
+        if concept is None:
+            raise NoConceptYet(f"There is no concept yet: train one (or import a concept file) before {purpose}.")
+        return concept
+
     def import_concept(self, source: str | Path | bytes) -> Concept:
         """Load a concept file; on error the current concept stays."""
         self._check_open()
@@ -348,20 +358,21 @@ class Engine:
     def export_concept(self, path: str | Path) -> Path:
         from studio.concept import save_concept
 
-        concept = self.current_concept()
-        if concept is None:
-            raise ValueError("There is no concept yet: train one or import a file first.")
-        save_concept(concept, path)
+        save_concept(self._require_concept("exporting"), path)
         return Path(path)
 
     # ------------------------------------------------------------------ images
     def render_previews(self, band: tuple[int, int] | None = None, balance: float | None = None) -> PreviewReady:
-        """Re-render the preview prompts with the newest weights (slider moves; 'Preview now')."""
+        """Re-render the preview prompts with the newest weights (slider moves; 'Preview now').
+
+        ``band`` / ``balance`` also become the live settings of the trainer's next previews.
+        """
         self._check_open()
         sample = self.cfg.sample
-        band = check_band(band or sample.band, "interval")
-        balance = sample.balance if balance is None else float(balance)
-        concept = self.current_concept()
+        if band is not None or balance is not None:
+            self.set_preview_settings(band or tuple(sample.band), sample.balance if balance is None else balance)
+        band, balance = self._preview_settings
+        concept = self._require_concept("previewing")
         backbone = self.backbone()
         sampler = shared_sampler(backbone)
         with self._gate.hold(self.session_id, "previews"):
@@ -373,11 +384,11 @@ class Engine:
             )
             preview = self._with_scores(
                 PreviewReady(
-                    step=concept.steps_done if concept is not None else 0, images=tuple(result.images),
-                    captions=tuple(result.captions), band=band, balance=balance,
+                    step=concept.steps_done, images=tuple(result.images), captions=tuple(result.captions),
+                    band=band, balance=balance,
                 ),
                 self.cfg,
-                concept.super_category if concept is not None else self.cfg.concept.super_category,
+                concept.super_category,
             )
         self._publish(preview=preview)
         return preview
@@ -385,11 +396,8 @@ class Engine:
     def generate(self, prompt: str | list[str], *, progress: Callable[[int, int], None] | None = None, **kwargs: Any):
         """Generate with the newest concept. kwargs as ``Sampler.__call__`` (seeds, band, balance, ...)."""
         self._check_open()
-        concept = self.current_concept()
-        if concept is None:
-            raise ValueError("There is no concept yet: train one (or import a concept file) before generating.")
+        concept = self._require_concept("generating")
         sampler = shared_sampler(self.backbone())
-        self._cancel_generation.clear()
 
         def on_step(i: int, total: int) -> bool:
             if progress is not None:
@@ -461,18 +469,19 @@ class Engine:
         balances: list[float],
         *,
         steps: int | None = None,
-    ):
-        """Generate + score every (band, balance) with the newest concept; yields SweepPoints as they
-        finish. ``cancel_sweep()`` ends it after the current denoising step (points so far stand)."""
+    ) -> Iterator:
+        """Generate + score every (band, balance) with the newest concept; the returned iterator
+        yields SweepPoints as they finish. ``cancel_sweep()`` ends it after the current denoising
+        step (points so far stand). Checks (NoConceptYet) happen here, at the call."""
         self._check_open()
+        concept = self._require_concept("exploring")
+        self._cancel_sweep.clear()
+        return self._sweep_points(concept, prompts, seeds, bands, balances, steps)
+
+    def _sweep_points(self, concept: Concept, prompts, seeds, bands, balances, steps: int | None) -> Iterator:
         from studio.sweep import sweep
 
-        concept = self.current_concept()
-        if concept is None:
-            raise ValueError("There is no concept yet: train one (or import a concept file) before exploring.")
-        backbone = self.backbone()
-        sampler = shared_sampler(backbone)
-        self._cancel_sweep.clear()
+        sampler = shared_sampler(self.backbone())
 
         def gated_sampler(*args: Any, **kwargs: Any):
             with self._gate.hold(self.session_id, "sweep", cancelled=self._cancel_sweep.is_set):
@@ -492,9 +501,6 @@ class Engine:
     def cancel_sweep(self) -> None:
         self._cancel_sweep.set()
 
-    def cancel_generation(self) -> None:
-        self._cancel_generation.set()
-
     # ------------------------------------------------------------------ lifetime
     def _check_open(self) -> None:
         if self._closed:
@@ -511,6 +517,8 @@ class Engine:
                 return
             self._closed = True
         self.stop()
+        self._cancel_generation.set()
+        self._cancel_sweep.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=JOIN_TIMEOUT_S)

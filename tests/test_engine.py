@@ -207,3 +207,19 @@ def test_a_session_waiting_for_the_accelerator_shows_its_place_in_line(engine):
         assert waiting.step == 0
     done = engine.wait_until(lambda s: not s.active, timeout=TIMEOUT)
     assert done.phase is Phase.FINISHED and done.queue_position is None
+
+
+def test_asking_for_images_without_a_concept_fails_at_once_with_what_it_was_for(engine_cfg):
+    from studio.engine import NoConceptYet
+
+    fresh = Engine(engine_cfg, session_id="no-concept")
+    try:
+        with pytest.raises(NoConceptYet, match="exploring"):
+            fresh.sweep(["a photo of {}"], [0], [(400, 800)], [1.0])  # raised by the call, before any next()
+        with pytest.raises(NoConceptYet, match="previewing"):
+            fresh.render_previews((300, 700), 0.5)
+        assert fresh._preview_settings == ((300, 700), 0.5), "the slider values are kept for training previews"
+        with pytest.raises(NoConceptYet, match="exporting"):
+            fresh.export_concept("unused.safetensors")
+    finally:
+        fresh.close()

@@ -15,7 +15,7 @@ import gradio as gr
 import spaces
 
 from studio.config import ConfigError, StudioConfig, available_presets, check_band, load_preset
-from studio.engine import Engine, Phase, Snapshot
+from studio.engine import Engine, NoConceptYet, Snapshot
 from studio.runner import CHUNK_DURATION_S, chunked_training, training_chunk
 from studio.ui import views
 from studio.ui.explore import build_explore_tab
@@ -246,32 +246,32 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             engine_for(request).resume()
             return views.status_markdown(engine_for(request).snapshot())
 
-        @spaces.GPU(duration=GPU_DURATION_S)
-        def on_preview(lo: float, hi: float, gamma: float, request: gr.Request):
+        def rerender(lo: float, hi: float, gamma: float, request: gr.Request, *, quiet: bool) -> list[Any]:
+            """Previews at these slider values (they also become the live training-preview settings).
+
+            quiet (slider moves, imports): nothing to preview yet is no error, a bad interval a warning.
+            """
             engine = engine_for(request)
-            if engine.current_concept() is None and engine.snapshot().prepared is None:
-                raise gr.Error("Nothing to preview yet: add a photo and train, or import a concept.", print_exception=False)
             try:
-                engine.set_preview_settings((int(lo), int(hi)), float(gamma))
                 engine.render_previews((int(lo), int(hi)), float(gamma))
-            except (ValueError, RuntimeError) as exc:
+            except NoConceptYet as exc:
+                if quiet:
+                    return [gr.skip()] * len(live_outputs)
                 raise _user_error(exc) from None
+            except (ValueError, RuntimeError) as exc:
+                if not quiet:
+                    raise _user_error(exc) from None
+                gr.Warning(str(exc))
+                return [gr.skip()] * len(live_outputs)
             return render(engine.snapshot())
 
         @spaces.GPU(duration=GPU_DURATION_S)
+        def on_preview(lo: float, hi: float, gamma: float, request: gr.Request):
+            return rerender(lo, hi, gamma, request, quiet=False)
+
+        @spaces.GPU(duration=GPU_DURATION_S)
         def on_slider(lo: float, hi: float, gamma: float, request: gr.Request):
-            engine = engine_for(request)
-            if int(lo) >= int(hi):
-                gr.Warning(f"The interval start ({int(lo)}) must be below its end ({int(hi)}).")
-                return gr.skip(), gr.skip(), gr.skip()
-            engine.set_preview_settings((int(lo), int(hi)), float(gamma))
-            if engine.current_concept() is None:
-                return gr.skip(), gr.skip(), gr.skip()
-            try:
-                engine.render_previews((int(lo), int(hi)), float(gamma))
-            except (ValueError, RuntimeError) as exc:
-                raise _user_error(exc) from None
-            return render(engine.snapshot())
+            return rerender(lo, hi, gamma, request, quiet=True)
 
         @spaces.GPU(duration=GPU_DURATION_S)
         def on_generate(text, neg, seed_, n_steps, cfg_scale, sched, count, lo, hi, gamma, request: gr.Request,
@@ -309,16 +309,6 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                 return f"✗ {exc}", views.status_markdown(engine.snapshot())
             note = f"✓ Loaded a concept ({concept.num_tokens} tokens, {concept.steps_done} steps, super-category “{concept.super_category}”)."
             return note, views.status_markdown(engine.snapshot())
-
-        @spaces.GPU(duration=GPU_DURATION_S)
-        def on_concept_loaded(lo: float, hi: float, gamma: float, request: gr.Request):
-            """After an import: show what the concept draws at the current slider settings."""
-            engine = engine_for(request)
-            snapshot = engine.snapshot()
-            if snapshot.concept is None or snapshot.active or int(lo) >= int(hi):
-                return gr.skip(), gr.skip(), gr.skip()
-            engine.render_previews((int(lo), int(hi)), float(gamma))
-            return render(engine.snapshot())
 
         def on_preset(name: str, request: gr.Request):
             engine = engine_for(request)
@@ -362,7 +352,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
         )
         export_btn.click(on_export, None, [export_file, concept_msg], api_name="export", concurrency_limit=None)
         import_file.upload(on_import, [import_file], [concept_msg, status], api_name="import", concurrency_limit=None).then(
-            on_concept_loaded, [band_lo, band_hi, balance], live_outputs, concurrency_limit=None
+            on_slider, [band_lo, band_hi, balance], live_outputs, concurrency_limit=None  # show the imported concept
         )
         preset.change(
             on_preset, [preset],

@@ -445,13 +445,11 @@ def build_explore_tab(
             previous = _RUNS.get(engine)
             if previous is not None and not previous.finished.is_set():
                 raise ValueError("A sweep is already running in this session: stop it first.")
-            if engine.current_concept() is None:
-                raise ValueError("There is no concept yet: train one (or import a concept file) before exploring.")
+            points = engine.sweep(run.prompts, run.seeds, run.bands, run.balances, steps=run.steps)
         except (ValueError, RuntimeError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         _RUNS[engine] = run
         yield frame(run, final=False, first=True)
-        points = engine.sweep(run.prompts, run.seeds, run.bands, run.balances, steps=run.steps)
         try:
             for point in points:
                 run.points.append(point)
@@ -472,12 +470,8 @@ def build_explore_tab(
         if run is None:
             return [gr.skip()] * len(outputs)
         run.stopped = not run.finished.is_set()
-        engine.cancel_sweep()
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        # Re-send the cancel until the sweep has ended: one sent before the sweep's first
-        # setting began would be cleared by its start.
-        while not run.finished.wait(timeout=0.25) and time.monotonic() < deadline:
-            engine.cancel_sweep()
+        engine.cancel_sweep()  # the sweep was armed when it was called, so one cancel suffices
+        run.finished.wait(timeout=STOP_TIMEOUT_S)
         return frame(run, final=True)
 
     def adopt(key: str | None) -> list[Any]:
