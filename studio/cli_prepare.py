@@ -46,7 +46,6 @@ def add_prepare_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _save_outputs(prepared_set: Any, out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for index, photo in enumerate(prepared_set.photos):
         stem = f"{index:02d}_{Path(photo.name).stem}"
@@ -71,6 +70,12 @@ def run_prepare(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # Check the output folder before the (slow) face work, not after it.
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"error: cannot write to --out {args.out}: {err.strerror or err}", file=sys.stderr)
+        return 2
 
     # Libraries may print to stdout; with --json it must hold the JSON object alone.
     redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
@@ -82,7 +87,11 @@ def run_prepare(args: argparse.Namespace) -> int:
         except PhotoError as err:
             reports, error = err.reports, str(err)
             backend = reports[0].backend if reports else cfg.backend
-        written = _save_outputs(prepared_set, args.out) if prepared_set is not None else []
+        try:
+            written = _save_outputs(prepared_set, args.out) if prepared_set is not None else []
+        except OSError as err:
+            print(f"error: cannot write the crops to {args.out}: {err.strerror or err}", file=sys.stderr)
+            return 2
 
     if args.json:
         distances = prepared_set.identity_distances if prepared_set is not None else np.zeros((0, 0))

@@ -275,7 +275,10 @@ class DlibFaceAnalyzer(FaceAnalyzer):
     embedding_dim = 128
 
     def __init__(self, same_person_threshold: float = 0.6) -> None:
-        import dlib
+        try:
+            import dlib
+        except ImportError:
+            raise PhotoError("The dlib face backend is not installed: pip install dlib-bin face-recognition-models") from None
 
         models = _face_recognition_models_dir()
         missing = [f for f in DLIB_MODEL_FILES if models is None or not (models / f).is_file()]
@@ -630,14 +633,18 @@ def _open(source: PhotoSource) -> Image.Image:
         path = Path(source)
         if not path.is_file():
             raise PhotoError(f"The file {path.name or str(path)!r} does not exist or is not a file.")
-        size = path.stat().st_size
+        try:
+            size = path.stat().st_size
+            data = path.read_bytes() if 0 < size <= MAX_FILE_BYTES else b""
+        except OSError as exc:
+            raise PhotoError(f"The file {path.name!r} cannot be read ({exc.strerror or type(exc).__name__}).") from None
         if size == 0:
             raise PhotoError("This file is empty (0 bytes). Upload the photo again.")
         if size > MAX_FILE_BYTES:
             raise PhotoError(f"This file is too large ({size / 1e6:.0f} MB; the limit is {MAX_FILE_BYTES / 1e6:.0f} MB). "
                              "Resize or re-save it as a JPEG and try again.")
-        # Read it whole: PIL then holds no open file handle (animated files keep theirs open).
-        fp = io.BytesIO(path.read_bytes())
+        # Read whole (above): PIL then holds no open file handle (animated files keep theirs open).
+        fp = io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             # Our own pixel limit below replaces PIL's warning; its hard error is handled here.

@@ -455,3 +455,17 @@ def test_cli_prepare_fails_when_no_photo_is_usable(tmp_path: Path) -> None:
     result = json.loads(done.stdout)
     assert result["photos"][0]["ok"] is False and result["identity_distances"] == []
     assert "None of the photos" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_prepare_refuses_an_unwritable_out_folder_before_any_face_work(tmp_path, faces_dir):
+    import subprocess
+    import sys
+
+    not_a_folder = tmp_path / "crops"
+    not_a_folder.write_text("a file where the folder should go")
+    result = subprocess.run(
+        [sys.executable, "-m", "studio", "prepare", str(faces_dir / "single" / "f2d_0.jpg"), "--out", str(not_a_folder)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "cannot write to --out" in result.stderr and "Traceback" not in result.stderr
