@@ -19,14 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from studio.config import PRESET_DIR, ConfigError, StudioConfig, check_band, load_preset
+from studio.config import EVAL_PROMPTS_FILE, ConfigError, StudioConfig, check_band, load_preset
 
 if TYPE_CHECKING:
     from studio.sweep import SweepPoint
 
-# The shipped prompt list (studio.sweep.EVAL_PROMPTS_FILE; repeated here so that building the
-# parser imports no torch).
-EVAL_PROMPTS_FILE = PRESET_DIR / "eval_prompts.txt"
 
 CSV_COLUMNS = (
     "prompt",

@@ -15,6 +15,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+# The shipped evaluation prompts (scenes, styles, outfits, expressions, actions).
+EVAL_PROMPTS_FILE = PRESET_DIR / "eval_prompts.txt"
 
 # The SD 1.x training scale: timesteps are integers in [0, NUM_TRAIN_TIMESTEPS).
 NUM_TRAIN_TIMESTEPS = 1000

@@ -256,7 +256,7 @@ class Engine:
             backbone = self.backbone(cfg)
             photos = [TrainingPhoto.from_prepared(photo) for photo in prepared.photos]
             if gpu_call is None:
-                with self._gate.hold(self.session_id, "encode photos", cancelled=self._stop.is_set):
+                with self._gate.hold(self.session_id, cancelled=self._stop.is_set):
                     trainer = Trainer(backbone, cfg, photos, sampler=shared_sampler(backbone))
                 trainer.preview_band, trainer.preview_balance = self._preview_settings
                 with self._lock:
@@ -276,7 +276,7 @@ class Engine:
                 self._resume.wait()
                 if stop_now():
                     break
-                with self._gate.hold(self.session_id, "train step", cancelled=stop_now):
+                with self._gate.hold(self.session_id, cancelled=stop_now):
                     event = next(events, None)
                     if isinstance(event, PreviewReady):
                         event = self._with_scores(event, cfg, cfg.concept.super_category)
@@ -335,7 +335,7 @@ class Engine:
         with self._lock:
             trainer, concept = self._trainer, self._snapshot.concept
         if trainer is not None and self._snapshot.active:
-            with self._gate.hold(self.session_id, "snapshot"):
+            with self._gate.hold(self.session_id):
                 return trainer.concept()
         return concept
 
@@ -375,7 +375,7 @@ class Engine:
         concept = self._require_concept("previewing")
         backbone = self.backbone()
         sampler = shared_sampler(backbone)
-        with self._gate.hold(self.session_id, "previews"):
+        with self._gate.hold(self.session_id):
             result = sampler(
                 concept, list(sample.preview_prompts), seeds=list(sample.preview_seeds),
                 num_inference_steps=sample.preview_steps, guidance_scale=sample.guidance_scale,
@@ -409,7 +409,7 @@ class Engine:
             scheduler=self.cfg.sample.scheduler, negative_prompt=self.cfg.sample.negative_prompt,
             balance_layers=self.cfg.sample.balance_layers,
         )
-        with self._gate.hold(self.session_id, "generate", cancelled=self._cancel_generation.is_set):
+        with self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set):
             result = sampler(concept, prompt, callback_on_step_end=on_step, **{**defaults, **kwargs})
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             per_image = [p for p in prompts for _ in range(len(result.images) // len(prompts))]
@@ -484,7 +484,7 @@ class Engine:
         sampler = shared_sampler(self.backbone())
 
         def gated_sampler(*args: Any, **kwargs: Any):
-            with self._gate.hold(self.session_id, "sweep", cancelled=self._cancel_sweep.is_set):
+            with self._gate.hold(self.session_id, cancelled=self._cancel_sweep.is_set):
                 return sampler(*args, **kwargs)
 
         sample = self.cfg.sample

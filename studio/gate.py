@@ -10,7 +10,7 @@ import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class GateCancelled(Exception):
@@ -19,9 +19,9 @@ class GateCancelled(Exception):
 
 @dataclass(eq=False)
 class _Ticket:
+    """One place in line; compared by identity (an owner may hold one and wait for another)."""
+
     owner: str
-    label: str
-    granted: bool = field(default=False)
 
 
 class AcceleratorGate:
@@ -32,10 +32,10 @@ class AcceleratorGate:
         self._queue: deque[_Ticket] = deque()
 
     @contextlib.contextmanager
-    def hold(self, owner: str, label: str = "", cancelled: Callable[[], bool] | None = None) -> Iterator[None]:
+    def hold(self, owner: str, cancelled: Callable[[], bool] | None = None) -> Iterator[None]:
         """Wait for the turn of ``owner``, run the block, release. Raises GateCancelled if
         ``cancelled()`` turns true while waiting."""
-        ticket = _Ticket(owner, label)
+        ticket = _Ticket(owner)
         with self._cond:
             self._queue.append(ticket)
             self._cond.notify_all()  # queue positions changed
@@ -46,7 +46,6 @@ class AcceleratorGate:
                     raise GateCancelled(owner)
                 # Timed wait only so that `cancelled` (set without notifying us) is seen.
                 self._cond.wait(timeout=0.1)
-            ticket.granted = True
         try:
             yield
         finally:
@@ -66,11 +65,6 @@ class AcceleratorGate:
         """Block until ``owner`` holds or waits for the gate; False on timeout."""
         with self._cond:
             return self._cond.wait_for(lambda: any(t.owner == owner for t in self._queue), timeout=timeout)
-
-    def busy_with(self) -> str | None:
-        """Label of the work holding the gate now."""
-        with self._cond:
-            return self._queue[0].label if self._queue else None
 
     def __len__(self) -> int:
         with self._cond:

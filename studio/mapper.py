@@ -89,6 +89,3 @@ class IdentityMapper(nn.Module):
         features = timestep_encoding(timesteps.to(self.class_embedding.device), self.time_encoding_dim)
         image_embedding = image_embedding.to(features).expand(features.shape[0], -1)
         return self.bypass(torch.cat([features, image_embedding], dim=-1)).view(-1, self.num_tokens, self.token_dim)
-
-    def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -320,7 +320,3 @@ class Scorer:
             )
             for image, text, cosine in zip(images, texts, cosines)
         ]
-
-    def caption(self, scores: ImageScores) -> str:
-        """Short caption text, see :func:`caption`."""
-        return caption(scores)

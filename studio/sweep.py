@@ -17,12 +17,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from studio.concept import Concept
 from studio.conditioning import PromptError, check_prompt
-from studio.config import DEFAULT_NEGATIVE_PROMPT, PRESET_DIR, check_band
+from studio.config import DEFAULT_NEGATIVE_PROMPT, EVAL_PROMPTS_FILE, check_band
 from studio.faces import PhotoSource
 from studio.metrics import ImageScores, Scorer, caption
 from studio.sampler import GenerationInterrupted, Sampler
 
-EVAL_PROMPTS_FILE = PRESET_DIR / "eval_prompts.txt"
 
 
 @dataclass(frozen=True)

@@ -465,7 +465,7 @@ def test_cli_prepare_refuses_an_unwritable_out_folder_before_any_face_work(tmp_p
     not_a_folder.write_text("a file where the folder should go")
     result = subprocess.run(
         [sys.executable, "-m", "studio", "prepare", str(faces_dir / "single" / "f2d_0.jpg"), "--out", str(not_a_folder)],
-        capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 2
     assert "cannot write to --out" in result.stderr and "Traceback" not in result.stderr

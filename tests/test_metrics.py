@@ -76,7 +76,7 @@ def test_an_image_without_a_face_is_reported_as_such_not_scored_zero(scorer, pho
     result = scorer.score([image], ["a photo of {}"], references=[photos["person"]])[0]
     assert result.identity.face_found is False
     assert result.identity.similarity is None
-    assert scorer.caption(result).startswith("no face · prompt ")
+    assert result.caption.startswith("no face · prompt ")
 
 
 def test_without_references_a_face_is_still_reported(scorer, photos):

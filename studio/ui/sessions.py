@@ -24,10 +24,6 @@ class SessionRegistry:
                 self._changed.notify_all()
             return engine
 
-    def peek(self, session_hash: str) -> Engine | None:
-        with self._lock:
-            return self._engines.get(session_hash)
-
     def close(self, session_hash: str) -> None:
         with self._lock:
             engine = self._engines.pop(session_hash, None)
