@@ -22,8 +22,14 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from studio import attention
-from studio.backbone import SD15_SCHEDULER_CONFIG, Backbone, load_tokenizer, resolve_device, resolve_dtype
+from studio.backbone import (
+    SD15_SCHEDULER_CONFIG,
+    Backbone,
+    assemble_backbone,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 
 SOURCE = "sd15-random"
 
@@ -108,8 +114,8 @@ def _init_on(device: torch.device):
 def build_sd15_backbone(device: str = "auto", dtype: str = "auto", seed: int = 0) -> tuple[Backbone, dict[str, float]]:
     """A frozen SD 1.5-shaped :class:`Backbone` with random weights; also returns build seconds per part.
 
-    Mirrors ``studio.backbone.build_backbone``: frozen, eval, moved to the resolved
-    device/dtype, and the studio's attention hooks installed.
+    Assembled like the studio's own backbones (``studio.backbone.assemble_backbone``): frozen,
+    eval, moved to the resolved device/dtype, attention hooks installed.
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -133,22 +139,15 @@ def build_sd15_backbone(device: str = "auto", dtype: str = "auto", seed: int = 0
         }
         for name, build in builders.items():
             start = time.perf_counter()
-            module = build()
-            module.requires_grad_(False).eval().to(device=torch_device, dtype=torch_dtype)
-            parts[name] = module
+            parts[name] = build()
             seconds[name] = time.perf_counter() - start
-    attention.install(parts["text_encoder"], parts["unet"])
-    backbone = Backbone(
-        source=SOURCE,
+    parts.update(
         tokenizer=tokenizer,
         noise_scheduler=DDPMScheduler(**SD15_SCHEDULER_CONFIG),
         # openai/clip-vit-base-patch32's preprocessor_config.json: 224 px, CLIP mean/std.
         image_processor=CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
-        device=torch_device,
-        dtype=torch_dtype,
-        **parts,
     )
-    return backbone, seconds
+    return assemble_backbone(SOURCE, parts, torch_device, torch_dtype), seconds
 
 
 def describe(backbone: Backbone) -> dict[str, Any]:

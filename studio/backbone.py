@@ -353,17 +353,21 @@ def load_components(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     return parts
 
 
-def build_backbone(cfg: ModelConfig) -> Backbone:
-    """Load, freeze and place the backbone described by ``cfg`` (uncached; see get_backbone)."""
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    parts = load_components(cfg, dtype)
+def assemble_backbone(source: str, parts: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Backbone:
+    """Freeze and place loaded ``parts`` (the Backbone's fields) and install the attention hooks."""
     for name in ("text_encoder", "unet", "vae", "image_encoder"):
         module = parts[name]
         if module is not None:
             module.requires_grad_(False).eval().to(device=device, dtype=dtype)
     attention.install(parts["text_encoder"], parts["unet"])
-    return Backbone(source=cfg.source, device=device, dtype=dtype, **parts)
+    return Backbone(source=source, device=device, dtype=dtype, **parts)
+
+
+def build_backbone(cfg: ModelConfig) -> Backbone:
+    """Load, freeze and place the backbone described by ``cfg`` (uncached; see get_backbone)."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    return assemble_backbone(cfg.source, load_components(cfg, dtype), device, dtype)
 
 
 _CACHE: dict[tuple, Backbone] = {}
