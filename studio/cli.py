@@ -192,7 +192,7 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     parser.add_argument("--scheduler", help="dpmsolver++, 'dpmsolver++ karras', ddim, euler, 'euler ancestral', unipc, pndm, ddpm")
     parser.add_argument("--negative", help="negative prompt")
-    parser.add_argument("--size", type=int, help="image side in pixels (default: the preset's sample.resolution or the model's)")
+    parser.add_argument("--size", type=int, help="image side in pixels (default: the preset's sample.resolution, else its train.resolution)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset setting, e.g. sample.balance_layers=2")
     parser.set_defaults(func=run_generate)
     return parser
@@ -241,7 +241,7 @@ def run_generate(args: argparse.Namespace) -> int:
         warning = compatibility_warning(concept, backbone)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
-    size = args.size or sample.resolution or None
+    size = args.size or cfg.image_size
     settings = dict(
         negative_prompt=sample.negative_prompt if args.negative is None else args.negative,
         num_inference_steps=args.steps or sample.steps,

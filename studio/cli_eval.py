@@ -115,7 +115,7 @@ def main_eval(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         backbone = get_backbone(cfg.model)
         concept = load_concept(args.concept, backbone)
-        scorer = Scorer.for_backbone(backbone, cfg.face, args.clip)
+        scorer = Scorer.for_backbone(backbone, cfg.face, args.clip or cfg.metrics.clip_model)
         models = f"identity: {scorer.analyzer.name}, prompt: {scorer.clip.name}"  # loads both: fail here, early
         references = scorer.embed_references(args.reference)
     # ValueError: ConfigError, PromptError, PhotoError, ConceptFileError; BackboneUnavailable
@@ -149,7 +149,7 @@ def main_eval(args: argparse.Namespace) -> int:
         scheduler=args.scheduler or cfg.sample.scheduler,
         negative_prompt=cfg.sample.negative_prompt,
         balance_layers=cfg.sample.balance_layers,
-        resolution=cfg.sample.resolution or cfg.train.resolution,
+        resolution=cfg.image_size,
     )
     try:
         for point in settings:

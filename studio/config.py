@@ -257,6 +257,11 @@ class StudioConfig:
     face: FaceConfig = field(default_factory=FaceConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
+    @property
+    def image_size(self) -> int:
+        """Side of previews and generated images: sample.resolution, or the training resolution."""
+        return self.sample.resolution or self.train.resolution
+
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-serialisable dict (saved beside outputs and inside concepts)."""
         return dataclasses.asdict(self)

@@ -381,6 +381,7 @@ class Engine:
                 num_inference_steps=sample.preview_steps, guidance_scale=sample.guidance_scale,
                 band=band, balance=balance, balance_layers=sample.balance_layers,
                 negative_prompt=sample.negative_prompt, scheduler=sample.scheduler,
+                height=self.cfg.image_size, width=self.cfg.image_size,
             )
             preview = self._with_scores(
                 PreviewReady(
@@ -407,7 +408,7 @@ class Engine:
         defaults = dict(
             num_inference_steps=self.cfg.sample.steps, guidance_scale=self.cfg.sample.guidance_scale,
             scheduler=self.cfg.sample.scheduler, negative_prompt=self.cfg.sample.negative_prompt,
-            balance_layers=self.cfg.sample.balance_layers,
+            balance_layers=self.cfg.sample.balance_layers, height=self.cfg.image_size, width=self.cfg.image_size,
         )
         with self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set):
             result = sampler(concept, prompt, callback_on_step_end=on_step, **{**defaults, **kwargs})
@@ -422,8 +423,7 @@ class Engine:
     def _scorer(self, cfg: StudioConfig):
         from studio.metrics import Scorer
 
-        clip = None if cfg.metrics.clip_model == "auto" else cfg.metrics.clip_model
-        return Scorer.for_backbone(self.backbone(cfg), cfg.face, clip)
+        return Scorer.for_backbone(self.backbone(cfg), cfg.face, cfg.metrics.clip_model)
 
     def references(self) -> list:
         """Identity embeddings (D,) of the session's usable photos: what identity is scored against."""
@@ -493,7 +493,7 @@ class Engine:
                 gated_sampler, concept, prompts, seeds, bands, balances, self._scorer(self.cfg), self.references(),
                 steps=steps or sample.preview_steps, guidance=sample.guidance_scale, scheduler=sample.scheduler,
                 negative_prompt=sample.negative_prompt, balance_layers=sample.balance_layers,
-                should_stop=self._cancel_sweep.is_set,
+                resolution=self.cfg.image_size, should_stop=self._cancel_sweep.is_set,
             )
         except GateCancelled:  # cancelled while waiting for the accelerator
             return

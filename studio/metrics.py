@@ -258,9 +258,10 @@ class Scorer:
         self.device = torch.device(device)
 
     @classmethod
-    def for_backbone(cls, backbone: Backbone, face: FaceConfig, clip_model: str | None = None) -> Scorer:
-        """A scorer on the backbone's device; CLIP defaults to :func:`default_clip_model`."""
-        return cls(face, clip_model or default_clip_model(backbone), backbone.device)
+    def for_backbone(cls, backbone: Backbone, face: FaceConfig, clip_model: str | None = "auto") -> Scorer:
+        """A scorer on the backbone's device; CLIP ``"auto"`` / None = :func:`default_clip_model`."""
+        chosen = default_clip_model(backbone) if clip_model in (None, "auto") else clip_model
+        return cls(face, chosen, backbone.device)
 
     @property
     def analyzer(self) -> FaceAnalyzer:

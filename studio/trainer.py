@@ -522,7 +522,7 @@ class Trainer:
         """Render the preview prompts with the current weights and the live band / balance."""
         sample = self.cfg.sample
         band, balance = self.preview_band, self.preview_balance
-        side = sample.resolution or self.cfg.train.resolution
+        side = self.cfg.image_size
         with torch.no_grad():
             result = self._preview_sampler()(
                 self.concept(),
