@@ -60,7 +60,14 @@ _IMAGE_ENCODER_PATTERNS = ["config.json", "preprocessor_config.json", "model.saf
 
 
 class BackboneUnavailable(RuntimeError):
-    """The requested weights cannot be loaded; the message says which files and how to get them."""
+    """The requested weights cannot be loaded; the message says which files and how to get them.
+
+    ``reason`` is the cause alone (e.g. "not in the local cache"), for callers that give their own advice.
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 @dataclass(frozen=True, eq=False)
@@ -233,14 +240,16 @@ def hub_snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> str
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise BackboneUnavailable(_missing_message(repo_id, "HF_HUB_OFFLINE is set and it is not in the local cache"))
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache"
+        raise BackboneUnavailable(_missing_message(repo_id, why), reason=why)
     # Short timeouts: with no network the first request fails within seconds.
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
     try:
         return snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except Exception as exc:  # network, auth, missing repo: all end in the same advice
-        raise BackboneUnavailable(_missing_message(repo_id, f"download failed: {type(exc).__name__}: {exc}")) from None
+        why = f"download failed: {type(exc).__name__}: {exc}"
+        raise BackboneUnavailable(_missing_message(repo_id, why), reason=why) from None
 
 
 def _missing_message(repo_id: str, why: str) -> str:

@@ -192,12 +192,11 @@ def _clip_folder(source: str) -> str:
     try:
         return hub_snapshot(source, None, _CLIP_PATTERNS)
     except BackboneUnavailable as exc:
-        # Keep the reason ("not in the local cache", "download failed: ..."), not the backbone's advice.
-        reason = str(exc).partition(" Download it")[0]
+        reason = exc.reason  # the cause alone; the advice below is CLIP's own
         raise ClipUnavailable(
             f"The CLIP model {source!r} for prompt scores is not available. Download it where there is internet "
             f"(`hf download {source} --local-dir models/{source.split('/')[-1]}`) and pass that folder as the CLIP "
-            f"model, or use 'tiny' (random weights: runs offline, scores mean nothing). {reason}"
+            f"model, or use 'tiny' (random weights: runs offline, scores mean nothing). Cause: {reason}."
         ) from None
 
 
