@@ -115,6 +115,20 @@ def main_eval(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         backbone = get_backbone(cfg.model)
         concept = load_concept(args.concept, backbone)
+        seeds = list(args.seeds)
+        generation = dict(
+            num_inference_steps=args.steps or cfg.sample.steps,
+            guidance_scale=cfg.sample.guidance_scale if args.guidance is None else args.guidance,
+            scheduler=args.scheduler or cfg.sample.scheduler,
+            negative_prompt=cfg.sample.negative_prompt,
+            balance_layers=cfg.sample.balance_layers,
+        )
+        sampler = Sampler(backbone)
+        # Cheap mistakes (scheduler, seeds, steps, prompts, size) before CLIP and the face model load.
+        sampler.check_inputs(
+            concept, prompts, seeds=seeds, band=bands[0], balance=balances[0],
+            height=cfg.image_size, width=cfg.image_size, **generation,
+        )
         scorer = Scorer.for_backbone(backbone, cfg.face, args.clip or cfg.metrics.clip_model)
         models = f"identity: {scorer.analyzer.name}, prompt: {scorer.clip.name}"  # loads both: fail here, early
         references = scorer.embed_references(args.reference)
@@ -126,7 +140,6 @@ def main_eval(args: argparse.Namespace) -> int:
 
     if not references:
         print(NO_REFERENCE_NOTE, file=sys.stderr)
-    seeds = list(args.seeds)
     total = len(bands) * len(balances)
     print(
         f"Evaluating {args.concept.name} on {backbone.describe()}: {len(prompts)} prompts × {len(seeds)} seeds × "
@@ -135,8 +148,8 @@ def main_eval(args: argparse.Namespace) -> int:
     )
     points: list[SweepPoint] = []
     started = time.perf_counter()
-    settings = sweep(
-        Sampler(backbone),
+    finished_points = sweep(
+        sampler,
         concept,
         prompts,
         seeds,
@@ -144,15 +157,15 @@ def main_eval(args: argparse.Namespace) -> int:
         balances,
         scorer,
         references,
-        steps=args.steps or cfg.sample.steps,
-        guidance=cfg.sample.guidance_scale if args.guidance is None else args.guidance,
-        scheduler=args.scheduler or cfg.sample.scheduler,
-        negative_prompt=cfg.sample.negative_prompt,
-        balance_layers=cfg.sample.balance_layers,
+        steps=generation["num_inference_steps"],
+        guidance=generation["guidance_scale"],
+        scheduler=generation["scheduler"],
+        negative_prompt=generation["negative_prompt"],
+        balance_layers=generation["balance_layers"],
         resolution=cfg.image_size,
     )
     try:
-        for point in settings:
+        for point in finished_points:
             points.append(point)
             print(f"[{len(points)}/{total}] {point.label} done ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
     except ValueError as exc:  # PromptError, SamplerInputError: e.g. a prompt too long for the text encoder
