@@ -681,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preview-resolution", type=int)
     parser.add_argument("--preview-steps", type=int)
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="weights dtype of the backbone (auto: fp32 on CPU, bf16/fp16 on GPU, as the studio picks)")
+                        help="weights dtype of the backbone (auto: as the studio picks: bf16/fp16 on GPU, bf16 on AMX CPUs, else fp32)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for the run (default: torch's choice)")
     args = parser.parse_args(argv)
 

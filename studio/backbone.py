@@ -139,8 +139,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_has_bf16_matrix_units() -> bool:
+    """True on CPUs with AMX tiles (Intel Xeon 4th gen and later), where oneDNN runs bf16
+    convolutions and matmuls 4-7x faster than fp32 (bench/RESULTS.md, finding 2). Elsewhere
+    bf16 kernels are emulated and slower than fp32 (PITFALLS.md, measured on Zen 3)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so probe with care
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:
+        return False
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """fp32 on CPU (bf16/fp16 kernels are reference-slow there); bf16 or fp16 on accelerators."""
+    """``auto``: bf16 (or fp16) on accelerators; on CPU bf16 only with AMX, else fp32."""
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
@@ -150,7 +161,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
     if device.type == "mps":
         return torch.float16
-    return torch.float32
+    return torch.bfloat16 if cpu_has_bf16_matrix_units() else torch.float32
 
 
 # --------------------------------------------------------------------------- tiny backbone

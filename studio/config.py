@@ -59,7 +59,7 @@ class ModelConfig:
     image_encoder: str | None = "openai/clip-vit-base-patch32"
     # "auto" picks cuda > mps > cpu
     device: str = "auto"
-    # weights dtype of the frozen parts: auto (fp32 on cpu, bf16/fp16 on gpu), float32, bfloat16, float16
+    # weights dtype of the frozen parts: auto (bf16/fp16 on gpu; on cpu bf16 with AMX, else fp32), float32, bfloat16, float16
     dtype: str = "auto"
 
     def __post_init__(self) -> None:
@@ -129,7 +129,7 @@ class TrainConfig:
     te_temperature: float = 100.0
     # image side in pixels fed to the VAE
     resolution: int = 512
-    # autocast dtype on GPU: auto (bf16 if supported, else fp16), no, bf16, fp16; always fp32 on CPU
+    # autocast dtype on GPU: auto (bf16 if supported, else fp16), no, bf16, fp16; off on CPU, where the weights' dtype rules
     mixed_precision: str = "auto"
     seed: int = 0
     # preview images every N optimiser steps (and at step 0); 0 disables

@@ -82,6 +82,14 @@ def test_pickled_checkpoints_missing_files_and_bad_folders_are_refused(tmp_path)
         build_backbone(ModelConfig(source=str(tmp_path), image_encoder=None, device="cpu"))
 
 
-def test_dtype_follows_the_device():
+def test_dtype_follows_the_device(monkeypatch):
+    import studio.backbone
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32  # bf16 is emulated, slow
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16  # AMX runs bf16 natively
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert not studio.backbone.cpu_has_bf16_matrix_units()  # an older torch without the probe
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("float16", torch.device("cpu")) == torch.float16

@@ -273,3 +273,23 @@ def test_callback_reports_progress_and_can_interrupt(concept, sampler):
     with pytest.raises(GenerationInterrupted) as info:
         sampler(concept, "a photo of {}", callback_on_step_end=stop_after_two, **FAST)
     assert (info.value.step, info.value.total) == (2, 3) and calls == [1, 2]
+
+
+def test_bf16_weights_generate_what_fp32_weights_do(backbone, tiny_cfg):
+    """bf16 is what ``model.dtype: auto`` picks on GPUs and AMX CPUs. A concept made for the fp32
+    backbone (fp32 mapper) drives the bf16 one through every injection path (identity tokens,
+    balance, image bypass); the images differ from fp32 by rounding only, and the concept
+    still changes them."""
+    from studio.backbone import get_backbone
+
+    bf16 = get_backbone(tiny_cfg.replace(**{"model.dtype": "bfloat16"}).model)
+    assert bf16.unet.dtype == torch.bfloat16 and bf16.fingerprint() == backbone.fingerprint()
+    concept = make_concept(backbone, bypass=True)
+    request = dict(prompts=["a photo of {} in a hat"], seeds=[0, 1], balance=0.5, **FAST)
+    full, half = Sampler(backbone), Sampler(bf16)
+    exact, rounded = pixels(full(concept, **request)), pixels(half(concept, **request))
+    plain = pixels(half(None, ["a photo of a face in a hat"], seeds=[0, 1], **FAST))
+    rounding = np.mean([np.abs(a - b).mean() for a, b in zip(exact, rounded)])
+    identity = np.mean([np.abs(a - b).mean() for a, b in zip(rounded, plain)])
+    assert rounding < 1.0, rounding  # grey levels, of 255
+    assert identity > rounding, (identity, rounding)

@@ -108,11 +108,10 @@ class TextToImageDenoiser(nn.Module):
     tiny UNet's output stays in as a noise-dependent nuisance. Same call shape as a UNet.
     """
 
-    dtype = torch.float32
-
     def __init__(self, unet: nn.Module, alphas_cumprod: torch.Tensor, token_dim: int, latent_shape, seed: int = 0):
         super().__init__()
         self.unet = unet
+        self.dtype = unet.dtype  # what the trainer casts its noisy latents to
         self.latent_shape = tuple(latent_shape)
         generator = torch.Generator().manual_seed(seed)
         readout = torch.randn(token_dim, int(np.prod(latent_shape)), generator=generator) / token_dim**0.5
@@ -120,21 +119,34 @@ class TextToImageDenoiser(nn.Module):
         self.register_buffer("alphas_cumprod", alphas_cumprod.clone())
 
     def image(self, text_states: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) text states -> (B, C, h, w) x̂0."""
-        return (text_states.mean(dim=1) @ self.readout).view(-1, *self.latent_shape)
+        """(B, L, D) text states (any dtype) -> (B, C, h, w) fp32 x̂0."""
+        return (text_states.float().mean(dim=1) @ self.readout).view(-1, *self.latent_shape)
 
     def forward(self, sample, timestep, encoder_hidden_states, cross_attention_kwargs=None):
         alpha = self.alphas_cumprod[timestep].view(-1, 1, 1, 1)
-        exact = (sample - alpha.sqrt() * self.image(encoder_hidden_states)) / (1 - alpha).sqrt()
+        exact = (sample.float() - alpha.sqrt() * self.image(encoder_hidden_states)) / (1 - alpha).sqrt()
         nuisance = self.unet(
-            sample, timestep, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs
+            sample.to(self.dtype), timestep, encoder_hidden_states=encoder_hidden_states.to(self.dtype),
+            cross_attention_kwargs=cross_attention_kwargs,
         ).sample
-        return SimpleNamespace(sample=exact + nuisance)
+        return SimpleNamespace(sample=exact + nuisance.float())
 
 
-def test_mapper_learns_a_hidden_identity(backbone, tiny_cfg):
+@pytest.fixture(scope="module")
+def bf16_backbone(tiny_cfg):
+    """The tiny backbone with bf16 weights: the dtype setup of GPUs and AMX CPUs (model.dtype auto)."""
+    from studio.backbone import get_backbone
+
+    return get_backbone(tiny_cfg.replace(**{"model.dtype": "bfloat16"}).model)
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+def test_mapper_learns_a_hidden_identity(request, tiny_cfg, weights):
     """The target latent is what the model draws for 'a photo of {}' with hidden token vectors;
-    training from the class word must close at least half of the held-out loss gap."""
+    training from the class word must close at least half of the held-out loss gap, with fp32
+    weights and with bf16 ones (the fp32 mapper then learns through a bf16 text encoder and UNet)."""
+    backbone = request.getfixturevalue("backbone" if weights == "float32" else "bf16_backbone")
+    assert backbone.unet.dtype == getattr(torch, weights)
     side = tiny_cfg.train.resolution // backbone.vae_scale_factor
     denoiser = TextToImageDenoiser(backbone.unet, backbone.noise_scheduler.alphas_cumprod, backbone.token_dim, (4, side, side))
     teacher = dataclasses.replace(backbone, unet=denoiser)  # shares every frozen part
