@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
     from studio.backbone import Backbone
     from studio.config import StudioConfig
 
-EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -36,8 +38,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from studio.concept import ConceptFileError
     from studio.conditioning import PromptError
     from studio.config import ConfigError
+    from studio.trainer import StateMismatch
 
-    errors: list[type[BaseException]] = [CliError, ConfigError, PromptError, ConceptFileError, BackboneUnavailable]
+    errors: list[type[BaseException]] = [
+        CliError, ConfigError, PromptError, ConceptFileError, BackboneUnavailable, StateMismatch,
+    ]
     for module, name in (("studio.sampler", "SamplerInputError"), ("studio.faces", "PhotoError")):
         try:
             errors.append(getattr(importlib.import_module(module), name))
@@ -108,13 +113,43 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="optimiser steps (default: the preset's train.steps)")
     parser.add_argument("--seed", type=int, help="training seed (default: the preset's train.seed)")
     parser.add_argument("--preview-dir", type=Path, help="save the preview images here (previews are off without it)")
+    parser.add_argument("--checkpoint", type=Path, metavar="STATE.safetensors",
+                        help="save the training state here every --checkpoint-every steps, on Ctrl-C and at the end")
+    parser.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="steps between checkpoints (default 50)")
+    parser.add_argument("--resume", type=Path, metavar="STATE.safetensors",
+                        help="continue a run from its checkpoint (same photos and settings; --steps may grow); "
+                             "later checkpoints go to the same file unless --checkpoint says otherwise")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset setting, e.g. train.lr=1e-3")
     parser.set_defaults(func=run_train)
     return parser
 
 
+class _StopRequest:
+    """The first Ctrl-C asks training to stop after the current step (the state is then
+    consistent and can be saved); a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> _StopRequest:
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to quit at once)", file=sys.stderr)
+
+
 def run_train(args: argparse.Namespace) -> int:
-    from studio.concept import save_concept
+    from studio.concept import load_checkpoint, save_checkpoint, save_concept
     from studio.events import PreviewReady, RolledBack, TrainingFailed, TrainingFinished, TrainingStep
     from studio.faces import prepare
     from studio.trainer import Trainer, TrainingPhoto
@@ -122,6 +157,14 @@ def run_train(args: argparse.Namespace) -> int:
     _check_output(args.out, (".safetensors",), "the concept file")
     if args.preview_dir is not None and not args.preview_dir.is_dir():
         raise CliError(f"the preview folder {args.preview_dir} does not exist")
+    checkpoint_path = args.checkpoint or args.resume
+    if checkpoint_path is not None:
+        _check_output(checkpoint_path, (".safetensors",), "the checkpoint")
+        if checkpoint_path.resolve() == args.out.resolve():
+            raise CliError("the checkpoint and the concept need two different files")
+    if args.checkpoint_every < 1:
+        raise CliError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
+    saved_state = load_checkpoint(args.resume) if args.resume is not None else None  # bad file: fail before any work
     extra: dict[str, Any] = {}
     if args.steps is not None:
         extra["train.steps"] = args.steps
@@ -130,6 +173,11 @@ def run_train(args: argparse.Namespace) -> int:
     if args.preview_dir is None:
         extra["train.preview_every"] = 0  # previews cost generation time nobody would see
     cfg = _load_config(args, extra)
+    if saved_state is not None and int(saved_state["step"]) >= cfg.train.steps:
+        raise CliError(
+            f"{args.resume} is already at step {saved_state['step']} of {cfg.train.steps}; "
+            f"pass --steps with more than {saved_state['step']} to train further"
+        )
     missing = [path for path in args.image if not Path(path).is_file()]
     if missing:
         raise CliError(f"photo not found: {', '.join(missing)}")
@@ -143,13 +191,27 @@ def run_train(args: argparse.Namespace) -> int:
 
     backbone = _backbone(cfg)
     trainer = Trainer(backbone, cfg, photos)
-    started, last_loss, concept = time.perf_counter(), float("nan"), None
-    with _progress(cfg.train.steps, "training") as bar:
+    if saved_state is not None:
+        trainer.load_state_dict(saved_state)  # StateMismatch names what differs
+        print(f"resumed {args.resume} at step {trainer.step} of {cfg.train.steps}")
+
+    def save_state() -> None:
+        if checkpoint_path is not None:
+            save_checkpoint(checkpoint_path, trainer.state_dict())
+
+    started, last_loss, concept, stopped = time.perf_counter(), float("nan"), None, False
+    with _progress(cfg.train.steps, "training") as bar, _StopRequest() as stop:
+        bar.update(trainer.step)
         for event in trainer.run():
             if isinstance(event, TrainingStep):
                 last_loss = event.loss
                 bar.update(event.step - bar.n)
                 bar.set_postfix(loss=f"{event.loss:.4f}")
+                if event.step % args.checkpoint_every == 0:
+                    save_state()
+                if stop.requested and event.step < cfg.train.steps:
+                    stopped = True
+                    break  # between steps: the trainer is consistent
             elif isinstance(event, RolledBack):
                 bar.write(f"warning: step {event.step}: {event.reason}; went back to step {event.restored_step}", file=sys.stderr)
             elif isinstance(event, PreviewReady) and args.preview_dir is not None:
@@ -157,18 +219,31 @@ def run_train(args: argparse.Namespace) -> int:
                     image.save(args.preview_dir / f"step{event.step:05d}_{index}.png")
             elif isinstance(event, TrainingFailed):
                 bar.close()
+                save_state()  # the last good state: rolled back or unchanged by the failed step
                 print(f"error: training failed at step {event.step}: {event.message}", file=sys.stderr)
                 return EXIT_FAILED
             elif isinstance(event, TrainingFinished):
                 concept = event.concept
+    if stopped:
+        concept = trainer.concept()
     if concept is None:
         print("error: training ended without a result", file=sys.stderr)
         return EXIT_FAILED
+    save_state()
     save_concept(concept, args.out)
     seconds = time.perf_counter() - started
     size_kb = args.out.stat().st_size / 1024
-    print(f"trained {concept.steps_done} steps in {seconds:.1f} s, final loss {last_loss:.4f}")
+    if stopped:
+        print(f"stopped at step {concept.steps_done} of {cfg.train.steps} after {seconds:.1f} s, loss {last_loss:.4f}")
+    else:
+        print(f"trained {concept.steps_done} steps in {seconds:.1f} s, final loss {last_loss:.4f}")
     print(f"saved {args.out} ({size_kb:.0f} KB)")
+    if checkpoint_path is not None:
+        print(f"saved the training state to {checkpoint_path}")
+    if stopped:
+        how = f"--resume {checkpoint_path}" if checkpoint_path is not None else "--checkpoint next time to be able to resume"
+        print(f"to go on: the same command with {how}")
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 
@@ -316,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(func(args) or EXIT_OK)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:
         if isinstance(exc, _user_errors()):
             message = " ".join(str(exc).split())  # one line, whatever the message holds

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
+import hashlib
 import random
 import threading
 import time
@@ -37,6 +39,8 @@ MAX_ROLLBACKS_IN_ROW = 3
 # fp16 only: steps the GradScaler may skip in a row while it searches for a usable scale.
 MAX_SCALER_SKIPS = 16
 STATE_FORMAT = 1
+# Training settings a saved state stays valid without: how long to train and how often to look.
+_RESUMABLE_CHANGES = frozenset({"steps", "preview_every", "snapshot_every"})
 _GLOBAL_RNG_LOCK = threading.Lock()
 
 
@@ -110,6 +114,10 @@ class _Snapshot:
     mapper: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scaler: dict[str, Any] | None
+
+
+class StateMismatch(ValueError):
+    """A saved trainer state belongs to other photos, another base model or other settings."""
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -551,10 +559,28 @@ class Trainer:
         return self.sampler
 
     # ------------------------------------------------------------------ state
+    def run_identity(self) -> dict[str, Any]:
+        """What a saved state is only valid with, flat: a digest of the photos and masks, the base
+        model, and every concept and training setting except steps and preview cadence."""
+        digest = hashlib.sha256()
+        for photo in self.photos:
+            digest.update(f"{photo.image.size}".encode())
+            digest.update(photo.image.tobytes())
+            digest.update(b"no mask" if photo.mask is None else np.ascontiguousarray(photo.mask, np.float32).tobytes())
+        identity: dict[str, Any] = {"photos": f"{len(self.photos)} photo(s), sha256 {digest.hexdigest()[:16]}"}
+        identity.update({f"model.{key}": value for key, value in self.backbone.fingerprint().items()})
+        for section in ("concept", "train"):
+            for key, value in dataclasses.asdict(getattr(self.cfg, section)).items():
+                if section == "concept" or key not in _RESUMABLE_CHANGES:
+                    identity[f"{section}.{key}"] = list(value) if isinstance(value, tuple) else value
+        return identity
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything an exact resume needs: mapper, optimiser, scaler, both RNG streams, step."""
+        """Everything an exact resume needs: mapper, optimiser, scaler, both RNG streams, step,
+        and the :meth:`run_identity` it is valid for."""
         return {
             "format": STATE_FORMAT,
+            "run": self.run_identity(),
             "step": self.step,
             "mapper": _clone_tensors(self.mapper.state_dict()),
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
@@ -568,6 +594,7 @@ class Trainer:
         """Continue exactly where ``state`` (from :meth:`state_dict`) left off."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown trainer state format {state.get('format')!r}")
+        self._check_run_identity(state.get("run"))
         self.mapper.load_state_dict(state["mapper"])
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         if self.scaler and state.get("scaler"):
@@ -579,3 +606,19 @@ class Trainer:
         self._weights_version += 1
         self._rollbacks_in_row = 0
         self._take_snapshot()
+
+    def _check_run_identity(self, saved: dict[str, Any] | None) -> None:
+        """Raise :class:`StateMismatch` naming what differs between ``saved`` and this trainer."""
+        if saved is None:  # states from before run identities: the mapper shapes still have to fit
+            return
+        current = self.run_identity()
+        differences = [
+            f"{key} was {saved.get(key, 'unset')!r}, now {current.get(key, 'unset')!r}"
+            for key in sorted(set(saved) | set(current))
+            if saved.get(key) != current.get(key)
+        ]
+        if differences:
+            what = "other photos" if "photos" in {d.split(" ", 1)[0] for d in differences} else "other settings"
+            raise StateMismatch(
+                f"the saved training state was made with {what}; it resumes only the same run: " + "; ".join(differences)
+            )

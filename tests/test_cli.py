@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from studio.cli import main
@@ -72,6 +73,79 @@ def test_train_writes_a_usable_concept(faces_dir, tmp_path):
     assert concept.image_embedding is not None  # the tiny preset trains the image bypass
     assert "1 of 1 photos usable" in result.stdout and "trained 3 steps" in result.stdout
     assert f"saved {out}" in result.stdout
+
+
+# --------------------------------------------------------------------------- stop and resume, in-process
+def _ctrl_c_before_step(monkeypatch, step: int, presses: int = 1) -> None:
+    """Press Ctrl-C (a real SIGINT to this process) ``presses`` times just before the trainer
+    reports ``step``: the CLI sees the request with that step's event."""
+    import signal
+
+    from studio.events import TrainingStep
+    from studio.trainer import Trainer
+
+    original = Trainer.run
+
+    def run(self, *args, **kwargs):
+        for event in original(self, *args, **kwargs):
+            if isinstance(event, TrainingStep) and event.step == step:
+                for _ in range(presses):
+                    signal.raise_signal(signal.SIGINT)
+            yield event
+
+    monkeypatch.setattr(Trainer, "run", run)
+
+
+def test_ctrl_c_saves_the_state_and_resume_finishes_the_same_run(faces_dir, tmp_path, monkeypatch, capsys):
+    photo = str(faces_dir / "single" / "f2d_0.jpg")
+    common = ["train", "--preset", "tiny", "--image", photo, "--steps", "4", "--seed", "3"]
+    assert main([*common, "--out", str(tmp_path / "straight.safetensors")]) == 0
+    capsys.readouterr()
+
+    checkpoint = tmp_path / "run.safetensors"
+    with monkeypatch.context() as patch:
+        _ctrl_c_before_step(patch, 2)
+        code = main([*common, "--out", str(tmp_path / "half.safetensors"), "--checkpoint", str(checkpoint)])
+    out = capsys.readouterr()
+    assert code == 130 and "stopping after this step" in out.err
+    assert "stopped at step 2 of 4" in out.out and f"--resume {checkpoint}" in out.out
+    assert load_concept(tmp_path / "half.safetensors").steps_done == 2  # the work so far is kept
+
+    assert main([*common, "--out", str(tmp_path / "resumed.safetensors"), "--resume", str(checkpoint)]) == 0
+    assert "resumed" in capsys.readouterr().out
+    straight, resumed = load_concept(tmp_path / "straight.safetensors"), load_concept(tmp_path / "resumed.safetensors")
+    assert resumed.steps_done == 4
+    for key, value in straight.mapper.state_dict().items():
+        assert torch.equal(value, resumed.mapper.state_dict()[key]), key
+
+    # The checkpoint went on to step 4: going further needs more steps; other photos are refused.
+    assert main([*common, "--out", str(tmp_path / "again.safetensors"), "--resume", str(checkpoint)]) == 2
+    assert "already at step 4 of 4; pass --steps with more than 4" in _error_line(capsys)
+    other = ["train", "--preset", "tiny", "--image", str(faces_dir / "single" / "f2d_1.jpg"), "--steps", "6"]
+    assert main([*other, "--seed", "3", "--out", str(tmp_path / "x.safetensors"), "--resume", str(checkpoint)]) == 2
+    assert "made with other photos" in _error_line(capsys)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_second_ctrl_c_quits_at_once(faces_dir, tmp_path, monkeypatch, capsys):
+    _ctrl_c_before_step(monkeypatch, 1, presses=2)
+    out = tmp_path / "c.safetensors"
+    assert main(["train", "--preset", "tiny", "--image", str(faces_dir / "single" / "f2d_0.jpg"), "--steps", "3",
+                 "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip().endswith("interrupted") and not out.exists()
+
+
+def test_checkpoint_options_are_checked_before_any_work(backbone, tmp_path, capsys):
+    base = ["train", "--preset", "tiny", "--image", "x.jpg", "--out", str(tmp_path / "c.safetensors")]
+    assert main([*base, "--checkpoint", str(tmp_path / "c.safetensors")]) == 2
+    assert "two different files" in _error_line(capsys)
+    assert main([*base, "--checkpoint", str(tmp_path / "state.ckpt")]) == 2
+    assert "must end with .safetensors" in _error_line(capsys)
+    assert main([*base, "--resume", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors" in _error_line(capsys)
+    save_concept(make_concept(backbone), tmp_path / "concept.safetensors")
+    assert main([*base, "--resume", str(tmp_path / "concept.safetensors")]) == 2
+    assert "is a concept, not a training checkpoint" in _error_line(capsys)
 
 
 # --------------------------------------------------------------------------- errors, in-process

@@ -466,3 +466,28 @@ def test_state_survives_a_safetensors_checkpoint(backbone, tiny_cfg, photos, uni
     tail = [e.loss for e in steps_of(second.run())]
     assert head + tail == uninterrupted[1]
     assert_same_weights(mapper_state(second), uninterrupted[0])
+
+
+def test_a_state_resumes_only_the_run_it_came_from(backbone, tiny_cfg, photos):
+    """Other photos, a changed mask or other maths are refused by name; more steps are fine."""
+    from studio.trainer import StateMismatch
+
+    cfg = make_cfg(tiny_cfg, **{"train.steps": 2})
+    first = Trainer(backbone, cfg, photos)
+    list(first.run(until=1))
+    state = first.state_dict()
+
+    longer = Trainer(backbone, cfg.replace(**{"train.steps": 9, "train.preview_every": 3}), photos)
+    longer.load_state_dict(state)
+    assert longer.step == 1 and longer.total == 9
+
+    with pytest.raises(StateMismatch, match="other photos") as other_photos:
+        Trainer(backbone, cfg, photos[:1]).load_state_dict(state)
+    assert "1 photo(s)" in str(other_photos.value) and "2 photo(s)" in str(other_photos.value)
+    moved_mask = TrainingPhoto(photos[1].image, np.roll(photos[1].mask, 1, axis=1))
+    with pytest.raises(StateMismatch, match="other photos"):
+        Trainer(backbone, cfg, [photos[0], moved_mask]).load_state_dict(state)
+    with pytest.raises(StateMismatch, match=r"other settings.*train\.lr was 0\.003, now 0\.5"):
+        Trainer(backbone, cfg.replace(**{"train.lr": 0.5}), photos).load_state_dict(state)
+    with pytest.raises(StateMismatch, match=r"concept\.num_tokens was 4, now 2"):
+        Trainer(backbone, cfg.replace(**{"concept.num_tokens": 2}), photos).load_state_dict(state)
