@@ -284,6 +284,9 @@ def test_bf16_weights_generate_what_fp32_weights_do(backbone, tiny_cfg):
 
     bf16 = get_backbone(tiny_cfg.replace(**{"model.dtype": "bfloat16"}).model)
     assert bf16.unet.dtype == torch.bfloat16 and bf16.fingerprint() == backbone.fingerprint()
+    conv = bf16.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()  # NHWC in half precision
+    assert backbone.unet.conv_in.weight.is_contiguous()  # fp32 stays NCHW
     concept = make_concept(backbone, bypass=True)
     request = dict(prompts=["a photo of {} in a hat"], seeds=[0, 1], balance=0.5, **FAST)
     full, half = Sampler(backbone), Sampler(bf16)
