@@ -146,7 +146,12 @@ def test_export_then_import_in_a_fresh_session_generates_the_same_image(engine, 
 
     other = Engine(engine_cfg, session_id="import-test")
     try:
+        from studio.ui.views import status_markdown
+
+        assert status_markdown(other.snapshot()).startswith("**Idle**")
         other.import_concept(str(path))
+        status = status_markdown(other.snapshot())
+        assert status.startswith("**Ready**") and "Imported a concept trained for" in status
         there = other.generate("a photo of {} in a garden", seeds=[3], num_inference_steps=3)
         assert list(here.images[0].getdata()) == list(there.images[0].getdata())
     finally:

@@ -63,7 +63,10 @@ def _duration(seconds: float | None) -> str:
 def status_markdown(snapshot: Snapshot) -> str:
     """One status block: phase, step / total, speed, ETA, place in line, last notice."""
     phase = snapshot.phase
-    parts = [f"**{phase.value.capitalize()}**"]
+    label = phase.value.capitalize()
+    if phase is Phase.IDLE and snapshot.concept is not None:
+        label = "Ready"  # an imported concept: nothing trained here, but images can be made
+    parts = [f"**{label}**"]
     if snapshot.total:
         parts.append(f"step {snapshot.step} / {snapshot.total}")
     if snapshot.steps_per_second and phase in (Phase.TRAINING, Phase.PAUSED):
