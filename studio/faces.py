@@ -411,7 +411,8 @@ class InsightFaceAnalyzer(FaceAnalyzer):
         return sorted(faces, key=lambda f: f.side, reverse=True)
 
     def align(self, rgb: np.ndarray, face: DetectedFace, size: int, margin: float) -> AlignedFace:
-        # Same framing as dlib: the 112 px template is a tight (dlib padding 0.25) chip.
+        # About dlib's framing: the 112 px template is taken as a tight (dlib padding 0.25) chip.
+        # The two fit different landmarks, so a face's size differs by up to ~20 % between them.
         def matrix_for(padding: float) -> np.ndarray:
             template_scale = size * (1.0 + 2 * 0.25) / (1.0 + 2 * padding) / 112.0
             template = (ARCFACE_TEMPLATE - 56.0) * template_scale + (size - 1) / 2.0
