@@ -85,6 +85,20 @@ class Snapshot:
         return self.phase in (Phase.LOADING, Phase.TRAINING, Phase.PAUSED)
 
 
+@dataclass(frozen=True)
+class _EndedRun:
+    """The last training's end, kept so that it can continue: its settings, backbone and
+    trainer state (CPU tensors)."""
+
+    cfg: StudioConfig
+    backbone: Backbone
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
 class EngineClosed(RuntimeError):
     """The session has ended; open the studio again."""
 
@@ -105,6 +119,7 @@ class Engine:
         self._snapshot = Snapshot(version=0, phase=Phase.IDLE)
         self._thread: threading.Thread | None = None
         self._trainer = None
+        self._ended_run: _EndedRun | None = None
         self._stop = threading.Event()
         self._resume = threading.Event()
         self._resume.set()
@@ -151,6 +166,8 @@ class Engine:
         with self._lock:
             if self._snapshot.active:
                 raise RuntimeError("Stop training before switching the preset or model.")
+            if cfg.model != self.cfg.model:
+                self._ended_run = None  # its state belongs to the other model
             self.cfg = cfg
             self._publish(backbone="", is_random_backbone=cfg.model.is_tiny)
 
@@ -190,29 +207,80 @@ class Engine:
         """
         self._check_open()
         with self._lock:
-            if self._thread is not None and self._thread.is_alive() or self._snapshot.active:
-                raise RuntimeError("Training is already running: stop it first, or pause/resume it.")
-            prepared = self._snapshot.prepared
-            if prepared is None or not prepared.photos:
-                raise ValueError("Add at least one photo with a detectable face before training.")
+            self._check_idle()
+            prepared = self._usable_photos()
             cfg = self.cfg.replace(**overrides) if overrides else self.cfg
-            self._stop.clear()
-            self._resume.set()
-            self._step_times.clear()
-            self._trainer = None
+            self._ended_run = None
             self._preview_points = []
             self._publish(
                 phase=Phase.LOADING, step=0, total=cfg.train.steps, losses=(), steps_per_second=None,
                 eta_seconds=None, message="", rollbacks=0, best_step=None, best_note="",
             )
-            driver = self._drive(cfg, prepared, gpu_call)
-            if foreground:
-                return self._follow(driver)
-            self._thread = threading.Thread(
-                target=_run_to_end, args=(driver,), name=f"trainer-{self.session_id[:8]}", daemon=True
+            return self._launch(cfg, prepared, None, foreground, gpu_call)
+
+    def continue_training(
+        self,
+        more_steps: int,
+        *,
+        foreground: bool = False,
+        gpu_call: Callable[..., Any] | None = None,
+    ) -> Iterator[Snapshot] | None:
+        """Train the last finished or stopped run ``more_steps`` further, exactly as if it had
+        been asked for that many steps at first (same settings, photos and random streams).
+        Raises ValueError when there is no such run or its photos or model have changed."""
+        from studio.trainer import StateMismatch, TrainingPhoto, check_same_run, run_identity
+
+        self._check_open()
+        if int(more_steps) < 1:
+            raise ValueError(f"Continue by at least one step (got {more_steps}).")
+        with self._lock:
+            self._check_idle()
+            run = self._ended_run
+            if run is None:
+                raise ValueError(
+                    "There is no training to continue in this session (or the base model changed since): press Train."
+                )
+            prepared = self._usable_photos()
+            cfg = run.cfg.replace(**{"train.steps": run.step + int(more_steps)})
+            photos = [TrainingPhoto.from_prepared(photo) for photo in prepared.photos]
+            try:
+                check_same_run(run.state.get("run"), run_identity(run.backbone, cfg, photos))
+            except StateMismatch:
+                raise ValueError(
+                    "The photos changed since the last training, so it cannot continue: press Train to learn "
+                    "a new concept from these photos."
+                ) from None
+            self._publish(
+                phase=Phase.LOADING, step=run.step, total=cfg.train.steps, steps_per_second=None, eta_seconds=None,
+                message=f"Continuing from step {run.step} to {cfg.train.steps}.",
             )
-            self._thread.start()
-            return None
+            return self._launch(cfg, prepared, run.state, foreground, gpu_call)
+
+    def _check_idle(self) -> None:
+        if self._thread is not None and self._thread.is_alive() or self._snapshot.active:
+            raise RuntimeError("Training is already running: stop it first, or pause/resume it.")
+
+    def _usable_photos(self):
+        prepared = self._snapshot.prepared
+        if prepared is None or not prepared.photos:
+            raise ValueError("Add at least one photo with a detectable face before training.")
+        return prepared
+
+    def _launch(self, cfg: StudioConfig, prepared, state: dict[str, Any] | None, foreground: bool,
+                gpu_call: Callable[..., Any] | None) -> Iterator[Snapshot] | None:
+        """Run the driver on a background thread, or hand it to a foreground caller (under the lock)."""
+        self._stop.clear()
+        self._resume.set()
+        self._step_times.clear()
+        self._trainer = None
+        driver = self._drive(cfg, prepared, state, gpu_call)
+        if foreground:
+            return self._follow(driver)
+        self._thread = threading.Thread(
+            target=_run_to_end, args=(driver,), name=f"trainer-{self.session_id[:8]}", daemon=True
+        )
+        self._thread.start()
+        return None
 
     def _follow(self, driver: Iterator[None]) -> Iterator[Snapshot]:
         for _ in driver:
@@ -247,17 +315,23 @@ class Engine:
             if self._trainer is not None:
                 self._trainer.preview_band, self._trainer.preview_balance = band, float(balance)
 
-    def _drive(self, cfg: StudioConfig, prepared, gpu_call: Callable[..., Any] | None) -> Iterator[None]:
-        """Pump training events into snapshots, one gated step at a time; yields after each."""
+    def _drive(self, cfg: StudioConfig, prepared, state: dict[str, Any] | None,
+               gpu_call: Callable[..., Any] | None) -> Iterator[None]:
+        """Pump training events into snapshots, one gated step at a time; yields after each.
+        Starts from ``state`` (a trainer state) when given; keeps the end for continue_training."""
         from studio.runner import chunked_events
         from studio.trainer import Trainer, TrainingPhoto
 
+        latest: dict[str, Any] = {"state": state}  # chunked runs: the trainer state after the last chunk
+        backbone = None
         try:
             backbone = self.backbone(cfg)
             photos = [TrainingPhoto.from_prepared(photo) for photo in prepared.photos]
             if gpu_call is None:
                 with self._gate.hold(self.session_id, cancelled=self._stop.is_set):
                     trainer = Trainer(backbone, cfg, photos, sampler=shared_sampler(backbone))
+                    if state is not None:
+                        trainer.load_state_dict(state)
                 trainer.preview_band, trainer.preview_balance = self._preview_settings
                 with self._lock:
                     self._trainer = trainer
@@ -266,6 +340,7 @@ class Engine:
                 events = chunked_events(
                     gpu_call, cfg.to_dict(), photos, cfg.train.steps,
                     preview=lambda: self._preview_settings, stopped=self._stop.is_set,
+                    state=state, on_state=lambda new: latest.update(state=new),
                 )
             self._publish(phase=Phase.TRAINING, backbone=backbone.describe(), is_random_backbone=backbone.is_random)
             yield
@@ -282,20 +357,36 @@ class Engine:
                         event = self._with_scores(event, cfg, cfg.concept.super_category)
                 if event is None:
                     break
+                if isinstance(event, (TrainingFinished, TrainingFailed)):
+                    self._keep_ended_run(cfg, backbone, latest["state"])
                 self._on_event(event)
                 yield
                 if isinstance(event, (TrainingFinished, TrainingFailed)):
                     return
             events.close()
+            self._keep_ended_run(cfg, backbone, latest["state"])
             self._finish_stopped(cfg)
         except GateCancelled:  # stopped while waiting for the gate
+            self._keep_ended_run(cfg, backbone, latest["state"])
             self._finish_stopped(cfg)
         except GeneratorExit:  # a foreground caller walked away (its request was cancelled)
+            self._keep_ended_run(cfg, backbone, latest["state"])
             self._finish_stopped(cfg)
             raise
         except Exception as exc:  # training must always end in a state the UI can show
             self._on_event(TrainingFailed(self._snapshot.step, _user_message(exc)))
         yield
+
+    def _keep_ended_run(self, cfg: StudioConfig, backbone: Backbone | None, chunk_state: dict[str, Any] | None) -> None:
+        """Remember where this run ended, for continue_training: the local trainer's state (it is
+        between steps here), else the last chunk's state, else (stopped before any step) nothing new."""
+        from studio.runner import to_cpu
+
+        trainer = self._trainer
+        state = to_cpu(trainer.state_dict()) if trainer is not None else chunk_state
+        if backbone is not None and state is not None:
+            with self._lock:
+                self._ended_run = _EndedRun(cfg, backbone, state)
 
     def _finish_stopped(self, cfg: StudioConfig) -> None:
         trainer = self._trainer  # only the driving thread mutates it, and that is us

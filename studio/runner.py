@@ -41,13 +41,14 @@ class ChunkState:
     state: dict[str, Any]
 
 
-def _to_cpu(value: Any) -> Any:
+def to_cpu(value: Any) -> Any:
+    """A copy of a (nested) trainer state with every tensor on the CPU (picklable, device-free)."""
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
+        return {k: to_cpu(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
+        return type(value)(to_cpu(v) for v in value)
     return value
 
 
@@ -81,7 +82,7 @@ def training_chunk(
             return
     if not trainer.done:
         yield ConceptUpdated(trainer.step, trainer.concept())
-    yield ChunkState(_to_cpu(trainer.state_dict()))
+    yield ChunkState(to_cpu(trainer.state_dict()))
 
 
 def chunked_events(
@@ -92,22 +93,30 @@ def chunked_events(
     preview: Callable[[], tuple[tuple[int, int], float]],
     stopped: Callable[[], bool],
     chunk_steps: int | None = None,
+    state: dict[str, Any] | None = None,
+    on_state: Callable[[dict[str, Any]], None] | None = None,
 ) -> Iterator[TrainingEvent]:
     """The events of a whole training, made of ``gpu_call`` chunks (``training_chunk`` wrapped
-    in ``spaces.GPU``). Stops between chunks when ``stopped()``; the live preview settings
-    are read at the start of each chunk."""
+    in ``spaces.GPU``), from ``state`` (a trainer state; None = a new run). Stops between
+    chunks when ``stopped()``; the live preview settings are read at the start of each chunk;
+    ``on_state`` receives the trainer state at the end of each chunk."""
     chunk_steps = chunk_steps or int(os.environ.get("STUDIO_CHUNK_STEPS", DEFAULT_CHUNK_STEPS))
-    state: dict[str, Any] | None = None
-    step = 0
+    step = int(state["step"]) if state is not None else 0
     while step < total:
         until = min(step + chunk_steps, total)
         band, balance = preview()
+        ending: TrainingEvent | None = None
         for item in gpu_call(cfg_dict, photos, state, until, band, balance):
             if isinstance(item, ChunkState):
                 state, step = item.state, int(item.state["step"])
+                if on_state is not None:
+                    on_state(state)
+            elif isinstance(item, (TrainingFailed, TrainingFinished)):
+                ending = item  # the chunk's state follows it: pass it on once that has arrived
             else:
                 yield item
-                if isinstance(item, (TrainingFailed, TrainingFinished)):
-                    return
+        if ending is not None:
+            yield ending
+            return
         if stopped():
             return

@@ -120,6 +120,39 @@ class StateMismatch(ValueError):
     """A saved trainer state belongs to other photos, another base model or other settings."""
 
 
+def run_identity(backbone: Backbone, cfg: StudioConfig, photos: Sequence[TrainingPhoto]) -> dict[str, Any]:
+    """What a saved trainer state is only valid with, flat: a digest of the photos and masks,
+    the base model, and every concept and training setting except steps and preview cadence."""
+    digest = hashlib.sha256()
+    for photo in photos:
+        digest.update(f"{photo.image.size}".encode())
+        digest.update(photo.image.tobytes())
+        digest.update(b"no mask" if photo.mask is None else np.ascontiguousarray(photo.mask, np.float32).tobytes())
+    identity: dict[str, Any] = {"photos": f"{len(photos)} photo(s), sha256 {digest.hexdigest()[:16]}"}
+    identity.update({f"model.{key}": value for key, value in backbone.fingerprint().items()})
+    for section in ("concept", "train"):
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            if section == "concept" or key not in _RESUMABLE_CHANGES:
+                identity[f"{section}.{key}"] = list(value) if isinstance(value, tuple) else value
+    return identity
+
+
+def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Raise :class:`StateMismatch` naming what differs between two :func:`run_identity`."""
+    if saved is None:
+        raise StateMismatch("the saved training state does not say which photos and settings it belongs to")
+    differences = [
+        f"{key} was {saved.get(key, 'unset')!r}, now {current.get(key, 'unset')!r}"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
+    if differences:
+        what = "other photos" if any(d.startswith("photos ") for d in differences) else "other settings"
+        raise StateMismatch(
+            f"the saved training state was made with {what}; it resumes only the same run: " + "; ".join(differences)
+        )
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
@@ -560,20 +593,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def run_identity(self) -> dict[str, Any]:
-        """What a saved state is only valid with, flat: a digest of the photos and masks, the base
-        model, and every concept and training setting except steps and preview cadence."""
-        digest = hashlib.sha256()
-        for photo in self.photos:
-            digest.update(f"{photo.image.size}".encode())
-            digest.update(photo.image.tobytes())
-            digest.update(b"no mask" if photo.mask is None else np.ascontiguousarray(photo.mask, np.float32).tobytes())
-        identity: dict[str, Any] = {"photos": f"{len(self.photos)} photo(s), sha256 {digest.hexdigest()[:16]}"}
-        identity.update({f"model.{key}": value for key, value in self.backbone.fingerprint().items()})
-        for section in ("concept", "train"):
-            for key, value in dataclasses.asdict(getattr(self.cfg, section)).items():
-                if section == "concept" or key not in _RESUMABLE_CHANGES:
-                    identity[f"{section}.{key}"] = list(value) if isinstance(value, tuple) else value
-        return identity
+        """See :func:`run_identity`."""
+        return run_identity(self.backbone, self.cfg, self.photos)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything an exact resume needs: mapper, optimiser, scaler, both RNG streams, step,
@@ -594,7 +615,7 @@ class Trainer:
         """Continue exactly where ``state`` (from :meth:`state_dict`) left off."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown trainer state format {state.get('format')!r}")
-        self._check_run_identity(state.get("run"))
+        check_same_run(state.get("run"), self.run_identity())
         self.mapper.load_state_dict(state["mapper"])
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         if self.scaler and state.get("scaler"):
@@ -606,19 +627,3 @@ class Trainer:
         self._weights_version += 1
         self._rollbacks_in_row = 0
         self._take_snapshot()
-
-    def _check_run_identity(self, saved: dict[str, Any] | None) -> None:
-        """Raise :class:`StateMismatch` naming what differs between ``saved`` and this trainer."""
-        if saved is None:  # states from before run identities: the mapper shapes still have to fit
-            return
-        current = self.run_identity()
-        differences = [
-            f"{key} was {saved.get(key, 'unset')!r}, now {current.get(key, 'unset')!r}"
-            for key in sorted(set(saved) | set(current))
-            if saved.get(key) != current.get(key)
-        ]
-        if differences:
-            what = "other photos" if "photos" in {d.split(" ", 1)[0] for d in differences} else "other settings"
-            raise StateMismatch(
-                f"the saved training state was made with {what}; it resumes only the same run: " + "; ".join(differences)
-            )

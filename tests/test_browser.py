@@ -128,6 +128,19 @@ def test_photo_to_training_to_sliders_to_export_and_import(page, browser, studio
     assert len(preview_sources(page)) == 4
     shot(page, "03-sliders-moved")
 
+    # 4b. continue the run by 6 steps: the loss curve goes on, the previews follow the sliders
+    set_number(page, "steps", 6)
+    page.click("#continue")
+    wait_for_status(page, "step 18 / 18")
+    wait_for_status(page, "Finished")
+    wait_for_previews_with(page, "step 18")
+    assert f"t∈[{lo}, 800]" in page.locator("#previews").inner_text()
+    segments = page.locator("#loss-plot g.mark-line path").evaluate_all(
+        "paths => paths.map(p => (p.getAttribute('d').match(/L/g) || []).length)"
+    )
+    assert segments == [17, 17], "one point per step, 1 to 18"
+    shot(page, "03b-continued")
+
     # 5. export the concept
     page.get_by_role("tab", name="Concept file").click()
     page.click("#export")
@@ -150,7 +163,7 @@ def test_photo_to_training_to_sliders_to_export_and_import(page, browser, studio
     fresh.set_input_files("#import input[type=file]", str(concept_path))
     fresh.wait_for_function("() => (document.querySelector('#concept-msg')?.innerText || '').includes('Loaded')")
     fresh.wait_for_selector("#previews img")  # the imported concept's previews, without retraining
-    assert "step 12" in fresh.locator("#previews").inner_text()
+    assert "step 18" in fresh.locator("#previews").inner_text()
     fresh.get_by_role("tab", name="Generate").click()
     set_number(fresh, "gen-steps", 3)
     fresh.click("#generate")

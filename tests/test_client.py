@@ -45,7 +45,7 @@ def test_training_streams_increasing_steps_and_preview_images(studio_app, photo)
         for status, _plot, gallery in job:
             if _step_of(status) is not None:
                 steps.append(_step_of(status))
-            if gallery:
+            if isinstance(gallery, list) and gallery:  # not a skip ({"__type__": "update"}: unchanged)
                 galleries.append(gallery)
         final_status = job.outputs()[-1][0]
         assert "Finished" in final_status
@@ -71,6 +71,23 @@ def test_stop_ends_the_stream_and_reports_the_true_final_state(studio_app, photo
         assert stopped_at is not None and 2 <= stopped_at < 2000
         assert engine.snapshot().step == stopped_at
         assert not engine.snapshot().active
+    finally:
+        client.close()
+
+
+def test_continue_training_adds_steps_to_the_last_run(studio_app, photo):
+    demo, url = studio_app
+    client = _client(url)
+    try:
+        client.predict([handle_file(photo)], api_name="/photos")
+        with pytest.raises(Exception, match="no training to continue"):
+            client.predict(2, 400, 800, 1.0, api_name="/continue")
+        assert "Finished" in client.predict(*_train_args(steps=3, seed=0, preview_every=0), api_name="/train")[0]
+        job = client.submit(2, 400, 800, 1.0, api_name="/continue")
+        steps = [_step_of(status) for status, _plot, _gallery in job if _step_of(status) is not None]
+        final_status = job.outputs()[-1][0]
+        assert "Finished" in final_status and _step_of(final_status) == 5 and "step 5 / 5" in final_status
+        assert steps == sorted(steps) and min(steps) >= 3
     finally:
         client.close()
 

@@ -158,6 +158,61 @@ def test_export_then_import_in_a_fresh_session_generates_the_same_image(engine, 
         other.close()
 
 
+def test_continue_training_equals_asking_for_more_steps_at_first(engine_cfg, face_photo, faces_dir):
+    """Finish 3 steps, continue 3 more: the same weights and losses as one 6-step run, the loss
+    curve goes on from step 4; new photos, a switched model or nothing to continue are refused."""
+    straight = Engine(engine_cfg.replace(**{"train.steps": 6}), session_id="continue-straight")
+    split = Engine(engine_cfg.replace(**{"train.steps": 3}), session_id="continue-split")
+    try:
+        for engine in (straight, split):
+            engine.prepare_photos([face_photo])
+        with pytest.raises(ValueError, match="no training to continue"):
+            split.continue_training(3)
+        straight.start()
+        whole = straight.wait_until(lambda s: not s.active, timeout=TIMEOUT)
+        split.start()
+        split.wait_until(lambda s: not s.active, timeout=TIMEOUT)
+        split.continue_training(3)
+        assert "Continuing from step 3 to 6" in split.snapshot().message
+        done = split.wait_until(lambda s: not s.active, timeout=TIMEOUT)
+        assert done.phase is Phase.FINISHED and done.step == 6 and done.concept.steps_done == 6
+        assert [p.step for p in done.losses] == list(range(1, 7))
+        assert [p.loss for p in done.losses] == [p.loss for p in whole.losses]
+        for a, b in zip(_mapper_weights(whole.concept), _mapper_weights(done.concept)):
+            assert torch.equal(a, b)
+
+        with pytest.raises(ValueError, match="at least one step"):
+            split.continue_training(0)
+        split.prepare_photos([str(faces_dir / "single" / "f2d_1.jpg")])
+        with pytest.raises(ValueError, match="photos changed since the last training"):
+            split.continue_training(2)
+        split.prepare_photos([face_photo])
+        split.configure(split.cfg.replace(**{"model.image_encoder": None}))
+        with pytest.raises(ValueError, match="no training to continue"):
+            split.continue_training(2)
+        assert split.snapshot().concept.steps_done == 6, "a refused continue changes nothing"
+    finally:
+        straight.close()
+        split.close()
+
+
+def test_a_stopped_run_continues_from_where_it_stopped(engine_cfg, face_photo):
+    engine = Engine(engine_cfg.replace(**{"train.steps": 500, "train.preview_every": 0}), session_id="continue-stopped")
+    try:
+        engine.prepare_photos([face_photo])
+        engine.start()
+        engine.wait_until(lambda s: s.step >= 2, timeout=TIMEOUT)
+        engine.stop()
+        stopped = engine.wait_until(lambda s: not s.active, timeout=TIMEOUT)
+        assert stopped.phase is Phase.STOPPED
+        engine.continue_training(2)
+        done = engine.wait_until(lambda s: not s.active, timeout=TIMEOUT)
+        assert done.phase is Phase.FINISHED and done.step == stopped.step + 2
+        assert [p.step for p in done.losses] == list(range(1, stopped.step + 3))
+    finally:
+        engine.close()
+
+
 def test_close_is_idempotent_joins_the_thread_and_refuses_new_work(engine_cfg, face_photo):
     engine = Engine(engine_cfg.replace(**{"train.steps": 1000, "train.preview_every": 0}), session_id="close-test")
     engine.prepare_photos([face_photo])

@@ -95,6 +95,26 @@ def test_engine_in_foreground_mode_finishes_with_a_concept(chunk_cfg, faces_dir)
         engine.close()
 
 
+def test_engine_in_foreground_mode_continues_a_run_in_chunks(chunk_cfg, faces_dir, backbone):
+    """On ZeroGPU the state that comes back from the last chunk is what a continue starts from."""
+    engine = Engine(chunk_cfg.replace(**{"train.steps": 4}), session_id="zerogpu-continue")
+    try:
+        engine.prepare_photos([str(faces_dir / "single" / "f2d_0.jpg")])
+        list(engine.start(foreground=True, gpu_call=pickled(training_chunk)))
+        snapshots = list(engine.continue_training(3, foreground=True, gpu_call=pickled(training_chunk)))
+        final = snapshots[-1]
+        assert final.phase is Phase.FINISHED and final.concept.steps_done == 7
+        assert [p.step for p in final.losses] == list(range(1, 8))
+        reference = Trainer(backbone, chunk_cfg, [TrainingPhoto.from_prepared(p) for p in engine.snapshot().prepared.photos])
+        for _ in range(7):
+            reference.train_step()
+        continued = final.concept.mapper.state_dict()
+        for name, tensor in reference.mapper.state_dict().items():
+            assert torch.equal(tensor, continued[name]), name
+    finally:
+        engine.close()
+
+
 def test_the_zerogpu_train_handler_streams_a_chunked_training_in_the_launched_app(monkeypatch, faces_dir):
     """The sync-generator handler that drives GPU chunks on ZeroGPU, here without ZeroGPU itself."""
     import socket

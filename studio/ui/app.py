@@ -95,7 +95,14 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                         te_weight = gr.Number(cfg.train.te_weight, label="Tandem weight λ")
                         te_balance = gr.Slider(0.0, 1.0, value=cfg.train.te_balance, step=0.05, label="Tandem target β")
                         preview_every = gr.Number(cfg.train.preview_every, precision=0, label="Preview every N steps")
-                train_btn = gr.Button("Train", variant="primary", elem_id="train")
+                with gr.Row():
+                    train_btn = gr.Button("Train", variant="primary", scale=2, elem_id="train")
+                    continue_btn = gr.Button("Train more", scale=1, elem_id="continue")
+                gr.Markdown(
+                    "*Train* learns a new concept in *Training steps*; *Train more* adds that many steps "
+                    "to the last finished or stopped run (same photos and settings).",
+                    elem_classes=["help"],
+                )
                 with gr.Row():
                     pause_btn = gr.Button("Pause", size="sm", min_width=60, elem_id="pause")
                     resume_btn = gr.Button("Resume", size="sm", min_width=60, elem_id="resume")
@@ -190,18 +197,16 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                 "train.te_balance": float(te_b), "train.preview_every": int(every),
             }
 
-        def start_training(engine: Engine, values: list[Any], band: tuple[int, int], gamma: float, **mode: Any):
+        def begin(engine: Engine, launch, band: tuple[int, int], gamma: float, **mode: Any):
+            """Set the live preview settings, then start (or continue) training; errors become sentences."""
             try:
                 engine.set_preview_settings(band, gamma)
-                return engine.start(overrides_from(values), **mode)
+                return launch(**mode)
             except (ValueError, RuntimeError, ConfigError) as exc:
                 raise _user_error(exc) from None
 
-        async def on_train(n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every, lo, hi, gamma, request: gr.Request):
+        async def stream_background(engine: Engine):
             """Local / GPU server: a background thread trains; this streams its snapshots."""
-            engine = engine_for(request)
-            values = [n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every]
-            start_training(engine, values, (int(lo), int(hi)), float(gamma))
             last: dict[str, Any] = {}
             version, position, sent = -1, None, 0.0
             while True:
@@ -215,19 +220,42 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                 if not snapshot.active:
                     return
 
-        def on_train_zero_gpu(n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every, lo, hi, gamma, request: gr.Request):
-            """ZeroGPU: no thread may hold the GPU, so this request drives GPU calls in chunks."""
-            engine = engine_for(request)
-            values = [n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every]
-            snapshots = start_training(
-                engine, values, (int(lo), int(hi)), float(gamma), foreground=True, gpu_call=GPU_TRAINING_CHUNK
-            )
+        def stream_foreground(snapshots):
+            """ZeroGPU: no thread may hold the GPU, so the request itself drives GPU calls in chunks."""
             last: dict[str, Any] = {}
             sent = 0.0
             for snapshot in snapshots:
                 if not snapshot.active or time.monotonic() - sent >= STREAM_MIN_INTERVAL_S:
                     sent = time.monotonic()
                     yield render(snapshot, last)
+
+        async def on_train(n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every, lo, hi, gamma, request: gr.Request):
+            engine = engine_for(request)
+            overrides = overrides_from([n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every])
+            begin(engine, lambda: engine.start(overrides), (int(lo), int(hi)), float(gamma))
+            async for outputs in stream_background(engine):
+                yield outputs
+
+        def on_train_zero_gpu(n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every, lo, hi, gamma, request: gr.Request):
+            engine = engine_for(request)
+            overrides = overrides_from([n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every])
+            yield from stream_foreground(begin(
+                engine, lambda **mode: engine.start(overrides, **mode), (int(lo), int(hi)), float(gamma),
+                foreground=True, gpu_call=GPU_TRAINING_CHUNK,
+            ))
+
+        async def on_continue(n_steps, lo, hi, gamma, request: gr.Request):
+            engine = engine_for(request)
+            begin(engine, lambda: engine.continue_training(int(n_steps)), (int(lo), int(hi)), float(gamma))
+            async for outputs in stream_background(engine):
+                yield outputs
+
+        def on_continue_zero_gpu(n_steps, lo, hi, gamma, request: gr.Request):
+            engine = engine_for(request)
+            yield from stream_foreground(begin(
+                engine, lambda **mode: engine.continue_training(int(n_steps), **mode), (int(lo), int(hi)), float(gamma),
+                foreground=True, gpu_call=GPU_TRAINING_CHUNK,
+            ))
 
         def on_stop(request: gr.Request):
             engine = engine_for(request)
@@ -335,10 +363,18 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
 
         # ---------------------------------------------------------------- wiring
         photos.change(on_photos, [photos], [crops, photo_report], api_name="photos")
+        chunked = chunked_training()
         train_event = train_btn.click(
-            on_train_zero_gpu if chunked_training() else on_train, [*settings, band_lo, band_hi, balance], live_outputs, api_name="train", concurrency_limit=None
+            on_train_zero_gpu if chunked else on_train, [*settings, band_lo, band_hi, balance], live_outputs,
+            api_name="train", concurrency_limit=None,
         )
-        stop_btn.click(on_stop, None, live_outputs, cancels=[train_event], api_name="stop", concurrency_limit=None)
+        continue_event = continue_btn.click(
+            on_continue_zero_gpu if chunked else on_continue, [steps, band_lo, band_hi, balance], live_outputs,
+            api_name="continue", concurrency_limit=None,
+        )
+        stop_btn.click(
+            on_stop, None, live_outputs, cancels=[train_event, continue_event], api_name="stop", concurrency_limit=None
+        )
         pause_btn.click(on_pause, None, [status], api_name="pause", concurrency_limit=None)
         resume_btn.click(on_resume, None, [status], api_name="resume", concurrency_limit=None)
         preview_btn.click(on_preview, [band_lo, band_hi, balance], live_outputs, api_name="preview", concurrency_limit=None)
