@@ -9,6 +9,8 @@
 #     huggingface_hub==2.4.0 tokenizers==0.23.3
 # (pin what `.venv/bin/python -m pip list` shows here), then call the device tool with
 #   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=600)
+# and, as a second call, the channels_last A/B behind assemble_backbone's choice (finding 5):
+#   run(command="bash bench/gpu.sh memory-format", carry=[".whl"], timeout_s=600)
 # Nothing is installed into the machine's Python: the wheels are unpacked to /tmp/site from
 # the local folder (--no-index) and put on PYTHONPATH. The tiny end-to-end section is a CPU
 # goal and needs dlib, so it is not run here. Copy $OUT/bench.log into bench/RESULTS.md.
@@ -21,4 +23,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv | tee "$OUT/gpu.txt" || true
+if [[ "${1:-}" == "memory-format" ]]; then
+  shift
+  python3 bench/memory_format.py --device cuda --dtype bfloat16 --resolution 512 "$@" 2>&1 | tee "$OUT/memory-format.log"
+  exit
+fi
 python3 bench/run.py --suite full --device cuda --sections train,recipe,preview --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log"
