@@ -457,23 +457,29 @@ _ANALYZERS: dict[tuple, FaceAnalyzer] = {}
 _ANALYZERS_LOCK = threading.Lock()
 
 
+def _insightface_ready(cfg: FaceConfig) -> bool:
+    """The insightface package is installed and its model files are on disk."""
+    return importlib.util.find_spec("insightface") is not None and _has_onnx(insightface_model_dir(cfg))
+
+
+def _dlib_ready() -> bool:
+    models = _face_recognition_models_dir()
+    return importlib.util.find_spec("dlib") is not None and models is not None and all(
+        (models / f).is_file() for f in DLIB_MODEL_FILES
+    )
+
+
 def available_backends(cfg: FaceConfig | None = None) -> list[str]:
     """Backends that can run now, best first (insightface only when its files are on disk)."""
     cfg = cfg or FaceConfig()
-    found = []
-    if importlib.util.find_spec("insightface") is not None and _has_onnx(insightface_model_dir(cfg)):
-        found.append("insightface")
-    models = _face_recognition_models_dir()
-    if importlib.util.find_spec("dlib") is not None and models is not None and all((models / f).is_file() for f in DLIB_MODEL_FILES):
-        found.append("dlib")
-    return found
+    return [name for name, ready in (("insightface", _insightface_ready(cfg)), ("dlib", _dlib_ready())) if ready]
 
 
 def resolve_backend(cfg: FaceConfig) -> str:
-    """``cfg.backend`` with "auto" resolved: insightface if its model files exist, else dlib."""
+    """``cfg.backend`` with "auto" resolved: insightface if it can run, else dlib."""
     if cfg.backend != "auto":
         return cfg.backend
-    return "insightface" if _has_onnx(insightface_model_dir(cfg)) and importlib.util.find_spec("insightface") else "dlib"
+    return "insightface" if _insightface_ready(cfg) else "dlib"
 
 
 def get_face_analyzer(cfg: FaceConfig) -> FaceAnalyzer:
