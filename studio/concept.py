@@ -4,8 +4,10 @@ A :class:`Concept` is a snapshot: the trainer hands out a new one (with a new ``
 weights change, so samplers may cache text conditions by ``uid``.
 
 Concept files are safetensors: the mapper's tensors (``mapper.<name>``), the reference image
-embedding, and one JSON string of metadata (key ``personamagic``). Training checkpoints use the
-same container. Files are read with safetensors only: nothing a user hands us is unpickled.
+embedding, and one JSON string of metadata (key ``personamagic``). A concept file may also carry
+the trainer state it ended with (tensors ``training.<path>``), so that training can go on in
+another session; training checkpoints use the same container for that state alone. Files are
+read with safetensors only: nothing a user hands us is unpickled.
 """
 from __future__ import annotations
 
@@ -94,11 +96,13 @@ def _mapper_shape(mapper: IdentityMapper) -> dict[str, Any]:
     }
 
 
-def concept_to_bytes(concept: Concept) -> bytes:
-    """The concept as the bytes of a ``.safetensors`` concept file (for downloads and saving)."""
+def concept_to_bytes(concept: Concept, training_state: dict[str, Any] | None = None) -> bytes:
+    """The concept as the bytes of a ``.safetensors`` concept file (for downloads and saving),
+    with the trainer state that produced it when given (see :func:`read_training_state`)."""
     tensors = {f"mapper.{name}": value.detach().cpu().contiguous() for name, value in concept.mapper.state_dict().items()}
     if concept.image_embedding is not None:
         tensors["image_embedding"] = concept.image_embedding.detach().float().cpu().contiguous()
+    extra = {"training_state": _encode_state(training_state, "training", tensors)} if training_state is not None else {}
     info = {
         "format": CONCEPT_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -113,14 +117,16 @@ def concept_to_bytes(concept: Concept) -> bytes:
         "uid": concept.uid,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "studio_version": _studio_version(),
+        **extra,
     }
     return save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(info, default=str)})
 
 
-def save_concept(concept: Concept, path: str | Path) -> Path:
-    """Write ``concept`` to ``path`` atomically (temp file + rename); raises :class:`ConceptFileError`."""
+def save_concept(concept: Concept, path: str | Path, training_state: dict[str, Any] | None = None) -> Path:
+    """Write ``concept`` (and optionally its trainer state) to ``path`` atomically (temp file +
+    rename); raises :class:`ConceptFileError`."""
     path = Path(path)
-    _write_atomic(path, concept_to_bytes(concept), "the concept")
+    _write_atomic(path, concept_to_bytes(concept, training_state), "the concept")
     return path
 
 
@@ -390,6 +396,17 @@ def load_concept(source: str | Path | bytes, backbone: Backbone | None = None) -
         # Same file -> same uid, so a re-imported concept reuses cached text conditions.
         uid=hashlib.sha256(data).hexdigest()[:32],
     )
+
+
+def read_training_state(source: str | Path | bytes) -> dict[str, Any] | None:
+    """The trainer state a concept file carries (CPU tensors), or None when it has none."""
+    data, name, info = _open_concept_file(source)
+    if info["format"] != CONCEPT_FORMAT or "training_state" not in info:
+        return None
+    try:
+        return _decode_state(info["training_state"], _tensors(data, name))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConceptFileError(f"{name} is damaged: its training state cannot be rebuilt ({exc}).") from None
 
 
 def read_concept_info(source: str | Path | bytes) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from studio.backbone import Backbone, get_backbone
 from studio.concept import Concept
-from studio.config import StudioConfig, check_band
+from studio.config import ConfigError, StudioConfig, check_band, config_from_dict
 from studio.events import ConceptUpdated, PreviewReady, RolledBack, TrainingEvent, TrainingFailed, TrainingFinished, TrainingStep
 from studio.gate import GATE, AcceleratorGate, GateCancelled
 
@@ -438,18 +438,41 @@ class Engine:
         return concept
 
     def import_concept(self, source: str | Path | bytes) -> Concept:
-        """Load a concept file; on error the current concept stays."""
+        """Load a concept file; on error the current concept stays. When the file carries its
+        trainer state, that run can go on here (continue_training, with the same photos)."""
         self._check_open()
-        from studio.concept import load_concept
+        from studio.concept import load_concept, read_training_state
 
-        concept = load_concept(source, self.backbone())
-        self._publish(concept=concept, message=f"Imported a concept trained for {concept.steps_done} steps.")
+        backbone = self.backbone()
+        concept = load_concept(source, backbone)
+        state = read_training_state(source)
+        message = f"Imported a concept trained for {concept.steps_done} steps."
+        run = None
+        if state is not None and concept.config:
+            try:
+                run_cfg = replace(config_from_dict(concept.config), model=self.cfg.model)
+            except ConfigError:
+                run_cfg = None  # settings of another studio version: the concept works, continuing does not
+            if run_cfg is not None:
+                run = _EndedRun(run_cfg, backbone, state)
+                message += " Its training can go on here: add the same photos and press Train more."
+        with self._lock:
+            if self._snapshot.active:
+                raise RuntimeError("Stop training before importing a concept.")
+            self._ended_run = run
+            self._publish(concept=concept, step=concept.steps_done, total=concept.steps_done, message=message)
         return concept
 
     def export_concept(self, path: str | Path) -> Path:
+        """Save the newest concept; after a finished or stopped run it also carries the trainer
+        state, so that another session can continue it."""
         from studio.concept import save_concept
 
-        save_concept(self._require_concept("exporting"), path)
+        concept = self._require_concept("exporting")
+        with self._lock:
+            run = self._ended_run
+            state = run.state if run is not None and not self._snapshot.active and run.step == concept.steps_done else None
+        save_concept(concept, path, training_state=state)
         return Path(path)
 
     # ------------------------------------------------------------------ images

@@ -172,6 +172,16 @@ def test_photo_to_training_to_sliders_to_export_and_import(page, browser, studio
     caption = fresh.locator("#generated").inner_text()
     assert "3 steps" in caption and "identity in" in caption and "γ=" in caption, caption
     shot(fresh, "05-imported-and-generated")
+
+    # 7. the file carried the training state: with the same photo, Train more goes on from step 18
+    assert "press Train more" in fresh.locator("#status").inner_text()
+    upload_photo(fresh, str(faces_dir / "scarletthead_woman" / "scarlett_0.jpg"))
+    fresh.wait_for_selector("#crops img")
+    set_number(fresh, "steps", 2)
+    fresh.click("#continue")
+    wait_for_status(fresh, "step 20 / 20")
+    wait_for_status(fresh, "Finished")
+    shot(fresh, "05b-continued-in-another-session")
     fresh.context.close()
 
 

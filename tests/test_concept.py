@@ -25,6 +25,7 @@ from studio.concept import (
     load_checkpoint,
     load_concept,
     read_concept_info,
+    read_training_state,
     save_checkpoint,
     save_concept,
 )
@@ -281,3 +282,28 @@ def test_trainer_resumes_exactly_from_a_checkpoint_file(backbone, tiny_cfg, tmp_
     resumed.load_state_dict(load_checkpoint(path))
     assert [e.loss for e in resumed.run() if isinstance(e, TrainingStep)] == uninterrupted
     assert torch.equal(resumed.mapper.head.weight, trainer.mapper.head.weight)
+
+
+def test_a_concept_file_can_carry_its_trainer_state(backbone, tiny_cfg, tmp_path):
+    """The state rides along in ``training.*`` tensors and the metadata; the concept itself
+    loads the same with it or without it, and a file without one says so (None)."""
+    from studio.trainer import Trainer, TrainingPhoto
+
+    cfg = tiny_cfg.replace(**{"train.steps": 2, "train.preview_every": 0})
+    photo = TrainingPhoto(Image.fromarray(np.random.RandomState(1).randint(0, 255, (64, 64, 3), dtype=np.uint8)))
+    trainer = Trainer(backbone, cfg, [photo])
+    list(trainer.run())
+    state = trainer.state_dict()
+    with_state = save_concept(trainer.concept(), tmp_path / "with.safetensors", training_state=state)
+    without = save_concept(trainer.concept(), tmp_path / "without.safetensors")
+
+    assert read_training_state(without) is None
+    carried = read_training_state(with_state)
+    assert carried["step"] == 2 and carried["run"] == state["run"]
+    for key, value in state["mapper"].items():
+        assert torch.equal(carried["mapper"][key], value)
+    assert carried["python_random"] == state["python_random"]
+    a, b = load_concept(with_state, backbone), load_concept(without, backbone)
+    for key, value in a.mapper.state_dict().items():
+        assert torch.equal(value, b.mapper.state_dict()[key])
+    assert with_state.stat().st_size > without.stat().st_size

@@ -196,6 +196,39 @@ def test_continue_training_equals_asking_for_more_steps_at_first(engine_cfg, fac
         split.close()
 
 
+def test_an_exported_concept_carries_its_training_to_another_session(engine_cfg, face_photo, faces_dir, tmp_path):
+    """Export after 3 steps, import in a fresh session with the same photo, continue 3 more:
+    the same weights as one 6-step run. With other photos the import works, continuing does not."""
+    straight = Engine(engine_cfg.replace(**{"train.steps": 6, "train.preview_every": 0}), session_id="carry-straight")
+    first = Engine(engine_cfg.replace(**{"train.steps": 3, "train.preview_every": 0}), session_id="carry-first")
+    second = Engine(engine_cfg, session_id="carry-second")
+    try:
+        for engine in (straight, first):
+            engine.prepare_photos([face_photo])
+            engine.start()
+            engine.wait_until(lambda s: not s.active, timeout=TIMEOUT)
+        path = first.export_concept(tmp_path / "three-steps.safetensors")
+
+        second.prepare_photos([str(faces_dir / "single" / "f2d_1.jpg")])
+        second.import_concept(str(path))
+        assert "add the same photos and press Train more" in second.snapshot().message
+        assert second.snapshot().step == 3
+        with pytest.raises(ValueError, match="photos changed"):
+            second.continue_training(3)
+        second.prepare_photos([face_photo])
+        second.continue_training(3)
+        done = second.wait_until(lambda s: not s.active, timeout=TIMEOUT)
+        assert done.phase is Phase.FINISHED and done.concept.steps_done == 6
+        assert [p.step for p in done.losses] == [4, 5, 6]
+        whole = straight.snapshot()
+        assert [p.loss for p in done.losses] == [p.loss for p in whole.losses][3:]
+        for a, b in zip(_mapper_weights(whole.concept), _mapper_weights(done.concept)):
+            assert torch.equal(a, b)
+    finally:
+        for engine in (straight, first, second):
+            engine.close()
+
+
 def test_a_stopped_run_continues_from_where_it_stopped(engine_cfg, face_photo):
     engine = Engine(engine_cfg.replace(**{"train.steps": 500, "train.preview_every": 0}), session_id="continue-stopped")
     try:

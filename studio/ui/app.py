@@ -154,8 +154,10 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                 build_explore_tab(engine_for, band_lo, band_hi, balance, default_steps=cfg.sample.preview_steps)
             with gr.Tab("Concept file", elem_id="tab-concept"):
                 gr.Markdown(
-                    "Save what was learned (a few MB of `.safetensors`: the mapper, its settings and the "
-                    "reference image embedding — not your photos), and load it later in a fresh session."
+                    "Save what was learned (a few MB of `.safetensors`: the mapper, its settings, the "
+                    "reference image embedding and, after a finished or stopped run, the training state — not "
+                    "your photos), and load it later in a fresh session: add the same photos there and "
+                    "*Train more* goes on where this run ended."
                 )
                 with gr.Row():
                     export_btn = gr.Button("Export concept", elem_id="export")
@@ -332,7 +334,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             engine = engine_for(request)
             try:
                 concept = engine.import_concept(file)
-            except (ValueError, OSError) as exc:
+            except (ValueError, OSError, RuntimeError) as exc:
                 gr.Warning(str(exc))
                 return f"✗ {exc}", views.status_markdown(engine.snapshot())
             note = f"✓ Loaded a concept ({concept.num_tokens} tokens, {concept.steps_done} steps, super-category “{concept.super_category}”)."
