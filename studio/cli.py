@@ -116,9 +116,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, metavar="STATE.safetensors",
                         help="save the training state here every --checkpoint-every steps, on Ctrl-C and at the end")
     parser.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="steps between checkpoints (default 50)")
-    parser.add_argument("--resume", type=Path, metavar="STATE.safetensors",
-                        help="continue a run from its checkpoint (same photos and settings; --steps may grow); "
-                             "later checkpoints go to the same file unless --checkpoint says otherwise")
+    parser.add_argument("--resume", type=Path, metavar="FILE.safetensors",
+                        help="continue a run from its checkpoint or from the concept it saved (same photos and "
+                             "settings; --steps may grow); later checkpoints go to a resumed checkpoint file "
+                             "unless --checkpoint says otherwise")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset setting, e.g. train.lr=1e-3")
     parser.set_defaults(func=run_train)
     return parser
@@ -149,7 +150,7 @@ class _StopRequest:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from studio.concept import load_checkpoint, save_checkpoint, save_concept
+    from studio.concept import CHECKPOINT_FORMAT, load_training_state, read_concept_info, save_checkpoint, save_concept
     from studio.events import PreviewReady, RolledBack, TrainingFailed, TrainingFinished, TrainingStep
     from studio.faces import prepare
     from studio.trainer import Trainer, TrainingPhoto
@@ -157,14 +158,16 @@ def run_train(args: argparse.Namespace) -> int:
     _check_output(args.out, (".safetensors",), "the concept file")
     if args.preview_dir is not None and not args.preview_dir.is_dir():
         raise CliError(f"the preview folder {args.preview_dir} does not exist")
-    checkpoint_path = args.checkpoint or args.resume
+    # bad file: fail before any work
+    saved_state = load_training_state(args.resume) if args.resume is not None else None
+    resumed_checkpoint = saved_state is not None and read_concept_info(args.resume)["format"] == CHECKPOINT_FORMAT
+    checkpoint_path = args.checkpoint or (args.resume if resumed_checkpoint else None)
     if checkpoint_path is not None:
         _check_output(checkpoint_path, (".safetensors",), "the checkpoint")
         if checkpoint_path.resolve() == args.out.resolve():
             raise CliError("the checkpoint and the concept need two different files")
     if args.checkpoint_every < 1:
         raise CliError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
-    saved_state = load_checkpoint(args.resume) if args.resume is not None else None  # bad file: fail before any work
     extra: dict[str, Any] = {}
     if args.steps is not None:
         extra["train.steps"] = args.steps
@@ -230,7 +233,7 @@ def run_train(args: argparse.Namespace) -> int:
         print("error: training ended without a result", file=sys.stderr)
         return EXIT_FAILED
     save_state()
-    save_concept(concept, args.out)
+    save_concept(concept, args.out, training_state=trainer.state_dict())  # the concept alone can go on later
     seconds = time.perf_counter() - started
     size_kb = args.out.stat().st_size / 1024
     if stopped:
@@ -241,7 +244,7 @@ def run_train(args: argparse.Namespace) -> int:
     if checkpoint_path is not None:
         print(f"saved the training state to {checkpoint_path}")
     if stopped:
-        how = f"--resume {checkpoint_path}" if checkpoint_path is not None else "--checkpoint next time to be able to resume"
+        how = f"--resume {checkpoint_path or args.out}"
         print(f"to go on: the same command with {how}")
         return EXIT_INTERRUPTED
     return EXIT_OK

@@ -409,6 +409,20 @@ def read_training_state(source: str | Path | bytes) -> dict[str, Any] | None:
         raise ConceptFileError(f"{name} is damaged: its training state cannot be rebuilt ({exc}).") from None
 
 
+def load_training_state(source: str | Path | bytes) -> dict[str, Any]:
+    """A trainer state from a training checkpoint or from a concept file that carries one."""
+    data, name, info = _open_concept_file(source)
+    if info["format"] == CHECKPOINT_FORMAT:
+        return load_checkpoint(data)
+    state = read_training_state(data)
+    if state is None:
+        raise ConceptFileError(
+            f"{name} is a concept without a training state (it was saved while training ran, or by an older "
+            f"studio): training cannot go on from it. Use a checkpoint, or a concept saved after training ended."
+        )
+    return state
+
+
 def read_concept_info(source: str | Path | bytes) -> dict[str, Any]:
     """The JSON metadata of a concept file, without building the mapper."""
     return _open_concept_file(source)[2]

@@ -127,6 +127,21 @@ def test_ctrl_c_saves_the_state_and_resume_finishes_the_same_run(faces_dir, tmp_
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_a_saved_concept_is_enough_to_train_further(faces_dir, tmp_path, capsys):
+    """Without --checkpoint, the concept file carries the state: --resume it with more steps."""
+    photo = str(faces_dir / "single" / "f2d_0.jpg")
+    common = ["train", "--preset", "tiny", "--image", photo, "--seed", "2"]
+    assert main([*common, "--steps", "4", "--out", str(tmp_path / "straight.safetensors")]) == 0
+    me = tmp_path / "me.safetensors"
+    assert main([*common, "--steps", "2", "--out", str(me)]) == 0
+    assert main([*common, "--steps", "4", "--resume", str(me), "--out", str(me)]) == 0
+    assert "resumed" in capsys.readouterr().out
+    straight, resumed = load_concept(tmp_path / "straight.safetensors"), load_concept(me)
+    assert resumed.steps_done == 4
+    for key, value in straight.mapper.state_dict().items():
+        assert torch.equal(value, resumed.mapper.state_dict()[key]), key
+
+
 def test_a_second_ctrl_c_quits_at_once(faces_dir, tmp_path, monkeypatch, capsys):
     _ctrl_c_before_step(monkeypatch, 1, presses=2)
     out = tmp_path / "c.safetensors"
@@ -145,7 +160,7 @@ def test_checkpoint_options_are_checked_before_any_work(backbone, tmp_path, caps
     assert "missing.safetensors" in _error_line(capsys)
     save_concept(make_concept(backbone), tmp_path / "concept.safetensors")
     assert main([*base, "--resume", str(tmp_path / "concept.safetensors")]) == 2
-    assert "is a concept, not a training checkpoint" in _error_line(capsys)
+    assert "is a concept without a training state" in _error_line(capsys)
 
 
 # --------------------------------------------------------------------------- errors, in-process
