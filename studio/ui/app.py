@@ -154,10 +154,10 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                 build_explore_tab(engine_for, band_lo, band_hi, balance, default_steps=cfg.sample.preview_steps)
             with gr.Tab("Concept file", elem_id="tab-concept"):
                 gr.Markdown(
-                    "Save what was learned (a few MB of `.safetensors`: the mapper, its settings, the "
-                    "reference image embedding and, after a finished or stopped run, the training state — not "
-                    "your photos), and load it later in a fresh session: add the same photos there and "
-                    "*Train more* goes on where this run ended."
+                    "Save what was learned as `.safetensors` (the mapper, its settings, the reference image "
+                    "embedding and, after a finished or stopped run, the training state — not your photos; "
+                    "about 6 MB for SD 1.5, 25 MB with the training state), and load it later in a fresh "
+                    "session: add the same photos there and *Train more* goes on where this run ended."
                 )
                 with gr.Row():
                     export_btn = gr.Button("Export concept", elem_id="export")
