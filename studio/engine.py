@@ -441,12 +441,16 @@ class Engine:
         """Load a concept file; on error the current concept stays. When the file carries its
         trainer state, that run can go on here (continue_training, with the same photos)."""
         self._check_open()
-        from studio.concept import load_concept, read_training_state
+        from studio.concept import ConceptFileError, load_concept, read_training_state
 
         backbone = self.backbone()
         concept = load_concept(source, backbone)
-        state = read_training_state(source)
         message = f"Imported a concept trained for {concept.steps_done} steps."
+        try:
+            state = read_training_state(source)
+        except ConceptFileError as exc:  # the concept itself is fine: keep it, say what is lost
+            state = None
+            message += f" Its training state is unusable, so training cannot go on from it: {exc}"
         run = None
         if state is not None and concept.config:
             try:

@@ -224,6 +224,22 @@ def test_an_exported_concept_carries_its_training_to_another_session(engine_cfg,
         assert [p.loss for p in done.losses] == [p.loss for p in whole.losses][3:]
         for a, b in zip(_mapper_weights(whole.concept), _mapper_weights(done.concept)):
             assert torch.equal(a, b)
+        # A damaged training state loses only the continuation, never the concept.
+        import json
+
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(path))
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        del tensors[next(name for name in tensors if name.startswith("training."))]
+        broken = tmp_path / "broken-state.safetensors"
+        save_file(tensors, str(broken), metadata=header["__metadata__"])
+        second.import_concept(str(broken))
+        assert second.snapshot().concept.steps_done == 3
+        assert "training state is unusable" in second.snapshot().message
+        with pytest.raises(ValueError, match="no training to continue"):
+            second.continue_training(1)
     finally:
         for engine in (straight, first, second):
             engine.close()
