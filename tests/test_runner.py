@@ -140,6 +140,13 @@ def test_the_zerogpu_train_handler_streams_a_chunked_training_in_the_launched_ap
         engine = demo.sessions.get(demo.sessions.sessions()[0])
         assert engine._thread is None, "no background thread: the request drove the training"
         assert [p.step for p in engine.snapshot().losses] == [1, 2, 3, 4, 5]
+
+        # Train more goes through the same request-driven chunks.
+        job = client.submit(3, 400, 800, 1.0, api_name="/continue")
+        list(job)
+        assert "Finished" in job.outputs()[-1][0] and "step 8 / 8" in job.outputs()[-1][0]
+        assert engine._thread is None
+        assert [p.step for p in engine.snapshot().losses] == list(range(1, 9))
     finally:
         client.close()
         demo.sessions.close_all()
