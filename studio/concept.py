@@ -102,7 +102,13 @@ def concept_to_bytes(concept: Concept, training_state: dict[str, Any] | None = N
     tensors = {f"mapper.{name}": value.detach().cpu().contiguous() for name, value in concept.mapper.state_dict().items()}
     if concept.image_embedding is not None:
         tensors["image_embedding"] = concept.image_embedding.detach().float().cpu().contiguous()
-    extra = {"training_state": _encode_state(training_state, "training", tensors)} if training_state is not None else {}
+    extra: dict[str, Any] = {}
+    if training_state is not None:
+        state = dict(training_state)
+        if _same_tensors(state.get("mapper"), concept.mapper.state_dict()):
+            del state["mapper"]  # the concept's own weights: stored once, put back by read_training_state
+            extra["training_state_mapper"] = "concept"
+        extra["training_state"] = _encode_state(state, "training", tensors)
     info = {
         "format": CONCEPT_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -120,6 +126,10 @@ def concept_to_bytes(concept: Concept, training_state: dict[str, Any] | None = N
         **extra,
     }
     return save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(info, default=str)})
+
+
+def _same_tensors(a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor]) -> bool:
+    return a is not None and a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
 def save_concept(concept: Concept, path: str | Path, training_state: dict[str, Any] | None = None) -> Path:
@@ -403,8 +413,12 @@ def read_training_state(source: str | Path | bytes) -> dict[str, Any] | None:
     data, name, info = _open_concept_file(source)
     if info["format"] != CONCEPT_FORMAT or "training_state" not in info:
         return None
+    tensors = _tensors(data, name)
     try:
-        return _decode_state(info["training_state"], _tensors(data, name))
+        state = _decode_state(info["training_state"], tensors)
+        if info.get("training_state_mapper") == "concept":
+            state["mapper"] = {k.removeprefix("mapper."): v for k, v in tensors.items() if k.startswith("mapper.")}
+        return state
     except (KeyError, TypeError, ValueError) as exc:
         raise ConceptFileError(f"{name} is damaged: its training state cannot be rebuilt ({exc}).") from None
 

@@ -307,3 +307,9 @@ def test_a_concept_file_can_carry_its_trainer_state(backbone, tiny_cfg, tmp_path
     for key, value in a.mapper.state_dict().items():
         assert torch.equal(value, b.mapper.state_dict()[key])
     assert with_state.stat().st_size > without.stat().st_size
+    from safetensors import safe_open
+
+    with safe_open(str(with_state), "pt") as handle:
+        names = list(handle.keys())
+    assert not [n for n in names if n.startswith("training.mapper.")], "the weights are stored once"
+    assert [n for n in names if n.startswith("training.optimizer.")], "the optimiser moments are stored"

@@ -156,7 +156,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                 gr.Markdown(
                     "Save what was learned as `.safetensors` (the mapper, its settings, the reference image "
                     "embedding and, after a finished or stopped run, the training state — not your photos; "
-                    "about 6 MB for SD 1.5, 25 MB with the training state), and load it later in a fresh "
+                    "about 6 MB for SD 1.5, 19 MB with the training state), and load it later in a fresh "
                     "session: add the same photos there and *Train more* goes on where this run ended."
                 )
                 with gr.Row():
