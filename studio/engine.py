@@ -416,6 +416,8 @@ class Engine:
             elif isinstance(event, TrainingFinished):
                 phase = Phase.STOPPED if event.stopped else Phase.FINISHED
                 text = f"Stopped at step {event.step} of {event.total}." if event.stopped else f"Finished {event.total} steps."
+                if event.step > 0:
+                    text += " Train more goes on from here."
                 self._publish(phase=phase, step=event.step, concept=event.concept or self._snapshot.concept, message=text, eta_seconds=None)
             elif isinstance(event, TrainingFailed):
                 self._publish(phase=Phase.FAILED, message=event.message, eta_seconds=None)

@@ -176,6 +176,7 @@ def test_continue_training_equals_asking_for_more_steps_at_first(engine_cfg, fac
         assert "Continuing from step 3 to 6" in split.snapshot().message
         done = split.wait_until(lambda s: not s.active, timeout=TIMEOUT)
         assert done.phase is Phase.FINISHED and done.step == 6 and done.concept.steps_done == 6
+        assert done.message == "Finished 6 steps. Train more goes on from here."
         assert [p.step for p in done.losses] == list(range(1, 7))
         assert [p.loss for p in done.losses] == [p.loss for p in whole.losses]
         for a, b in zip(_mapper_weights(whole.concept), _mapper_weights(done.concept)):
