@@ -13,7 +13,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -135,6 +135,31 @@ class _Request:
     mapper_t: int | None = None
 
 
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything about a generation but the concept and the prompts (Sampler.__call__'s keywords).
+
+    band: (start, end) on the 0..999 scale: denoising steps with start <= t <= end get mapper(t);
+        later steps get mapper(start) or the word (``concept.late_stage``).
+    guidance_scale: classifier-free guidance; <= 1 runs without the negative branch (diffusers' rule).
+    balance: tandem balance gamma in the text encoder (1 = neutral), over the last ``balance_layers``.
+    seeds: one image per seed and prompt; latents come from a CPU generator, so a seed gives the
+        same image on every device.
+    height, width: None = the backbone's native resolution.
+    """
+
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    num_inference_steps: int = 20
+    guidance_scale: float = 8.0
+    band: tuple[int, int] = (400, 800)
+    balance: float = 1.0
+    balance_layers: int = 1
+    seeds: int | list[int] = 0
+    height: int | None = None
+    width: int | None = None
+    scheduler: str = "dpmsolver++"
+
+
 class Sampler:
     """Generate images of a :class:`Concept` (or plain SD when ``concept`` is None).
 
@@ -155,31 +180,18 @@ class Sampler:
         self._image_processor = VaeImageProcessor(vae_scale_factor=backbone.vae_scale_factor)
 
     # ------------------------------------------------------------------ checks
-    def check_inputs(
-        self,
-        concept: Concept | None,
-        prompts: str | list[str],
-        *,
-        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 8.0,
-        band: tuple[int, int] = (400, 800),
-        balance: float = 1.0,
-        balance_layers: int = 1,
-        seeds: int | list[int] = 0,
-        height: int | None = None,
-        width: int | None = None,
-        scheduler: str = "dpmsolver++",
-    ) -> tuple[list[str], list[int], tuple[int, int], int, int]:
-        """Fail early with a sentence the user can act on; returns normalised
-        (prompts, seeds, band, height, width)."""
+    def check_inputs(self, concept: Concept | None, prompts: str | list[str], **settings: Any) -> tuple[list[str], GenerationSettings]:
+        """Fail early with a sentence the user can act on. ``settings``: the fields of
+        :class:`GenerationSettings`. Returns the prompts and the settings, normalised (a seed
+        list, a band tuple, the backbone's native size where none was given)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
         if not prompts:
             raise PromptError("No prompt given. Describe the picture, with {} for the person, e.g. 'a photo of {} as a chef'.")
         prompts = [check_prompt(p, require_identity=concept is not None) for p in prompts]
-        if not isinstance(negative_prompt, str):
+        given = GenerationSettings(**settings)
+        if not isinstance(given.negative_prompt, str):
             raise PromptError("The negative prompt must be text (it may be empty).")
         if concept is not None:
             if concept.mapper.token_dim != self.backbone.token_dim:
@@ -188,37 +200,40 @@ class Sampler:
                     f"({self.backbone.describe()}) reads width {self.backbone.token_dim}: it was trained on another model."
                 )
             super_category_id(self.backbone.tokenizer, concept.super_category)
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= 1000:
-            raise SamplerInputError(f"The number of steps must be a whole number from 1 to 1000, got {num_inference_steps!r}.")
-        if not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise SamplerInputError(f"The guidance scale must be a number >= 0, got {guidance_scale!r}.")
-        band = check_band(band, "band (timestep interval)")
-        if not math.isfinite(balance) or balance <= 0:
+        steps = given.num_inference_steps
+        if not isinstance(steps, int) or not 1 <= steps <= 1000:
+            raise SamplerInputError(f"The number of steps must be a whole number from 1 to 1000, got {steps!r}.")
+        if not math.isfinite(given.guidance_scale) or given.guidance_scale < 0:
+            raise SamplerInputError(f"The guidance scale must be a number >= 0, got {given.guidance_scale!r}.")
+        band = check_band(given.band, "band (timestep interval)")
+        if not math.isfinite(given.balance) or given.balance <= 0:
             raise SamplerInputError(
-                f"The tandem balance must be > 0 (1 = neutral, < 1 favours the prompt, > 1 the identity), got {balance!r}."
+                f"The tandem balance must be > 0 (1 = neutral, < 1 favours the prompt, > 1 the identity), got {given.balance!r}."
             )
         num_layers = self.backbone.num_text_layers
-        if not 1 <= balance_layers <= num_layers:
-            raise SamplerInputError(f"balance_layers must be between 1 and {num_layers} (the text encoder's layers), got {balance_layers}.")
-        if scheduler not in SCHEDULERS:
-            raise SamplerInputError(f"Unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}.")
-        seed_list = [seeds] if isinstance(seeds, int) else list(seeds)
-        if not seed_list:
+        if not 1 <= given.balance_layers <= num_layers:
+            raise SamplerInputError(
+                f"balance_layers must be between 1 and {num_layers} (the text encoder's layers), got {given.balance_layers}."
+            )
+        if given.scheduler not in SCHEDULERS:
+            raise SamplerInputError(f"Unknown scheduler {given.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}.")
+        seeds = [given.seeds] if isinstance(given.seeds, int) else list(given.seeds)
+        if not seeds:
             raise SamplerInputError("Give at least one seed.")
-        for seed in seed_list:
+        for seed in seeds:
             if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
                 raise SamplerInputError(f"Seeds must be whole numbers from 0 to {MAX_SEED}, got {seed!r}.")
         native = self.backbone.native_resolution
         multiple = 8 * self.backbone.vae_scale_factor
-        height = native if height is None else height
-        width = native if width is None else width
+        height = native if given.height is None else given.height
+        width = native if given.width is None else given.width
         for name, side in (("height", height), ("width", width)):
             if not isinstance(side, int) or side < multiple or side % multiple:
                 raise SamplerInputError(
                     f"The image {name} must be a positive multiple of {multiple} pixels for this model, got {side!r} "
                     f"(its native size is {native})."
                 )
-        return prompts, seed_list, band, height, width
+        return prompts, replace(given, seeds=seeds, band=band, height=height, width=width)
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
@@ -227,37 +242,24 @@ class Sampler:
         concept: Concept | None,
         prompts: str | list[str],
         *,
-        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 8.0,
-        band: tuple[int, int] = (400, 800),
-        balance: float = 1.0,
-        balance_layers: int = 1,
-        seeds: int | list[int] = 0,
-        height: int | None = None,
-        width: int | None = None,
-        scheduler: str = "dpmsolver++",
         callback_on_step_end: Callable[[int, int], bool | None] | None = None,
+        **settings: Any,
     ) -> GenerationResult:
         """One image per (prompt, seed), prompt-major, denoised together in one UNet batch.
 
         Args:
             concept: the identity; None = plain SD with the super-category word for ``{}``.
             prompts: text with ``{}`` where the person goes.
-            band: (start, end) on the 0..999 scale: denoising steps with start <= t <= end get
-                mapper(t); later steps get mapper(start) or the word (``concept.late_stage``).
-            guidance_scale: classifier-free guidance; <= 1 runs without the negative branch (diffusers' rule).
-            balance: tandem balance gamma in the text encoder (1 = neutral).
-            seeds: one image per seed and prompt; latents come from a CPU generator, so a
-                seed gives the same image on every device.
+            settings: the fields of :class:`GenerationSettings` (steps, guidance, band, balance, seeds, ...).
             callback_on_step_end: called as ``(steps_done, total)`` after each step; returning
                 True stops the run by raising :class:`GenerationInterrupted`.
         """
-        prompts, seeds, band, height, width = self.check_inputs(
-            concept, prompts, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, band=band, balance=balance, balance_layers=balance_layers,
-            seeds=seeds, height=height, width=width, scheduler=scheduler,
+        prompts, checked = self.check_inputs(concept, prompts, **settings)
+        negative_prompt, num_inference_steps, guidance_scale = (
+            checked.negative_prompt, checked.num_inference_steps, checked.guidance_scale,
         )
+        band, balance, balance_layers, seeds = checked.band, checked.balance, checked.balance_layers, checked.seeds
+        height, width, scheduler = checked.height, checked.width, checked.scheduler
         backbone = self.backbone
         device, dtype = backbone.device, backbone.dtype
         do_cfg = guidance_scale > 1.0
@@ -321,17 +323,16 @@ class Sampler:
         images = self._image_processor.postprocess(decoded.float(), output_type="pil")
 
         identity_steps = sum(t is not None for t in mapper_ts)
-        common = dict(
-            negative_prompt=negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            band=list(band), balance=balance, balance_layers=balance_layers, scheduler=scheduler,
-            height=height, width=width, identity_steps=identity_steps, total_steps=total,
+        common = {key: value for key, value in asdict(checked).items() if key != "seeds"}
+        common.update(
+            band=list(band), identity_steps=identity_steps, total_steps=total,
             concept_uid=concept.uid if concept is not None else None,
             concept_steps=concept.steps_done if concept is not None else None,
             late_stage=late_stage,
         )
-        settings = [dict(prompt=prompts[p], seed=s, **common) for p, s in zip(images_prompt, images_seed)]
+        per_image = [dict(prompt=prompts[p], seed=s, **common) for p, s in zip(images_prompt, images_seed)]
         captions = [f"{prompts[p]} (seed {s})" for p, s in zip(images_prompt, images_seed)]
-        return GenerationResult(images=images, captions=captions, settings=settings)
+        return GenerationResult(images=images, captions=captions, settings=per_image)
 
     # ------------------------------------------------------------------ text conditions
     def _text_conditions(

@@ -1,6 +1,7 @@
 """The launched studio through gradio_client: each Client is one browser session."""
 from __future__ import annotations
 
+import contextlib
 import re
 
 import pytest
@@ -21,6 +22,17 @@ def _train_args(steps: int, seed: int, preview_every: int = 2) -> list:
 def _step_of(status: str) -> int | None:
     match = re.search(r"step (\d+) / (\d+)", status or "")
     return int(match.group(1)) if match else None
+
+
+@contextlib.contextmanager
+def _client_with_photo(url: str, photo: str):
+    """One browser session that has uploaded ``photo``; closed afterwards."""
+    client = _client(url)
+    try:
+        client.predict([handle_file(photo)], api_name="/photos")
+        yield client
+    finally:
+        client.close()
 
 
 def _session_of(demo, before: set[str]) -> str:
@@ -59,11 +71,9 @@ def test_training_streams_increasing_steps_and_preview_images(studio_app, photo)
 def test_stop_ends_the_stream_and_reports_the_true_final_state(studio_app, photo):
     demo, url = studio_app
     before = set(demo.sessions.sessions())
-    client = _client(url)
-    try:
-        client.predict([handle_file(photo)], api_name="/photos")
+    with _client_with_photo(url, photo) as client:
         engine = demo.sessions.get(_session_of(demo, before))
-        job = client.submit(*_train_args(steps=2000, seed=0, preview_every=0), api_name="/train")
+        client.submit(*_train_args(steps=2000, seed=0, preview_every=0), api_name="/train")
         engine.wait_until(lambda s: s.step >= 2, timeout=TIMEOUT)
         status, _plot, _gallery = client.predict(api_name="/stop")
         assert "Stopped" in status
@@ -71,15 +81,11 @@ def test_stop_ends_the_stream_and_reports_the_true_final_state(studio_app, photo
         assert stopped_at is not None and 2 <= stopped_at < 2000
         assert engine.snapshot().step == stopped_at
         assert not engine.snapshot().active
-    finally:
-        client.close()
 
 
 def test_continue_training_adds_steps_to_the_last_run(studio_app, photo):
-    demo, url = studio_app
-    client = _client(url)
-    try:
-        client.predict([handle_file(photo)], api_name="/photos")
+    _demo, url = studio_app
+    with _client_with_photo(url, photo) as client:
         with pytest.raises(Exception, match="no training to continue"):
             client.predict(2, 400, 800, 1.0, api_name="/continue")
         assert "Finished" in client.predict(*_train_args(steps=3, seed=0, preview_every=0), api_name="/train")[0]
@@ -88,8 +94,6 @@ def test_continue_training_adds_steps_to_the_last_run(studio_app, photo):
         final_status = job.outputs()[-1][0]
         assert "Finished" in final_status and _step_of(final_status) == 5 and "step 5 / 5" in final_status
         assert steps == sorted(steps) and min(steps) >= 3
-    finally:
-        client.close()
 
 
 def test_two_clients_train_concurrently_with_their_own_state_and_close_frees_them(studio_app, faces_dir):
@@ -140,10 +144,8 @@ def test_bad_inputs_give_messages_and_the_session_stays_usable(studio_app, photo
 
 
 def test_a_real_preset_without_weights_fails_plainly_and_switching_back_works(studio_app, photo):
-    demo, url = studio_app
-    client = _client(url)
-    try:
-        client.predict([handle_file(photo)], api_name="/photos")
+    _demo, url = studio_app
+    with _client_with_photo(url, photo) as client:
         banner, source, *_ = client.predict("sd15", api_name="/preset")
         assert source == "stable-diffusion-v1-5/stable-diffusion-v1-5"
         status = client.predict(*_train_args(steps=2, seed=0, preview_every=0), api_name="/train")[0]
@@ -153,5 +155,3 @@ def test_a_real_preset_without_weights_fails_plainly_and_switching_back_works(st
         client.predict("tiny", api_name="/preset")
         status = client.predict(*_train_args(steps=2, seed=0, preview_every=0), api_name="/train")[0]
         assert "Finished" in status
-    finally:
-        client.close()

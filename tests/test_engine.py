@@ -29,6 +29,14 @@ def engine(engine_cfg, face_photo, backbone):
     engine.close()
 
 
+def _long_run(engine_cfg, face_photo, session_id: str, steps: int = 500) -> Engine:
+    """A session already training a long run without previews (stop or close it)."""
+    engine = Engine(engine_cfg.replace(**{"train.steps": steps, "train.preview_every": 0}), session_id=session_id)
+    engine.prepare_photos([face_photo])
+    engine.start()
+    return engine
+
+
 def _mapper_weights(concept) -> list[torch.Tensor]:
     return [p.detach().clone() for p in concept.mapper.parameters()]
 
@@ -74,10 +82,8 @@ def test_pause_holds_the_step_and_resume_continues_to_the_end(engine_cfg, face_p
 
 
 def test_stop_takes_effect_within_a_step_and_keeps_the_concept(engine_cfg, face_photo):
-    engine = Engine(engine_cfg.replace(**{"train.steps": 500, "train.preview_every": 0}), session_id="stop-test")
+    engine = _long_run(engine_cfg, face_photo, "stop-test")
     try:
-        engine.prepare_photos([face_photo])
-        engine.start()
         at = engine.wait_until(lambda s: s.step >= 3, timeout=TIMEOUT).step
         engine.stop()
         final = engine.wait_until(lambda s: not s.active, timeout=TIMEOUT)
@@ -247,10 +253,8 @@ def test_an_exported_concept_carries_its_training_to_another_session(engine_cfg,
 
 
 def test_a_stopped_run_continues_from_where_it_stopped(engine_cfg, face_photo):
-    engine = Engine(engine_cfg.replace(**{"train.steps": 500, "train.preview_every": 0}), session_id="continue-stopped")
+    engine = _long_run(engine_cfg, face_photo, "continue-stopped")
     try:
-        engine.prepare_photos([face_photo])
-        engine.start()
         engine.wait_until(lambda s: s.step >= 2, timeout=TIMEOUT)
         engine.stop()
         stopped = engine.wait_until(lambda s: not s.active, timeout=TIMEOUT)
@@ -264,9 +268,7 @@ def test_a_stopped_run_continues_from_where_it_stopped(engine_cfg, face_photo):
 
 
 def test_close_is_idempotent_joins_the_thread_and_refuses_new_work(engine_cfg, face_photo):
-    engine = Engine(engine_cfg.replace(**{"train.steps": 1000, "train.preview_every": 0}), session_id="close-test")
-    engine.prepare_photos([face_photo])
-    engine.start()
+    engine = _long_run(engine_cfg, face_photo, "close-test", steps=1000)
     engine.wait_until(lambda s: s.step >= 1, timeout=TIMEOUT)
     thread = engine._thread
     engine.close()
