@@ -263,6 +263,22 @@ def hub_snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> str
         raise BackboneUnavailable(_missing_message(repo_id, why), reason=why) from None
 
 
+def looks_like_hub_id(source: str) -> bool:
+    """``owner/name``: not a path (absolute, ``.``/``~``-relative) and exactly one slash."""
+    return not (Path(source).is_absolute() or source.startswith((".", "~")) or source.count("/") != 1)
+
+
+def local_or_hub_folder(source: str, revision: str | None, patterns: list[str], what: str) -> str:
+    """The folder for ``source``: an existing local folder (``~`` expanded), else a hub id's
+    snapshot; anything else is a :class:`BackboneUnavailable` naming ``what`` it was for."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return str(path)
+    if not looks_like_hub_id(source):
+        raise BackboneUnavailable(f"{what} {source!r} is neither a folder here nor a hub id (owner/name)")
+    return hub_snapshot(source, revision, patterns)
+
+
 def _missing_message(repo_id: str, why: str) -> str:
     return (
         f"Model {repo_id!r} is not available ({why}). Download it where there is internet, e.g. "
@@ -318,7 +334,7 @@ def _load_single_file(path: str, config: str | None, dtype: torch.dtype) -> dict
 
 
 def _load_image_encoder(source: str, dtype: torch.dtype) -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessor]:
-    folder = source if Path(source).is_dir() else hub_snapshot(source, None, _IMAGE_ENCODER_PATTERNS)
+    folder = local_or_hub_folder(source, None, _IMAGE_ENCODER_PATTERNS, "the CLIP image encoder (model.image_encoder)")
     try:
         return (
             CLIPVisionModelWithProjection.from_pretrained(folder, dtype=dtype, use_safetensors=True),
@@ -361,12 +377,9 @@ def load_components(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
         if not path.is_file():
             raise BackboneUnavailable(f"checkpoint file not found: {path}")
         parts = _load_single_file(str(path), cfg.single_file_config, dtype)
-    elif path.is_dir():
-        parts = _load_sd_folder(str(path), dtype)
-    elif path.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1:
-        raise BackboneUnavailable(f"model source {source!r} is neither a folder, a .safetensors file nor a hub id")
     else:
-        parts = _load_sd_folder(hub_snapshot(source, cfg.revision, _HUB_PATTERNS), dtype)
+        what = "the model source (a folder, a .safetensors file or a hub id)"
+        parts = _load_sd_folder(local_or_hub_folder(source, cfg.revision, _HUB_PATTERNS, what), dtype)
     parts["image_encoder"] = parts["image_processor"] = None
     if cfg.image_encoder:
         parts["image_encoder"], parts["image_processor"] = _load_image_encoder(cfg.image_encoder, dtype)

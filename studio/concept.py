@@ -392,20 +392,28 @@ def load_concept(source: str | Path | bytes, backbone: Backbone | None = None) -
             )
     mapper.load_state_dict({k.removeprefix("mapper."): v for k, v in present.items()})
     image_embedding = tensors.get("image_embedding")
+    embed_dim = _mapper_shape(mapper)["image_embed_dim"]
+    if image_embedding is not None and embed_dim is not None and tuple(image_embedding.shape) != (embed_dim,):
+        raise ConceptFileError(
+            f"{name} is damaged: its image embedding has shape {tuple(image_embedding.shape)}, expected ({embed_dim},)."
+        )
     device = backbone.device if backbone is not None else torch.device("cpu")
     mapper = mapper.to(device).eval().requires_grad_(False)
-    return Concept(
-        mapper=mapper,
-        super_category=str(info["super_category"]),
-        train_band=(int(info["train_band"][0]), int(info["train_band"][1])),
-        late_stage=str(info["late_stage"]),
-        backbone=dict(info["backbone"]),
-        image_embedding=None if image_embedding is None else image_embedding.to(device),
-        steps_done=int(info.get("steps_done", 0)),
-        config=dict(info.get("config") or {}),
-        # Same file -> same uid, so a re-imported concept reuses cached text conditions.
-        uid=hashlib.sha256(data).hexdigest()[:32],
-    )
+    try:
+        return Concept(
+            mapper=mapper,
+            super_category=str(info["super_category"]),
+            train_band=(int(info["train_band"][0]), int(info["train_band"][1])),
+            late_stage=str(info["late_stage"]),
+            backbone=dict(info["backbone"]),
+            image_embedding=None if image_embedding is None else image_embedding.to(device),
+            steps_done=int(info.get("steps_done", 0)),
+            config=dict(info.get("config") or {}),
+            # Same file -> same uid, so a re-imported concept reuses cached text conditions.
+            uid=hashlib.sha256(data).hexdigest()[:32],
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConceptFileError(f"{name} is damaged: its metadata has a value of the wrong kind ({exc}).") from None
 
 
 def read_training_state(source: str | Path | bytes) -> dict[str, Any] | None:
@@ -426,14 +434,14 @@ def read_training_state(source: str | Path | bytes) -> dict[str, Any] | None:
 def load_training_state(source: str | Path | bytes) -> dict[str, Any]:
     """A trainer state from a training checkpoint or from a concept file that carries one."""
     data, name, info = _open_concept_file(source)
-    if info["format"] == CHECKPOINT_FORMAT:
-        return load_checkpoint(data)
-    state = read_training_state(data)
+    state = load_checkpoint(data) if info["format"] == CHECKPOINT_FORMAT else read_training_state(data)
     if state is None:
         raise ConceptFileError(
             f"{name} is a concept without a training state (it was saved while training ran, or by an older "
             f"studio): training cannot go on from it. Use a checkpoint, or a concept saved after training ended."
         )
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int)):
+        raise ConceptFileError(f"{name} is damaged: its training state has no step count.")
     return state
 
 

@@ -231,6 +231,11 @@ class FaceConfig:
             raise ConfigError("face.crop_size must be >= 64, face.min_face_px >= 8, face.max_pixels >= 65536")
         if not 0.0 <= self.margin <= 2.0:
             raise ConfigError(f"face.margin must be in [0, 2], got {self.margin}")
+        if self.same_person_threshold <= 0 or self.mask_feather < 0:
+            raise ConfigError(
+                f"face.same_person_threshold must be > 0 and face.mask_feather >= 0, "
+                f"got {self.same_person_threshold} and {self.mask_feather}"
+            )
 
 
 @dataclass

@@ -36,6 +36,7 @@ from studio.backbone import (
     Backbone,
     BackboneUnavailable,
     hub_snapshot,
+    looks_like_hub_id,
     load_tokenizer,
     tiny_image_processor,
     tiny_text_config,
@@ -187,7 +188,7 @@ def _clip_folder(source: str) -> str:
     path = Path(source).expanduser()
     if path.is_dir():
         return str(path)
-    if path.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1:
+    if not looks_like_hub_id(source):
         raise ClipUnavailable(f"CLIP model {source!r} is neither a folder, a hub id (owner/name) nor 'tiny'")
     try:
         return hub_snapshot(source, None, _CLIP_PATTERNS)

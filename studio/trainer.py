@@ -614,7 +614,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where ``state`` (from :meth:`state_dict`) left off."""
         if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"unknown trainer state format {state.get('format')!r}")
+            raise StateMismatch(f"the saved training state has an unknown format {state.get('format')!r}")
         check_same_run(state.get("run"), self.run_identity())
         self.mapper.load_state_dict(state["mapper"])
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))

@@ -137,8 +137,14 @@ def test_bad_inputs_give_messages_and_the_session_stays_usable(studio_app, photo
 
         crops, report = client.predict([handle_file(photo)], api_name="/photos")
         assert len(crops) == 1
+        emptied = _train_args(steps=2, seed=0, preview_every=0)
+        emptied[1] = emptied[4] = None  # learning rate and training band start cleared in the page
+        with pytest.raises(Exception, match="Fill in Learning rate, Training band start t"):
+            client.predict(*emptied, api_name="/train")
         status = client.predict(*_train_args(steps=2, seed=0, preview_every=0), api_name="/train")[0]
         assert "Finished" in status
+        with pytest.raises(Exception, match="Fill in a seed"):
+            client.predict("a photo of {}", "", None, 2, 5.0, "ddim", 1, 400, 800, 1.0, api_name="/generate")
     finally:
         client.close()
 

@@ -126,6 +126,7 @@ def test_each_bad_file_gets_its_own_message(backbone, concept, tmp_path):
         "wrong-format.safetensors": (_rewrite_metadata(good, lambda i: i.update(format="something-else")), "unknown format"),
         "no-settings.safetensors": (_rewrite_metadata(good, lambda i: i.pop("num_anchors")), "lacks num_anchors"),
         "bigger.safetensors": (_rewrite_metadata(good, lambda i: i.update(hidden_dim=17)), "shape"),
+        "odd-steps.safetensors": (_rewrite_metadata(good, lambda i: i.update(steps_done="many")), "value of the wrong kind"),
     }
     for name, (data, match) in cases.items():
         path = tmp_path / name
@@ -145,6 +146,10 @@ def test_missing_tensor_is_named(backbone, concept):
     tensors = load(data)
     del tensors["mapper.head.weight"]
     with pytest.raises(ConceptFileError, match="missing: mapper.head.weight"):
+        load_concept(save_safetensors(tensors, metadata=metadata), backbone)
+    tensors = load(data)
+    tensors["image_embedding"] = tensors["image_embedding"][:3]
+    with pytest.raises(ConceptFileError, match=r"image embedding has shape \(3,\)"):
         load_concept(save_safetensors(tensors, metadata=metadata), backbone)
 
 

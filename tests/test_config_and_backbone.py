@@ -93,3 +93,23 @@ def test_dtype_follows_the_device(monkeypatch):
     assert not studio.backbone.cpu_has_bf16_matrix_units()  # an older torch without the probe
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+
+
+def test_a_source_that_is_neither_a_folder_nor_a_hub_id_is_named_plainly(tmp_path):
+    from studio.backbone import local_or_hub_folder
+
+    assert local_or_hub_folder(str(tmp_path), None, [], "the CLIP image encoder") == str(tmp_path)
+    for source in ("~/no-such-clip", "./missing", "a/b/c", str(tmp_path / "gone")):
+        with pytest.raises(BackboneUnavailable, match=r"the CLIP image encoder .* is neither a folder here nor a hub id"):
+            local_or_hub_folder(source, None, [], "the CLIP image encoder")
+    with pytest.raises(BackboneUnavailable, match="the model source .* is neither a folder here"):
+        build_backbone(ModelConfig(source="./nowhere", image_encoder=None, device="cpu"))
+
+
+def test_face_settings_that_would_divide_by_zero_are_refused():
+    from studio.config import ConfigError, load_preset
+
+    with pytest.raises(ConfigError, match="face.same_person_threshold must be > 0"):
+        load_preset("tiny", **{"face.same_person_threshold": 0})
+    with pytest.raises(ConfigError, match="face.mask_feather >= 0"):
+        load_preset("tiny", **{"face.mask_feather": -0.1})

@@ -27,6 +27,11 @@ STREAM_MIN_INTERVAL_S = 0.3  # at most ~3 page updates per second while training
 # On ZeroGPU these run in a GPU-attached process; everywhere else spaces.GPU returns fn unchanged.
 GPU_TRAINING_CHUNK = spaces.GPU(duration=CHUNK_DURATION_S)(training_chunk)
 GPU_DURATION_S = 90
+# The training inputs in the order the handlers receive them, as their labels read.
+TRAINING_SETTING_NAMES = (
+    "Training steps", "Learning rate", "Batch size", "Seed", "Training band start t", "Training band end t",
+    "Tandem weight λ", "Tandem target β", "Preview every N steps",
+)
 CSS = (ASSETS / "studio.css").read_text() if (ASSETS / "studio.css").is_file() else ""
 
 INTRO = """# PersonaMagic Studio
@@ -191,6 +196,10 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             return views.photo_items(prepared), views.photo_report(prepared)
 
         def overrides_from(values: list[Any]) -> dict[str, Any]:
+            """Dotted overrides from the training settings; an emptied field is named, not a crash."""
+            missing = [name for name, value in zip(TRAINING_SETTING_NAMES, values) if value is None]
+            if missing:
+                raise ValueError(f"Fill in {', '.join(missing)} (a number) before training.")
             n_steps, lr_, batch, seed_, lo, hi, te_w, te_b, every = values
             band = check_band([int(lo), int(hi)], "training band")
             return {
@@ -204,7 +213,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             try:
                 engine.set_preview_settings(band, gamma)
                 return launch(**mode)
-            except (ValueError, RuntimeError, ConfigError) as exc:
+            except (ValueError, RuntimeError) as exc:  # ConfigError is a ValueError
                 raise _user_error(exc) from None
 
         async def stream_background(engine: Engine):
@@ -233,16 +242,16 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
 
         async def on_train(n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every, lo, hi, gamma, request: gr.Request):
             engine = engine_for(request)
-            overrides = overrides_from([n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every])
-            begin(engine, lambda: engine.start(overrides), (int(lo), int(hi)), float(gamma))
+            values = [n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every]
+            begin(engine, lambda: engine.start(overrides_from(values)), (int(lo), int(hi)), float(gamma))
             async for outputs in stream_background(engine):
                 yield outputs
 
         def on_train_zero_gpu(n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every, lo, hi, gamma, request: gr.Request):
             engine = engine_for(request)
-            overrides = overrides_from([n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every])
+            values = [n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every]
             yield from stream_foreground(begin(
-                engine, lambda **mode: engine.start(overrides, **mode), (int(lo), int(hi)), float(gamma),
+                engine, lambda **mode: engine.start(overrides_from(values), **mode), (int(lo), int(hi)), float(gamma),
                 foreground=True, gpu_call=GPU_TRAINING_CHUNK,
             ))
 
@@ -307,6 +316,8 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
         def on_generate(text, neg, seed_, n_steps, cfg_scale, sched, count, lo, hi, gamma, request: gr.Request,
                         progress=gr.Progress()):
             engine = engine_for(request)
+            if seed_ is None:
+                raise gr.Error("Fill in a seed (a whole number) to generate.", print_exception=False)
             try:
                 result = engine.generate(
                     text, negative_prompt=neg or "", seeds=[int(seed_) + i for i in range(int(count))],
