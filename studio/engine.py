@@ -22,6 +22,7 @@ from studio.concept import Concept
 from studio.config import ConfigError, StudioConfig, check_band, config_from_dict
 from studio.events import ConceptUpdated, PreviewReady, RolledBack, TrainingEvent, TrainingFailed, TrainingFinished, TrainingStep
 from studio.gate import GATE, AcceleratorGate, GateCancelled
+from studio.trainer import render_preview
 
 JOIN_TIMEOUT_S = 30.0
 _SAMPLERS: dict[int, Any] = {}
@@ -493,24 +494,10 @@ class Engine:
             self.set_preview_settings(band or tuple(sample.band), sample.balance if balance is None else balance)
         band, balance = self._preview_settings
         concept = self._require_concept("previewing")
-        backbone = self.backbone()
-        sampler = shared_sampler(backbone)
+        sampler = shared_sampler(self.backbone())
         with self._gate.hold(self.session_id):
-            result = sampler(
-                concept, list(sample.preview_prompts), seeds=list(sample.preview_seeds),
-                num_inference_steps=sample.preview_steps, guidance_scale=sample.guidance_scale,
-                band=band, balance=balance, balance_layers=sample.balance_layers,
-                negative_prompt=sample.negative_prompt, scheduler=sample.scheduler,
-                height=self.cfg.image_size, width=self.cfg.image_size,
-            )
-            preview = self._with_scores(
-                PreviewReady(
-                    step=concept.steps_done, images=tuple(result.images), captions=tuple(result.captions),
-                    band=band, balance=balance,
-                ),
-                self.cfg,
-                concept.super_category,
-            )
+            preview = render_preview(sampler, concept, self.cfg, band, balance)
+            preview = self._with_scores(preview, self.cfg, concept.super_category)
         self._publish(preview=preview)
         return preview
 
@@ -532,8 +519,7 @@ class Engine:
         )
         with self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set):
             result = sampler(concept, prompt, callback_on_step_end=on_step, **{**defaults, **kwargs})
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            per_image = [p for p in prompts for _ in range(len(result.images) // len(prompts))]
+            per_image = [settings["prompt"] for settings in result.settings]
             scores = self._score(result.images, per_image, concept.super_category, self.cfg)
         if scores:
             result = replace(result, captions=[f"{c} · {s.caption}" for c, s in zip(result.captions, scores)])

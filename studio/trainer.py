@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import gc
 import hashlib
+import math
 import random
 import threading
 import time
@@ -118,6 +119,24 @@ class _Snapshot:
 
 class StateMismatch(ValueError):
     """A saved trainer state belongs to other photos, another base model or other settings."""
+
+
+def render_preview(
+    sampler: PreviewSampler, concept: Concept, cfg: StudioConfig, band: tuple[int, int], balance: float
+) -> PreviewReady:
+    """The preset's preview prompts and seeds for ``concept`` at ``band`` / ``balance``: what the
+    trainer shows while training and the engine on a slider move."""
+    sample, side = cfg.sample, cfg.image_size
+    with torch.no_grad():
+        result = sampler(
+            concept, list(sample.preview_prompts), seeds=list(sample.preview_seeds),
+            num_inference_steps=sample.preview_steps, guidance_scale=sample.guidance_scale,
+            band=band, balance=balance, balance_layers=sample.balance_layers,
+            negative_prompt=sample.negative_prompt, scheduler=sample.scheduler, height=side, width=side,
+        )
+    return PreviewReady(
+        step=concept.steps_done, images=tuple(result.images), captions=tuple(result.captions), band=band, balance=balance
+    )
 
 
 def run_identity(backbone: Backbone, cfg: StudioConfig, photos: Sequence[TrainingPhoto]) -> dict[str, Any]:
@@ -420,11 +439,12 @@ class Trainer:
             totals = {"loss": 0.0, "rec_loss": 0.0, "te_loss": 0.0, "balance": 0.0}
             for _ in range(train.grad_accum):
                 micro = self._micro_step()
-                if not torch.isfinite(micro.loss):
+                # One device-to-host copy per micro-step: the logged values, loss first.
+                logged = torch.stack([micro.loss.detach(), micro.rec_loss, micro.te_loss, micro.balance]).tolist()
+                if not math.isfinite(logged[0]):
                     return self._roll_back("the loss was not a finite number")
                 loss = micro.loss / train.grad_accum
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
-                logged = torch.stack([micro.loss.detach(), micro.rec_loss, micro.te_loss, micro.balance]).tolist()
                 for key, value in zip(totals, logged):
                     totals[key] += value / train.grad_accum
             if self.scaler:
@@ -561,28 +581,9 @@ class Trainer:
 
     def preview(self) -> PreviewReady:
         """Render the preview prompts with the current weights and the live band / balance."""
-        sample = self.cfg.sample
-        band, balance = self.preview_band, self.preview_balance
-        side = self.cfg.image_size
-        with torch.no_grad():
-            result = self._preview_sampler()(
-                self.concept(),
-                list(sample.preview_prompts),
-                seeds=list(sample.preview_seeds),
-                num_inference_steps=sample.preview_steps,
-                guidance_scale=sample.guidance_scale,
-                band=band,
-                balance=balance,
-                balance_layers=sample.balance_layers,
-                negative_prompt=sample.negative_prompt,
-                scheduler=sample.scheduler,
-                height=side,
-                width=side,
-            )
+        event = render_preview(self._preview_sampler(), self.concept(), self.cfg, self.preview_band, self.preview_balance)
         self._last_preview_step = self.step
-        return PreviewReady(
-            step=self.step, images=tuple(result.images), captions=tuple(result.captions), band=band, balance=balance
-        )
+        return event
 
     def _preview_sampler(self) -> PreviewSampler:
         if self.sampler is None:

@@ -150,6 +150,18 @@ class SweepRun:
     finished_at: float | None = None
     finished: threading.Event = field(default_factory=threading.Event)
     grid_path: str | None = None  # the labelled grid PNG, written once the sweep has ended
+    gallery: list[tuple[str, str]] = field(default_factory=list)  # (image file, caption), written once per image
+    folder: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="sweep-"))
+
+    def add(self, point: SweepPoint) -> None:
+        """Append a finished setting; its images are written to files once, so that each later
+        frame sends paths instead of re-encoding every image so far."""
+        index = len(self.points)
+        self.points.append(point)
+        for (image, text), n in zip(gallery_items([point], self.prompts, self.seeds), range(len(point.images))):
+            path = str(Path(self.folder) / f"setting{index:03d}-{n:03d}.png")
+            image.save(path)
+            self.gallery.append((path, text))
 
     @property
     def settings(self) -> list[tuple[tuple[int, int], float]]:
@@ -180,7 +192,13 @@ def _identity_series(point: SweepPoint) -> str | None:
     return None
 
 
-def scatter_frame(points: Sequence[SweepPoint]) -> pd.DataFrame:
+def best_of(points: Sequence[SweepPoint]) -> SweepPoint | None:
+    """The best-balance point (``pick_balanced``), None for no points. A frame computes it once
+    and hands it to each view below; called alone, each view computes it itself."""
+    return pick_balanced(points) if points else None
+
+
+def scatter_frame(points: Sequence[SweepPoint], best: SweepPoint | None = None) -> pd.DataFrame:
     """Rows for the plot: prompt score (x), identity (y), series (colour), setting, faces, key.
 
     Settings without an identity score (no face found / no reference photo) are drawn at
@@ -189,7 +207,7 @@ def scatter_frame(points: Sequence[SweepPoint]) -> pd.DataFrame:
     identity score the best is marked in the table and summary only. The frame starts with
     one row per series with NaN coordinates (not drawn; see ``SERIES_COLORS``).
     """
-    best = pick_balanced(points) if points else None
+    best = best or best_of(points)
     rows = [
         {"prompt": math.nan, "identity": math.nan, "series": series, "setting": "", "faces": "", "key": ""}
         for series in SERIES_COLORS
@@ -217,9 +235,9 @@ def _mean_std(mean: float, std: float, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def results_table(points: Sequence[SweepPoint]) -> pd.DataFrame:
+def results_table(points: Sequence[SweepPoint], best: SweepPoint | None = None) -> pd.DataFrame:
     """One row per setting: best-balance mark, setting, identity, face rate, prompt score."""
-    best = pick_balanced(points) if points else None
+    best = best or best_of(points)
     rows = []
     for point in points:
         unscored = _identity_series(point)
@@ -252,12 +270,12 @@ def gallery_columns(images_per_setting: int) -> int:
     return 4 if images_per_setting <= 2 else min(images_per_setting, 8)
 
 
-def summary_markdown(run: SweepRun) -> str:
+def summary_markdown(run: SweepRun, best: SweepPoint | None = None) -> str:
     """Best balance, what produced the scores, and why some points have no identity score."""
     points = run.points
     if not points:
         return ""
-    best = pick_balanced(points)
+    best = best or best_of(points)
     unscored = _identity_series(best)
     identity = unscored or f"identity {best.mean_identity:.2f}"
     rule = (
@@ -307,9 +325,9 @@ def progress_markdown(run: SweepRun) -> str:
     return f"✓ **Done**: {_count(total, 'setting')}, {shape}, in {seconds:.0f} s."
 
 
-def setting_choices(points: Sequence[SweepPoint]) -> list[tuple[str, str]]:
+def setting_choices(points: Sequence[SweepPoint], best: SweepPoint | None = None) -> list[tuple[str, str]]:
     """Dropdown choices (label, key), the best balance marked."""
-    best = pick_balanced(points) if points else None
+    best = best or best_of(points)
     return [(f"{p.label}  {BEST}" if p is best else p.label, setting_key(p.band, p.balance)) for p in points]
 
 
@@ -418,17 +436,17 @@ def build_explore_tab(
         """Every output for the run's current points; the grid file only once it has ended; the
         last adoption's note is cleared when a sweep starts (its settings may not be in this one)."""
         points = run.points
-        best = pick_balanced(points) if points else None
+        best = best_of(points)
         if final and points and run.grid_path is None:
-            run.grid_path = str(Path(tempfile.mkdtemp(prefix="sweep-")) / "sweep-grid.png")
+            run.grid_path = str(Path(run.folder) / "sweep-grid.png")
             grid_image(points, run.prompts, run.seeds).save(run.grid_path)
         return [
             progress_markdown(run),
-            scatter_frame(points),
-            summary_markdown(run),
-            results_table(points),
-            gr.Gallery(value=gallery_items(points, run.prompts, run.seeds), columns=gallery_columns(run.images_per_setting)),
-            gr.Dropdown(choices=setting_choices(points), value=best and setting_key(best.band, best.balance)),
+            scatter_frame(points, best),
+            summary_markdown(run, best),
+            results_table(points, best),
+            gr.Gallery(value=list(run.gallery), columns=gallery_columns(run.images_per_setting)),
+            gr.Dropdown(choices=setting_choices(points, best), value=best and setting_key(best.band, best.balance)),
             run.grid_path if final else gr.skip(),
             "" if first else gr.skip(),
         ]
@@ -452,7 +470,7 @@ def build_explore_tab(
         yield frame(run, final=False, first=True)
         try:
             for point in points:
-                run.points.append(point)
+                run.add(point)
                 if len(run.points) < run.total:
                     yield frame(run, final=False)
         except (ValueError, RuntimeError) as exc:
