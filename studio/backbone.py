@@ -13,6 +13,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -198,14 +199,26 @@ def tiny_image_processor() -> CLIPImageProcessor:
     return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 
 
+_GLOBAL_RNG_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Build modules whose layers initialise from torch's global CPU RNG, seeded with ``seed``,
+    without disturbing anyone else's stream: a fork of the RNG, under one process-wide lock
+    (sessions build trainers and models on their own threads)."""
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def tiny_components(seed: int = 0) -> dict[str, Any]:
     """Small SD-1.x-shaped components with random weights (diffusers' test sizes), offline.
 
     UNet on 32x32 latents, 2x VAE (64 px images), 2-layer CLIP text encoder of width 32.
     """
     tokenizer = load_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_init(seed):
         text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
         unet = UNet2DConditionModel(
             sample_size=32,

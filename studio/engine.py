@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import enum
 import gc
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,9 +23,10 @@ from studio.concept import Concept
 from studio.config import ConfigError, StudioConfig, check_band, config_from_dict
 from studio.events import ConceptUpdated, PreviewReady, RolledBack, TrainingEvent, TrainingFailed, TrainingFinished, TrainingStep
 from studio.gate import GATE, AcceleratorGate, GateCancelled
-from studio.trainer import render_preview
+from studio.trainer import OUT_OF_MEMORY_MESSAGE, is_out_of_memory, render_preview
 
 JOIN_TIMEOUT_S = 30.0
+_LOG = logging.getLogger(__name__)
 _SAMPLERS: dict[int, Any] = {}
 _SAMPLERS_LOCK = threading.Lock()
 
@@ -375,7 +377,8 @@ class Engine:
             self._finish_stopped(cfg)
             raise
         except Exception as exc:  # training must always end in a state the UI can show
-            self._on_event(TrainingFailed(self._snapshot.step, _user_message(exc)))
+            _LOG.exception("training failed in session %s", self.session_id)  # the traceback, for the server log
+            self._on_event(TrainingFailed(self._snapshot.step, _user_message(exc), kind="oom" if is_out_of_memory(exc) else "error"))
         yield
 
     def _keep_ended_run(self, cfg: StudioConfig, backbone: Backbone | None, chunk_state: dict[str, Any] | None) -> None:
@@ -642,7 +645,7 @@ def _run_to_end(driver: Iterator[None]) -> None:
 
 def _user_message(exc: BaseException) -> str:
     """A sentence for the user; library errors that already speak plainly pass through."""
+    if is_out_of_memory(exc):
+        return OUT_OF_MEMORY_MESSAGE
     text = str(exc).strip() or type(exc).__name__
-    if "out of memory" in text.lower():
-        return "Out of memory. Try a smaller batch size or resolution, or the 'sd15-fast' / 'tiny' preset."
     return text if isinstance(exc, (ValueError, RuntimeError, OSError)) else f"{type(exc).__name__}: {text}"

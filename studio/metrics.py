@@ -37,6 +37,7 @@ from studio.backbone import (
     BackboneUnavailable,
     hub_snapshot,
     looks_like_hub_id,
+    seeded_init,
     load_tokenizer,
     tiny_image_processor,
     tiny_text_config,
@@ -171,8 +172,7 @@ class ClipModel:
 def tiny_clip(seed: int = 0) -> tuple[CLIPModel, CLIPTokenizer, CLIPImageProcessorPil]:
     """A small random-weight CLIP (width 32, 2 layers, 32 px images) with the real tokenizer."""
     tokenizer = load_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_init(seed):
         model = CLIPModel(
             CLIPConfig(
                 text_config=tiny_text_config(tokenizer).to_dict(),

@@ -14,7 +14,6 @@ import gc
 import hashlib
 import math
 import random
-import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageOps
 
-from studio.backbone import Backbone
+from studio.backbone import Backbone, seeded_init
 from studio.concept import Concept
 from studio.conditioning import encode_text, super_category_id, tokenize
 from studio.config import StudioConfig, check_band
@@ -42,7 +41,6 @@ MAX_SCALER_SKIPS = 16
 STATE_FORMAT = 1
 # Training settings a saved state stays valid without: how long to train and how often to look.
 _RESUMABLE_CHANGES = frozenset({"steps", "preview_every", "snapshot_every"})
-_GLOBAL_RNG_LOCK = threading.Lock()
 
 
 # --------------------------------------------------------------------------- inputs
@@ -172,7 +170,14 @@ def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any]) -> Non
         )
 
 
-def _is_oom(exc: BaseException) -> bool:
+OUT_OF_MEMORY_MESSAGE = (
+    "Out of memory on the accelerator. Try a smaller batch size, a lower resolution, or a smaller preset "
+    "('sd15-fast' or 'tiny'); the training so far is kept."
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or another backend's RuntimeError that says so."""
     return isinstance(exc, torch.cuda.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
     )
@@ -233,11 +238,8 @@ class Trainer:
         concept = self.cfg.concept
         has_image_encoder = self.backbone.image_encoder is not None
         self.use_bypass = concept.use_bypass and has_image_encoder
-        # nn.Linear initialises from torch's global CPU RNG: seed it inside a fork, under a lock
-        # (sessions build trainers on their own threads), so the same train.seed gives the same
-        # start without disturbing anyone else's stream. Layers are built on the CPU, then moved.
-        with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(self.cfg.train.seed)
+        # The same train.seed gives the same start; layers are built on the CPU, then moved.
+        with seeded_init(self.cfg.train.seed):
             self.mapper = IdentityMapper(
                 self.class_embedding,
                 num_tokens=concept.num_tokens,
@@ -405,17 +407,10 @@ class Trainer:
         try:
             event = action()
         except Exception as exc:
-            if not _is_oom(exc):
+            if not is_out_of_memory(exc):
                 raise
             self._free_memory()
-            event = TrainingFailed(
-                step=self.step,
-                kind="oom",
-                message=(
-                    "Out of memory on the accelerator. Try a smaller batch size, a lower resolution, "
-                    "or a smaller preset; the training so far is kept."
-                ),
-            )
+            event = TrainingFailed(step=self.step, kind="oom", message=OUT_OF_MEMORY_MESSAGE)
         yield event
         return event
 

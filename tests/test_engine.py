@@ -335,3 +335,16 @@ def test_asking_for_images_without_a_concept_fails_at_once_with_what_it_was_for(
             fresh.export_concept("unused.safetensors")
     finally:
         fresh.close()
+
+
+def test_out_of_memory_while_setting_up_gets_the_same_advice_as_during_a_step(engine, monkeypatch):
+    """The VAE encode in the trainer's constructor can run out of memory too: one message for both."""
+    from studio.trainer import OUT_OF_MEMORY_MESSAGE, Trainer
+
+    def exhausted(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    monkeypatch.setattr(Trainer, "__init__", exhausted)
+    engine.start()
+    failed = engine.wait_until(lambda s: not s.active, timeout=TIMEOUT)
+    assert failed.phase is Phase.FAILED and failed.message == OUT_OF_MEMORY_MESSAGE
