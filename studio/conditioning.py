@@ -160,6 +160,3 @@ class StageSchedule:
         if stage is Stage.LATE and self.late_stage == "band_edge":
             return self.band[0]
         return None
-
-    def stages(self, timesteps: list[int] | torch.Tensor) -> list[Stage]:
-        return [self.stage(int(t)) for t in timesteps]

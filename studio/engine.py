@@ -79,7 +79,6 @@ class Snapshot:
     prepared: Any = None  # studio.faces.PreparedSet of the current photos
     backbone: str = ""  # what the images come from
     is_random_backbone: bool = False
-    rollbacks: int = 0
     best_step: int | None = None  # preview step with the best identity/prompt balance so far
     best_note: str = ""
 
@@ -217,7 +216,7 @@ class Engine:
             self._preview_points = []
             self._publish(
                 phase=Phase.LOADING, step=0, total=cfg.train.steps, losses=(), steps_per_second=None,
-                eta_seconds=None, message="", rollbacks=0, best_step=None, best_note="",
+                eta_seconds=None, message="", best_step=None, best_note="",
             )
             return self._launch(cfg, prepared, None, foreground, gpu_call)
 
@@ -367,14 +366,11 @@ class Engine:
                 if isinstance(event, (TrainingFinished, TrainingFailed)):
                     return
             events.close()
-            self._keep_ended_run(cfg, backbone, latest["state"])
-            self._finish_stopped(cfg)
+            self._finish_stopped(cfg, backbone, latest["state"])
         except GateCancelled:  # stopped while waiting for the gate
-            self._keep_ended_run(cfg, backbone, latest["state"])
-            self._finish_stopped(cfg)
+            self._finish_stopped(cfg, backbone, latest["state"])
         except GeneratorExit:  # a foreground caller walked away (its request was cancelled)
-            self._keep_ended_run(cfg, backbone, latest["state"])
-            self._finish_stopped(cfg)
+            self._finish_stopped(cfg, backbone, latest["state"])
             raise
         except Exception as exc:  # training must always end in a state the UI can show
             _LOG.exception("training failed in session %s", self.session_id)  # the traceback, for the server log
@@ -392,7 +388,9 @@ class Engine:
             with self._lock:
                 self._ended_run = _EndedRun(cfg, backbone, state)
 
-    def _finish_stopped(self, cfg: StudioConfig) -> None:
+    def _finish_stopped(self, cfg: StudioConfig, backbone: Backbone | None, chunk_state: dict[str, Any] | None) -> None:
+        """End a stopped run: keep where it ended (continue_training), then report it."""
+        self._keep_ended_run(cfg, backbone, chunk_state)
         trainer = self._trainer  # only the driving thread mutates it, and that is us
         concept = trainer.concept() if trainer is not None else self._snapshot.concept
         step = trainer.step if trainer is not None else self._snapshot.step
@@ -413,10 +411,7 @@ class Engine:
             elif isinstance(event, ConceptUpdated):
                 self._publish(concept=event.concept)
             elif isinstance(event, RolledBack):
-                self._publish(
-                    rollbacks=self._snapshot.rollbacks + 1,
-                    message=f"Step {event.step}: {event.reason}; rolled back to step {event.restored_step}.",
-                )
+                self._publish(message=f"Step {event.step}: {event.reason}; rolled back to step {event.restored_step}.")
             elif isinstance(event, TrainingFinished):
                 phase = Phase.STOPPED if event.stopped else Phase.FINISHED
                 text = f"Stopped at step {event.step} of {event.total}." if event.stopped else f"Finished {event.total} steps."

@@ -12,7 +12,7 @@ import inspect
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -106,8 +106,13 @@ def stage_plan(
         raise SamplerInputError(f"Unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}.")
     noise_scheduler = SCHEDULERS[scheduler](backbone.noise_scheduler.config)
     noise_scheduler.set_timesteps(num_inference_steps)
-    schedule = StageSchedule(check_band(band, "band (timestep interval)"), late_stage)
-    return [PlannedStep(int(t), schedule.stage(int(t)), schedule.mapper_timestep(int(t))) for t in noise_scheduler.timesteps]
+    return _plan(noise_scheduler.timesteps, check_band(band, "band (timestep interval)"), late_stage)
+
+
+def _plan(timesteps: Sequence[Any], band: tuple[int, int], late_stage: str) -> list[PlannedStep]:
+    """Stage and mapper timestep of each denoising timestep: what stage_plan shows and __call__ runs."""
+    schedule = StageSchedule(band, late_stage)
+    return [PlannedStep(int(t), schedule.stage(int(t)), schedule.mapper_timestep(int(t))) for t in timesteps]
 
 
 @dataclass(frozen=True)
@@ -272,8 +277,7 @@ class Sampler:
 
         # 2. Which text condition each step gets (stage table), then all of them at once.
         late_stage = concept.late_stage if concept is not None else "super_category"
-        schedule = StageSchedule(band, late_stage)
-        mapper_ts = [schedule.mapper_timestep(int(t)) if concept is not None else None for t in timesteps]
+        mapper_ts = [step.mapper_timestep if concept is not None else None for step in _plan(timesteps, band, late_stage)]
         rows = self._text_conditions(concept, prompts, negative_prompt if do_cfg else None, mapper_ts, balance, balance_layers)
 
         # 3. Initial latents: one CPU generator per image, so a (prompt, seed) pair gives the

@@ -17,6 +17,7 @@ import spaces
 from studio.config import ConfigError, StudioConfig, available_presets, check_band, load_preset
 from studio.engine import Engine, NoConceptYet, Snapshot
 from studio.runner import CHUNK_DURATION_S, chunked_training, training_chunk
+from studio.sampler import SCHEDULERS
 from studio.ui import views
 from studio.ui.explore import build_explore_tab
 from studio.ui.sessions import SessionRegistry
@@ -42,15 +43,6 @@ them from drowning the rest of your prompt. *1 · Photos → 2 · Train → 3 ·
 
 def _user_error(exc: BaseException) -> gr.Error:
     return gr.Error(str(exc) or type(exc).__name__, print_exception=False)
-
-
-def _scheduler_names() -> list[str]:
-    try:
-        from studio.sampler import SCHEDULERS
-
-        return list(SCHEDULERS)
-    except ImportError:  # pragma: no cover - sampler always ships
-        return ["dpmsolver++"]
 
 
 def build_demo(cfg: StudioConfig) -> gr.Blocks:
@@ -148,7 +140,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                     gen_seed = gr.Number(0, precision=0, label="Seed")
                     gen_steps = gr.Slider(1, 100, value=cfg.sample.steps, step=1, label="Steps", elem_id="gen-steps")
                     guidance = gr.Slider(0.0, 15.0, value=cfg.sample.guidance_scale, step=0.5, label="Guidance")
-                    scheduler = gr.Dropdown(_scheduler_names(), value=cfg.sample.scheduler, label="Scheduler")
+                    scheduler = gr.Dropdown(list(SCHEDULERS), value=cfg.sample.scheduler, label="Scheduler")
                     num_images = gr.Slider(1, 8, value=2, step=1, label="Images")
                 generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                 generated = gr.Gallery(
