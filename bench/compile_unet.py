@@ -16,7 +16,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 
 import torch  # noqa: E402
 
-from run import DEFAULT_PHOTO, checked_step, synchronize, training_photo  # noqa: E402
+from run import DEFAULT_PHOTO, checked_step, ours_trainer, synchronize, training_photo  # noqa: E402
 
 from studio.backbone import quiet_loading  # noqa: E402
 
@@ -34,15 +34,10 @@ def main() -> None:
 
     from sd15 import build_sd15_backbone
 
-    from studio.config import load_preset
-    from studio.trainer import Trainer, TrainingPhoto
-
     with quiet_loading():
         backbone, _ = build_sd15_backbone(args.device, args.dtype)
     image, mask = training_photo(DEFAULT_PHOTO, args.resolution)
-    cfg = load_preset("sd15", **{"train.batch_size": 1, "train.grad_accum": 1,
-                                 "train.resolution": args.resolution, "train.preview_every": 0})
-    step = checked_step(Trainer(backbone, cfg, [TrainingPhoto(image, mask)]).train_step)
+    step = checked_step(ours_trainer(backbone, image, mask, args.resolution).train_step)
 
     def timed() -> float:
         synchronize(backbone.device)

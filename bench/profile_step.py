@@ -17,7 +17,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from run import DEFAULT_PHOTO, checked_step, synchronize, training_photo  # noqa: E402
+from run import DEFAULT_PHOTO, checked_step, ours_trainer, synchronize, training_photo  # noqa: E402
 
 from studio.backbone import quiet_loading  # noqa: E402
 
@@ -27,12 +27,7 @@ def build_variant(name: str, backbone, resolution: int, batch: int):
 
     image, mask = training_photo(DEFAULT_PHOTO, resolution)
     if name == "ours":
-        from studio.config import load_preset
-        from studio.trainer import Trainer, TrainingPhoto
-
-        cfg = load_preset("sd15", **{"train.batch_size": batch, "train.grad_accum": 1,
-                                     "train.resolution": resolution, "train.preview_every": 0})
-        return checked_step(Trainer(backbone, cfg, [TrainingPhoto(image, mask)]).train_step)
+        return checked_step(ours_trainer(backbone, image, mask, resolution, batch).train_step)
     if name == "reference":
         recipe = ReferenceRecipe(backbone, image, mask, RecipeSettings(batch_size=batch, grad_accum=1, resolution=resolution))
         return checked_step(recipe.step), recipe

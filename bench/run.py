@@ -357,7 +357,6 @@ class Bench:
     # ---- 1. training step
     def section_train(self) -> None:
         from reference import RecipeSettings, ReferenceRecipe, TextualInversionStep
-        from studio.trainer import Trainer, TrainingPhoto
 
         suite, backbone = self.suite, self.backbone
         image, mask = training_photo(self.photo, suite.resolution)
@@ -374,11 +373,7 @@ class Bench:
             self.say(f"  training step, {suite.resolution} px, batch {batch}")
             variants: dict[str, Callable[[], Any]] = {}
             try:
-                cfg = self.preset(**{
-                    "train.batch_size": batch, "train.grad_accum": 1, "train.resolution": suite.resolution,
-                    "train.preview_every": 0,
-                })
-                ours = Trainer(backbone, cfg, [TrainingPhoto(image, mask)])
+                ours = ours_trainer(backbone, image, mask, suite.resolution, batch, suite.preset)
                 variants["ours"] = checked_step(ours.train_step)
             except Exception as exc:  # the trainer may not have landed: measure the rest
                 self.say(f"    ours unavailable: {type(exc).__name__}: {exc}")
@@ -480,15 +475,12 @@ class Bench:
     # ---- FLOPs at 512 px (opt-in)
     def section_flops(self, resolution: int = 512) -> None:
         from reference import RecipeSettings, ReferenceRecipe, TextualInversionStep
-        from studio.trainer import Trainer, TrainingPhoto
 
         backbone = self.backbone
         image, mask = training_photo(self.photo, resolution)
         builders = {
-            ("ours", 1): lambda: Trainer(backbone, self.preset(**{"train.batch_size": 1, "train.grad_accum": 1, "train.resolution": resolution}),
-                                         [TrainingPhoto(image, mask)]).train_step,
-            ("ours", 2): lambda: Trainer(backbone, self.preset(**{"train.batch_size": 2, "train.grad_accum": 1, "train.resolution": resolution}),
-                                         [TrainingPhoto(image, mask)]).train_step,
+            ("ours", 1): lambda: ours_trainer(backbone, image, mask, resolution, 1, self.suite.preset).train_step,
+            ("ours", 2): lambda: ours_trainer(backbone, image, mask, resolution, 2, self.suite.preset).train_step,
             ("reference", 1): lambda: ReferenceRecipe(backbone, image, mask, RecipeSettings(batch_size=1, grad_accum=1, resolution=resolution)).step,
             ("plain TI", 1): lambda: TextualInversionStep(backbone, image, resolution).step,
         }
@@ -642,6 +634,16 @@ class Bench:
 
 
 # --------------------------------------------------------------------------- helpers
+def ours_trainer(backbone, image, mask, resolution: int, batch: int = 1, preset: str = "sd15"):
+    """The studio's Trainer as the benchmarks time it: ``preset``'s recipe at ``resolution``,
+    ``batch`` samples per optimiser step, no gradient accumulation."""
+    from studio.config import load_preset
+    from studio.trainer import Trainer, TrainingPhoto
+
+    cfg = load_preset(preset, **{"train.batch_size": batch, "train.grad_accum": 1, "train.resolution": resolution})
+    return Trainer(backbone, cfg, [TrainingPhoto(image, mask)])
+
+
 def checked_step(step: Callable[[], Any]) -> Callable[[], None]:
     """``step`` that fails loudly unless it made a full, finite update: a rolled-back (NaN)
     step of the trainer skips the backward pass and would time as a bogus fast step."""

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import (
-    CLIPImageProcessor,
+    CLIPImageProcessorPil as CLIPImageProcessor,  # PIL backend, as studio.backbone: no torchvision needed
     CLIPTextConfig,
     CLIPTextModel,
     CLIPVisionConfig,

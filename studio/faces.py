@@ -872,7 +872,7 @@ def prepare(sources: Sequence[PhotoSource], cfg: FaceConfig, analyzer: FaceAnaly
 
 
 def identity_embedding(image: PhotoSource | np.ndarray, analyzer: FaceAnalyzer,
-                       max_pixels: int = 4_000_000) -> np.ndarray | None:
+                       max_pixels: int = FaceConfig.max_pixels) -> np.ndarray | None:
     """Embedding float32 (D,) of the largest face in ``image``; None when no face is found
     (e.g. a generated image without a face). Raises PhotoError for unreadable files."""
     if isinstance(image, np.ndarray):

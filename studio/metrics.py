@@ -288,7 +288,7 @@ class Scorer:
                     )
                 embeddings.append(photo.astype(np.float32))
                 continue
-            embedding = identity_embedding(photo, analyzer)
+            embedding = identity_embedding(photo, analyzer, self.face_config.max_pixels)  # the preset's size limit
             if embedding is None:
                 name = Path(photo).name if isinstance(photo, (str, Path)) else f"reference photo {index + 1}"
                 raise PhotoError(f"No face was found in {name}; a reference photo must show the person's face.")
