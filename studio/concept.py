@@ -253,11 +253,13 @@ def _foreign_kind(tensor_names: list[str]) -> str:
     return f"another kind of safetensors file ({len(tensor_names)} tensors, e.g. {tensor_names[0]!r})" if tensor_names else "an empty safetensors file"
 
 
-def _open_concept_file(source: str | Path | bytes | bytearray | memoryview) -> tuple[bytes, str, dict[str, Any]]:
+def _open_concept_file(
+    source: str | Path | bytes | bytearray | memoryview, header_only: bool = False
+) -> tuple[bytes, str, dict[str, Any]]:
     """(file bytes, display name, PersonaMagic metadata) of a file of ours, else a :class:`ConceptFileError`.
 
     A path is judged by its header before the rest is read: a 4 GB checkpoint dropped by
-    mistake is refused without reading it whole.
+    mistake is refused without reading it whole. ``header_only``: stop there (the bytes are b"").
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         data, name = bytes(source), "The uploaded file"
@@ -274,6 +276,8 @@ def _open_concept_file(source: str | Path | bytes | bytearray | memoryview) -> t
                 (header_len,) = struct.unpack("<Q", head)
                 head += handle.read(header_len if header_len <= MAX_HEADER_BYTES else 64)
             info = _check_ours(_parse_header(head, total, name), name)
+            if header_only:
+                return b"", name, info
             handle.seek(0)
             data = handle.read()
     except OSError as exc:
@@ -446,8 +450,8 @@ def load_training_state(source: str | Path | bytes) -> dict[str, Any]:
 
 
 def read_concept_info(source: str | Path | bytes) -> dict[str, Any]:
-    """The JSON metadata of a concept file, without building the mapper."""
-    return _open_concept_file(source)[2]
+    """The JSON metadata of a concept file, from its header alone (the tensors are not read)."""
+    return _open_concept_file(source, header_only=True)[2]
 
 
 def describe(concept: Concept) -> str:

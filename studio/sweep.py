@@ -24,6 +24,11 @@ from studio.sampler import GenerationInterrupted, Sampler
 
 
 
+def setting_label(band: tuple[int, int], balance: float) -> str:
+    """Short name of a sweep setting, e.g. ``t 400–800 · γ 1.00`` (also for settings not yet run)."""
+    return f"t {band[0]}–{band[1]} · γ {balance:.2f}"
+
+
 @dataclass(frozen=True)
 class SweepPoint:
     """One setting of a sweep and what it produced.
@@ -44,7 +49,7 @@ class SweepPoint:
     @property
     def label(self) -> str:
         """Short name of the setting, e.g. ``t 400–800 · γ 1.00``."""
-        return f"t {self.band[0]}–{self.band[1]} · γ {self.balance:.2f}"
+        return setting_label(self.band, self.balance)
 
     @property
     def identity_std(self) -> float | None:

@@ -41,10 +41,6 @@ trade-off: the identity tokens act only inside a band of denoising steps, and a 
 them from drowning the rest of your prompt. *1 · Photos → 2 · Train → 3 · Trade-off → Generate.*"""
 
 
-def _user_error(exc: BaseException) -> gr.Error:
-    return gr.Error(str(exc) or type(exc).__name__, print_exception=False)
-
-
 def build_demo(cfg: StudioConfig) -> gr.Blocks:
     """The whole studio for a starting preset; each browser session gets its own Engine."""
     sessions = SessionRegistry(cfg)
@@ -206,7 +202,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                 engine.set_preview_settings(band, gamma)
                 return launch(**mode)
             except (ValueError, RuntimeError) as exc:  # ConfigError is a ValueError
-                raise _user_error(exc) from None
+                raise views.user_error(exc) from None
 
         async def stream_background(engine: Engine):
             """Local / GPU server: a background thread trains; this streams its snapshots."""
@@ -288,10 +284,10 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             except NoConceptYet as exc:
                 if quiet:
                     return [gr.skip()] * len(live_outputs)
-                raise _user_error(exc) from None
+                raise views.user_error(exc) from None
             except (ValueError, RuntimeError) as exc:
                 if not quiet:
-                    raise _user_error(exc) from None
+                    raise views.user_error(exc) from None
                 gr.Warning(str(exc))
                 return [gr.skip()] * len(live_outputs)
             return render(engine.snapshot())
@@ -318,7 +314,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                     progress=lambda done, total: progress((done, total), desc="Denoising"),
                 )
             except (ValueError, RuntimeError) as exc:
-                raise _user_error(exc) from None
+                raise views.user_error(exc) from None
             return views.generated_items(result)
 
         def on_export(request: gr.Request):
@@ -328,7 +324,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             try:
                 path = engine.export_concept(folder / f"personamagic-concept-step{snapshot.step}.safetensors")
             except (ValueError, OSError) as exc:
-                raise _user_error(exc) from None
+                raise views.user_error(exc) from None
             return str(path), f"✓ Exported `{path.name}`."
 
         def on_import(file: str | None, request: gr.Request):
@@ -349,7 +345,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                 new_cfg = load_preset(name)
                 engine.configure(new_cfg)
             except (ConfigError, RuntimeError) as exc:
-                raise _user_error(exc) from None
+                raise views.user_error(exc) from None
             t, s = new_cfg.train, new_cfg.sample
             return [
                 gr.update(visible=new_cfg.model.is_tiny), new_cfg.model.source, t.steps, t.lr, t.batch_size, t.seed,
@@ -363,7 +359,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             try:
                 engine.configure(engine.cfg.replace(**{"model.source": source.strip()}))
             except (ConfigError, RuntimeError) as exc:
-                raise _user_error(exc) from None
+                raise views.user_error(exc) from None
             return gr.update(visible=engine.cfg.model.is_tiny)
 
         # ---------------------------------------------------------------- wiring

@@ -23,7 +23,8 @@ from studio.conditioning import PromptError, check_prompt
 from studio.config import check_band
 from studio.engine import Engine
 from studio.metrics import caption
-from studio.sweep import EVAL_PROMPTS_FILE, SweepPoint, grid_image, pick_balanced, read_prompt_file
+from studio.sweep import EVAL_PROMPTS_FILE, SweepPoint, grid_image, pick_balanced, read_prompt_file, setting_label
+from studio.ui import views
 
 EXPLAIN = (
     "A **sweep** renders the same prompts and seeds once per *identity interval × tandem balance*, "
@@ -125,11 +126,6 @@ def setting_key(band: tuple[int, int], balance: float) -> str:
 def parse_setting_key(key: str) -> tuple[tuple[int, int], float]:
     lo, hi, balance = str(key).split(",")
     return (int(lo), int(hi)), float(balance)
-
-
-def setting_label(band: tuple[int, int], balance: float) -> str:
-    """Same text as ``SweepPoint.label``, for settings not yet run."""
-    return f"t {band[0]}–{band[1]} · γ {balance:.2f}"
 
 
 @dataclass
@@ -465,7 +461,7 @@ def build_explore_tab(
                 raise ValueError("A sweep is already running in this session: stop it first.")
             points = engine.sweep(run.prompts, run.seeds, run.bands, run.balances, steps=run.steps)
         except (ValueError, RuntimeError) as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
+            raise views.user_error(exc) from None
         _RUNS[engine] = run
         yield frame(run, final=False, first=True)
         try:

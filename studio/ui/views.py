@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import gradio as gr
 import pandas as pd
 
 from studio.engine import Phase, Snapshot
@@ -24,6 +25,11 @@ SLIDER_HELP = {
     "balance": "**Tandem balance γ** — how strongly the prompt's words attend to the identity tokens: "
     "< 1 favours the prompt (scene, style), > 1 favours the identity.",
 }
+
+
+def user_error(exc: BaseException) -> gr.Error:
+    """An expected error as a plain sentence in the page (no traceback in the server log)."""
+    return gr.Error(str(exc) or type(exc).__name__, print_exception=False)
 
 
 def loss_frame(snapshot: Snapshot) -> pd.DataFrame | None:
