@@ -375,9 +375,8 @@ class Trainer:
         TrainingFailed; the trainer stays usable.
         """
         stop = self.total if until is None else min(until, self.total)
-        if self._should_preview():
-            if isinstance((yield from self._guarded(self.preview)), TrainingFailed):
-                return
+        if not (yield from self._preview_if_due()):
+            return
         while self.step < stop:
             outcome = yield from self._guarded(self.train_step)
             if isinstance(outcome, TrainingFailed):
@@ -392,14 +391,12 @@ class Trainer:
                     ),
                 )
                 return
-            if self._should_preview():
-                if isinstance((yield from self._guarded(self.preview)), TrainingFailed):
-                    return
+            if not (yield from self._preview_if_due()):
+                return
         if self.done:
-            if self.cfg.train.preview_every > 0 and self._last_preview_step != self.step:
-                # a last look at the result when training ended between two preview steps
-                if isinstance((yield from self._guarded(self.preview)), TrainingFailed):
-                    return
+            # a last look at the result when training ended between two preview steps
+            if not (yield from self._preview_if_due(final=True)):
+                return
             yield TrainingFinished(step=self.step, total=self.total, concept=self.concept())
 
     def _guarded(self, action: Callable[[], TrainingEvent]) -> Generator[TrainingEvent, None, TrainingEvent]:
@@ -420,9 +417,14 @@ class Trainer:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _should_preview(self) -> bool:
+    def _preview_if_due(self, final: bool = False) -> Generator[TrainingEvent, None, bool]:
+        """Yield a preview when one is due (every ``preview_every`` steps, or at the end with
+        ``final``) and not shown yet for this step; False when rendering it failed."""
         every = self.cfg.train.preview_every
-        return every > 0 and self.step % every == 0 and self._last_preview_step != self.step
+        due = every > 0 and (final or self.step % every == 0) and self._last_preview_step != self.step
+        if not due:
+            return True
+        return not isinstance((yield from self._guarded(self.preview)), TrainingFailed)
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> TrainingStep | RolledBack:
