@@ -33,6 +33,8 @@ from studio.config import ModelConfig
 log = logging.getLogger(__name__)
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
+# the pretrained toy world (docs/TOY.md): a diffusers folder plus its image encoder
+TOY_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy"
 
 # SD 1.x noise schedule (the scheduler_config.json shipped with SD 1.5).
 SD15_SCHEDULER_CONFIG: dict[str, Any] = dict(
@@ -361,6 +363,8 @@ def weights_available(cfg: ModelConfig) -> bool:
     """True if ``cfg`` can load without a download (tiny, a local file/folder, or hub-cached)."""
     if cfg.is_tiny:
         return True
+    if cfg.source == "toy":
+        return (TOY_DIR / "unet").is_dir()
     path = Path(cfg.source).expanduser()
     if path.suffix == ".safetensors" or path.is_dir():
         return path.exists()
@@ -380,7 +384,8 @@ def load_components(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
         if cfg.image_encoder != "tiny":
             parts["image_encoder"] = parts["image_processor"] = None
         return parts
-    source = cfg.source
+    # the toy backbone is an ordinary local diffusers folder, shipped in assets/toy
+    source = str(TOY_DIR) if cfg.source == "toy" else cfg.source
     path = Path(source).expanduser()
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         raise BackboneUnavailable(
@@ -395,7 +400,8 @@ def load_components(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
         parts = _load_sd_folder(local_or_hub_folder(source, cfg.revision, _HUB_PATTERNS, what), dtype)
     parts["image_encoder"] = parts["image_processor"] = None
     if cfg.image_encoder:
-        parts["image_encoder"], parts["image_processor"] = _load_image_encoder(cfg.image_encoder, dtype)
+        encoder = str(TOY_DIR / "image_encoder") if cfg.image_encoder == "toy" else cfg.image_encoder
+        parts["image_encoder"], parts["image_processor"] = _load_image_encoder(encoder, dtype)
     return parts
 
 

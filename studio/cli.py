@@ -43,7 +43,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [
         CliError, ConfigError, PromptError, ConceptFileError, BackboneUnavailable, StateMismatch,
     ]
-    for module, name in (("studio.sampler", "SamplerInputError"), ("studio.faces", "PhotoError")):
+    for module, name in (("studio.sampler", "SamplerInputError"), ("studio.faces", "PhotoError"),
+                         ("studio.toy.world", "ToyPromptError"), ("studio.toy.instruments", "ToyModelMissing")):
         try:
             errors.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
@@ -380,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_delegated(subparsers, "prepare", "studio.cli_prepare", "add_prepare_parser", "detect, align and mask faces")
     # eval: identity / prompt similarity over prompts x seeds x settings (owned by the metrics).
     _add_delegated(subparsers, "eval", "studio.cli_eval", "add_eval_parser", "score a concept")
+    _add_delegated(subparsers, "score", "studio.cli_score", "add_score_parser", "score images made anywhere")
+    _add_delegated(subparsers, "toy", "studio.cli_toy", "add_toy_parser", "the toy world")
     return parser
 
 
@@ -396,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
-        if isinstance(exc, _user_errors()):
+        if isinstance(exc, CliError) or isinstance(exc, _user_errors()):  # CliError first: no heavy imports
             message = " ".join(str(exc).split())  # one line, whatever the message holds
             print(f"error: {message}", file=sys.stderr)
             return EXIT_USER_ERROR

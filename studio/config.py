@@ -49,7 +49,7 @@ def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
 class ModelConfig:
     """Which frozen Stable Diffusion 1.x backbone to use and where it runs."""
 
-    # "tiny" (random weights, offline), a hub id, a local diffusers folder, or a single .safetensors
+    # "toy" (the small model pretrained here, docs/TOY.md), "tiny" (random weights), a hub id, a local diffusers folder, or a single .safetensors
     source: str = "tiny"
     # hub revision or branch (hub ids only)
     revision: str | None = None
@@ -207,7 +207,7 @@ class SampleConfig:
 class FaceConfig:
     """Face detection, alignment and masking (DESIGN.md, face stack)."""
 
-    # auto (insightface when its model files exist, else dlib), insightface, dlib
+    # auto (insightface when its model files exist, else dlib), insightface, dlib, toy (the toy world's portraits)
     backend: str = "auto"
     # where insightface looks for models (None = ~/.insightface/models)
     insightface_root: str | None = None
@@ -226,7 +226,7 @@ class FaceConfig:
     same_person_threshold: float = 0.6
 
     def __post_init__(self) -> None:
-        _one_of(self.backend, ("auto", "insightface", "dlib"), "face.backend")
+        _one_of(self.backend, ("auto", "insightface", "dlib", "toy"), "face.backend")
         if self.crop_size < 64 or self.min_face_px < 8 or self.max_pixels < 256 * 256:
             raise ConfigError("face.crop_size must be >= 64, face.min_face_px >= 8, face.max_pixels >= 65536")
         if not 0.0 <= self.margin <= 2.0:

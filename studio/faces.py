@@ -489,7 +489,11 @@ def get_face_analyzer(cfg: FaceConfig) -> FaceAnalyzer:
     key = (backend, str(insightface_model_dir(cfg)) if backend == "insightface" else cfg.same_person_threshold)
     with _ANALYZERS_LOCK:
         if key not in _ANALYZERS:
-            if backend == "insightface":
+            if backend == "toy":
+                from studio.toy.instruments import ToyFaceAnalyzer
+
+                _ANALYZERS[key] = ToyFaceAnalyzer()
+            elif backend == "insightface":
                 if importlib.util.find_spec("insightface") is None:
                     raise PhotoError("The insightface package is not installed: pip install insightface onnxruntime")
                 _ANALYZERS[key] = InsightFaceAnalyzer(insightface_model_dir(cfg))

@@ -46,6 +46,7 @@ from studio.backbone import (
 from studio.conditioning import PLACEHOLDER
 from studio.config import FaceConfig
 from studio.faces import FaceAnalyzer, PhotoError, PhotoSource, get_face_analyzer, identity_embedding
+from studio.toy.instruments import TOY_PROMPT_MODEL, ToyPromptModel
 
 TINY_CLIP = "tiny"
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -130,9 +131,11 @@ def scoring_text(prompt: str, super_category: str) -> str:
     return " ".join(prompt.replace(PLACEHOLDER, super_category.strip()).split())
 
 
-def default_clip_model(backbone: Backbone) -> str:
-    """``"tiny"`` for the random tiny backbone (its images are noise), else ViT-L/14."""
-    return TINY_CLIP if backbone.is_random else DEFAULT_CLIP
+def default_clip_model(backbone: Backbone | str) -> str:
+    """The prompt scorer for a backbone (or its model source): ``"tiny"`` for the random tiny
+    backbone (its images are noise), the attribute classifiers for the toy one, else ViT-L/14."""
+    source = backbone if isinstance(backbone, str) else backbone.source
+    return {"toy": TOY_PROMPT_MODEL, "tiny": TINY_CLIP}.get(source, DEFAULT_CLIP)
 
 
 # ----------------------------------------------------------------------------- CLIP
@@ -201,7 +204,9 @@ def _clip_folder(source: str) -> str:
         ) from None
 
 
-def _load_clip(source: str, device: torch.device) -> ClipModel:
+def _load_clip(source: str, device: torch.device) -> ClipModel | ToyPromptModel:
+    if source == TOY_PROMPT_MODEL:
+        return ToyPromptModel()
     if source == TINY_CLIP:
         model, tokenizer, processor = tiny_clip()
         name = "tiny-clip (random weights)"
@@ -218,12 +223,13 @@ def _load_clip(source: str, device: torch.device) -> ClipModel:
     return ClipModel(name=name, model=model, tokenizer=tokenizer, processor=processor, device=device)
 
 
-_CLIP_CACHE: dict[tuple[str, str], ClipModel] = {}
+_CLIP_CACHE: dict[tuple[str, str], ClipModel | ToyPromptModel] = {}
 _CLIP_LOCK = threading.Lock()
 
 
-def get_clip(source: str = DEFAULT_CLIP, device: str | torch.device = "cpu") -> ClipModel:
-    """The process-wide CLIP for ``source`` ("tiny", hub id or folder); raises :class:`ClipUnavailable`."""
+def get_clip(source: str = DEFAULT_CLIP, device: str | torch.device = "cpu") -> ClipModel | ToyPromptModel:
+    """The process-wide prompt scorer for ``source`` ("tiny", "toy", a CLIP hub id or folder);
+    raises :class:`ClipUnavailable`."""
     device = torch.device(device)
     key = (source, str(device))
     with _CLIP_LOCK:

@@ -24,6 +24,13 @@ from studio.ui.sessions import SessionRegistry
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 EXAMPLE_PHOTOS = sorted(str(p) for p in (ASSETS / "examples").glob("*.png"))
+# toy selfies of one identity never seen in pretraining (the toy world's own photos)
+TOY_EXAMPLE_PHOTOS = sorted(str(p) for p in (ASSETS / "examples" / "toy").glob("*.png"))
+
+
+def _banner_update(model_source: str) -> dict:
+    text = views.banner(model_source)
+    return gr.update(value=text, visible=bool(text))
 STREAM_MIN_INTERVAL_S = 0.3  # at most ~3 page updates per second while training
 # On ZeroGPU these run in a GPU-attached process; everywhere else spaces.GPU returns fn unchanged.
 GPU_TRAINING_CHUNK = spaces.GPU(duration=CHUNK_DURATION_S)(training_chunk)
@@ -51,7 +58,8 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
     with gr.Blocks(title="PersonaMagic Studio", delete_cache=(3600, 3600)) as demo:
         demo.sessions = sessions  # for tests and app.py
         gr.Markdown(INTRO, elem_id="intro")
-        banner = gr.Markdown(views.TINY_BANNER, visible=cfg.model.is_tiny, elem_id="tiny-banner", elem_classes=["banner"])
+        banner = gr.Markdown(views.banner(cfg.model.source), visible=bool(views.banner(cfg.model.source)),
+                             elem_id="tiny-banner", elem_classes=["banner"])
 
         with gr.Row(equal_height=False):
             # ---------------------------------------------------------------- left: photos + training
@@ -62,7 +70,9 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                     elem_id="photos", height=140,
                 )
                 if EXAMPLE_PHOTOS:
-                    gr.Examples(examples=[[[p]] for p in EXAMPLE_PHOTOS], inputs=[photos], label="Or try a sample photo")
+                    gr.Examples(examples=[[[p]] for p in (TOY_EXAMPLE_PHOTOS if cfg.model.source == "toy" else EXAMPLE_PHOTOS)]
+                                + ([[TOY_EXAMPLE_PHOTOS]] if cfg.model.source == "toy" and TOY_EXAMPLE_PHOTOS else []),
+                                inputs=[photos], label="Or try a sample photo")
                 crops = gr.Gallery(
                     label="What training sees: aligned crop + face mask", columns=4, height=220,
                     elem_id="crops", allow_preview=True, preview=False, fit_columns=False, interactive=False, object_fit="contain",
@@ -348,7 +358,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                 raise views.user_error(exc) from None
             t, s = new_cfg.train, new_cfg.sample
             return [
-                gr.update(visible=new_cfg.model.is_tiny), new_cfg.model.source, t.steps, t.lr, t.batch_size, t.seed,
+                _banner_update(new_cfg.model.source), new_cfg.model.source, t.steps, t.lr, t.batch_size, t.seed,
                 t.band[0], t.band[1], t.te_weight, t.te_balance, t.preview_every, s.band[0], s.band[1], s.balance,
             ]
 
@@ -360,7 +370,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                 engine.configure(engine.cfg.replace(**{"model.source": source.strip()}))
             except (ConfigError, RuntimeError) as exc:
                 raise views.user_error(exc) from None
-            return gr.update(visible=engine.cfg.model.is_tiny)
+            return _banner_update(engine.cfg.model.source)
 
         # ---------------------------------------------------------------- wiring
         photos.change(on_photos, [photos], [crops, photo_report], api_name="photos")

@@ -18,6 +18,22 @@ TINY_BANNER = (
     "`python app.py --preset sd15` (hub id, a local diffusers folder or a single `.safetensors` file)."
 )
 
+TOY_BANNER = (
+    "🧪 **Toy world.** This studio is running the `toy` backbone: a small Stable-Diffusion-shaped model "
+    "pretrained on this project's procedural world of 64 px cartoon portraits, with its own face detector, "
+    "identity encoder and attribute classifiers as the scores. Real photos are out of its world — use the "
+    "sample toy selfies below, and prompts in its vocabulary (settings such as *on a beach*, *in a forest*; "
+    "*wearing a red hat / crown / beanie*, *glasses / sunglasses*, *smiling / surprised*, *an oil painting / "
+    "pencil sketch / pixel art / watercolor of*). For real faces run with real weights, e.g. "
+    "`python app.py --preset sd15`."
+)
+
+
+def banner(model_source: str) -> str:
+    """The warning shown above the page for a backbone that is not a real image model ("" for real ones)."""
+    return {"tiny": TINY_BANNER, "toy": TOY_BANNER}.get(model_source, "")
+
+
 SLIDER_HELP = {
     "band": "**Identity interval** — denoising steps with *t* in [start, end] see the person; "
     "steps above *end* see only the word, so the prompt sets the layout. Wider = more likeness, "

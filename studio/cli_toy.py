@@ -1,0 +1,63 @@
+"""``python -m studio toy {render,pretrain}``: the toy world's ground truth and its model (docs/TOY.md)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+MAX_RENDER_SIZE = 1024
+
+
+def add_toy_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("toy", help="the toy world: render ground truth, pretrain the toy model",
+                                   description="The procedural world of portraits the toy backbone was trained on.")
+    toy = parser.add_subparsers(dest="toy_command", required=True, metavar="TOY_COMMAND")
+
+    render = toy.add_parser("render", help="draw an identity as a prompt asks",
+                            description="Ground truth: identity N in the scene a prompt describes ({} = the identity).")
+    render.add_argument("--identity", type=int, required=True, help="identity number (>= 100000: never seen in pretraining)")
+    render.add_argument("--prompt", default="a photo of {}", help="scene words the toy world knows, with {} for the person")
+    render.add_argument("--seed", type=int, default=0, help="framing jitter and texture noise")
+    render.add_argument("--size", type=int, default=64, help=f"side in pixels (64 = the model's size; at most {MAX_RENDER_SIZE})")
+    render.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    render.set_defaults(func=run_render)
+
+    pretrain = toy.add_parser("pretrain", help="train the toy backbone and its instruments (about an hour on 2 CPU cores)",
+                              description="Seeded and resumable: run it again with the same --out to continue.")
+    pretrain.add_argument("--out", type=Path, required=True, help="folder for data, checkpoints and the diffusers model")
+    pretrain.add_argument("--stage", action="append", choices=("data", "instruments", "backbone"),
+                          help="run only these stages (default: all, in order)")
+    pretrain.add_argument("--minutes", type=float, help="time budget of the UNet + text encoder stage")
+    pretrain.add_argument("--threads", type=int, default=2, help="torch threads (and render workers)")
+    pretrain.set_defaults(func=run_pretrain)
+
+
+def run_render(args: argparse.Namespace) -> int:
+    from studio.cli import CliError
+    from studio.toy.world import PLACEHOLDER_HINT, ToyPromptError, render_prompt
+
+    if args.identity < 0:
+        raise CliError(f"--identity must be >= 0, got {args.identity}")
+    if not 16 <= args.size <= MAX_RENDER_SIZE:
+        raise CliError(f"--size must be between 16 and {MAX_RENDER_SIZE} pixels, got {args.size}")
+    if "{}" not in args.prompt:
+        raise CliError(PLACEHOLDER_HINT)
+    if args.out.suffix.lower() != ".png" or not args.out.parent.is_dir():
+        raise CliError(f"--out must be a .png file in an existing folder, got {args.out}")
+    try:
+        image = render_prompt(args.identity, args.prompt, seed=args.seed, size=args.size)
+    except ToyPromptError as exc:
+        raise CliError(str(exc)) from None
+    image.save(args.out)
+    print(args.out)
+    return 0
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from studio.toy.pretrain import STAGES, PretrainPlan, pretrain
+
+    plan = PretrainPlan() if args.minutes is None else replace(PretrainPlan(), unet_minutes=args.minutes)
+    pretrain(args.out, tuple(args.stage or STAGES), plan, threads=args.threads)
+    return 0

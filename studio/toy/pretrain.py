@@ -1,0 +1,525 @@
+"""``python -m studio toy pretrain --out DIR``: build the toy backbone and its instruments.
+
+Stages (each resumable, each skipped when its output exists; docs/TOY.md):
+
+1. ``data``: render the training set (identities 0..N-1 of the pretraining range, several
+   random scenes each, with labels and landmarks), a held-out set of unseen identities
+   (from 100 000 up) and face-free negatives, into ``DIR/data/*.npz``.
+2. ``instruments``: the face locator, the identity encoder, the attribute classifier and
+   the CLIP-shaped image encoder of the bypass, trained on renders.
+3. ``backbone``: the VAE, then the UNet and the CLIP text encoder together (ε-prediction on
+   SD's noise schedule, captions from templates, 10 % empty captions for guidance), written
+   as a diffusers folder with the shipped CLIP tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from studio.toy import models as toy_models
+from studio.toy.world import (
+    ATTRIBUTES,
+    FIRST_UNSEEN_IDENTITY,
+    Identity,
+    Scene,
+    caption,
+    random_scene,
+    render,
+    render_background,
+)
+
+STAGES = ("data", "instruments", "backbone")
+
+
+@dataclass(frozen=True)
+class PretrainPlan:
+    """Sizes of the pretraining run (defaults fit a 2-core CPU in about an hour)."""
+
+    identities: int = 6000
+    views: int = 4
+    heldout_identities: int = 400
+    negatives: int = 3000
+    instrument_steps: int = 500
+    vision_steps: int = 400
+    vae_steps: int = 250
+    unet_minutes: float = 55.0
+    unet_batch: int = 64
+    seed: int = 0
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Progress:
+    """One stderr line every few seconds: step, rate and ETA."""
+
+    def __init__(self, name: str, total: int | None = None, deadline: float | None = None) -> None:
+        self.name, self.total, self.deadline = name, total, deadline
+        self.start = self.last = time.time()
+
+    def update(self, step: int, **values: float) -> None:
+        now = time.time()
+        if now - self.last < 10 and step != self.total:
+            return
+        self.last = now
+        rate = step / max(now - self.start, 1e-6)
+        if self.total:
+            eta = (self.total - step) / max(rate, 1e-9)
+        else:
+            eta = max(0.0, (self.deadline or now) - now)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in values.items())
+        _log(f"[{self.name}] step {step}{'/' + str(self.total) if self.total else ''} · {rate:.2f} steps/s · ETA {eta / 60:.1f} min · {shown}")
+
+
+# --------------------------------------------------------------------------- stage 1: data
+def _render_chunk(args: tuple[list[int], int, int]) -> dict[str, np.ndarray]:
+    numbers, views, seed = args
+    images, ids, attrs, marks = [], [], [], []
+    for number in numbers:
+        ident = Identity.from_number(number)
+        rng = np.random.default_rng([number, seed, 3])
+        for v in range(views):
+            scene = random_scene(rng)
+            img, lm = render(ident, scene, seed=seed * 1000 + v, with_landmarks=True)
+            images.append(np.asarray(img))
+            ids.append(number)
+            attrs.append([list(ATTRIBUTES[a]).index(getattr(scene, a)) for a in ATTRIBUTES])
+            marks.append(lm.as_array())
+    return dict(images=np.stack(images), identity=np.array(ids, np.int64), attributes=np.array(attrs, np.int64),
+                landmarks=np.stack(marks))
+
+
+def _render_set(numbers: list[int], views: int, seed: int, workers: int) -> dict[str, np.ndarray]:
+    chunks = [(numbers[i : i + 100], views, seed) for i in range(0, len(numbers), 100)]
+    with get_context("fork").Pool(workers) as pool:
+        parts = pool.map(_render_chunk, chunks)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _render_negatives(count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, 11])
+    return np.stack([np.asarray(render_background(random_scene(rng, jitter=False), seed=i)) for i in range(count)])
+
+
+def stage_data(out: Path, plan: PretrainPlan, workers: int = 2) -> None:
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    if not (data / "train.npz").exists():
+        t = time.time()
+        train = _render_set(list(range(plan.identities)), plan.views, plan.seed, workers)
+        np.savez(data / "train.npz", **train)
+        _log(f"[data] {len(train['images'])} training renders in {time.time() - t:.0f} s")
+    if not (data / "heldout.npz").exists():
+        heldout = _render_set(list(range(FIRST_UNSEEN_IDENTITY, FIRST_UNSEEN_IDENTITY + plan.heldout_identities)),
+                              plan.views, plan.seed + 1, workers)
+        np.savez(data / "heldout.npz", **heldout)
+    if not (data / "negatives.npz").exists():
+        np.savez(data / "negatives.npz", images=_render_negatives(plan.negatives, plan.seed))
+
+
+def load_set(out: Path, name: str) -> dict[str, np.ndarray]:
+    with np.load(out / "data" / f"{name}.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+# --------------------------------------------------------------------------- augmentation
+def degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random blur, noise and colour shifts on (N, 3, H, W) in [-1, 1]: generated images are
+    blurrier and noisier than renders, and the instruments must still read them."""
+    n = x.shape[0]
+    blur = torch.rand(n, generator=gen) < 0.5
+    if blur.any():
+        k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+        kernel = (k[:, None] * k[None, :]).expand(3, 1, 5, 5)
+        x = torch.where(blur[:, None, None, None], F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), kernel, groups=3), x)
+    x = x + torch.randn(x.shape, generator=gen) * (torch.rand(n, 1, 1, 1, generator=gen) * 0.12)
+    x = x * (1 + (torch.rand(n, 3, 1, 1, generator=gen) - 0.5) * 0.2) + (torch.rand(n, 3, 1, 1, generator=gen) - 0.5) * 0.15
+    return x.clamp(-1, 1)
+
+
+def aligned_crops(images: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator, jitter: float = 0.0) -> np.ndarray:
+    """uint8 (N, 64, 64, 3) crops aligned on the eyes (+ Gaussian landmark jitter in pixels)."""
+    out = np.empty((len(images), toy_models.CROP_SIZE, toy_models.CROP_SIZE, 3), np.uint8)
+    for i, (img, lm) in enumerate(zip(images, landmarks)):
+        noise = rng.normal(0, jitter, (2, 2)) if jitter else 0
+        eyes = lm[:2] + noise
+        out[i] = toy_models.aligned_crop(img, eyes[0], eyes[1])
+    return out
+
+
+def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Supervised contrastive loss of unit embeddings z (N, D) with integer labels (N,)."""
+    logits = z @ z.T / temperature
+    self_mask = torch.eye(len(z), dtype=torch.bool)
+    logits = logits.masked_fill(self_mask, -1e9)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    return -(log_prob * positives).sum(1).div(positives.sum(1).clamp(min=1)).mean()
+
+
+def _identity_batch(ids: np.ndarray, per_identity: int, people: int, rng: np.random.Generator,
+                    views: int) -> np.ndarray:
+    """Indices of ``people`` identities × ``per_identity`` of their views (data is identity-major)."""
+    chosen = rng.choice(len(ids) // views, size=people, replace=False)
+    picks = [c * views + rng.choice(views, size=per_identity, replace=False) for c in chosen]
+    return np.concatenate(picks)
+
+
+def verification(embed: callable, heldout: dict[str, np.ndarray], views: int, rng: np.random.Generator) -> dict[str, float]:
+    """Same-vs-different verification on held-out identities: best-threshold accuracy, the
+    threshold (Euclidean distance of unit vectors), and the mean distances."""
+    crops = aligned_crops(heldout["images"], heldout["landmarks"], rng)
+    z = embed(crops)
+    ids = heldout["identity"]
+    d = torch.cdist(z, z).numpy()
+    same = ids[:, None] == ids[None, :]
+    upper = np.triu(np.ones_like(same), 1).astype(bool)
+    d_same, d_diff = d[same & upper], d[~same & upper]
+    rng_diff = rng.choice(d_diff, size=min(len(d_diff), len(d_same) * 4), replace=False)
+    thresholds = np.linspace(0, 2, 401)
+    acc = [((d_same < t).mean() + (rng_diff >= t).mean()) / 2 for t in thresholds]
+    best = int(np.argmax(acc))
+    return {"verification_accuracy": float(acc[best]), "threshold": float(thresholds[best]),
+            "mean_same_distance": float(d_same.mean()), "mean_different_distance": float(d_diff.mean()),
+            "pairs_same": int(len(d_same)), "pairs_different": int(len(d_diff))}
+
+
+# --------------------------------------------------------------------------- stage 2: instruments
+def _train_locator(train: dict, negatives: np.ndarray, plan: PretrainPlan, gen: torch.Generator,
+                   rng: np.random.Generator) -> tuple[toy_models.FaceLocator, dict]:
+    model = toy_models.FaceLocator()
+    opt = torch.optim.AdamW(model.parameters(), 2e-3, weight_decay=1e-4)
+    progress = Progress("locator", plan.instrument_steps)
+    n = len(train["images"])
+    for step in range(1, plan.instrument_steps + 1):
+        idx = rng.integers(0, n, 64)
+        neg = rng.integers(0, len(negatives), 16)
+        x = to_in = toy_models.to_input(np.concatenate([train["images"][idx], negatives[neg]]))
+        x = degrade(to_in, gen)
+        target = torch.as_tensor(train["landmarks"][idx] / 64.0)
+        points, logit = model(x)
+        present = torch.cat([torch.ones(64), torch.zeros(16)])
+        loss = F.smooth_l1_loss(points[:64], target, beta=0.02) * 10 + F.binary_cross_entropy_with_logits(logit, present)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for group in opt.param_groups:
+            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / plan.instrument_steps))
+        progress.update(step, loss=loss.item())
+    return model.eval(), {}
+
+
+def _train_identity(train: dict, plan: PretrainPlan, gen: torch.Generator, rng: np.random.Generator,
+                    steps: int, model: torch.nn.Module, embed_fn: callable, name: str) -> torch.nn.Module:
+    opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=1e-4)
+    progress = Progress(name, steps)
+    for step in range(1, steps + 1):
+        idx = _identity_batch(train["identity"], 2, 48, rng, plan.views)
+        crops = aligned_crops(train["images"][idx], train["landmarks"][idx], rng, jitter=0.8)
+        x = degrade(toy_models.to_input(crops), gen)
+        z = embed_fn(model, x)
+        loss = supcon_loss(z, torch.as_tensor(train["identity"][idx]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        progress.update(step, loss=loss.item())
+    return model.eval()
+
+
+def _train_attributes(train: dict, plan: PretrainPlan, gen: torch.Generator, rng: np.random.Generator) -> toy_models.AttributeClassifier:
+    model = toy_models.AttributeClassifier()
+    opt = torch.optim.AdamW(model.parameters(), 2e-3, weight_decay=1e-4)
+    progress = Progress("attributes", plan.instrument_steps)
+    n = len(train["images"])
+    labels = torch.as_tensor(train["attributes"])
+    for step in range(1, plan.instrument_steps + 1):
+        idx = rng.integers(0, n, 96)
+        x = degrade(toy_models.to_input(train["images"][idx]), gen)
+        logits = model(x)
+        loss = sum(F.cross_entropy(logits[a], labels[idx, k]) for k, a in enumerate(toy_models.ATTRIBUTE_NAMES))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for group in opt.param_groups:
+            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / plan.instrument_steps))
+        progress.update(step, loss=loss.item())
+    return model.eval()
+
+
+def vision_config() -> dict:
+    return dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+                image_size=64, patch_size=8, projection_dim=128)
+
+
+def _vision_embed(model, x: torch.Tensor) -> torch.Tensor:
+    # CLIP normalisation: the processor maps [0, 1] pixels with CLIP's mean/std
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    pixels = ((x + 1) / 2 - mean) / std
+    return F.normalize(model(pixel_values=pixels).image_embeds, dim=-1)
+
+
+def stage_instruments(out: Path, plan: PretrainPlan) -> None:
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    inst = out / "instruments"
+    inst.mkdir(parents=True, exist_ok=True)
+    train, heldout = load_set(out, "train"), load_set(out, "heldout")
+    negatives = load_set(out, "negatives")["images"]
+    gen = torch.Generator().manual_seed(plan.seed)
+    rng = np.random.default_rng(plan.seed)
+    credentials = json.loads((inst / "credentials.json").read_text()) if (inst / "credentials.json").exists() else {}
+
+    if not (inst / "locator.safetensors").exists():
+        torch.manual_seed(plan.seed)
+        locator, _ = _train_locator(train, negatives, plan, gen, rng)
+        with torch.no_grad():
+            pts, logit = locator(toy_models.to_input(heldout["images"]))
+            neg_logit = locator(toy_models.to_input(negatives[:500]))[1]
+        err = (pts * 64 - torch.as_tensor(heldout["landmarks"])).norm(dim=-1)
+        credentials["locator"] = {
+            "heldout_mean_landmark_error_px": float(err.mean()),
+            "heldout_eye_error_px_p95": float(err[:, :2].flatten().quantile(0.95)),
+            "face_detected_rate": float((logit > 0).float().mean()),
+            "false_face_rate_on_empty_scenes": float((neg_logit > 0).float().mean()),
+        }
+        save_file(locator.state_dict(), str(inst / "locator.safetensors"))
+        (inst / "credentials.json").write_text(json.dumps(credentials, indent=2))
+        _log(f"[locator] {credentials['locator']}")
+
+    if not (inst / "identity.safetensors").exists():
+        torch.manual_seed(plan.seed + 1)
+        encoder = _train_identity(train, plan, gen, rng, plan.instrument_steps, toy_models.IdentityEncoder(),
+                                  lambda m, x: m(x), "identity")
+        with torch.no_grad():
+            credentials["identity"] = verification(lambda c: encoder(toy_models.to_input(c)), heldout, plan.views, rng)
+        save_file(encoder.state_dict(), str(inst / "identity.safetensors"))
+        (inst / "credentials.json").write_text(json.dumps(credentials, indent=2))
+        _log(f"[identity] {credentials['identity']}")
+
+    if not (inst / "attributes.safetensors").exists():
+        torch.manual_seed(plan.seed + 2)
+        clf = _train_attributes(train, plan, gen, rng)
+        with torch.no_grad():
+            logits = clf(toy_models.to_input(heldout["images"]))
+        credentials["attributes"] = {
+            a: float((logits[a].argmax(-1) == torch.as_tensor(heldout["attributes"][:, k])).float().mean())
+            for k, a in enumerate(toy_models.ATTRIBUTE_NAMES)
+        }
+        save_file(clf.state_dict(), str(inst / "attributes.safetensors"))
+        (inst / "credentials.json").write_text(json.dumps(credentials, indent=2))
+        _log(f"[attributes] held-out accuracy {credentials['attributes']}")
+
+    enc_dir = out / "image_encoder"
+    if not (enc_dir / "model.safetensors").exists():
+        torch.manual_seed(plan.seed + 3)
+        vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision_config()))
+        vision = _train_identity(train, plan, gen, rng, plan.vision_steps, vision, _vision_embed, "image-encoder")
+        with torch.no_grad():
+            credentials["image_encoder"] = verification(lambda c: _vision_embed(vision, toy_models.to_input(c)), heldout, plan.views, rng)
+        vision.save_pretrained(str(enc_dir), safe_serialization=True)
+        CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(str(enc_dir))
+        (inst / "credentials.json").write_text(json.dumps(credentials, indent=2))
+        _log(f"[image-encoder] {credentials['image_encoder']}")
+
+
+# --------------------------------------------------------------------------- stage 3: backbone
+def vae_config() -> dict:
+    return dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+                block_out_channels=(32, 64, 64), norm_num_groups=32, mid_block_add_attention=False,
+                down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+
+
+def unet_config(cross_dim: int) -> dict:
+    return dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                block_out_channels=(32, 64, 128), norm_num_groups=32,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=cross_dim, attention_head_dim=32)
+
+
+def text_config(tokenizer) -> dict:
+    return dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+                num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, projection_dim=128)
+
+
+def _train_vae(train: dict, plan: PretrainPlan, vae_dir: Path) -> None:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(plan.seed + 4)
+    vae = AutoencoderKL(**vae_config())
+    opt = torch.optim.AdamW(vae.parameters(), 1e-3, weight_decay=0)
+    rng = np.random.default_rng(plan.seed + 4)
+    progress = Progress("vae", plan.vae_steps)
+    n = len(train["images"])
+    for step in range(1, plan.vae_steps + 1):
+        x = toy_models.to_input(train["images"][rng.integers(0, n, 12)])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / plan.vae_steps)))
+        progress.update(step, loss=loss.item())
+    vae.eval()
+    with torch.no_grad():
+        sample = toy_models.to_input(train["images"][:512])
+        z = torch.cat([vae.encode(sample[i : i + 64]).latent_dist.mean for i in range(0, 512, 64)])
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    vae.save_pretrained(str(vae_dir), safe_serialization=True)
+
+
+def _encode_all(vae, images: np.ndarray) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), 256):
+            out.append(vae.encode(toy_models.to_input(images[i : i + 256])).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+def _write_folder_files(out: Path) -> None:
+    from studio.backbone import SD15_SCHEDULER_CONFIG, TOKENIZER_DIR
+
+    tok = out / "tokenizer"
+    if not tok.exists():
+        shutil.copytree(TOKENIZER_DIR, tok)
+    sched = out / "scheduler"
+    sched.mkdir(exist_ok=True)
+    (sched / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler", **SD15_SCHEDULER_CONFIG}, indent=2))
+    (out / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None], "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }, indent=2))
+
+
+def stage_backbone(out: Path, plan: PretrainPlan) -> None:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from studio.backbone import SD15_SCHEDULER_CONFIG, load_tokenizer
+
+    train = load_set(out, "train")
+    _write_folder_files(out)
+    if not (out / "vae" / "diffusion_pytorch_model.safetensors").exists():
+        _train_vae(train, plan, out / "vae")
+    vae = AutoencoderKL.from_pretrained(str(out / "vae")).eval()
+    latents = _encode_all(vae, train["images"])
+    _log(f"[backbone] latents {tuple(latents.shape)}, std {latents.std():.3f}")
+    del vae
+
+    tokenizer = load_tokenizer()
+    torch.manual_seed(plan.seed + 5)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
+    unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size))
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, 3e-4, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
+    ckpt = out / "checkpoint"
+    step, elapsed = 0, 0.0
+    if (ckpt / "state.json").exists():
+        state = json.loads((ckpt / "state.json").read_text())
+        step, elapsed = state["step"], state["elapsed"]
+        unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
+        text_encoder.load_state_dict(load_file(str(ckpt / "text_encoder.safetensors")))
+        ema_tensors = load_file(str(ckpt / "ema.safetensors"))
+        ema = [ema_tensors[str(i)] for i in range(len(params))]
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        _log(f"[backbone] resumed at step {step} ({elapsed / 60:.1f} min done)")
+    scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
+    idents = {}
+    rng = np.random.default_rng([plan.seed, step, 6])
+    gen = torch.Generator().manual_seed(plan.seed * 7919 + step)
+    budget = plan.unet_minutes * 60
+    started = time.time() - elapsed
+    progress = Progress("unet", None, deadline=started + budget)
+    n = len(latents)
+    attr_names = list(ATTRIBUTES)
+
+    def save_checkpoint() -> None:
+        ckpt.mkdir(exist_ok=True)
+        save_file(unet.state_dict(), str(ckpt / "unet.safetensors"))
+        save_file(text_encoder.state_dict(), str(ckpt / "text_encoder.safetensors"))
+        save_file({str(i): e.contiguous() for i, e in enumerate(ema)}, str(ckpt / "ema.safetensors"))
+        torch.save(opt.state_dict(), ckpt / "optimizer.pt")
+        (ckpt / "state.json").write_text(json.dumps({"step": step, "elapsed": time.time() - started}))
+
+    losses: list[float] = []
+    unet.train()
+    text_encoder.train()
+    while time.time() - started < budget:
+        step += 1
+        idx = rng.integers(0, n, plan.unet_batch)
+        texts = []
+        for i in idx:
+            number = int(train["identity"][i])
+            ident = idents.get(number) or idents.setdefault(number, Identity.from_number(number))
+            scene = Scene(**{a: list(ATTRIBUTES[a])[int(train["attributes"][i, k])] for k, a in enumerate(attr_names)})
+            texts.append("" if rng.uniform() < 0.1 else caption(ident, scene, rng))
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        z0 = latents[idx]
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, 1000, (len(idx),), generator=gen)
+        zt = scheduler.add_noise(z0, noise, t)
+        hidden = text_encoder(ids).last_hidden_state
+        pred = unet(zt, t, hidden).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in opt.param_groups:
+            group["lr"] = 3e-4 * min(1.0, step / 200)
+        opt.step()
+        decay = min(0.998, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - decay)
+        losses.append(loss.item())
+        progress.update(step, loss=float(np.mean(losses[-50:])))
+        if step % 250 == 0:
+            save_checkpoint()
+    save_checkpoint()
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    unet.eval()
+    unet.save_pretrained(str(out / "unet"), safe_serialization=True)
+    text_encoder.to(torch.float16).save_pretrained(str(out / "text_encoder"), safe_serialization=True)
+    (out / "pretrain.json").write_text(json.dumps({"unet_steps": step, "unet_batch": plan.unet_batch,
+                                                   "minutes": (time.time() - started) / 60,
+                                                   "final_loss": float(np.mean(losses[-200:])) if losses else None,
+                                                   "plan": plan.__dict__}, indent=2))
+    _log(f"[backbone] done: {step} steps")
+
+
+def pretrain(out: Path, stages: tuple[str, ...] = STAGES, plan: PretrainPlan = PretrainPlan(), threads: int = 2) -> None:
+    """Run the named stages into ``out`` (each resumable)."""
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        t = time.time()
+        {"data": lambda: stage_data(out, plan, workers=threads), "instruments": lambda: stage_instruments(out, plan),
+         "backbone": lambda: stage_backbone(out, plan)}[stage]()
+        _log(f"[{stage}] finished in {(time.time() - t) / 60:.1f} min")

@@ -1,0 +1,108 @@
+"""The toy world's renderer, captions and prompt parser (no weights needed)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from studio.toy.world import (
+    ATTRIBUTES,
+    DEFAULT_SCENE_VALUES,
+    Identity,
+    Scene,
+    ToyPromptError,
+    caption,
+    parse_prompt,
+    random_scene,
+    render,
+    render_prompt,
+)
+
+REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def test_rendering_is_deterministic_and_identities_differ_by_features():
+    scene = Scene(setting="forest", headwear="crown", style="photo")
+    a1, a2 = np.asarray(render(100_000, scene, seed=3)), np.asarray(render(100_000, scene, seed=3))
+    assert a1.shape == (64, 64, 3) and np.array_equal(a1, a2)
+    people = [Identity.from_number(n) for n in range(100_000, 100_040)]
+    # not one colour: shapes and proportions vary between identities too
+    for name in ("face_width", "face_aspect", "eye_spacing", "eye_size", "nose_length", "mouth_width"):
+        values = [getattr(p, name) for p in people]
+        assert np.std(values) > 0.01 * np.mean(values), name
+    assert len({p.hair_style for p in people}) >= 4 and len({p.mark for p in people}) == 3
+    b = np.asarray(render(100_001, scene, seed=3))
+    assert np.abs(a1.astype(int) - b).mean() > 3
+
+
+def test_each_attribute_changes_the_picture():
+    base = Scene()
+    reference = np.asarray(render(100_002, base)).astype(int)
+    for attribute, values in ATTRIBUTES.items():
+        for value in values:
+            if value == getattr(base, attribute):
+                continue
+            changed = np.asarray(render(100_002, replace(base, **{attribute: value}))).astype(int)
+            # expressions change only the mouth and eyes: count the pixels that clearly differ
+            assert (np.abs(changed - reference).max(axis=2) > 40).sum() >= 8, (attribute, value)
+
+
+def test_landmarks_follow_the_framing_jitter():
+    scene = Scene()
+    _, centred = render(100_003, scene, with_landmarks=True)
+    moved_scene = replace(scene, dx=0.1, dy=-0.05, rotation=10.0)
+    _, moved = render(100_003, moved_scene, with_landmarks=True)
+    shift = np.array(moved.face_center) - np.array(centred.face_center)
+    assert shift == pytest.approx([6.4, -3.2], abs=0.6)
+    eyes = np.array(moved.right_eye) - np.array(moved.left_eye)
+    # the eye line turns with the head (counter-clockwise on screen = up to the right)
+    assert np.degrees(np.arctan2(-eyes[1], eyes[0])) == pytest.approx(10.0, abs=0.5)
+
+
+def test_every_caption_parses_back_to_its_scene():
+    rng = np.random.default_rng(0)
+    for number in range(200):
+        scene = random_scene(rng)
+        text = caption(Identity.from_number(number), scene, rng)
+        asked = parse_prompt(text, allow_traits=True)
+        for attribute, value in asked.items():
+            assert getattr(scene, attribute) == value, (text, attribute)
+
+
+def test_prompt_parser_reads_scenes_and_refuses_unknown_words():
+    assert parse_prompt("a photo of {} wearing sunglasses in a forest") == {
+        "style": "photo", "eyewear": "sunglasses", "setting": "forest"}
+    assert parse_prompt("an oil painting of {} with a red hat, smiling, on the beach") == {
+        "style": "oil painting", "headwear": "red hat", "expression": "smiling", "setting": "beach"}
+    with pytest.raises(ToyPromptError, match="'riding', 'dragon'"):
+        parse_prompt("a photo of {} riding a dragon")
+    with pytest.raises(ToyPromptError, match="two settings"):
+        parse_prompt("{} on a beach in a forest")
+    with pytest.raises(ToyPromptError, match="identity decides"):
+        parse_prompt("a photo of {} with red hair")
+
+
+def test_ground_truth_uses_defaults_for_what_the_prompt_leaves_out():
+    plain = np.asarray(render_prompt(100_004, "a photo of {}", seed=0))
+    explicit = np.asarray(render(100_004, replace(Scene(**DEFAULT_SCENE_VALUES)), seed=0))
+    assert plain.shape == explicit.shape
+    # same scene, only the framing jitter of the seed differs: close in colour statistics
+    assert np.abs(plain.mean(axis=(0, 1)) - explicit.mean(axis=(0, 1))).max() < 12
+
+
+def test_render_command_writes_the_ground_truth_and_refuses_unknown_words(tmp_path):
+    out = tmp_path / "x.png"
+    cmd = [sys.executable, "-m", "studio", "toy", "render", "--identity", "100005", "--seed", "2",
+           "--prompt", "a photo of {} wearing sunglasses in a forest", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(np.asarray(Image.open(out)),
+                          np.asarray(render_prompt(100_005, "a photo of {} wearing sunglasses in a forest", seed=2)))
+    bad = subprocess.run(cmd[:-4] + ["--prompt", "a photo of {} on the moon", "--out", str(tmp_path / "y.png")],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "does not know 'moon'" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "y.png").exists()
