@@ -399,8 +399,23 @@ def load_components(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     return parts
 
 
+# What the UNet may predict: the training target is ε or v; the studio has no loss for "sample".
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def check_prediction_type(scheduler_config: Any) -> None:
+    """Raise :class:`BackboneUnavailable` unless the noise schedule predicts ε or v."""
+    kind = scheduler_config.get("prediction_type", "epsilon") if hasattr(scheduler_config, "get") else "epsilon"
+    if kind not in PREDICTION_TYPES:
+        raise BackboneUnavailable(
+            f"This model's scheduler predicts {kind!r}; the studio trains only models that predict the noise "
+            f"('epsilon', as SD 1.x) or the velocity ('v_prediction'). Use an SD 1.x model with one of those."
+        )
+
+
 def assemble_backbone(source: str, parts: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Backbone:
     """Freeze and place loaded ``parts`` (the Backbone's fields) and install the attention hooks."""
+    check_prediction_type(parts["noise_scheduler"].config)
     for name in ("text_encoder", "unet", "vae", "image_encoder"):
         module = parts[name]
         if module is not None:
