@@ -220,3 +220,15 @@ def test_cgdr_weighs_only_the_background(backbone, tiny_cfg):
     steps = [e for e in Trainer(backbone, make_cfg(tiny_cfg, **{"train.cgdr_weight": 1.0}), full).run()
              if isinstance(e, TrainingStep)]
     assert all(s.cgdr_loss == 0 for s in steps)
+
+
+# --------------------------------------------------------------------------- prompts
+def test_reconstruction_prompts_are_the_textual_inversion_templates_and_tandem_prompts_are_apart():
+    from studio.prompts import TANDEM_PROMPTS
+
+    assert len(RECONSTRUCTION_TEMPLATES) == 27 == len(set(RECONSTRUCTION_TEMPLATES))
+    assert RECONSTRUCTION_TEMPLATES[0] == "a photo of a {}"
+    assert {"a photo of a dirty {}", "a photo of the weird {}", "a rendition of the {}"} <= set(RECONSTRUCTION_TEMPLATES)
+    assert all(t.count("{}") == 1 and t.endswith("{}") for t in RECONSTRUCTION_TEMPLATES)
+    assert not set(RECONSTRUCTION_TEMPLATES) & set(TANDEM_PROMPTS)
+    assert all(p.count("{}") == 1 for p in TANDEM_PROMPTS)
