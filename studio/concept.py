@@ -467,7 +467,8 @@ def describe(concept: Concept) -> str:
         )
     return (
         f"{' '.join(concept.tokens)} ({concept.super_category}), {concept.steps_done} training steps on {source}, "
-        f"band {lo}-{hi}, {bypass} image bypass, {sum(p.numel() for p in concept.mapper.parameters()) / 1e6:.2f} M parameters"
+        f"{f'band {lo}-{hi}' if concept.stage_regulation else 'no stage regulation (identity at every step)'}, "
+        f"{bypass} image bypass, {sum(p.numel() for p in concept.mapper.parameters()) / 1e6:.2f} M parameters"
     )
 
 
