@@ -241,7 +241,7 @@ class SampleConfig:
 
 @dataclass
 class FaceConfig:
-    """Face detection, alignment and masking (DESIGN.md, face stack)."""
+    """Face detection, alignment and masking (docs/FACES.md)."""
 
     # auto (insightface when its model files exist, else dlib), insightface, dlib
     backend: str = "auto"

@@ -1,4 +1,4 @@
-"""The Explore panel (issue 6): what it shows for sweep points, a real-browser 2×2 sweep on
+"""The Explore panel (docs/ALGORITHM.md, "Evaluation"): what it shows for sweep points, a real-browser 2×2 sweep on
 tiny, stopping a sweep, and its API.
 
 Browser screenshots go to test-output/browser/explore-*.png — look at them after a UI change.
