@@ -1,6 +1,6 @@
-"""Two yardsticks for the studio's training step, written from SPEC.md (not the authors' code).
+"""Two yardsticks for the studio's training step, written from docs/ALGORITHM.md (not the authors' code).
 
-* :class:`ReferenceRecipe` — the authors' released recipe as SPEC §3-§4 describe it: fp32,
+* :class:`ReferenceRecipe` — the authors' released recipe as docs/ALGORITHM.md ("Mapper", "Losses" and the table of differences) describes it: fp32,
   attention without SDPA (diffusers' classic ``AttnProcessor`` maths in the UNet, transformers'
   ``"eager"`` attention in the text encoder), VAE latents and the CLIP image embedding
   recomputed every micro-step, the text encoder run separately for the reconstruction prompt
@@ -126,7 +126,7 @@ def _fp32(module: torch.nn.Module | None) -> torch.nn.Module | None:
     return copy.deepcopy(module).float()
 
 
-# --------------------------------------------------------------------------- losses (SPEC §4)
+# --------------------------------------------------------------------------- losses (docs/ALGORITHM.md, "Losses")
 def masked_mse(target: torch.Tensor, prediction: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Σ M (ε - ε̂)² / Σ M over (B, C, h, w); mask (B, 1, h, w)."""
     mask = mask.expand_as(target)
@@ -154,7 +154,7 @@ def tandem_equilibrium(attention: torch.Tensor, input_ids: torch.Tensor, identit
 # --------------------------------------------------------------------------- the authors' recipe
 @dataclass
 class RecipeSettings:
-    """SPEC §4 hyper-parameters of the released recipe."""
+    """Hyper-parameters of the released recipe (docs/ALGORITHM.md, "Losses")."""
 
     num_tokens: int = 4
     super_category: str = "face"

@@ -98,7 +98,7 @@ SECTIONS = ("train", "recipe", "preview", "tiny")
 # Opt-in: FLOPs of one step at 512 px, untimed (minutes on a CPU; the GPU suite's train section
 # counts them at 512 px anyway). Gives the FLOP/s the recipe-time goal needs.
 EXTRA_SECTIONS = ("flops",)
-RECIPE_GOAL_S = 90.0  # the authors' full recipe on one H100 (issue 5)
+RECIPE_GOAL_S = 90.0  # the goal for the authors' full recipe (1000 optimiser steps) on one H100
 
 
 # --------------------------------------------------------------------------- measuring
@@ -169,7 +169,8 @@ class PeakMemory:
 
 @contextlib.contextmanager
 def counting_flops() -> Iterator[Any]:
-    """Count FLOPs of the block; the math SDPA kernel is forced so attention is counted (PITFALLS)."""
+    """Count FLOPs of the block; the math SDPA kernel is forced so attention is counted
+    (on CPU the flop counter misses the fused SDPA kernels)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 

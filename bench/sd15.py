@@ -2,7 +2,7 @@
 
 Same shapes and FLOPs as the released model, no download: UNet (860 M), VAE, CLIP ViT-L/14
 text encoder and a CLIP ViT-B/32 image encoder (the authors' bypass encoder). The configs are
-written out in full because the library defaults are not SD 1.5 (PITFALLS.md: the default
+written out in full because the library defaults are not SD 1.5 (diffusers 0.42: the default
 UNet has ``cross_attention_dim=1280``, the default VAE one block, the default DDPM scheduler
 ``steps_offset=0``).
 """

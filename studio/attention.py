@@ -8,10 +8,10 @@ Text encoder (transformers 5, registered attention function ``"studio"``):
   * identity-token injection: rows of the token-embedding output at placeholder positions are
     replaced by the mapper's vectors (gradients flow into the mapper only);
   * balance gamma: ``log(gamma)`` added to the attention logits of keys at identity positions
-    in the last ``layers`` layers (SPEC §5, "live tandem balance");
+    in the last ``layers`` layers (docs/ALGORITHM.md, "Generation");
   * capture: the last layer's attention probabilities, with gradients (for the TE loss).
 UNet: cross-attention takes keys from the plain text states and values from the bypassed
-ones when ``cross_attention_kwargs={"value_states": ...}`` is given (SPEC §3, image bypass).
+ones when ``cross_attention_kwargs={"value_states": ...}`` is given (docs/ALGORITHM.md, "Mapper", image bypass).
 """
 from __future__ import annotations
 

@@ -145,7 +145,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 def cpu_has_bf16_matrix_units() -> bool:
     """True on CPUs with AMX tiles (Intel Xeon 4th gen and later), where oneDNN runs bf16
     convolutions and matmuls 4-7x faster than fp32 (bench/RESULTS.md, finding 2). Elsewhere
-    bf16 kernels are emulated and slower than fp32 (PITFALLS.md, measured on Zen 3)."""
+    bf16 kernels fall back to reference code, slower than fp32 (one 3×3 conv measured 360× slower on Zen 3)."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so probe with care
     try:
         return bool(probe()) if probe is not None else False
@@ -405,8 +405,23 @@ def load_components(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     return parts
 
 
+# What the UNet may predict: the training target is ε or v; the studio has no loss for "sample".
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def check_prediction_type(scheduler_config: Any) -> None:
+    """Raise :class:`BackboneUnavailable` unless the noise schedule predicts ε or v."""
+    kind = scheduler_config.get("prediction_type", "epsilon") if hasattr(scheduler_config, "get") else "epsilon"
+    if kind not in PREDICTION_TYPES:
+        raise BackboneUnavailable(
+            f"This model's scheduler predicts {kind!r}; the studio trains only models that predict the noise "
+            f"('epsilon', as SD 1.x) or the velocity ('v_prediction'). Use an SD 1.x model with one of those."
+        )
+
+
 def assemble_backbone(source: str, parts: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Backbone:
     """Freeze and place loaded ``parts`` (the Backbone's fields) and install the attention hooks."""
+    check_prediction_type(parts["noise_scheduler"].config)
     for name in ("text_encoder", "unet", "vae", "image_encoder"):
         module = parts[name]
         if module is not None:

@@ -151,7 +151,9 @@ class _StopRequest:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from studio.concept import CHECKPOINT_FORMAT, load_training_state, read_concept_info, save_checkpoint, save_concept
+    from studio.concept import (
+        CHECKPOINT_FORMAT, describe, load_training_state, read_concept_info, save_checkpoint, save_concept,
+    )
     from studio.events import PreviewReady, RolledBack, TrainingFailed, TrainingFinished, TrainingStep
     from studio.faces import prepare
     from studio.trainer import Trainer, TrainingPhoto
@@ -204,13 +206,14 @@ def run_train(args: argparse.Namespace) -> int:
             save_checkpoint(checkpoint_path, trainer.state_dict())
 
     started, last_loss, concept, stopped = time.perf_counter(), float("nan"), None, False
+    last_cgdr = float("nan")
     with _progress(cfg.train.steps, "training") as bar, _StopRequest() as stop:
         bar.update(trainer.step)
         for event in trainer.run():
             if isinstance(event, TrainingStep):
-                last_loss = event.loss
+                last_loss, last_cgdr = event.loss, event.cgdr_loss
                 bar.update(event.step - bar.n)
-                bar.set_postfix(loss=f"{event.loss:.4f}")
+                bar.set_postfix(loss=f"{event.loss:.4f}", **({"cgdr": f"{event.cgdr_loss:.4f}"} if cfg.train.cgdr_weight else {}))
                 if event.step % args.checkpoint_every == 0:
                     save_state()
                 if stop.requested and event.step < cfg.train.steps:
@@ -237,10 +240,12 @@ def run_train(args: argparse.Namespace) -> int:
     save_concept(concept, args.out, training_state=trainer.state_dict())  # the concept alone can go on later
     seconds = time.perf_counter() - started
     size_kb = args.out.stat().st_size / 1024
+    cgdr = f" (class-guided regularization {last_cgdr:.4f})" if cfg.train.cgdr_weight else ""
     if stopped:
-        print(f"stopped at step {concept.steps_done} of {cfg.train.steps} after {seconds:.1f} s, loss {last_loss:.4f}")
+        print(f"stopped at step {concept.steps_done} of {cfg.train.steps} after {seconds:.1f} s, loss {last_loss:.4f}{cgdr}")
     else:
-        print(f"trained {concept.steps_done} steps in {seconds:.1f} s, final loss {last_loss:.4f}")
+        print(f"trained {concept.steps_done} steps in {seconds:.1f} s, final loss {last_loss:.4f}{cgdr}")
+    print(describe(concept))
     print(f"saved {args.out} ({size_kb:.0f} KB)")
     if checkpoint_path is not None:
         print(f"saved the training state to {checkpoint_path}")

@@ -1,4 +1,4 @@
-"""``python -m studio eval``: score a concept over prompts × seeds × settings (SPEC §7, issue 6).
+"""``python -m studio eval``: score a concept over prompts × seeds × settings (docs/ALGORITHM.md, "Evaluation").
 
 For every setting (generation band × tandem balance) it generates each prompt with each
 seed, scores identity against reference photos and prompt fidelity with CLIP, and writes

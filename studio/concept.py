@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from studio.mapper import IdentityMapper
+from studio.mapper import Mapper, build_mapper
 
 if TYPE_CHECKING:
     from studio.backbone import Backbone
@@ -39,11 +39,12 @@ if TYPE_CHECKING:
 class Concept:
     """A learned identity.
 
-    mapper: the trained IdentityMapper (eval mode, never modified after the snapshot).
+    mapper: the trained IdentityMapper or StaticTokenMapper (eval mode, never modified after the snapshot).
     image_embedding: (E,) CLIP image embedding of the reference photo(s) for the bypass, or None.
+    stage_regulation: False = the identity at every denoising step, whatever the generation band.
     """
 
-    mapper: IdentityMapper
+    mapper: Mapper
     super_category: str
     train_band: tuple[int, int]
     late_stage: str
@@ -51,11 +52,17 @@ class Concept:
     image_embedding: torch.Tensor | None = None
     steps_done: int = 0
     config: dict[str, Any] = field(default_factory=dict)  # the StudioConfig.to_dict() used for training
+    stage_regulation: bool = True
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def num_tokens(self) -> int:
         return self.mapper.num_tokens
+
+    @property
+    def method(self) -> str:
+        """"personamagic" or "ti" (the plain textual-inversion baseline)."""
+        return self.mapper.method
 
     @property
     def tokens(self) -> list[str]:
@@ -82,20 +89,6 @@ def _studio_version() -> str:
     return getattr(studio, "__version__", "dev")
 
 
-def _mapper_shape(mapper: IdentityMapper) -> dict[str, Any]:
-    """The constructor arguments that rebuild ``mapper`` (weights come from the tensors)."""
-    image_embed_dim = None
-    if mapper.bypass is not None:
-        image_embed_dim = mapper.bypass[0][0].in_features - mapper.time_encoding_dim
-    return {
-        "num_tokens": mapper.num_tokens,
-        "num_anchors": mapper.anchors.out_features,
-        "hidden_dim": mapper.head.in_features,
-        "time_encoding_dim": mapper.time_encoding_dim,
-        "image_embed_dim": image_embed_dim,
-    }
-
-
 def concept_to_bytes(concept: Concept, training_state: dict[str, Any] | None = None) -> bytes:
     """The concept as the bytes of a ``.safetensors`` concept file (for downloads and saving),
     with the trainer state that produced it when given (see :func:`read_training_state`)."""
@@ -117,7 +110,8 @@ def concept_to_bytes(concept: Concept, training_state: dict[str, Any] | None = N
         "super_category": concept.super_category,
         "train_band": list(concept.train_band),
         "late_stage": concept.late_stage,
-        **_mapper_shape(concept.mapper),
+        "stage_regulation": concept.stage_regulation,
+        **concept.mapper.settings(),
         "steps_done": concept.steps_done,
         "config": concept.config,
         "uid": concept.uid,
@@ -358,7 +352,10 @@ def load_concept(source: str | Path | bytes, backbone: Backbone | None = None) -
     data, name, info = _open_concept_file(source)
     if info["format"] != CONCEPT_FORMAT:
         raise ConceptFileError(f"{name} is a PersonaMagic training checkpoint, not a concept: use it to resume training.")
-    required = ("backbone", "super_category", "train_band", "late_stage", "num_tokens", "num_anchors", "hidden_dim", "time_encoding_dim")
+    required = ["backbone", "super_category", "train_band", "late_stage", "num_tokens"]
+    method = info.get("method", "personamagic")
+    if method == "personamagic":
+        required += ["num_anchors", "hidden_dim", "time_encoding_dim"]
     missing = [key for key in required if key not in info]
     if missing:
         raise ConceptFileError(f"{name} is damaged: its metadata lacks {', '.join(missing)}.")
@@ -370,14 +367,17 @@ def load_concept(source: str | Path | bytes, backbone: Backbone | None = None) -
     if "mapper.class_embedding" not in tensors:
         raise ConceptFileError(f"{name} is damaged: the tensor mapper.class_embedding is missing.")
     try:
-        mapper = IdentityMapper(
+        mapper = build_mapper(
             tensors["mapper.class_embedding"],
-            num_tokens=int(info["num_tokens"]),
+            method=method,
             band=tuple(info["train_band"]),
-            num_anchors=int(info["num_anchors"]),
-            hidden_dim=int(info["hidden_dim"]),
-            time_encoding_dim=int(info["time_encoding_dim"]),
+            num_tokens=int(info["num_tokens"]),
+            num_anchors=int(info.get("num_anchors", 0)),
+            hidden_dim=int(info.get("hidden_dim", 0)),
+            time_encoding_dim=int(info.get("time_encoding_dim", 0)),
             image_embed_dim=info.get("image_embed_dim"),
+            # Files from before the wiring was recorded used the separate branch on the encoding.
+            bypass_input=info.get("bypass_input", "encoding"),
         )
     except (ValueError, TypeError, RuntimeError) as exc:
         raise ConceptFileError(f"{name} is damaged: its mapper settings are invalid ({exc}).") from None
@@ -396,7 +396,7 @@ def load_concept(source: str | Path | bytes, backbone: Backbone | None = None) -
             )
     mapper.load_state_dict({k.removeprefix("mapper."): v for k, v in present.items()})
     image_embedding = tensors.get("image_embedding")
-    embed_dim = _mapper_shape(mapper)["image_embed_dim"]
+    embed_dim = mapper.image_embed_dim
     if image_embedding is not None and embed_dim is not None and tuple(image_embedding.shape) != (embed_dim,):
         raise ConceptFileError(
             f"{name} is damaged: its image embedding has shape {tuple(image_embedding.shape)}, expected ({embed_dim},)."
@@ -413,6 +413,7 @@ def load_concept(source: str | Path | bytes, backbone: Backbone | None = None) -
             image_embedding=None if image_embedding is None else image_embedding.to(device),
             steps_done=int(info.get("steps_done", 0)),
             config=dict(info.get("config") or {}),
+            stage_regulation=bool(info.get("stage_regulation", True)),
             # Same file -> same uid, so a re-imported concept reuses cached text conditions.
             uid=hashlib.sha256(data).hexdigest()[:32],
         )
@@ -459,9 +460,15 @@ def describe(concept: Concept) -> str:
     bypass = "with" if concept.mapper.has_bypass and concept.image_embedding is not None else "without"
     lo, hi = concept.train_band
     source = concept.backbone.get("source", "?")
+    if concept.method == "ti":
+        return (
+            f"{' '.join(concept.tokens)} ({concept.super_category}), textual-inversion baseline, {concept.steps_done} "
+            f"training steps on {source}, one static token, identity at every step"
+        )
     return (
         f"{' '.join(concept.tokens)} ({concept.super_category}), {concept.steps_done} training steps on {source}, "
-        f"band {lo}-{hi}, {bypass} image bypass, {sum(p.numel() for p in concept.mapper.parameters()) / 1e6:.2f} M parameters"
+        f"{f'band {lo}-{hi}' if concept.stage_regulation else 'no stage regulation (identity at every step)'}, "
+        f"{bypass} image bypass, {sum(p.numel() for p in concept.mapper.parameters()) / 1e6:.2f} M parameters"
     )
 
 

@@ -1,4 +1,4 @@
-"""Text conditions with identity tokens, and the per-step stage schedule (SPEC §2, §5).
+"""Text conditions with identity tokens, and the per-step stage schedule (docs/ALGORITHM.md, "Stages" and "Generation").
 
 A prompt names the person with ``{}``. It is tokenised with K identity *slots* in place of
 ``{}``; the slots get the mapper's vectors at embedding time (``studio.attention``). The
@@ -141,7 +141,7 @@ class Stage(enum.Enum):
 
 @dataclass(frozen=True)
 class StageSchedule:
-    """Which text condition each denoising timestep gets (SPEC §2)."""
+    """Which text condition each denoising timestep gets (docs/ALGORITHM.md, "Stages")."""
 
     band: tuple[int, int]
     late_stage: str = "band_edge"

@@ -76,8 +76,17 @@ class ModelConfig:
 
 @dataclass
 class ConceptConfig:
-    """Shape of the learned concept: identity tokens and the timestep mapper (SPEC §3)."""
+    """Shape of the learned concept: identity tokens and the timestep mapper (docs/ALGORITHM.md, "Mapper").
 
+    The switches ``method``, ``use_bypass``, ``bypass_input``, ``head_init``, ``late_stage`` and
+    ``stage_regulation`` (with ``train.te_weight`` and ``train.cgdr_weight``) are the ablations;
+    a concept file records them all.
+    """
+
+    # "personamagic" (timestep mapper, stages, bypass, TE) or "ti": the plain textual-inversion
+    # baseline (one static learned token, plain MSE without the mask, no MLP, no bypass, no TE,
+    # identity at every step)
+    method: str = "personamagic"
     # number of identity tokens <id1> ... <idK> that stand for the person
     num_tokens: int = 4
     # the super-category word; must be a single CLIP token
@@ -92,8 +101,15 @@ class ConceptConfig:
     use_bypass: bool = True
     # probability of zeroing the bypass per training sample
     bypass_dropout: float = 0.5
+    # what the bypass reads besides the image embedding: "trunk" = the mapper trunk's hidden output
+    # (released; its gradient also trains the trunk), "encoding" = the raw timestep encoding (a separate branch)
+    bypass_input: str = "trunk"
+    # output heads' initialisation: "default" = torch's layer init (released), "zero" = start as the plain word
+    head_init: str = "default"
     # identity used after the band (t < start): "band_edge" = MLP(start) (authors), "super_category"
     late_stage: str = "band_edge"
+    # stage regulation: off = identity at every denoising step, and training t over the whole 0..999 range
+    stage_regulation: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_tokens <= 16:
@@ -105,11 +121,24 @@ class ConceptConfig:
         if not 0.0 <= self.bypass_dropout <= 1.0:
             raise ConfigError(f"concept.bypass_dropout must be in [0, 1], got {self.bypass_dropout}")
         _one_of(self.late_stage, ("band_edge", "super_category"), "concept.late_stage")
+        _one_of(self.method, ("personamagic", "ti"), "concept.method")
+        _one_of(self.bypass_input, ("trunk", "encoding"), "concept.bypass_input")
+        _one_of(self.head_init, ("default", "zero"), "concept.head_init")
+
+    @property
+    def is_ti(self) -> bool:
+        """The plain textual-inversion baseline."""
+        return self.method == "ti"
+
+    @property
+    def stage_regulated(self) -> bool:
+        """Whether the stage table applies (never for the textual-inversion baseline)."""
+        return self.stage_regulation and not self.is_ti
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation of the mapper (SPEC §4)."""
+    """Optimisation of the mapper (docs/ALGORITHM.md, "Losses")."""
 
     # optimiser steps (each of grad_accum micro-steps of batch_size photos)
     steps: int = 1000
@@ -119,7 +148,7 @@ class TrainConfig:
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-2
-    # timesteps sampled during training: uniform in [band[0], band[1])
+    # timesteps sampled during training: uniform in [band[0], band[1]) (0..999 without stage regulation)
     band: list[int] = field(default_factory=lambda: [400, 800])
     # weight lambda of the Tandem Equilibrium loss
     te_weight: float = 1e-3
@@ -127,6 +156,9 @@ class TrainConfig:
     te_balance: float = 0.5
     # softmax temperature tau of the TE loss
     te_temperature: float = 100.0
+    # weight of Face2Diffusion's class-guided denoising regularization outside the face mask (0 = off;
+    # one extra no-grad UNet pass per micro-step)
+    cgdr_weight: float = 0.0
     # image side in pixels fed to the VAE
     resolution: int = 512
     # autocast dtype on GPU: auto (bf16 if supported, else fp16), no, bf16, fp16; off on CPU, where the weights' dtype rules
@@ -136,8 +168,8 @@ class TrainConfig:
     preview_every: int = 100
     # keep a rollback snapshot every N steps (NaN recovery)
     snapshot_every: int = 25
-    # clip gradient norm (0 disables)
-    max_grad_norm: float = 1.0
+    # clip the gradient norm at this value (0 = off, as the released recipe)
+    max_grad_norm: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "resolution"):
@@ -154,6 +186,10 @@ class TrainConfig:
             raise ConfigError(f"train.te_balance must be in [0, 1], got {self.te_balance}")
         if self.te_weight < 0:
             raise ConfigError(f"train.te_weight must be >= 0, got {self.te_weight}")
+        if self.cgdr_weight < 0:
+            raise ConfigError(f"train.cgdr_weight must be >= 0, got {self.cgdr_weight}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"train.max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
         _one_of(self.mixed_precision, ("auto", "no", "bf16", "fp16"), "train.mixed_precision")
         if self.preview_every < 0 or self.snapshot_every < 1:
             raise ConfigError("train.preview_every must be >= 0 and train.snapshot_every >= 1")
@@ -161,7 +197,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    """Stage-regulated generation and the studio's previews (SPEC §5)."""
+    """Stage-regulated generation and the studio's previews (docs/ALGORITHM.md, "Generation")."""
 
     # denoising steps for generation
     steps: int = 50
@@ -205,7 +241,7 @@ class SampleConfig:
 
 @dataclass
 class FaceConfig:
-    """Face detection, alignment and masking (DESIGN.md, face stack)."""
+    """Face detection, alignment and masking (docs/FACES.md)."""
 
     # auto (insightface when its model files exist, else dlib), insightface, dlib, toy (the toy world's portraits)
     backend: str = "auto"
@@ -261,6 +297,13 @@ class StudioConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     face: FaceConfig = field(default_factory=FaceConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @property
+    def training_band(self) -> tuple[int, int]:
+        """Timesteps training samples from: ``train.band``, or all of 0..999 without stage regulation."""
+        if not self.concept.stage_regulated:
+            return 0, NUM_TRAIN_TIMESTEPS
+        return check_band(self.train.band, "train.band")
 
     @property
     def image_size(self) -> int:

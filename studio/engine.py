@@ -59,6 +59,7 @@ class LossPoint:
     rec_loss: float
     te_loss: float
     attention_balance: float | None = None
+    cgdr_loss: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -401,7 +402,9 @@ class Engine:
             if isinstance(event, TrainingStep):
                 self._step_times.append(event.seconds)
                 rate = len(self._step_times) / max(sum(self._step_times), 1e-9)
-                point = LossPoint(event.step, event.loss, event.rec_loss, event.te_loss, event.attention_balance)
+                point = LossPoint(
+                    event.step, event.loss, event.rec_loss, event.te_loss, event.attention_balance, event.cgdr_loss
+                )
                 self._publish(
                     step=event.step, total=event.total, losses=self._snapshot.losses + (point,),
                     steps_per_second=rate, eta_seconds=(event.total - event.step) / rate,

@@ -17,12 +17,13 @@ class TrainingStep:
 
     step: int
     total: int
-    loss: float  # rec_loss + te_weight * te_loss
+    loss: float  # rec_loss + te_weight * te_loss + cgdr_weight * cgdr_loss
     rec_loss: float
     te_loss: float
     lr: float
     seconds: float  # wall time of this step
     attention_balance: float | None = None  # ā of the TE term: identity's share vs the top other token
+    cgdr_loss: float = 0.0  # class-guided denoising regularization outside the face (0 when off)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Face preparation: load a photo safely, find the face, align a square crop, build a soft
-face mask and an identity embedding (DESIGN.md, "Face stack" and "Bad input").
+face mask and an identity embedding (docs/FACES.md).
 
 Two backends share one small interface, :class:`FaceAnalyzer`:
 

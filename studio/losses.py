@@ -1,4 +1,4 @@
-"""Training losses (SPEC §4): masked reconstruction and Tandem Equilibrium."""
+"""Training losses (docs/ALGORITHM.md, "Losses"): masked reconstruction and Tandem Equilibrium."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,18 +7,22 @@ import torch
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ M·(ε − ε̂)² / Σ M over the whole batch, in fp32.
+    """Σ M·(ε − ε̂)² / Σ M per sample, then the mean over the batch, in fp32.
+
+    Each photo weighs the same whatever the size of its face: a pooled Σ over the whole batch
+    would let photos with larger masks dominate.
 
     Args:
         pred, target: (B, C, h, w) predicted and true noise (or velocity).
-        mask: (B, 1, h, w) soft face mask in [0, 1], broadcast over channels.
+        mask: (B, 1, h, w) soft weights in [0, 1], broadcast over channels.
     Returns:
-        scalar loss; 0 (with gradient) when the mask is empty instead of a division by zero.
+        scalar loss; a sample with an empty mask adds 0 (with gradient) instead of a division by zero.
     """
     weights = mask.float().expand_as(pred)
     squared = (pred.float() - target.float()).pow(2)
-    # An all-zero mask would divide 0 by 0; clamping keeps the result 0 and the graph intact.
-    return (weights * squared).sum() / weights.sum().clamp_min(1e-8)
+    per_sample = (weights * squared).flatten(1).sum(dim=1) / weights.flatten(1).sum(dim=1).clamp_min(1e-8)  # (B,)
+    # An all-zero mask would divide 0 by 0; clamping keeps that sample 0 and the graph intact.
+    return per_sample.mean()
 
 
 def prompt_lengths(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -34,8 +38,9 @@ def prompt_lengths(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
 class TandemTerms:
     """Result of :class:`TandemEquilibriumLoss`.
 
-    loss: scalar, mean over rows of (ā − β)².
-    balance: (B,) ā per row: how often the identity token out-draws the strongest other word.
+    loss: scalar, mean over prompts of (ā − β)².
+    balance: (B,) ā per prompt: how often the identity token out-draws the strongest other word,
+        over the query rows that can see both.
     subject, other: (B,) key positions s (identity) and o (strongest non-identity word).
     """
 
@@ -46,7 +51,7 @@ class TandemTerms:
 
 
 class TandemEquilibriumLoss:
-    """Keep the identity tokens from dominating the text encoder's self-attention (SPEC §4).
+    """Keep the identity tokens from dominating the text encoder's self-attention (docs/ALGORITHM.md).
 
     Per prompt row: s = the identity token receiving the most attention (summed over heads and
     the queries below), o = the non-identity word receiving the most. Per head and query,
@@ -54,13 +59,16 @@ class TandemEquilibriumLoss:
     paper's −ā(1 − ā) shifted by ¼.
 
     Choices:
-      * Queries are the rows from the first identity token to EOS: the encoder is causal, so
-        earlier rows cannot see the identity tokens at all (PITFALLS), and padding rows are
-        not part of the prompt.
-      * o never is the BOS token: CLIP dumps most attention onto BOS as a sink, so it would
-        win nearly every time while carrying no meaning that a scene word could lose.
-      * Padding keys (after EOS) are excluded; EOS itself is a candidate for o, as a real token
-        of the prompt.
+      * s and o are chosen by the attention they receive from the rows at or after the first
+        identity token (earlier rows cannot see the identity tokens: the encoder is causal).
+      * o never is BOS (CLIP dumps most attention onto BOS as a sink, so it would win nearly
+        every time while carrying no meaning a scene word could lose), never EOS and never a
+        padding token: it is a word of the prompt.
+      * ā averages only the query rows that can attend to both s and o (causal: q >= max(s, o),
+        up to and including EOS). A row that sees only s gives p >= ½ whatever the balance and
+        would bias ā upwards (docs/ALGORITHM.md, "Tandem Equilibrium"). The trainer reports
+        this ā as the "identity attention share", so the number shown and the loss agree.
+      * A prompt without any other word (no candidate for o) gives ā = β and no loss.
     """
 
     def __init__(self, balance_target: float = 0.5, temperature: float = 100.0) -> None:
@@ -77,13 +85,17 @@ class TandemEquilibriumLoss:
         positions = torch.arange(length, device=attention.device)
         real = positions[None, :] < lengths.to(attention.device)[:, None]  # (B, L)
         first_identity = identity_mask.int().argmax(dim=1)  # (B,) first True
-        queries = real & (positions[None, :] >= first_identity[:, None])  # (B, L)
+        seeing_identity = real & (positions[None, :] >= first_identity[:, None])  # (B, L)
 
         with torch.no_grad():  # s and o are choices, not differentiated through
-            received = torch.einsum("bhqk,bq->bk", attention, queries.float())  # (B, L)
-            others = real & ~identity_mask & (positions[None, :] > 0)
+            received = torch.einsum("bhqk,bq->bk", attention, seeing_identity.float())  # (B, L)
+            last_word = lengths.to(attention.device)[:, None] - 1  # EOS position
+            others = real & ~identity_mask & (positions[None, :] > 0) & (positions[None, :] < last_word)
             subject = received.masked_fill(~identity_mask, float("-inf")).argmax(dim=1)
             other = received.masked_fill(~others, float("-inf")).argmax(dim=1)
+            has_other = others.any(dim=1)  # (B,)
+            # Rows that can see both s and o (causal), within the prompt.
+            queries = real & (positions[None, :] >= torch.maximum(subject, other)[:, None]) & has_other[:, None]
 
         rows = torch.arange(batch, device=attention.device)
         to_subject = attention[rows, :, :, subject]  # (B, H, L): every query's weight on s
@@ -91,6 +103,8 @@ class TandemEquilibriumLoss:
         pair = self.temperature * torch.stack([to_subject, to_other], dim=-1)
         p = torch.softmax(pair, dim=-1)[..., 0]  # (B, H, L)
         weights = queries[:, None, :].float().expand_as(p)
-        balance = (p * weights).sum(dim=(1, 2)) / weights.sum(dim=(1, 2))  # (B,)
+        counted = weights.sum(dim=(1, 2))
+        balance = (p * weights).sum(dim=(1, 2)) / counted.clamp_min(1.0)  # (B,)
+        balance = torch.where(has_other, balance, torch.full_like(balance, self.balance_target))
         loss = (balance - self.balance_target).pow(2).mean()
         return TandemTerms(loss=loss, balance=balance, subject=subject, other=other)

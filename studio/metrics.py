@@ -1,4 +1,4 @@
-"""Identity and prompt scores of generated images (SPEC §7), each naming the model behind it.
+"""Identity and prompt scores of generated images (docs/ALGORITHM.md, "Evaluation"), each naming the model behind it.
 
 - **Identity**: the face backend's similarity (``studio.faces``; dlib or insightface) between
   the largest face in the image and each reference photo, averaged over the references.

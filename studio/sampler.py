@@ -1,4 +1,4 @@
-"""Stage-regulated generation with a learned concept (SPEC §2, §5), shaped like a diffusers pipeline.
+"""Stage-regulated generation with a learned concept (docs/ALGORITHM.md, "Stages" and "Generation"), shaped like a diffusers pipeline.
 
 Each denoising step ``t`` gets its text condition from the stage table: early steps (t above
 the band) see the prompt with the super-category word, steps inside the band the identity
@@ -40,7 +40,7 @@ from studio.conditioning import (
     super_category_id,
     tokenize,
 )
-from studio.config import DEFAULT_NEGATIVE_PROMPT, check_band
+from studio.config import DEFAULT_NEGATIVE_PROMPT, NUM_TRAIN_TIMESTEPS, check_band
 
 # The word that stands in for {} when there is no concept (plain Stable Diffusion baseline).
 DEFAULT_SUPER_CATEGORY = "face"
@@ -275,8 +275,11 @@ class Sampler:
         timesteps = noise_scheduler.timesteps
         total = len(timesteps)
 
-        # 2. Which text condition each step gets (stage table), then all of them at once.
+        # 2. Which text condition each step gets (stage table), then all of them at once. A
+        #    concept trained without stage regulation (or the TI baseline) is used at every step.
         late_stage = concept.late_stage if concept is not None else "super_category"
+        if concept is not None and not concept.stage_regulation:
+            band = (0, NUM_TRAIN_TIMESTEPS)
         mapper_ts = [step.mapper_timestep if concept is not None else None for step in _plan(timesteps, band, late_stage)]
         rows = self._text_conditions(concept, prompts, negative_prompt if do_cfg else None, mapper_ts, balance, balance_layers)
 

@@ -1,4 +1,4 @@
-"""Parameter sweeps over the generation band and the tandem balance, scored (issue 6).
+"""Parameter sweeps over the generation band and the tandem balance, scored (docs/ALGORITHM.md, "Evaluation").
 
 Used by the studio's Explore panel and by ``python -m studio eval``: each setting
 (band, balance) generates the same prompts and seeds, and is scored for identity and

@@ -1,4 +1,4 @@
-"""The training loop (SPEC §4): no threads, no UI, no printing; it emits typed events.
+"""The training loop (docs/ALGORITHM.md, "Losses"): no threads, no UI, no printing; it emits typed events.
 
 A :class:`Trainer` owns one mapper, its optimiser and its random streams. Everything that does
 not change during training (VAE latents, masks, the image embedding, tokenised prompts) is
@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageOps
 
-from studio.backbone import Backbone, seeded_init
+from studio.backbone import Backbone, check_prediction_type, seeded_init
 from studio.concept import Concept
 from studio.conditioning import encode_text, super_category_id, tokenize
 from studio.config import StudioConfig, check_band
 from studio.events import PreviewReady, RolledBack, TrainingEvent, TrainingFailed, TrainingFinished, TrainingStep
 from studio.losses import TandemEquilibriumLoss, masked_mse, prompt_lengths
-from studio.mapper import IdentityMapper
+from studio.mapper import build_mapper
 from studio.prompts import RECONSTRUCTION_TEMPLATES, TANDEM_PROMPTS
 
 # Consecutive rollbacks after which training gives up (the learning rate is too high).
@@ -102,6 +102,7 @@ class _MicroStep:
     loss: torch.Tensor
     rec_loss: torch.Tensor
     te_loss: torch.Tensor
+    cgdr_loss: torch.Tensor
     balance: torch.Tensor
 
 
@@ -189,7 +190,7 @@ def _clone_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------- trainer
 class Trainer:
-    """Train an :class:`IdentityMapper` on photos of one person with a frozen backbone.
+    """Train a mapper (:mod:`studio.mapper`) on photos of one person with a frozen backbone.
 
     Attributes: ``step`` (optimiser steps done), ``total`` (``cfg.train.steps``), ``mapper``,
     ``last_balance`` (ā of the TE term in the last step), ``preview_band`` / ``preview_balance``
@@ -205,6 +206,7 @@ class Trainer:
         sampler: PreviewSampler | None = None,
     ) -> None:
         self.backbone, self.cfg, self.sampler = backbone, cfg, sampler
+        check_prediction_type(backbone.noise_scheduler.config)
         self._init_photos(photos)
         self._init_tokens()
         self._init_randomness()
@@ -224,7 +226,10 @@ class Trainer:
 
     def _init_tokens(self) -> None:
         tokenizer = self.backbone.tokenizer
-        self.super_category = self.cfg.concept.super_category.strip()
+        concept = self.cfg.concept
+        # The textual-inversion baseline learns one static token.
+        self.num_tokens = 1 if concept.is_ti else concept.num_tokens
+        self.super_category = concept.super_category.strip()
         self.slot_id = super_category_id(tokenizer, self.super_category)  # PromptError if not one token
         self.class_embedding = self.backbone.text_encoder.get_input_embeddings().weight[self.slot_id].detach().float()
 
@@ -237,17 +242,21 @@ class Trainer:
     def _init_mapper(self) -> None:
         concept = self.cfg.concept
         has_image_encoder = self.backbone.image_encoder is not None
-        self.use_bypass = concept.use_bypass and has_image_encoder
+        self.use_bypass = concept.use_bypass and has_image_encoder and not concept.is_ti
+        self.band = self.cfg.training_band  # 0..999 without stage regulation
         # The same train.seed gives the same start; layers are built on the CPU, then moved.
         with seeded_init(self.cfg.train.seed):
-            self.mapper = IdentityMapper(
+            self.mapper = build_mapper(
                 self.class_embedding,
-                num_tokens=concept.num_tokens,
-                band=tuple(self.cfg.train.band),
+                method=concept.method,
+                band=self.band,
+                num_tokens=self.num_tokens,
                 num_anchors=concept.num_anchors,
                 hidden_dim=concept.hidden_dim,
                 time_encoding_dim=concept.time_encoding_dim,
                 image_embed_dim=self.backbone.image_embed_dim if self.use_bypass else None,
+                bypass_input=concept.bypass_input,
+                head_init=concept.head_init,
             )
         self.mapper.to(self.backbone.device, torch.float32).train()
 
@@ -262,7 +271,8 @@ class Trainer:
         )
 
     def _init_precision(self) -> None:
-        """Autocast dtype on CUDA only: CPU bf16/fp16 kernels are reference-slow (PITFALLS)."""
+        """Autocast dtype on CUDA only: on CPUs without AMX, bf16/fp16 convolutions fall back to
+        reference kernels (one 3×3 conv measured 360× slower than fp32 on a Zen 3 CPU)."""
         choice = self.cfg.train.mixed_precision
         self.autocast_dtype: torch.dtype | None = None
         if self.backbone.device.type == "cuda" and choice != "no":
@@ -277,7 +287,10 @@ class Trainer:
         return torch.autocast(device_type=self.backbone.device.type, dtype=self.autocast_dtype)
 
     def _init_latents(self) -> None:
-        """VAE latents (N, 4, h, w) and latent-size masks (N, 1, h, w) of the photos, once."""
+        """VAE latents (N, 4, h, w) and latent-size face masks (N, 1, h, w) of the photos, once.
+
+        ``rec_weights`` weigh the reconstruction loss: the face masks, or ones for the
+        textual-inversion baseline (plain MSE)."""
         self.latents = self._encode_latents(self.photos)
         side = self.latents.shape[-1]
         masks = []
@@ -288,6 +301,7 @@ class Trainer:
                 full = torch.from_numpy(np.asarray(photo.mask, dtype=np.float32))[None, None]
                 masks.append(F.interpolate(full, size=(side, side), mode="area"))  # soft edges survive
         self.masks = torch.cat(masks).to(self.backbone.device)
+        self.rec_weights = torch.ones_like(self.masks) if self.cfg.concept.is_ti else self.masks
 
     @torch.no_grad()
     def _encode_latents(self, photos: Sequence[TrainingPhoto]) -> torch.Tensor:
@@ -318,9 +332,11 @@ class Trainer:
 
     def _init_prompts(self) -> None:
         """Tokenise every template once; each step indexes rows."""
-        tokenizer, device, k = self.backbone.tokenizer, self.backbone.device, self.cfg.concept.num_tokens
+        tokenizer, device, k = self.backbone.tokenizer, self.backbone.device, self.num_tokens
         ids, mask = tokenize(tokenizer, list(RECONSTRUCTION_TEMPLATES), k, self.slot_id)
         self.rec_ids, self.rec_mask = ids.to(device), mask.to(device)
+        # The same templates with the super-category word for {}: the class prompts of CGDR.
+        self.class_ids = tokenize(tokenizer, list(RECONSTRUCTION_TEMPLATES), 0, self.slot_id)[0].to(device)
         ids, mask = tokenize(tokenizer, list(TANDEM_PROMPTS), k, self.slot_id)
         self.te_ids, self.te_mask = ids.to(device), mask.to(device)
         self.te_lengths = prompt_lengths(self.te_ids, tokenizer.eos_token_id)
@@ -433,11 +449,13 @@ class Trainer:
         train = self.cfg.train
         for _ in range(MAX_SCALER_SKIPS):
             self.optimizer.zero_grad(set_to_none=True)
-            totals = {"loss": 0.0, "rec_loss": 0.0, "te_loss": 0.0, "balance": 0.0}
+            totals = {"loss": 0.0, "rec_loss": 0.0, "te_loss": 0.0, "cgdr_loss": 0.0, "balance": 0.0}
             for _ in range(train.grad_accum):
                 micro = self._micro_step()
                 # One device-to-host copy per micro-step: the logged values, loss first.
-                logged = torch.stack([micro.loss.detach(), micro.rec_loss, micro.te_loss, micro.balance]).tolist()
+                logged = torch.stack(
+                    [micro.loss.detach(), micro.rec_loss, micro.te_loss, micro.cgdr_loss, micro.balance]
+                ).tolist()
                 if not math.isfinite(logged[0]):
                     return self._roll_back("the loss was not a finite number")
                 loss = micro.loss / train.grad_accum
@@ -475,20 +493,22 @@ class Trainer:
             loss=totals["loss"],
             rec_loss=totals["rec_loss"],
             te_loss=totals["te_loss"],
+            cgdr_loss=totals["cgdr_loss"],
             lr=self.optimizer.param_groups[0]["lr"],
             seconds=time.perf_counter() - started,
             attention_balance=totals["balance"],
         )
 
     def _micro_step(self) -> _MicroStep:
-        """Forward one micro-batch of ``batch_size`` samples: L = L_rec + λ·L_TE (SPEC §4)."""
+        """Forward one micro-batch of ``batch_size`` samples:
+        L = L_rec + λ_TE·L_TE + λ_CGDR·L_CGDR (docs/ALGORITHM.md, "Losses")."""
         backbone, train, device = self.backbone, self.cfg.train, self.backbone.device
         batch = train.batch_size
         # 1. Sample photos and prompts (python RNG), timesteps, noise and bypass dropout (torch).
         photo_idx = torch.tensor([self.rng.randrange(len(self.photos)) for _ in range(batch)], device=device)
         rec_idx = torch.tensor([self.rng.randrange(len(RECONSTRUCTION_TEMPLATES)) for _ in range(batch)], device=device)
         te_idx = torch.tensor([self.rng.randrange(len(TANDEM_PROMPTS)) for _ in range(batch)], device=device)
-        lo, hi = train.band
+        lo, hi = self.band
         timesteps = torch.randint(lo, hi, (batch,), generator=self.generator, device=device)
         latents, masks = self.latents[photo_idx], self.masks[photo_idx]
         noise = torch.randn(latents.shape, generator=self.generator, device=device, dtype=latents.dtype)
@@ -524,15 +544,37 @@ class Trainer:
                 encoder_hidden_states=states.hidden[:batch],
                 cross_attention_kwargs=kwargs,
             ).sample
+            # 5. CGDR: the frozen model's prediction for the class prompt, without gradient.
+            class_pred = self._class_prediction(noisy, timesteps, rec_idx) if train.cgdr_weight > 0 else None
         if backbone.noise_scheduler.config.prediction_type == "v_prediction":
             target = backbone.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        rec_loss = masked_mse(pred, target, masks)
-        # 5. Tandem Equilibrium on the TE rows' last-layer self-attention.
+        rec_loss = masked_mse(pred, target, self.rec_weights[photo_idx])
+        loss = rec_loss
+        # 6. Tandem Equilibrium on the TE rows' last-layer self-attention (logged for TI too, never trained).
         tandem = self.tandem(states.attention[batch:], self.te_mask[te_idx], self.te_lengths[te_idx])
-        loss = rec_loss + train.te_weight * tandem.loss if train.te_weight > 0 else rec_loss
-        return _MicroStep(loss=loss, rec_loss=rec_loss.detach(), te_loss=tandem.loss.detach(), balance=tandem.balance.detach().mean())
+        if train.te_weight > 0 and not self.cfg.concept.is_ti:
+            loss = loss + train.te_weight * tandem.loss
+        # 7. Outside the face, the prediction should match the class prompt's (Face2Diffusion).
+        cgdr_loss = torch.zeros((), device=device)
+        if class_pred is not None:
+            cgdr_loss = masked_mse(pred, class_pred, 1.0 - masks)
+            loss = loss + train.cgdr_weight * cgdr_loss
+        return _MicroStep(
+            loss=loss, rec_loss=rec_loss.detach(), te_loss=tandem.loss.detach(), cgdr_loss=cgdr_loss.detach(),
+            balance=tandem.balance.detach().mean(),
+        )
+
+    @torch.no_grad()
+    def _class_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, rec_idx: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) sg[ε̂(z_t, t, c_class)]: the same templates with the super-category word
+        in place of the identity tokens; one extra UNet pass, no graph."""
+        backbone = self.backbone
+        class_states = encode_text(backbone, self.class_ids[rec_idx])
+        return backbone.unet(
+            noisy.to(backbone.unet.dtype), timesteps, encoder_hidden_states=class_states.hidden
+        ).sample.float()
 
     # ------------------------------------------------------------------ rollback
     def _take_snapshot(self) -> None:
@@ -566,12 +608,13 @@ class Trainer:
         concept = Concept(
             mapper=mapper,
             super_category=self.super_category,
-            train_band=tuple(self.cfg.train.band),
+            train_band=self.band,
             late_stage=self.cfg.concept.late_stage,
             backbone=self.backbone.fingerprint(),
             image_embedding=None if self.image_embedding is None else self.image_embedding.detach().clone(),
             steps_done=self.step,
             config=self.cfg.to_dict(),
+            stage_regulation=self.cfg.concept.stage_regulated,
         )
         self._concept_cache = (self._weights_version, concept)
         return concept

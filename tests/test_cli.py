@@ -213,3 +213,49 @@ def test_a_missing_subcommand_module_is_explained(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "studio.cli_eval", None)  # makes `import studio.cli_eval` fail
     assert main(["eval", "--anything"]) == 2
     assert "the 'eval' command is not available in this installation" in _error_line(capsys)
+
+
+# --------------------------------------------------------------------------- ablations end to end
+@pytest.mark.parametrize(
+    "setting, check",
+    [
+        ("train.cgdr_weight=0.5", lambda c: c.config["train"]["cgdr_weight"] == 0.5 and c.method == "personamagic"),
+        ("concept.method=ti", lambda c: c.method == "ti" and c.num_tokens == 1 and not c.stage_regulation),
+    ],
+    ids=["cgdr", "ti"],
+)
+def test_an_ablation_trains_generates_exports_imports_and_evaluates(setting, check, faces_dir, tmp_path, capsys):
+    from studio.cli_eval import main as eval_main
+    from studio.config import load_preset
+    from studio.engine import Engine
+
+    photo = faces_dir / "single" / "f2d_0.jpg"
+    trained = tmp_path / "trained.safetensors"
+    assert main(["train", "--preset", "tiny", "--image", str(photo), "--steps", "3", "--set", setting,
+                 "--out", str(trained)]) == 0
+    out = capsys.readouterr().out
+    assert "trained 3 steps" in out
+    assert ("class-guided regularization" in out) == setting.startswith("train.cgdr")
+    assert check(load_concept(trained))
+
+    image = tmp_path / "me.png"
+    assert main(["generate", "--preset", "tiny", "--concept", str(trained), "--prompt", "{} on the beach",
+                 "--out", str(image), "--steps", "2"]) == 0
+    assert image.is_file()
+
+    engine = Engine(load_preset("tiny"), session_id=f"cli-{setting}")
+    try:
+        engine.import_concept(str(trained))
+        exported = engine.export_concept(tmp_path / "exported.safetensors")
+        assert check(engine.current_concept())
+    finally:
+        engine.close()
+    reimported = load_concept(exported)
+    assert check(reimported)
+    for key, value in load_concept(trained).mapper.state_dict().items():
+        assert torch.equal(value, reimported.mapper.state_dict()[key]), key
+
+    capsys.readouterr()
+    assert eval_main(["--preset", "tiny", "--concept", str(exported), "--seeds", "0", "--steps", "1",
+                      "--reference", str(photo), "--out", str(tmp_path / "eval")]) == 0
+    assert (tmp_path / "eval" / "scores.csv").is_file()

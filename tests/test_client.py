@@ -15,8 +15,8 @@ def _client(url: str) -> Client:
 
 
 def _train_args(steps: int, seed: int, preview_every: int = 2) -> list:
-    # steps, lr, batch, seed, train band, te weight, te target, preview every, live band, balance
-    return [steps, 3e-3, 1, seed, 200, 900, 1e-3, 0.5, preview_every, 400, 800, 1.0]
+    # steps, lr, batch, seed, train band, te weight, te target, preview every, cgdr weight, live band, balance
+    return [steps, 3e-3, 1, seed, 200, 900, 1e-3, 0.5, preview_every, 0.0, 400, 800, 1.0]
 
 
 def _step_of(status: str) -> int | None:
@@ -161,3 +161,14 @@ def test_a_real_preset_without_weights_fails_plainly_and_switching_back_works(st
         client.predict("tiny", api_name="/preset")
         status = client.predict(*_train_args(steps=2, seed=0, preview_every=0), api_name="/train")[0]
         assert "Finished" in status
+
+
+def test_the_class_guided_regularization_slider_reaches_the_trained_concept(studio_app, photo):
+    from studio.concept import load_concept
+
+    with _client_with_photo(studio_app[1], photo) as client:
+        args = _train_args(steps=2, seed=0, preview_every=0)
+        args[9] = 0.5  # the Advanced settings slider
+        assert "Finished" in client.predict(*args, api_name="/train")[0]
+        path, _message = client.predict(api_name="/export")
+        assert load_concept(path).config["train"]["cgdr_weight"] == 0.5

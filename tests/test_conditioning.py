@@ -54,9 +54,9 @@ def _mapper(backbone, slot, seed=0):
     return mapper
 
 
-def test_an_untrained_mapper_says_exactly_the_super_category_word(backbone, slot):
+def test_an_untrained_zero_head_mapper_says_exactly_the_super_category_word(backbone, slot):
     word = backbone.text_encoder.get_input_embeddings().weight[slot].detach()
-    mapper = IdentityMapper(word, 4, (400, 800), 16, 16, 64, None)
+    mapper = IdentityMapper(word, 4, (400, 800), 16, 16, 64, None, head_init="zero")
     out = mapper(torch.tensor([400, 650, 800]))
     assert out.shape == (3, 4, word.shape[0])
     assert torch.allclose(out, word.expand_as(out), atol=1e-6)

@@ -1,4 +1,4 @@
-"""The Explore panel (issue 6): what it shows for sweep points, a real-browser 2×2 sweep on
+"""The Explore panel (docs/ALGORITHM.md, "Evaluation"): what it shows for sweep points, a real-browser 2×2 sweep on
 tiny, stopping a sweep, and its API.
 
 Browser screenshots go to test-output/browser/explore-*.png — look at them after a UI change.
@@ -159,7 +159,7 @@ def test_the_api_runs_a_sweep_once_there_is_a_concept_and_adopts_one_of_its_sett
 
         client.predict([handle_file(str(faces_dir / "single" / "f2d_1.jpg"))], api_name="/photos")
         # steps, lr, batch, seed, training band, te weight, te target, preview every, live band, balance
-        client.predict(2, 3e-3, 1, 0, 200, 900, 1e-3, 0.5, 0, 400, 800, 1.0, api_name="/train")
+        client.predict(2, 3e-3, 1, 0, 200, 900, 1e-3, 0.5, 0, 0.0, 400, 800, 1.0, api_name="/train")
         progress, _plot, _summary, table, gallery, pick, grid, _adopted = client.predict(
             ["300,700"], [0.5, 2.0], "a photo of {}\nan oil painting of {}", "0 1", 2, **sweep
         )

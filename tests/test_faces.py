@@ -1,5 +1,5 @@
 """Face preparation (studio.faces): real photos from shared/data/faces, and every kind of bad
-photo from DESIGN.md "Bad input", built here with PIL so nothing is stored in the repo.
+photo from docs/FACES.md "Bad input", built here with PIL so nothing is stored in the repo.
 
 All offline on the dlib backend; each photo is prepared once per module.
 """

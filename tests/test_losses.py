@@ -1,4 +1,4 @@
-"""Masked reconstruction and Tandem Equilibrium losses (SPEC §4)."""
+"""Masked reconstruction and Tandem Equilibrium losses (docs/ALGORITHM.md, "Losses")."""
 from __future__ import annotations
 
 import math
@@ -23,12 +23,32 @@ def test_masked_mse_counts_only_masked_pixels():
     assert masked_mse(pred, target, mask).item() == pytest.approx(9 * 2 / 4)
 
 
-def test_masked_mse_weights_soft_masks_per_sample():
-    pred = torch.tensor([1.0, 2.0]).view(2, 1, 1, 1)
-    target = torch.zeros(2, 1, 1, 1)
-    mask = torch.tensor([0.25, 1.0]).view(2, 1, 1, 1)
+def test_masked_mse_weights_soft_masks_within_a_sample():
+    pred = torch.tensor([[1.0, 2.0]]).view(1, 1, 1, 2)
+    target = torch.zeros(1, 1, 1, 2)
+    mask = torch.tensor([0.25, 1.0]).view(1, 1, 1, 2)
     expected = (0.25 * 1.0 + 1.0 * 4.0) / (0.25 + 1.0)
     assert masked_mse(pred, target, mask).item() == pytest.approx(expected)
+
+
+def test_masked_mse_normalises_per_sample_then_averages_the_batch():
+    # Photo 0 has a small face (one masked cell, error 1), photo 1 a large one (four cells,
+    # error 4 each): each photo weighs the same, so the loss is (1 + 4) / 2, not the pooled
+    # (1 + 16) / 5 that lets the larger face dominate.
+    pred = torch.zeros(2, 1, 2, 2)
+    pred[0, 0, 0, 0] = 1.0
+    pred[1] = 2.0
+    mask = torch.zeros(2, 1, 2, 2)
+    mask[0, 0, 0, 0] = 1.0
+    mask[1] = 1.0
+    assert masked_mse(pred, torch.zeros_like(pred), mask).item() == pytest.approx(2.5)
+
+
+def test_masked_mse_sample_with_an_empty_mask_adds_zero():
+    pred = torch.ones(2, 1, 2, 2)
+    mask = torch.zeros(2, 1, 2, 2)
+    mask[1] = 1.0
+    assert masked_mse(pred, torch.zeros_like(pred), mask).item() == pytest.approx(0.5)
 
 
 def test_masked_mse_with_empty_mask_is_zero_and_finite():
@@ -49,6 +69,7 @@ def hand_built_attention() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     * PAD receives a lot from the real queries: must not be o (not part of the prompt).
     * w1 receives almost everything from query w1, which cannot see the identity tokens
       (causal): counted over all queries it would win; over queries >= first identity, w3 wins.
+    * s = id_b and o = w3, so ā averages the rows w3 and EOS (the rows that see both).
     """
     heads, length = 2, 8
     attention = torch.full((1, heads, length, length), 0.01)
@@ -86,7 +107,7 @@ def test_tandem_picks_subject_and_other_excluding_bos_padding_and_blind_queries(
 @pytest.mark.parametrize("tau", [100.0, 10.0])
 def test_tandem_loss_at_half_is_the_papers_objective_plus_a_quarter(tau):
     attention, identity_mask, lengths = hand_built_attention()
-    expected_balance = balance_by_hand(attention, ID_B, W3, range(ID_A, EOS + 1), tau)
+    expected_balance = balance_by_hand(attention, ID_B, W3, range(W3, EOS + 1), tau)
     assert 0.05 < expected_balance < 0.95  # a non-trivial example
     terms = TandemEquilibriumLoss(balance_target=0.5, temperature=tau)(attention, identity_mask, lengths)
     assert terms.balance.item() == pytest.approx(expected_balance, rel=1e-5)
@@ -96,25 +117,71 @@ def test_tandem_loss_at_half_is_the_papers_objective_plus_a_quarter(tau):
 
 def test_tandem_loss_uses_the_balance_target():
     attention, identity_mask, lengths = hand_built_attention()
-    a = balance_by_hand(attention, ID_B, W3, range(ID_A, EOS + 1), 100.0)
+    a = balance_by_hand(attention, ID_B, W3, range(W3, EOS + 1), 100.0)
     terms = TandemEquilibriumLoss(balance_target=0.2)(attention, identity_mask, lengths)
     assert terms.loss.item() == pytest.approx((a - 0.2) ** 2, rel=1e-5)
 
 
 def test_tandem_batch_rows_are_independent_and_averaged():
     attention, identity_mask, lengths = hand_built_attention()
-    # Row 2: a shorter prompt [BOS id id EOS PAD...]: o can only be EOS.
+    # Row 2: a shorter prompt [BOS id id w EOS PAD...]: o can only be w (never EOS).
     second = torch.rand(1, 2, 8, 8)
     mask2 = torch.zeros(1, 8, dtype=torch.bool)
     mask2[0, 1:3] = True
     batch = TandemEquilibriumLoss()(
-        torch.cat([attention, second]), torch.cat([identity_mask, mask2]), torch.cat([lengths, torch.tensor([4])])
+        torch.cat([attention, second]), torch.cat([identity_mask, mask2]), torch.cat([lengths, torch.tensor([5])])
     )
     assert batch.other.tolist() == [W3, 3]
-    b2 = balance_by_hand(second, int(batch.subject[1]), 3, range(1, 4), 100.0)
-    b1 = balance_by_hand(attention, ID_B, W3, range(ID_A, EOS + 1), 100.0)
+    b2 = balance_by_hand(second, int(batch.subject[1]), 3, range(3, 5), 100.0)
+    b1 = balance_by_hand(attention, ID_B, W3, range(W3, EOS + 1), 100.0)
     assert batch.balance.tolist() == pytest.approx([b1, b2], rel=1e-5)
     assert batch.loss.item() == pytest.approx(((b1 - 0.5) ** 2 + (b2 - 0.5) ** 2) / 2, rel=1e-5)
+
+
+def causal_attention(length: int, real: int, favourite: dict[int, int]) -> torch.Tensor:
+    """(1, 1, length, length) causal probabilities: each query q < real spreads over keys <= q,
+    with 80 % on ``favourite[q]`` where given."""
+    attention = torch.zeros(1, 1, length, length)
+    for q in range(length):
+        keys = range(min(q, real - 1) + 1)
+        for k in keys:
+            attention[0, 0, q, k] = 1.0 / len(keys)
+        if q in favourite:
+            attention[0, 0, q] *= 0.2
+            attention[0, 0, q, favourite[q]] += 0.8
+    return attention
+
+
+def test_tandem_averages_only_rows_that_see_both_s_and_o():
+    # [BOS id id w1 w2 EOS]: rows id, id and w1 cannot see w2 (causal). They give p >= ½
+    # whatever the balance; averaging them in (rows from the first identity token) biases ā up.
+    attention = causal_attention(8, 6, favourite={3: 1, 4: 4, 5: 4})
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    mask[0, 1:3] = True
+    terms = TandemEquilibriumLoss(temperature=10.0)(attention, mask, torch.tensor([6]))
+    s, o = int(terms.subject), int(terms.other)
+    assert (s, o) == (1, 4)
+    both = balance_by_hand(attention, s, o, range(4, 6), 10.0)
+    from_first_identity = balance_by_hand(attention, s, o, range(1, 6), 10.0)
+    assert terms.balance.item() == pytest.approx(both, rel=1e-5)
+    assert from_first_identity > both + 0.1  # the old rows really are biased upwards
+
+
+def test_tandem_never_picks_eos_as_the_other_word():
+    # EOS attends mostly to itself, so it receives the most attention of all non-identity keys.
+    attention = causal_attention(8, 6, favourite={5: 5})
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    mask[0, 1:3] = True
+    terms = TandemEquilibriumLoss()(attention, mask, torch.tensor([6]))
+    assert int(terms.other) in (3, 4)
+
+
+def test_tandem_prompt_without_another_word_gives_no_loss():
+    attention = causal_attention(8, 4, favourite={})  # [BOS id id EOS]
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    mask[0, 1:3] = True
+    terms = TandemEquilibriumLoss(balance_target=0.3)(attention, mask, torch.tensor([4]))
+    assert terms.balance.item() == pytest.approx(0.3) and terms.loss.item() == 0.0
 
 
 def test_tandem_gradient_touches_only_s_and_o_at_the_used_queries():
@@ -123,8 +190,8 @@ def test_tandem_gradient_touches_only_s_and_o_at_the_used_queries():
     TandemEquilibriumLoss(temperature=10.0)(attention, identity_mask, lengths).loss.backward()
     grad = attention.grad.abs().sum(dim=1)[0]  # (queries, keys)
     used = grad > 0
-    assert used[ID_A:EOS + 1, ID_B].all() and used[ID_A:EOS + 1, W3].all()
-    assert used.sum() == 2 * (EOS + 1 - ID_A)
+    assert used[W3:EOS + 1, ID_B].all() and used[W3:EOS + 1, W3].all()
+    assert used.sum() == 2 * (EOS + 1 - W3)
 
 
 def test_prompt_lengths_end_at_the_first_eos(backbone):

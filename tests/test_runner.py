@@ -133,7 +133,7 @@ def test_the_zerogpu_train_handler_streams_a_chunked_training_in_the_launched_ap
     client = Client(demo.local_url, verbose=False, analytics_enabled=False)
     try:
         client.predict([handle_file(str(faces_dir / "single" / "f2d_0.jpg"))], api_name="/photos")
-        job = client.submit(5, 3e-3, 1, 0, 200, 900, 1e-3, 0.5, 0, 400, 800, 1.0, api_name="/train")
+        job = client.submit(5, 3e-3, 1, 0, 200, 900, 1e-3, 0.5, 0, 0.0, 400, 800, 1.0, api_name="/train")
         statuses = [status for status, _plot, _gallery in job]
         assert "Finished" in job.outputs()[-1][0] and "step 5 / 5" in job.outputs()[-1][0]
         assert len(statuses) >= 2

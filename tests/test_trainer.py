@@ -164,7 +164,10 @@ def test_mapper_learns_a_hidden_identity(request, tiny_cfg, weights):
         def _encode_latents(self, photos):
             return target.clone()
 
-    cfg = make_cfg(tiny_cfg, **{"train.steps": 30, "train.te_weight": 0.0, "concept.use_bypass": False})
+    # A zero head starts exactly at the class word, so the gap closed is measured from there.
+    cfg = make_cfg(
+        tiny_cfg, **{"train.steps": 30, "train.te_weight": 0.0, "concept.use_bypass": False, "concept.head_init": "zero"}
+    )
     trainer = TargetTrainer(teacher, cfg, [TrainingPhoto(Image.new("RGB", (64, 64), "gray"))])
 
     # Held-out noise and timesteps, unlike any the trainer draws (its own seeded streams).

@@ -38,7 +38,7 @@ GPU_DURATION_S = 90
 # The training inputs in the order the handlers receive them, as their labels read.
 TRAINING_SETTING_NAMES = (
     "Training steps", "Learning rate", "Batch size", "Seed", "Training band start t", "Training band end t",
-    "Tandem weight λ", "Tandem target β", "Preview every N steps",
+    "Tandem weight λ", "Tandem target β", "Preview every N steps", "Class-guided regularization weight",
 )
 CSS = (ASSETS / "studio.css").read_text() if (ASSETS / "studio.css").is_file() else ""
 
@@ -98,6 +98,10 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                         te_weight = gr.Number(cfg.train.te_weight, label="Tandem weight λ")
                         te_balance = gr.Slider(0.0, 1.0, value=cfg.train.te_balance, step=0.05, label="Tandem target β")
                         preview_every = gr.Number(cfg.train.preview_every, precision=0, label="Preview every N steps")
+                    cgdr_weight = gr.Slider(
+                        0.0, 2.0, value=cfg.train.cgdr_weight, step=0.05, elem_id="cgdr-weight",
+                        label="Class-guided regularization weight (0 = off; outside the face, match the class prompt)",
+                    )
                 with gr.Row():
                     train_btn = gr.Button("Train", variant="primary", scale=2, elem_id="train")
                     continue_btn = gr.Button("Train more", scale=1, elem_id="continue")
@@ -168,7 +172,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                 import_file = gr.File(label="Import a concept (.safetensors)", file_types=[".safetensors"], elem_id="import")
                 concept_msg = gr.Markdown(elem_id="concept-msg")
 
-        settings = [steps, lr, batch_size, seed, train_lo, train_hi, te_weight, te_balance, preview_every]
+        settings = [steps, lr, batch_size, seed, train_lo, train_hi, te_weight, te_balance, preview_every, cgdr_weight]
         live_outputs = [status, loss_plot, previews]
 
         # ---------------------------------------------------------------- handlers
@@ -198,12 +202,12 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             missing = [name for name, value in zip(TRAINING_SETTING_NAMES, values) if value is None]
             if missing:
                 raise ValueError(f"Fill in {', '.join(missing)} (a number) before training.")
-            n_steps, lr_, batch, seed_, lo, hi, te_w, te_b, every = values
+            n_steps, lr_, batch, seed_, lo, hi, te_w, te_b, every, cgdr_w = values
             band = check_band([int(lo), int(hi)], "training band")
             return {
                 "train.steps": int(n_steps), "train.lr": float(lr_), "train.batch_size": int(batch),
                 "train.seed": int(seed_), "train.band": list(band), "train.te_weight": float(te_w),
-                "train.te_balance": float(te_b), "train.preview_every": int(every),
+                "train.te_balance": float(te_b), "train.preview_every": int(every), "train.cgdr_weight": float(cgdr_w),
             }
 
         def begin(engine: Engine, launch, band: tuple[int, int], gamma: float, **mode: Any):
@@ -238,16 +242,16 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                     sent = time.monotonic()
                     yield render(snapshot, last)
 
-        async def on_train(n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every, lo, hi, gamma, request: gr.Request):
+        async def on_train(n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every, cgdr_w, lo, hi, gamma, request: gr.Request):
             engine = engine_for(request)
-            values = [n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every]
+            values = [n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every, cgdr_w]
             begin(engine, lambda: engine.start(overrides_from(values)), (int(lo), int(hi)), float(gamma))
             async for outputs in stream_background(engine):
                 yield outputs
 
-        def on_train_zero_gpu(n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every, lo, hi, gamma, request: gr.Request):
+        def on_train_zero_gpu(n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every, cgdr_w, lo, hi, gamma, request: gr.Request):
             engine = engine_for(request)
-            values = [n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every]
+            values = [n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every, cgdr_w]
             yield from stream_foreground(begin(
                 engine, lambda **mode: engine.start(overrides_from(values), **mode), (int(lo), int(hi)), float(gamma),
                 foreground=True, gpu_call=GPU_TRAINING_CHUNK,
@@ -359,7 +363,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             t, s = new_cfg.train, new_cfg.sample
             return [
                 _banner_update(new_cfg.model.source), new_cfg.model.source, t.steps, t.lr, t.batch_size, t.seed,
-                t.band[0], t.band[1], t.te_weight, t.te_balance, t.preview_every, s.band[0], s.band[1], s.balance,
+                t.band[0], t.band[1], t.te_weight, t.te_balance, t.preview_every, t.cgdr_weight, s.band[0], s.band[1], s.balance,
             ]
 
         def on_model_source(source: str, request: gr.Request):

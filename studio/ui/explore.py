@@ -1,4 +1,4 @@
-"""The Explore tab: sweep identity interval × tandem balance, see the trade-off, adopt a setting (issue 6).
+"""The Explore tab: sweep identity interval × tandem balance, see the trade-off, adopt a setting (docs/ALGORITHM.md, "Evaluation").
 
 The handlers are thin (``build_explore_tab``); everything shown is made by the pure functions
 above it from ``studio.sweep.SweepPoint``s, so it can be tested without a browser.
