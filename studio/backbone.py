@@ -36,6 +36,7 @@ from studio.weights import (  # noqa: F401  (BackboneUnavailable, local_or_hub_f
     TINY_TEXT_WIDTH,
     TOKENIZER_DIR,
     BackboneUnavailable,
+    check as check_model,
     ModelFiles,
     hub_snapshot,
     image_encoder_folder,
@@ -335,12 +336,6 @@ def weights_available(cfg: ModelConfig) -> bool:
         return False
 
 
-def check_model(cfg: ModelConfig) -> tuple[ModelFiles, Path | None]:
-    """Every check that needs no weights, image encoder first (see studio.weights)."""
-    encoder = image_encoder_folder(cfg.image_encoder)
-    return resolve_model(cfg), encoder
-
-
 def load_components(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     """Load (not move) the frozen parts named by ``cfg``; raises :class:`BackboneUnavailable`."""
     if cfg.is_tiny:
@@ -350,7 +345,7 @@ def load_components(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
         if cfg.image_encoder not in (None, "tiny"):
             parts["image_encoder"], parts["image_processor"] = _load_image_encoder(image_encoder_folder(cfg.image_encoder), dtype)
         return parts
-    files, encoder = check_model(cfg)
+    files, encoder = check_model(cfg)  # image encoder first, then the model's configs
     if files.layout == "single_file":
         parts = _load_single_file(files, dtype)
     else:

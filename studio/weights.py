@@ -376,3 +376,37 @@ def tensor_digest(tensors: dict[str, Any]) -> str:
         digest.update(name.encode() + str(tuple(value.shape)).encode())
         digest.update(value.flatten()[:4096].view(torch.int16).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def check(cfg: ModelConfig) -> tuple[ModelFiles, Path | None]:
+    """Every check that needs no weights, the bypass's image encoder first: (model files, encoder folder).
+
+    When both the image encoder and the model are missing, one message says both."""
+    if not cfg.is_tiny:
+        refuse_pickles(cfg.source)
+    try:
+        encoder = image_encoder_folder(cfg.image_encoder)
+    except BackboneUnavailable as first:
+        try:
+            resolve_model(cfg)
+        except BackboneUnavailable as second:
+            raise BackboneUnavailable(f"{first} Also: {second}", reason=first.reason) from None
+        raise
+    return resolve_model(cfg), encoder
+
+
+def expected_fingerprint(cfg: ModelConfig) -> dict[str, Any]:
+    """What Backbone.fingerprint() will say about ``cfg``'s widths, from configs only."""
+    files, encoder = check(cfg)
+    return {"source": cfg.source, **config_fingerprint(files, encoder, tiny_encoder=cfg.image_encoder == "tiny")}
+
+
+def concept_mismatch(saved: dict[str, Any], expected: dict[str, Any]) -> str | None:
+    """The sentence when a concept trained on ``saved`` cannot run on a model with ``expected`` widths."""
+    if saved.get("token_dim") == expected["token_dim"] and saved.get("vocab_size") == expected["vocab_size"]:
+        return None
+    return (
+        f"This concept was trained on {saved.get('source', '?')} (width {saved.get('token_dim', '?')}), and the "
+        f"configured model {expected['source']} has width {expected['token_dim']}: their text encoders differ, so "
+        f"it cannot be used with it. Switch to the model it was trained on (--model or the preset)."
+    )
