@@ -141,11 +141,12 @@ def image_encoder_missing_message(source: str, why: str) -> str:
     )
 
 
-def hub_snapshot(repo_id: str, revision: str | None, patterns: list[str], missing: Any) -> str:
+def hub_snapshot(repo_id: str, revision: str | None, patterns: list[str], missing: Any = None) -> str:
     """Local folder of a hub repo: from the cache, else downloaded; never hangs offline.
 
-    ``missing(why)`` builds the message when it cannot be had.
+    ``missing(why)`` builds the message when it cannot be had (default: the SD advice).
     """
+    missing = missing or (lambda why: sd_missing_message(repo_id, why))
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
