@@ -386,6 +386,7 @@ def model_id(parts: dict[str, Any]) -> str:
 
 def assemble_backbone(source: str, parts: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Backbone:
     """Freeze and place loaded ``parts`` (the Backbone's fields) and install the attention hooks."""
+    identity = model_id(parts)  # before the cast: a bf16 copy of the same weights is the same model
     for name in ("text_encoder", "unet", "vae", "image_encoder"):
         module = parts[name]
         if module is not None:
@@ -397,7 +398,7 @@ def assemble_backbone(source: str, parts: dict[str, Any], device: torch.device, 
             parts[name].to(memory_format=torch.channels_last)
     attention.install(parts["text_encoder"], parts["unet"])
     notes = tuple(parts.pop("notes", ()))
-    return Backbone(source=source, device=device, dtype=dtype, model_id=model_id(parts), notes=notes, **parts)
+    return Backbone(source=source, device=device, dtype=dtype, model_id=identity, notes=notes, **parts)
 
 
 def build_backbone(cfg: ModelConfig) -> Backbone:
