@@ -35,20 +35,26 @@ def default_preset() -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="PersonaMagic Studio: one-shot face customisation of SD 1.x")
     parser.add_argument("--preset", help=f"one of {', '.join(available_presets())} or a YAML path (default: sd15 if its weights are here, else tiny)")
-    parser.add_argument("--model", help="override the base model: hub id, local diffusers folder or .safetensors file")
+    parser.add_argument("--model", help="the base model: hub id, local diffusers folder or .safetensors file "
+                        f"(without --preset the {REAL_PRESET} preset's settings apply)")
+    parser.add_argument("--image-encoder", help="CLIP image encoder of the image bypass: hub id or folder, or 'none'")
     parser.add_argument("--server-name", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--server-port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
     return parser.parse_args(argv)
 
 
-def create_demo(preset: str | None = None, model: str | None = None):
-    """The Blocks app for a preset (used by launch, tests and Spaces)."""
+def create_demo(preset: str | None = None, model: str | None = None, image_encoder: str | None = None):
+    """The Blocks app for a preset (used by launch, tests and Spaces). A model given without a
+    preset runs with the real-model preset's settings; it is checked here, before the UI builds."""
+    from studio.cli import model_overrides
     from studio.ui import build_demo
+    from studio.weights import check
 
-    cfg = load_preset(preset or default_preset())
-    if model:
-        cfg = cfg.replace(**{"model.source": model})
+    cfg = load_preset(preset or (REAL_PRESET if model else default_preset()))
+    cfg = cfg.replace(**model_overrides(argparse.Namespace(model=model, image_encoder=image_encoder)))
+    if model or image_encoder:
+        check(cfg.model)  # a wrong path, an SDXL folder, a missing image encoder: said at start
     from studio.runner import zero_gpu
 
     if zero_gpu():  # ZeroGPU wants the weights placed on cuda at import, before any GPU call
@@ -70,10 +76,12 @@ def launch_kwargs() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from studio.weights import BackboneUnavailable
+
     try:
-        demo = create_demo(args.preset, args.model)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        demo = create_demo(args.preset, args.model, args.image_encoder)
+    except (ConfigError, BackboneUnavailable) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     demo.launch(server_name=args.server_name, server_port=args.server_port, share=args.share, **launch_kwargs())
     return 0

@@ -29,12 +29,25 @@ from transformers import (
 
 from studio import attention
 from studio.config import ModelConfig
+from studio.weights import (  # noqa: F401  (BackboneUnavailable, local_or_hub_folder, ... are used via this module)
+    HUB_PATTERNS as _HUB_PATTERNS,
+    IMAGE_ENCODER_FILES as _IMAGE_ENCODER_PATTERNS,
+    TINY_TEXT_LAYERS,
+    TINY_TEXT_WIDTH,
+    TOKENIZER_DIR,
+    BackboneUnavailable,
+    check as check_model,
+    ModelFiles,
+    hub_snapshot,
+    image_encoder_folder,
+    local_or_hub_folder,
+    looks_like_hub_id,
+    resolve_model,
+    sd_missing_message,
+    tensor_digest,
+)
 
 log = logging.getLogger(__name__)
-
-TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
-# the pretrained toy world (docs/TOY.md): a diffusers folder plus its image encoder
-TOY_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy"
 
 # SD 1.x noise schedule (the scheduler_config.json shipped with SD 1.5).
 SD15_SCHEDULER_CONFIG: dict[str, Any] = dict(
@@ -46,32 +59,6 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = dict(
     steps_offset=1,
     prediction_type="epsilon",
 )
-
-# Only these files are fetched from a hub repo: safetensors weights, configs, tokenizer.
-_HUB_PATTERNS = [
-    "model_index.json",
-    "scheduler/*.json",
-    "tokenizer/*",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-]
-_IMAGE_ENCODER_PATTERNS = ["config.json", "preprocessor_config.json", "model.safetensors"]
-
-
-class BackboneUnavailable(RuntimeError):
-    """The requested weights cannot be loaded; the message says which files and how to get them.
-
-    ``reason`` is the cause alone (e.g. "not in the local cache"), for callers that give their own advice.
-    """
-
-    def __init__(self, message: str, reason: str | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason or message
-
 
 @dataclass(frozen=True, eq=False)
 class Backbone:
@@ -87,6 +74,10 @@ class Backbone:
     image_processor: CLIPImageProcessor | None
     device: torch.device
     dtype: torch.dtype
+    # identity of the weights (see model_id): the same model by folder, file or hub id matches
+    model_id: str = ""
+    # sentences about how it was loaded (e.g. an fp16 upcast), shown once by the CLI and the app
+    notes: tuple[str, ...] = ()
 
     @property
     def is_random(self) -> bool:
@@ -123,6 +114,7 @@ class Backbone:
             "text_layers": self.num_text_layers,
             "vocab_size": self.text_encoder.config.vocab_size,
             "image_embed_dim": self.image_embed_dim,
+            "model_id": self.model_id,
         }
 
     def describe(self) -> str:
@@ -177,9 +169,9 @@ def tiny_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
     """A 2-layer CLIP text encoder of width 32 that reads the real tokenizer's ids."""
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
+        hidden_size=TINY_TEXT_WIDTH,
         intermediate_size=37,
-        num_hidden_layers=2,
+        num_hidden_layers=TINY_TEXT_LAYERS,
         num_attention_heads=4,
         max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id,
@@ -256,124 +248,91 @@ def tiny_components(seed: int = 0) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- real weights
-def hub_snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> str:
-    """Local folder of a hub repo: from the cache, else downloaded; never hangs offline."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True)
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        why = "HF_HUB_OFFLINE is set and it is not in the local cache"
-        raise BackboneUnavailable(_missing_message(repo_id, why), reason=why)
-    # Short timeouts: with no network the first request fails within seconds.
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
-    try:
-        return snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
-    except Exception as exc:  # network, auth, missing repo: all end in the same advice
-        why = f"download failed: {type(exc).__name__}: {exc}"
-        raise BackboneUnavailable(_missing_message(repo_id, why), reason=why) from None
-
-
-def looks_like_hub_id(source: str) -> bool:
-    """``owner/name``: not a path (absolute, ``.``/``~``-relative) and exactly one slash."""
-    return not (Path(source).is_absolute() or source.startswith((".", "~")) or source.count("/") != 1)
-
-
-def local_or_hub_folder(source: str, revision: str | None, patterns: list[str], what: str) -> str:
-    """The folder for ``source``: an existing local folder (``~`` expanded), else a hub id's
-    snapshot; anything else is a :class:`BackboneUnavailable` naming ``what`` it was for."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return str(path)
-    if not looks_like_hub_id(source):
-        raise BackboneUnavailable(f"{what} {source!r} is neither a folder here nor a hub id (owner/name)")
-    return hub_snapshot(source, revision, patterns)
-
-
 def _missing_message(repo_id: str, why: str) -> str:
-    return (
-        f"Model {repo_id!r} is not available ({why}). Download it where there is internet, e.g. "
-        f"`hf download {repo_id} --local-dir models/{repo_id.split('/')[-1]}`, then pass that folder "
-        f"(or a single .safetensors checkpoint) as the model source; or use the 'tiny' preset to try the "
-        f"studio offline."
-    )
+    return sd_missing_message(repo_id, why)
 
 
-def _load_sd_folder(folder: str, dtype: torch.dtype) -> dict[str, Any]:
-    root = Path(folder)
-    missing = [
-        sub
-        for sub in ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
-        if not (root / sub).is_dir()
-    ]
-    if missing:
-        raise BackboneUnavailable(
-            f"{folder} is not a Stable Diffusion 1.x diffusers folder: missing {', '.join(missing)}/"
-        )
+def _load_sd_folder(files: ModelFiles, dtype: torch.dtype) -> dict[str, Any]:
+    """A diffusers folder (or hub snapshot); each component in its own safetensors variant."""
+    folder = str(files.path)
     try:
         scheduler_cfg = DDPMScheduler.load_config(folder, subfolder="scheduler")
+        common = dict(dtype=dtype, use_safetensors=True)
         return dict(
             tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype, use_safetensors=True),
-            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype, use_safetensors=True),
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype, use_safetensors=True),
+            text_encoder=CLIPTextModel.from_pretrained(
+                folder, subfolder="text_encoder", variant=files.variants.get("text_encoder"), **common
+            ),
+            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", variant=files.variants.get("unet"), **common),
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", variant=files.variants.get("vae"), **common),
             noise_scheduler=DDPMScheduler.from_config(scheduler_cfg),
         )
-    except (OSError, ValueError) as exc:
-        raise BackboneUnavailable(f"could not load the model in {folder}: {exc}") from None
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+        raise BackboneUnavailable(f"could not load the model in {folder}: {type(exc).__name__}: {exc}") from None
 
 
-def _load_single_file(path: str, config: str | None, dtype: torch.dtype) -> dict[str, Any]:
-    from diffusers import StableDiffusionPipeline
+def _tensors_with_prefix(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Only the tensors of one component: the rest of the checkpoint stays on disk."""
+    from safetensors import safe_open
 
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefixes)}
+
+
+def _load_single_file(files: ModelFiles, dtype: torch.dtype) -> dict[str, Any]:
+    """An original (LDM-layout) SD 1.x checkpoint, one component at a time, with the configs of
+    ``files.config_dir`` (assets/sd15-config unless model.single_file_config says otherwise):
+    no network, no safety checker, no feature extractor, and at most one component's tensors
+    in memory beside the models built so far."""
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+
+    path, config = files.path, str(files.config_dir)
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            path, config=config, dtype=dtype, safety_checker=None, requires_safety_checker=False
+        text_encoder = create_diffusers_clip_model_from_ldm(
+            CLIPTextModel, _tensors_with_prefix(path, ("cond_stage_model.transformer.",)),
+            subfolder="text_encoder", config=config, torch_dtype=dtype, local_files_only=True,
         )
-    except Exception as exc:
+        unet = UNet2DConditionModel.from_single_file(
+            _tensors_with_prefix(path, ("model.diffusion_model.",)),
+            config=config, subfolder="unet", dtype=dtype, local_files_only=True,
+        )
+        vae = AutoencoderKL.from_single_file(
+            _tensors_with_prefix(path, ("first_stage_model.",)),
+            config=config, subfolder="vae", dtype=dtype, local_files_only=True,
+        )
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
         raise BackboneUnavailable(
-            f"could not load the checkpoint {path}: {exc}. A single-file checkpoint needs a diffusers "
-            f"config folder for SD 1.5 (set model.single_file_config) when there is no network."
+            f"could not load the checkpoint {path.name} with the configs in {config} ({type(exc).__name__}): it "
+            f"may be a model of another shape; set model.single_file_config to its diffusers config folder, or "
+            f"use its diffusers folder."
         ) from None
+    tokenizer_dir = files.config_dir / "tokenizer"
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir)) if tokenizer_dir.is_dir() else load_tokenizer()
     return dict(
-        tokenizer=pipe.tokenizer,
-        text_encoder=pipe.text_encoder,
-        unet=pipe.unet,
-        vae=pipe.vae,
-        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
+        noise_scheduler=DDPMScheduler.from_config(DDPMScheduler.load_config(config, subfolder="scheduler")),
     )
 
 
-def _load_image_encoder(source: str, dtype: torch.dtype) -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessor]:
-    folder = local_or_hub_folder(source, None, _IMAGE_ENCODER_PATTERNS, "the CLIP image encoder (model.image_encoder)")
+def _load_image_encoder(folder: Path, dtype: torch.dtype) -> tuple[CLIPVisionModelWithProjection, CLIPImageProcessor]:
     try:
         return (
-            CLIPVisionModelWithProjection.from_pretrained(folder, dtype=dtype, use_safetensors=True),
-            CLIPImageProcessor.from_pretrained(folder),
+            CLIPVisionModelWithProjection.from_pretrained(str(folder), dtype=dtype, use_safetensors=True),
+            CLIPImageProcessor.from_pretrained(str(folder)),
         )
-    except (OSError, ValueError) as exc:
-        raise BackboneUnavailable(f"could not load the CLIP image encoder {source!r}: {exc}") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise BackboneUnavailable(f"could not load the CLIP image encoder in {folder}: {exc}") from None
 
 
 def weights_available(cfg: ModelConfig) -> bool:
-    """True if ``cfg`` can load without a download (tiny, a local file/folder, or hub-cached)."""
+    """True if ``cfg`` (model and image encoder) loads without a download and passes the checks."""
     if cfg.is_tiny:
         return True
-    if cfg.source == "toy":
-        return (TOY_DIR / "unet").is_dir()
-    path = Path(cfg.source).expanduser()
-    if path.suffix == ".safetensors" or path.is_dir():
-        return path.exists()
-    from huggingface_hub import snapshot_download
-
     try:
-        snapshot_download(cfg.source, revision=cfg.revision, allow_patterns=_HUB_PATTERNS, local_files_only=True)
+        image_encoder_folder(cfg.image_encoder)
+        resolve_model(cfg)
         return True
-    except Exception:
+    except BackboneUnavailable:
         return False
 
 
@@ -383,26 +342,46 @@ def load_components(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
         parts = tiny_components()
         if cfg.image_encoder != "tiny":
             parts["image_encoder"] = parts["image_processor"] = None
+        if cfg.image_encoder not in (None, "tiny"):
+            parts["image_encoder"], parts["image_processor"] = _load_image_encoder(image_encoder_folder(cfg.image_encoder), dtype)
         return parts
-    # the toy backbone is an ordinary local diffusers folder, shipped in assets/toy
-    source = str(TOY_DIR) if cfg.source == "toy" else cfg.source
-    path = Path(source).expanduser()
-    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        raise BackboneUnavailable(
-            f"{path.name}: pickled checkpoints are not loaded (they can run code). Use a .safetensors file."
-        )
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise BackboneUnavailable(f"checkpoint file not found: {path}")
-        parts = _load_single_file(str(path), cfg.single_file_config, dtype)
+    files, encoder = check_model(cfg)  # image encoder first, then the model's configs
+    if files.layout == "single_file":
+        parts = _load_single_file(files, dtype)
     else:
-        what = "the model source (a folder, a .safetensors file or a hub id)"
-        parts = _load_sd_folder(local_or_hub_folder(source, cfg.revision, _HUB_PATTERNS, what), dtype)
+        parts = _load_sd_folder(files, dtype)
     parts["image_encoder"] = parts["image_processor"] = None
-    if cfg.image_encoder:
-        encoder = str(TOY_DIR / "image_encoder") if cfg.image_encoder == "toy" else cfg.image_encoder
+    if encoder is not None:
         parts["image_encoder"], parts["image_processor"] = _load_image_encoder(encoder, dtype)
+    elif cfg.image_encoder == "tiny":  # random CLIP vision of the tiny backbone (tests, demos)
+        with seeded_init(0):
+            parts["image_encoder"] = CLIPVisionModelWithProjection(tiny_vision_config())
+        parts["image_processor"] = tiny_image_processor()
+    parts["notes"] = loading_notes(files, dtype)
     return parts
+
+
+def loading_notes(files: ModelFiles, dtype: torch.dtype) -> tuple[str, ...]:
+    """Sentences for people about how the weights were loaded (e.g. an fp16 upcast on CPU)."""
+    if files.half_precision and dtype == torch.float32:
+        return (
+            "the weights are stored in half precision and run upcast to float32 (model.dtype auto on a CPU: "
+            "half-precision kernels there are several times slower; set model.dtype to keep them as stored)",
+        )
+    return ()
+
+
+def model_id(parts: dict[str, Any]) -> str:
+    """Model identity from the weights themselves: the same model by folder, file or hub id (in fp32
+    or fp16) gives the same id; a fine-tune does not."""
+    picks = {
+        "text.embed": parts["text_encoder"].get_input_embeddings().weight,
+        "unet.conv_in": parts["unet"].conv_in.weight,
+        "unet.conv_out": parts["unet"].conv_out.weight,
+        "unet.mid": next(iter(parts["unet"].mid_block.parameters())),
+        "vae.decoder": parts["vae"].decoder.conv_out.weight,
+    }
+    return tensor_digest(picks)
 
 
 # What the UNet may predict: the training target is ε or v; the studio has no loss for "sample".
@@ -422,6 +401,7 @@ def check_prediction_type(scheduler_config: Any) -> None:
 def assemble_backbone(source: str, parts: dict[str, Any], device: torch.device, dtype: torch.dtype) -> Backbone:
     """Freeze and place loaded ``parts`` (the Backbone's fields) and install the attention hooks."""
     check_prediction_type(parts["noise_scheduler"].config)
+    identity = model_id(parts)  # before the cast: a bf16 copy of the same weights is the same model
     for name in ("text_encoder", "unet", "vae", "image_encoder"):
         module = parts[name]
         if module is not None:
@@ -432,7 +412,8 @@ def assemble_backbone(source: str, parts: dict[str, Any], device: torch.device, 
         for name in ("unet", "vae"):
             parts[name].to(memory_format=torch.channels_last)
     attention.install(parts["text_encoder"], parts["unet"])
-    return Backbone(source=source, device=device, dtype=dtype, **parts)
+    notes = tuple(parts.pop("notes", ()))
+    return Backbone(source=source, device=device, dtype=dtype, model_id=identity, notes=notes, **parts)
 
 
 def build_backbone(cfg: ModelConfig) -> Backbone:

@@ -70,11 +70,55 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, preset_help: str) -> None:
+    """--preset, --model and --image-encoder, shared by every command that loads a model."""
+    parser.add_argument("--preset", help=f"{preset_help} (default: sd15 when --model is given)")
+    parser.add_argument("--model", metavar="SOURCE",
+                        help="base model: hub id, diffusers folder (fp16 variants too) or single .safetensors file")
+    parser.add_argument("--image-encoder", metavar="SOURCE",
+                        help="CLIP image encoder of the image bypass: hub id or folder, or 'none' to train without "
+                             "the bypass (default: the preset's model.image_encoder)")
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "model", None):
+        overrides["model.source"] = args.model
+    encoder = getattr(args, "image_encoder", None)
+    if encoder:
+        off = encoder.lower() in ("none", "null", "off")
+        overrides["model.image_encoder"] = None if off else encoder
+        if off:
+            overrides["concept.use_bypass"] = False
+    return overrides
+
+
+def preset_name(args: argparse.Namespace) -> str:
+    if args.preset:
+        return args.preset
+    if getattr(args, "model", None):
+        return "sd15"  # a real model: the real-model preset's settings, not tiny's
+    raise CliError("give --preset (tiny, sd15, ... or a YAML file) or --model")
+
+
 def _load_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> StudioConfig:
     from studio.config import load_preset
 
-    overrides = {**_parse_overrides(args.set or []), **(extra or {})}
-    return load_preset(args.preset, **overrides)
+    overrides = {**_parse_overrides(args.set or []), **model_overrides(args), **(extra or {})}
+    return load_preset(preset_name(args), **overrides)
+
+
+def check_model(cfg: StudioConfig, concept_backbone: dict[str, Any] | None = None) -> None:
+    """Before any weight loads (and before torch is imported): the image encoder, the model's files and
+    architecture, and whether a concept trained on ``concept_backbone`` can run on it."""
+    from studio.weights import concept_mismatch, expected_fingerprint
+
+    expected = expected_fingerprint(cfg.model)
+    problem = concept_mismatch(concept_backbone, expected) if concept_backbone else None
+    if problem:
+        from studio.concept import ConceptFileError
+
+        raise ConceptFileError(problem)
 
 
 def _backbone(cfg: StudioConfig) -> Backbone:
@@ -83,6 +127,8 @@ def _backbone(cfg: StudioConfig) -> Backbone:
     backbone = get_backbone(cfg.model)
     if backbone.is_random:
         print("note: the tiny preset has random weights: its images are noise (it shows the machinery, not a likeness).")
+    for note in backbone.notes:
+        print(f"note: {note}")
     return backbone
 
 
@@ -108,7 +154,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "train", help="learn a concept from photos of one person",
         description="Prepare the face in each photo, train the identity mapper and save the concept.",
     )
-    parser.add_argument("--preset", required=True, help="preset name (tiny, sd15, ...) or YAML path")
+    add_model_arguments(parser, "preset name (tiny, sd15, ...) or YAML path")
     parser.add_argument("--image", action="append", required=True, metavar="IMG", help="a photo of the person (repeat for more)")
     parser.add_argument("--out", type=Path, required=True, metavar="CONCEPT.safetensors", help="where to save the concept")
     parser.add_argument("--steps", type=int, help="optimiser steps (default: the preset's train.steps)")
@@ -151,26 +197,7 @@ class _StopRequest:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from studio.concept import (
-        CHECKPOINT_FORMAT, describe, load_training_state, read_concept_info, save_checkpoint, save_concept,
-    )
-    from studio.events import PreviewReady, RolledBack, TrainingFailed, TrainingFinished, TrainingStep
-    from studio.faces import prepare
-    from studio.trainer import Trainer, TrainingPhoto
-
     _check_output(args.out, (".safetensors",), "the concept file")
-    if args.preview_dir is not None and not args.preview_dir.is_dir():
-        raise CliError(f"the preview folder {args.preview_dir} does not exist")
-    # bad file: fail before any work
-    saved_state = load_training_state(args.resume) if args.resume is not None else None
-    resumed_checkpoint = saved_state is not None and read_concept_info(args.resume)["format"] == CHECKPOINT_FORMAT
-    checkpoint_path = args.checkpoint or (args.resume if resumed_checkpoint else None)
-    if checkpoint_path is not None:
-        _check_output(checkpoint_path, (".safetensors",), "the checkpoint")
-        if checkpoint_path.resolve() == args.out.resolve():
-            raise CliError("the checkpoint and the concept need two different files")
-    if args.checkpoint_every < 1:
-        raise CliError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
     extra: dict[str, Any] = {}
     if args.steps is not None:
         extra["train.steps"] = args.steps
@@ -179,6 +206,30 @@ def run_train(args: argparse.Namespace) -> int:
     if args.preview_dir is None:
         extra["train.preview_every"] = 0  # previews cost generation time nobody would see
     cfg = _load_config(args, extra)
+    check_model(cfg)  # a .ckpt, an SDXL folder, a missing image encoder: said before torch is imported
+
+    from studio.concept import (
+        CHECKPOINT_FORMAT, describe, load_training_state, read_concept_info, save_checkpoint, save_concept,
+    )
+    from studio.events import PreviewReady, RolledBack, TrainingFailed, TrainingFinished, TrainingStep
+    from studio.faces import prepare
+    from studio.trainer import Trainer, TrainingPhoto
+
+    if args.preview_dir is not None and not args.preview_dir.is_dir():
+        raise CliError(f"the preview folder {args.preview_dir} does not exist")
+    # bad file: fail before any work
+    saved_state = load_training_state(args.resume) if args.resume is not None else None
+    resumed_info = read_concept_info(args.resume) if saved_state is not None else {}
+    resumed_checkpoint = resumed_info.get("format") == CHECKPOINT_FORMAT
+    if resumed_info.get("backbone"):
+        check_model(cfg, resumed_info["backbone"])  # another model's width: said before the weights load
+    checkpoint_path = args.checkpoint or (args.resume if resumed_checkpoint else None)
+    if checkpoint_path is not None:
+        _check_output(checkpoint_path, (".safetensors",), "the checkpoint")
+        if checkpoint_path.resolve() == args.out.resolve():
+            raise CliError("the checkpoint and the concept need two different files")
+    if args.checkpoint_every < 1:
+        raise CliError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
     if saved_state is not None and int(saved_state["step"]) >= cfg.train.steps:
         raise CliError(
             f"{args.resume} is already at step {saved_state['step']} of {cfg.train.steps}; "
@@ -263,7 +314,7 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Generate images with a saved concept ({} in the prompt stands for the person). "
                     "Without --concept: plain Stable Diffusion with the super-category word, as a baseline.",
     )
-    parser.add_argument("--preset", required=True, help="preset name or YAML path (the model the concept was trained on)")
+    add_model_arguments(parser, "preset name or YAML path (the model the concept was trained on)")
     parser.add_argument("--concept", type=Path, metavar="C.safetensors", help="the concept file (omit for plain SD)")
     parser.add_argument("--prompt", action="append", required=True, help="e.g. 'a photo of {} as a chef' (repeatable)")
     parser.add_argument("--out", type=Path, required=True, metavar="OUT.png",
@@ -300,10 +351,7 @@ def _save_image(image: Image, path: Path, settings: dict[str, Any]) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from studio.concept import compatibility_warning, load_concept, read_concept_info
-    from studio.conditioning import check_prompt
     from studio.config import check_band
-    from studio.sampler import Sampler
 
     # Cheap checks first: a typo should not wait for a model to load.
     _check_output(args.out, IMAGE_SUFFIXES, "the output image")
@@ -311,13 +359,20 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CliError(f"--num-images must be >= 1, got {args.num_images}")
     if args.seed < 0:
         raise CliError(f"--seed must be >= 0, got {args.seed}")
-    for prompt in args.prompt:
-        check_prompt(prompt, require_identity=args.concept is not None)
     cfg = _load_config(args)
     sample = cfg.sample
     band = check_band(args.band, "--band") if args.band else tuple(sample.band)
+    check_model(cfg)  # before torch is imported
+
+    from studio.concept import compatibility_warning, load_concept, read_concept_info
+    from studio.conditioning import check_prompt
+    from studio.sampler import Sampler
+
+    for prompt in args.prompt:
+        check_prompt(prompt, require_identity=args.concept is not None)
     if args.concept is not None:
-        read_concept_info(args.concept)  # refuses foreign / damaged files before the model loads
+        # refuses foreign / damaged files, and concepts of another model's width, before any weight loads
+        check_model(cfg, read_concept_info(args.concept).get("backbone"))
     backbone = _backbone(cfg)
     concept = None
     if args.concept is not None:
@@ -404,7 +459,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
-        if isinstance(exc, CliError) or isinstance(exc, _user_errors()):  # CliError first: no heavy imports
+        from studio.config import ConfigError
+        from studio.weights import BackboneUnavailable
+
+        # the light ones first: a refused .ckpt is answered without importing torch
+        if isinstance(exc, (CliError, ConfigError, BackboneUnavailable)) or isinstance(exc, _user_errors()):
             message = " ".join(str(exc).split())  # one line, whatever the message holds
             print(f"error: {message}", file=sys.stderr)
             return EXIT_USER_ERROR

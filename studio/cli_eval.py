@@ -55,7 +55,9 @@ NO_REFERENCE_NOTE = (
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny", help="preset name or YAML path (the backbone the concept was trained on)")
+    from studio.cli import add_model_arguments
+
+    add_model_arguments(parser, "preset name or YAML path (the backbone the concept was trained on; default tiny)")
     parser.add_argument("--concept", required=True, type=Path, help="the concept .safetensors file to evaluate")
     parser.add_argument("--prompts", type=Path, default=EVAL_PROMPTS_FILE,
                         help="text file, one prompt per line with {} for the person (default: presets/eval_prompts.txt)")
@@ -104,7 +106,9 @@ def main_eval(args: argparse.Namespace) -> int:
     from studio.sweep import grid_image, read_prompt_file, sweep
 
     try:
-        cfg = load_preset(args.preset)
+        from studio.cli import check_model, model_overrides
+
+        cfg = load_preset(args.preset or ("sd15" if args.model else "tiny"), **model_overrides(args))
         bands, balances = _settings(args, cfg)
         prompts = read_prompt_file(args.prompts)
         missing = [str(p) for p in args.reference if not p.is_file()]
@@ -112,6 +116,9 @@ def main_eval(args: argparse.Namespace) -> int:
             raise PhotoError(f"reference photo not found: {', '.join(missing)}")
         if not args.concept.is_file():
             raise ConfigError(f"concept file not found: {args.concept}")
+        from studio.concept import read_concept_info
+
+        check_model(cfg, read_concept_info(args.concept).get("backbone"))  # before any weight loads
         args.out.mkdir(parents=True, exist_ok=True)
         backbone = get_backbone(cfg.model)
         concept = load_concept(args.concept, backbone)

@@ -323,7 +323,9 @@ def check_backbone(fingerprint: dict[str, Any], backbone: Backbone) -> str | Non
             f"This concept was trained on {_backbone_text(fingerprint)}, and this studio runs {_backbone_text(mine)}: "
             f"their text encoders differ, so it cannot be used here. Switch to the model it was trained on."
         )
-    if fingerprint.get("source") != mine["source"] or fingerprint.get("text_layers") != mine["text_layers"]:
+    # the same weights by folder, file or hub id share a model_id; older concepts have only the source
+    same = fingerprint.get("model_id") == mine["model_id"] if fingerprint.get("model_id") else fingerprint.get("source") == mine["source"]
+    if not same or fingerprint.get("text_layers") != mine["text_layers"]:
         return (
             f"This concept was trained on {fingerprint.get('source')!r} and is used with {mine['source']!r}: "
             f"the text encoders have the same width, so it runs, but the likeness may be weaker."

@@ -38,8 +38,8 @@ def make_concept(
             last.weight.copy_(torch.randn(last.weight.shape, generator=generator) * 5 * scale)
     embedding = torch.randn(backbone.image_embed_dim, generator=generator) if bypass else None
     fingerprint = backbone.fingerprint()
-    if source is not None:
-        fingerprint["source"] = source
+    if source is not None:  # another model: another source and other weights
+        fingerprint.update(source=source, model_id=f"weights of {source}")
     return Concept(
         mapper=mapper.eval().requires_grad_(False), super_category="face", train_band=(200, 900),
         late_stage=late_stage, backbone=fingerprint, image_embedding=embedding, steps_done=7,

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from studio.backbone import TOY_DIR
+from studio.weights import TOY_DIR
 from studio.faces import AlignedFace, DetectedFace, FaceAnalyzer
 from studio.toy import models as toy_models
 from studio.toy.world import NATIVE_SIZE, ToyPromptError, parse_prompt

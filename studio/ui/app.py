@@ -87,6 +87,11 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                         cfg.model.source, label="Base model: hub id, local diffusers folder or .safetensors file",
                         elem_id="model-source",
                     )
+                    image_encoder = gr.Textbox(
+                        cfg.model.image_encoder or "", label="Image encoder of the bypass: hub id, folder, 'tiny' or empty for none",
+                        elem_id="image-encoder",
+                    )
+                    model_note = gr.Markdown(elem_id="model-note")
                     with gr.Row():
                         lr = gr.Number(cfg.train.lr, label="Learning rate", elem_id="lr")
                         batch_size = gr.Slider(1, 8, value=cfg.train.batch_size, step=1, label="Batch size")
@@ -362,19 +367,29 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                 raise views.user_error(exc) from None
             t, s = new_cfg.train, new_cfg.sample
             return [
-                _banner_update(new_cfg.model.source), new_cfg.model.source, t.steps, t.lr, t.batch_size, t.seed,
-                t.band[0], t.band[1], t.te_weight, t.te_balance, t.preview_every, t.cgdr_weight, s.band[0], s.band[1], s.balance,
+                _banner_update(new_cfg.model.source), new_cfg.model.source, new_cfg.model.image_encoder or "", t.steps, t.lr,
+                t.batch_size, t.seed, t.band[0], t.band[1], t.te_weight, t.te_balance, t.preview_every, t.cgdr_weight,
+                s.band[0], s.band[1], s.balance,
             ]
 
-        def on_model_source(source: str, request: gr.Request):
+        def on_model_source(source: str, encoder: str, request: gr.Request):
+            """Check the chosen model at once (files, architecture, image encoder), then load it: the
+            noise banner stays until a real model has loaded, and the note says which one did."""
+            from studio.weights import check
+
             engine = engine_for(request)
-            if source.strip() == engine.cfg.model.source:
-                return gr.skip()
+            model = {"model.source": source.strip(), "model.image_encoder": encoder.strip() or None}
+            if model == {"model.source": engine.cfg.model.source, "model.image_encoder": engine.cfg.model.image_encoder}:
+                return gr.skip(), gr.skip()
             try:
-                engine.configure(engine.cfg.replace(**{"model.source": source.strip()}))
-            except (ConfigError, RuntimeError) as exc:
+                cfg = engine.cfg.replace(**model)
+                check(cfg.model)
+                engine.configure(cfg)
+                backbone = engine.backbone()
+            except (ConfigError, RuntimeError) as exc:  # BackboneUnavailable is a RuntimeError
                 raise views.user_error(exc) from None
-            return _banner_update(engine.cfg.model.source)
+            notes = "".join(f"  \n*{note}*" for note in backbone.notes)
+            return _banner_update(backbone.source), f"✓ Loaded {backbone.describe()}.{notes}"
 
         # ---------------------------------------------------------------- wiring
         photos.change(on_photos, [photos], [crops, photo_report], api_name="photos")
@@ -407,9 +422,10 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
         )
         preset.change(
             on_preset, [preset],
-            [banner, model_source, *settings, band_lo, band_hi, balance], api_name="preset",
+            [banner, model_source, image_encoder, *settings, band_lo, band_hi, balance], api_name="preset",
         )
-        model_source.submit(on_model_source, [model_source], [banner], api_name="model_source")
+        model_source.submit(on_model_source, [model_source, image_encoder], [banner, model_note], api_name="model_source")
+        image_encoder.submit(on_model_source, [model_source, image_encoder], [banner, model_note], api_name="image_encoder")
         def on_unload(request: gr.Request):
             sessions.close(request.session_hash or "anonymous")
 
