@@ -213,7 +213,7 @@ def test_the_app_checks_a_model_when_chosen_and_says_which_loaded(studio_app, la
         banner, note = client.predict(str(layouts["fp16"]), str(layouts["image_encoder"]), api_name="/model_source")
         assert f"Loaded {layouts['fp16']}" in note and "upcast to float32" in note
         client.predict([handle_file(photo)], api_name="/photos")
-        args = [2, 3e-3, 1, 0, 200, 900, 1e-3, 0.5, 0, 400, 800, 1.0]
+        args = [2, 3e-3, 1, 0, 200, 900, 1e-3, 0.5, 0, 0.0, 400, 800, 1.0]  # ... preview every, CGDR weight, band, γ
         status = client.predict(*args, api_name="/train")[0]
         assert "Finished" in status and str(layouts["fp16"]) in status
     finally:
