@@ -501,17 +501,35 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         if step % 250 == 0:
             save_checkpoint()
     save_checkpoint()
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
-    unet.eval()
-    unet.save_pretrained(str(out / "unet"), safe_serialization=True)
-    text_encoder.to(torch.float16).save_pretrained(str(out / "text_encoder"), safe_serialization=True)
+    export_checkpoint(out)
     (out / "pretrain.json").write_text(json.dumps({"unet_steps": step, "unet_batch": plan.unet_batch,
                                                    "minutes": (time.time() - started) / 60,
                                                    "final_loss": float(np.mean(losses[-200:])) if losses else None,
                                                    "plan": plan.__dict__}, indent=2))
     _log(f"[backbone] done: {step} steps")
+
+
+def export_checkpoint(out: Path, target: Path | None = None) -> None:
+    """Write the EMA weights of the last UNet + text-encoder checkpoint as the diffusers
+    folder's ``unet/`` and ``text_encoder/`` (``target``: another folder, e.g. for a look at
+    a run in progress)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from studio.backbone import load_tokenizer
+
+    target = target or out
+    ckpt = out / "checkpoint"
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(load_tokenizer())))
+    unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size))
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = load_file(str(ckpt / "ema.safetensors"))
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(ema[str(i)])
+    unet.save_pretrained(str(target / "unet"), safe_serialization=True)
+    # fp16 on disk halves the 49 408-row embedding table; the studio loads it as the preset's dtype
+    text_encoder.to(torch.float16).save_pretrained(str(target / "text_encoder"), safe_serialization=True)
 
 
 def pretrain(out: Path, stages: tuple[str, ...] = STAGES, plan: PretrainPlan = PretrainPlan(), threads: int = 2) -> None:
