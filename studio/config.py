@@ -284,14 +284,27 @@ def available_presets() -> list[str]:
 def config_from_dict(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> StudioConfig:
     """Validate ``data`` (+ dotted overrides) against the schema and build a :class:`StudioConfig`."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(StudioConfig), OmegaConf.create(data))
+        merged = OmegaConf.merge(OmegaConf.structured(StudioConfig), OmegaConf.create(_literal(data)))
         for key, value in (overrides or {}).items():
-            OmegaConf.update(merged, key, value, merge=False)
+            OmegaConf.update(merged, key, _literal(value), merge=False)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"invalid setting {key!r}: {first_line}") from None
+
+
+def _literal(value: Any) -> Any:
+    """``value`` with every ``${...}`` escaped: settings are data, never omegaconf interpolations
+    (``${oc.env:SECRET}`` in an imported concept or a typed prompt stays that text). Presets
+    are resolved once, by load_preset, before they get here."""
+    if isinstance(value, str):
+        return value.replace("\\", "\\\\").replace("${", "\\${") if "${" in value else value
+    if isinstance(value, dict):
+        return {k: _literal(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_literal(v) for v in value]
+    return value
 
 
 def load_preset(name_or_path: str | Path, **overrides: Any) -> StudioConfig:

@@ -445,7 +445,16 @@ class Engine:
         from studio.concept import ConceptFileError, load_concept, read_training_state
 
         backbone = self.backbone()
-        concept = load_concept(source, backbone)
+        try:
+            concept = load_concept(source, backbone)
+        except (ConceptFileError, RuntimeError):
+            raise
+        except Exception as exc:  # nothing a file holds may end in a traceback; the concept stays
+            _LOG.exception("unexpected error importing a concept in session %s", self.session_id)
+            raise ConceptFileError(
+                f"This concept file could not be read because of an unexpected problem ({type(exc).__name__}); "
+                f"the current concept is kept."
+            ) from None
         message = f"Imported a concept trained for {concept.steps_done} steps."
         try:
             state = read_training_state(source)
@@ -455,7 +464,9 @@ class Engine:
         run = None
         if state is not None and concept.config:
             try:
-                run_cfg = replace(config_from_dict(concept.config), model=self.cfg.model)
+                # The file's settings are data; what to load (model, face models, CLIP) is the server's.
+                run_cfg = replace(config_from_dict(concept.config), model=self.cfg.model, face=self.cfg.face,
+                                  metrics=self.cfg.metrics)
             except ConfigError:
                 run_cfg = None  # settings of another studio version: the concept works, continuing does not
             if run_cfg is not None:
