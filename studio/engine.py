@@ -61,6 +61,44 @@ class LossPoint:
     attention_balance: float | None = None
 
 
+class LossHistory(Sequence):
+    """The loss curve, append-only and shared by snapshots: each holds the one list and its own
+    length, so a training step adds a point instead of copying the whole history (which made
+    every step slower than the last). Reads past a snapshot's length never happen."""
+
+    __slots__ = ("_points", "_length")
+
+    def __init__(self, points: list[LossPoint] | None = None, length: int = 0) -> None:
+        self._points = points if points is not None else []
+        self._length = length
+
+    def appended(self, point: LossPoint) -> LossHistory:
+        """This history plus ``point``; shares the list when this is its newest version."""
+        if len(self._points) != self._length:  # an older snapshot branching off: copy once
+            return LossHistory(self._points[: self._length] + [point], self._length + 1)
+        self._points.append(point)
+        return LossHistory(self._points, self._length + 1)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return tuple(self._points[: self._length][index])
+        if not -self._length <= index < self._length:
+            raise IndexError("loss history index out of range")
+        return self._points[index % self._length]
+
+    def __iter__(self) -> Iterator[LossPoint]:
+        return iter(self._points[: self._length])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    def __repr__(self) -> str:
+        return f"LossHistory({self._length} points)"
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Everything the UI shows about one session, at one moment. Immutable."""
@@ -69,7 +107,7 @@ class Snapshot:
     phase: Phase
     step: int = 0
     total: int = 0
-    losses: tuple[LossPoint, ...] = ()
+    losses: LossHistory = field(default_factory=LossHistory)
     steps_per_second: float | None = None
     eta_seconds: float | None = None
     preview: PreviewReady | None = None
@@ -215,7 +253,7 @@ class Engine:
             self._ended_run = None
             self._preview_points = []
             self._publish(
-                phase=Phase.LOADING, step=0, total=cfg.train.steps, losses=(), steps_per_second=None,
+                phase=Phase.LOADING, step=0, total=cfg.train.steps, losses=LossHistory(), steps_per_second=None,
                 eta_seconds=None, message="", best_step=None, best_note="",
             )
             return self._launch(cfg, prepared, None, foreground, gpu_call)
@@ -403,7 +441,7 @@ class Engine:
                 rate = len(self._step_times) / max(sum(self._step_times), 1e-9)
                 point = LossPoint(event.step, event.loss, event.rec_loss, event.te_loss, event.attention_balance)
                 self._publish(
-                    step=event.step, total=event.total, losses=self._snapshot.losses + (point,),
+                    step=event.step, total=event.total, losses=self._snapshot.losses.appended(point),
                     steps_per_second=rate, eta_seconds=(event.total - event.step) / rate,
                 )
             elif isinstance(event, PreviewReady):
@@ -640,7 +678,7 @@ class Engine:
         with self._lock:
             self._trainer = None
             self._thread = None
-            self._publish(phase=Phase.CLOSED, concept=None, preview=None, prepared=None, losses=())
+            self._publish(phase=Phase.CLOSED, concept=None, preview=None, prepared=None, losses=LossHistory())
         gc.collect()
 
 

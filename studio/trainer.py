@@ -36,6 +36,9 @@ from studio.prompts import RECONSTRUCTION_TEMPLATES, TANDEM_PROMPTS
 
 # Consecutive rollbacks after which training gives up (the learning rate is too high).
 MAX_ROLLBACKS_IN_ROW = 3
+# Rollbacks in one run (good steps in between do not reset it) after which training gives up:
+# a learning rate that diverges every few steps would otherwise roll back forever.
+MAX_ROLLBACKS_PER_RUN = 10
 # fp16 only: steps the GradScaler may skip in a row while it searches for a usable scale.
 MAX_SCALER_SKIPS = 16
 STATE_FORMAT = 1
@@ -375,11 +378,23 @@ class Trainer:
         TrainingFailed; the trainer stays usable.
         """
         stop = self.total if until is None else min(until, self.total)
+        rollbacks = 0  # in this run
         if not (yield from self._preview_if_due()):
             return
         while self.step < stop:
             outcome = yield from self._guarded(self.train_step)
             if isinstance(outcome, TrainingFailed):
+                return
+            rollbacks += isinstance(outcome, RolledBack)
+            if rollbacks >= MAX_ROLLBACKS_PER_RUN and self._rollbacks_in_row < MAX_ROLLBACKS_IN_ROW:
+                yield TrainingFailed(
+                    step=self.step,
+                    message=(
+                        f"Training stopped: the loss stopped being a finite number {rollbacks} times in this run "
+                        f"(going back to step {outcome.restored_step} each time did not help). The learning rate "
+                        f"is too high: lower it (now {self.cfg.train.lr:g}) and train again."
+                    ),
+                )
                 return
             if isinstance(outcome, RolledBack) and self._rollbacks_in_row >= MAX_ROLLBACKS_IN_ROW:
                 yield TrainingFailed(

@@ -69,3 +69,68 @@ def test_photo_preparation_is_bounded():
 
     assert faces.MAX_CONCURRENT_PHOTOS <= 4
     assert faces.PREPARE_SLOTS._initial_value == faces.MAX_CONCURRENT_PHOTOS  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------------- NaN rollback
+
+
+def test_a_diverging_learning_rate_ends_the_run_with_a_sentence_in_bounded_steps(backbone, tiny_cfg, faces_dir, monkeypatch):
+    """Issue 16, item 4: rollbacks separated by good steps used to reset the counter and repeat
+    forever. Here every third step diverges: the run gives up after MAX_ROLLBACKS_PER_RUN."""
+    import torch
+    from PIL import Image
+
+    from studio import trainer as trainer_module
+    from studio.events import RolledBack, TrainingFailed, TrainingStep
+    from studio.trainer import MAX_ROLLBACKS_PER_RUN, Trainer, TrainingPhoto
+
+    torch.set_num_threads(1)
+    photo = TrainingPhoto.center_crop(Image.open(faces_dir / "single" / "f2d_0.jpg"))
+    huge = tiny_cfg.replace(**{"train.steps": 10_000, "train.preview_every": 0, "train.lr": 1e30, "train.grad_accum": 1})
+    events = []
+    for event in Trainer(backbone, huge, [photo]).run():  # a real divergence ends, whatever its pattern
+        events.append(event)
+        assert len(events) < 200, "the rollbacks did not end"
+    assert isinstance(events[-1], TrainingFailed) and "learning rate" in events[-1].message and "1e+30" in events[-1].message
+
+    cfg = huge.replace(**{"train.lr": 1e-3, "train.snapshot_every": 1})
+    trainer = Trainer(backbone, cfg, [photo])
+    real_micro_step = trainer._micro_step
+    calls = {"n": 0}
+
+    def every_third_diverges():  # a good step or two, then a non-finite loss: never 3 in a row
+        calls["n"] += 1
+        result = real_micro_step()
+        if calls["n"] % 3 == 0:
+            result.loss = result.loss * float("nan")
+        return result
+
+    monkeypatch.setattr(trainer, "_micro_step", every_third_diverges)
+    events = []
+    for event in trainer.run():
+        events.append(event)
+        assert len(events) < 100, "the rollbacks did not end"
+    assert isinstance(events[-1], TrainingFailed)
+    assert "Training stopped: the loss stopped being a finite number" in events[-1].message
+    assert "learning rate is too high: lower it (now 0.001)" in events[-1].message
+    assert sum(isinstance(e, RolledBack) for e in events) == MAX_ROLLBACKS_PER_RUN
+    assert any(isinstance(e, TrainingStep) for e in events)
+    assert trainer_module.MAX_ROLLBACKS_IN_ROW == 3
+
+
+def test_the_loss_history_is_appended_not_copied():
+    from studio.engine import LossHistory, LossPoint
+
+    history = LossHistory()
+    snapshots = []
+    for step in range(1, 2001):
+        history = history.appended(LossPoint(step, 1.0 / step, 0.0, 0.0))
+        snapshots.append(history)
+    assert all(s._points is history._points for s in snapshots)  # one list for all
+    assert len(snapshots[9]) == 10 and snapshots[9][-1].step == 10 and list(snapshots[2])[-1].step == 3
+    assert snapshots[9][:2] == (LossPoint(1, 1.0, 0.0, 0.0), LossPoint(2, 0.5, 0.0, 0.0))
+    branch = snapshots[9].appended(LossPoint(99, 0.0, 0.0, 0.0))  # an old snapshot never sees newer points
+    assert [p.step for p in branch][-2:] == [10, 99] and len(history) == 2000
+    assert LossHistory() == () and not LossHistory()
+    with pytest.raises(IndexError):
+        snapshots[0][1]
