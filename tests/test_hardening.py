@@ -134,3 +134,61 @@ def test_the_loss_history_is_appended_not_copied():
     assert LossHistory() == () and not LossHistory()
     with pytest.raises(IndexError):
         snapshots[0][1]
+
+
+# ----------------------------------------------------------------------------- sessions without a heartbeat
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_heartbeatless_session_left_training_is_closed_after_the_idle_timeout(tiny_cfg, faces_dir, backbone):
+    """Issue 16, item 5: a REST client starts training and goes away; no unload ever comes."""
+    from studio.engine import Phase
+    from studio.ui.sessions import SessionRegistry
+
+    clock = _Clock()
+    registry = SessionRegistry(tiny_cfg.replace(**{"train.steps": 10_000, "train.preview_every": 0}),
+                               idle_timeout_s=60, clock=clock)
+    left = registry.get("rest-client")
+    left.prepare_photos([str(faces_dir / "single" / "f2d_0.jpg")])
+    left.start()
+    left.wait_until(lambda s: s.step >= 1, timeout=120)
+    export = registry.folder("rest-client") / "concept.safetensors"
+    export.write_bytes(b"x")
+    upload = Path(registry.folder("other")) / "upload.jpg"
+    upload.write_bytes(b"y")
+    registry.own("rest-client", upload)
+    browser = registry.get("browser-tab")
+    clock.now += 45
+    registry.touch("browser-tab")  # the open tab's keepalive
+    assert registry.close_idle() == []
+    clock.now += 30  # 75 s since the REST client's last request, 30 s since the tab's ping
+    assert registry.close_idle() == ["rest-client"]
+    assert left.closed and left.snapshot().phase is Phase.CLOSED
+    assert left._thread is None  # its training thread was joined: the work stopped
+    assert not export.exists() and not upload.exists()
+    assert registry.sessions() == ["browser-tab"] and not browser.closed
+    registry.close_all()
+
+
+def test_the_number_of_engines_is_capped_with_a_plain_message(tiny_cfg):
+    from studio.ui.sessions import SessionRegistry, StudioFull
+
+    clock = _Clock()
+    registry = SessionRegistry(tiny_cfg, max_engines=2, idle_timeout_s=60, clock=clock)
+    registry.get("a"), registry.get("b")
+    with pytest.raises(StudioFull, match="The studio is full: 2 people are using it right now. Try again in a few minutes."):
+        registry.get("c")
+    assert registry.get("a") is registry.get("a")  # existing sessions go on
+    registry.close("b")
+    registry.get("c")
+    clock.now += 61
+    registry.get("d")  # idle sessions are closed first: room again
+    assert sorted(registry.sessions()) == ["d"]
+    registry.close_all()

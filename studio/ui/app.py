@@ -6,7 +6,8 @@ with ``studio.ui.views``. Every expected error becomes a plain sentence in the p
 from __future__ import annotations
 
 import asyncio
-import tempfile
+import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from studio.runner import CHUNK_DURATION_S, chunked_training, training_chunk
 from studio.sampler import SCHEDULERS
 from studio.ui import views
 from studio.ui.explore import build_explore_tab
-from studio.ui.sessions import SessionRegistry
+from studio.ui.sessions import KEEPALIVE_S, SessionRegistry, StudioFull
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 EXAMPLE_PHOTOS = sorted(str(p) for p in (ASSETS / "examples").glob("*.png"))
@@ -46,7 +47,20 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
     sessions = SessionRegistry(cfg)
 
     def engine_for(request: gr.Request) -> Engine:
-        return sessions.get(request.session_hash or "anonymous")
+        try:
+            return sessions.get(request.session_hash or "anonymous")
+        except StudioFull as exc:
+            raise views.user_error(exc) from None
+
+    def reap_idle_sessions() -> None:  # sessions without a heartbeat (REST, scripts) never unload
+        while True:
+            time.sleep(KEEPALIVE_S)
+            try:
+                sessions.close_idle()
+            except Exception:  # the reaper must outlive any one failed close
+                logging.getLogger(__name__).exception("closing idle sessions failed")
+
+    threading.Thread(target=reap_idle_sessions, name="idle-sessions", daemon=True).start()
 
     with gr.Blocks(title="PersonaMagic Studio", delete_cache=(3600, 3600)) as demo:
         demo.sessions = sessions  # for tests and app.py
@@ -174,6 +188,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             engine = engine_for(request)
             if not files:
                 return gr.skip(), gr.skip()
+            sessions.own(request.session_hash or "anonymous", *files)  # deleted when the session closes
             from studio.faces import PhotoError
 
             try:
@@ -320,7 +335,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
         def on_export(request: gr.Request):
             engine = engine_for(request)
             snapshot = engine.snapshot()
-            folder = Path(tempfile.mkdtemp(prefix="concept-"))
+            folder = sessions.folder(request.session_hash or "anonymous")  # deleted with the session
             try:
                 path = engine.export_concept(folder / f"personamagic-concept-step{snapshot.step}.safetensors")
             except (ValueError, OSError) as exc:
@@ -331,6 +346,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             if not file:
                 return gr.skip(), gr.skip()
             engine = engine_for(request)
+            sessions.own(request.session_hash or "anonymous", file)
             try:
                 concept = engine.import_concept(file)
             except (ValueError, OSError, RuntimeError) as exc:
@@ -399,5 +415,9 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
         def on_unload(request: gr.Request):
             sessions.close(request.session_hash or "anonymous")
 
+        def on_keepalive(request: gr.Request):  # an open tab is a live session, even when idle
+            sessions.touch(request.session_hash or "anonymous")
+
+        gr.Timer(KEEPALIVE_S).tick(on_keepalive, None, None, api_visibility="private", queue=False)
         demo.unload(on_unload)
     return demo
