@@ -192,3 +192,34 @@ def test_the_number_of_engines_is_capped_with_a_plain_message(tiny_cfg):
     registry.get("d")  # idle sessions are closed first: room again
     assert sorted(registry.sessions()) == ["d"]
     registry.close_all()
+
+
+# ----------------------------------------------------------------------------- shutdown
+
+
+def test_sigterm_cleans_up_like_ctrl_c(monkeypatch):
+    import signal
+    import time
+
+    import app
+
+    closed = []
+
+    class FakeDemo:
+        class sessions:  # noqa: N801 - stands in for the registry
+            @staticmethod
+            def close_all():
+                closed.append(True)
+
+        @staticmethod
+        def launch(**_kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+            raise AssertionError("SIGTERM did not end the server")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(app, "create_demo", lambda *_a: FakeDemo)
+    monkeypatch.setattr(app, "launch_kwargs", dict)
+    assert app.main(["--preset", "tiny"]) == 0
+    assert closed == [True]
+    assert signal.getsignal(signal.SIGTERM) is before
