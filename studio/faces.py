@@ -692,20 +692,43 @@ def _to_rgb(image: Image.Image, warnings_out: list[str]) -> Image.Image:
         return image.convert("RGB")
     if mode.startswith("I") or mode == "F":
         # 16-bit / 32-bit grey: PIL's convert clips to 0..255, so rescale the range ourselves.
-        values = np.asarray(image, dtype=np.float64)
+        values = np.asarray(image, dtype=np.float32)
         top = 65535.0 if mode.startswith("I;16") or values.max() > 255 else 255.0
         if mode == "F" and values.max() <= 1.0:
             top = 1.0
         grey = (values / top * 255.0).clip(0, 255).round().astype(np.uint8)
         warnings_out.append("Converted a 16-bit black-and-white image to 8-bit; the learned face will have no colour.")
         return Image.fromarray(grey, "L").convert("RGB")
-    if mode in ("L", "1"):
+    if mode in ("L", "1") and not image.info.get("reduced_from_16_bit"):
         warnings_out.append("This is a black-and-white photo; the learned face will have no skin or hair colour.")
         return image.convert("RGB")
     if mode == "P":
         warnings_out.append("This image has a limited colour palette (like a GIF); the photo quality may be low.")
         return image.convert("RGB")
     return image.convert("RGB")  # YCbCr, LAB, HSV, ...: plain colour conversions
+
+
+def _reduce(image: Image.Image, max_pixels: int, notes: list[str]) -> Image.Image:
+    """Shrink a decoded photo by a whole factor (box average) before any conversion, so that
+    no full-size copy in another mode (RGB, float) is ever made; the final resize is done later.
+    16-bit grey goes straight to 8-bit here (PIL cannot reduce it; numpy averages in float32)."""
+    pixels = image.width * image.height
+    factor = math.isqrt(pixels // max_pixels) if pixels > max_pixels else 1
+    if factor < 2 or image.mode in ("P", "1"):
+        return image
+    if image.mode.startswith("I;16"):
+        values = np.asarray(image)
+        h, w = values.shape[0] // factor * factor, values.shape[1] // factor * factor
+        blocks = values[:h, :w].reshape(h // factor, factor, w // factor, factor)
+        small = blocks.mean(axis=(1, 3), dtype=np.float32) * np.float32(255.0 / 65535.0)
+        notes.append("Converted a 16-bit black-and-white image to 8-bit; the learned face will have no colour.")
+        reduced = Image.fromarray(small.round().clip(0, 255).astype(np.uint8))
+        reduced.info.update(image.info)
+        reduced.info["reduced_from_16_bit"] = True
+        return reduced
+    reduced = image.reduce(factor)
+    reduced.info.update(image.info)
+    return reduced
 
 
 def _load(source: PhotoSource, max_pixels: int) -> _LoadedPhoto:
@@ -735,6 +758,7 @@ def _load(source: PhotoSource, max_pixels: int) -> _LoadedPhoto:
     except (SyntaxError, ValueError, EOFError, IndexError, TypeError):
         raise PhotoError("This image file is damaged and cannot be read. Re-export or upload the "
                          "original file again.") from None
+    image = _reduce(image, max_pixels, notes)
     try:
         orientation = image.getexif().get(0x0112, 1)
         if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: width and height swap

@@ -223,3 +223,65 @@ def test_sigterm_cleans_up_like_ctrl_c(monkeypatch):
     assert app.main(["--preset", "tiny"]) == 0
     assert closed == [True]
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ----------------------------------------------------------------------------- memory
+_PEAK = """
+import resource
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+"""
+
+
+def test_a_huge_16_bit_png_is_decoded_without_a_full_size_intermediate():
+    """Issue 16: a 100 KB 16-bit PNG of 7000² cost +1.2 GB per upload. Peak RSS, fresh process."""
+    result = _run_python(_PEAK + """
+import io, json
+import numpy as np
+from PIL import Image
+from studio.faces import load_photo
+buffer = io.BytesIO()
+Image.fromarray(np.zeros((7000, 7000), np.uint16)).save(buffer, format="PNG")
+png = buffer.getvalue()
+start = peak_mb()
+image, notes = load_photo(png, 4_000_000)
+print(json.dumps({"mb": peak_mb() - start, "size": image.size, "notes": notes}))
+""")
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["mb"] < 350, figures  # was ~1200 (the 16-bit pixels alone are 98 MB)
+    assert max(figures["size"]) <= 2000 and "16-bit" in figures["notes"][0]
+
+
+def test_a_concept_claiming_a_huge_mapper_is_refused_before_any_allocation():
+    """Issue 16: a 300 KB concept whose metadata sizes the mapper cost +1.8 GB before any shape check."""
+    result = _run_python(_PEAK + """
+import json, struct, sys
+sys.path.insert(0, "tests")
+from safetensors.torch import load as load_tensors, save as save_tensors
+from studio.backbone import get_backbone
+from studio.concept import ConceptFileError, concept_to_bytes, load_concept
+from studio.config import load_preset
+from test_sampler import make_concept
+backbone = get_backbone(load_preset("tiny").model)
+good = concept_to_bytes(make_concept(backbone, bypass=True))
+header_len = struct.unpack("<Q", good[:8])[0]
+info = json.loads(json.loads(good[8:8 + header_len])["__metadata__"]["personamagic"])
+tensors = load_tensors(good)
+claims = [dict(info, num_anchors=4096, time_encoding_dim=8192, hidden_dim=4096),
+          dict(info, num_anchors=10**6, time_encoding_dim=10**6)]
+files = [save_tensors(tensors, metadata={"personamagic": json.dumps(c)}) for c in claims]
+start = peak_mb()
+messages = []
+for data in files:
+    try:
+        load_concept(data, backbone)
+        raise SystemExit("a huge mapper claim was loaded")
+    except ConceptFileError as exc:
+        messages.append(str(exc))
+print(json.dumps({"mb": peak_mb() - start, "messages": messages}))
+""")
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["mb"] < 50, figures
+    assert "has shape" in figures["messages"][0] and "from 1 to 4096" in figures["messages"][1]
