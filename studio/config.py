@@ -21,6 +21,11 @@ EVAL_PROMPTS_FILE = PRESET_DIR / "eval_prompts.txt"
 # The SD 1.x training scale: timesteps are integers in [0, NUM_TRAIN_TIMESTEPS).
 NUM_TRAIN_TIMESTEPS = 1000
 
+# Training photos per micro-step: each is a UNet forward and backward on the shared accelerator.
+MAX_BATCH_SIZE = 8
+# torch generators take a signed 64-bit seed.
+MAX_SEED = 2**63 - 1
+
 DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 
 
@@ -143,6 +148,10 @@ class TrainConfig:
         for key in ("steps", "batch_size", "grad_accum", "resolution"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise ConfigError(f"train.batch_size must be at most {MAX_BATCH_SIZE} (use grad_accum for larger batches), got {self.batch_size}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"train.seed must be a whole number from 0 to {MAX_SEED}, got {self.seed}")
         if self.resolution % 64:  # 8x the VAE factor: the size previews can be rendered at
             raise ConfigError(f"train.resolution must be a multiple of 64, got {self.resolution}")
         if not self.lr > 0:

@@ -737,7 +737,10 @@ def _load(source: PhotoSource, max_pixels: int) -> _LoadedPhoto:
     width, height = image.size
     if getattr(image, "is_animated", False):
         frames = getattr(image, "n_frames", 2)
-        notes.append(f"This is an animated image ({frames} frames); only the first frame is used.")
+        if image.format == "TIFF":
+            notes.append(f"This TIFF file has {frames} pages; only the first page is used.")
+        else:
+            notes.append(f"This is an animated image ({frames} frames); only the first frame is used.")
         image.seek(0)
     if image.format == "JPEG" and width * height > max_pixels:
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale directly: huge photos never exist in

@@ -285,3 +285,97 @@ print(json.dumps({"mb": peak_mb() - start, "messages": messages}))
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["mb"] < 50, figures
     assert "has shape" in figures["messages"][0] and "from 1 to 4096" in figures["messages"][1]
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+@pytest.mark.parametrize("args, sentence", [
+    (["train", "--steps", "0"], "train.steps must be >= 1, got 0"),
+    (["train", "--steps", "1", "--seed", str(2**64)], "train.seed must be a whole number from 0 to 9223372036854775807"),
+    (["train", "--steps", "1", "--set", "train.batch_size=64"], "train.batch_size must be at most 8"),
+    (["generate", "--size", "100000"], "The image height can be at most 256 pixels for this model, got 100000"),
+    (["generate", "--seed", str(2**64)], "Seeds must be whole numbers from 0 to 9223372036854775807"),
+    (["generate", "--negative", "ugly " * 100], "The negative prompt is too long: 102 tokens"),
+])
+def test_cli_inputs_get_one_sentence_and_exit_2(args, sentence, faces_dir, tmp_path, capsys):
+    from studio.cli import main
+
+    if args[0] == "train":
+        args = [*args, "--preset", "tiny", "--image", str(faces_dir / "single" / "f2d_0.jpg"),
+                "--out", str(tmp_path / "c.safetensors")]
+    else:
+        args = [*args, "--preset", "tiny", "--prompt", "a photo of a face", "--out", str(tmp_path / "x.png")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert sentence in err and "Traceback" not in err
+
+
+def test_api_numbers_get_a_sentence_naming_the_field():
+    import gradio as gr
+
+    from studio.ui.views import as_number
+
+    assert as_number("3", "The seed", whole=True) == 3 and as_number(2**64, "The seed", whole=True) == 2**64
+    for value, sentence in (("abc", "The learning rate must be a number, got 'abc'."),
+                            (float("nan"), "The learning rate must be a finite number, got nan."),
+                            ("inf", "The learning rate must be a finite number, got 'inf'."),
+                            (None, "The learning rate must be a number, got 'None'.")):
+        with pytest.raises(gr.Error, match=sentence.replace(".", "\\.").replace("(", "\\(")):
+            as_number(value, "The learning rate")
+    with pytest.raises(gr.Error, match="The seed must be a whole number, got 1.5"):
+        as_number(1.5, "The seed", whole=True)
+
+
+def test_a_multipage_tiff_is_called_a_multipage_tiff():
+    import io
+
+    from PIL import Image
+
+    from studio.faces import load_photo
+
+    buffer = io.BytesIO()
+    pages = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue")]
+    pages[0].save(buffer, format="TIFF", save_all=True, append_images=pages[1:])
+    _, notes = load_photo(buffer.getvalue(), 4_000_000)
+    assert notes == ["This TIFF file has 3 pages; only the first page is used."]
+
+
+def test_a_huge_te_weight_is_named_instead_of_the_learning_rate(backbone, tiny_cfg, faces_dir, monkeypatch):
+    from PIL import Image
+
+    from studio.events import TrainingFailed
+    from studio.trainer import Trainer, TrainingPhoto
+
+    photo = TrainingPhoto.center_crop(Image.open(faces_dir / "single" / "f2d_0.jpg"))
+    cfg = tiny_cfg.replace(**{"train.steps": 5, "train.preview_every": 0, "train.te_weight": 1e6, "train.grad_accum": 1})
+    trainer = Trainer(backbone, cfg, [photo])
+    real_micro_step = trainer._micro_step
+
+    def always_nan():
+        result = real_micro_step()
+        result.loss = result.loss * float("nan")
+        return result
+
+    monkeypatch.setattr(trainer, "_micro_step", always_nan)
+    events = list(trainer.run())
+    assert isinstance(events[-1], TrainingFailed)
+    assert "The TE weight is far above its usual 0.001 (now 1e+06): lower it" in events[-1].message
+    assert "learning rate" not in events[-1].message
+
+
+def test_an_unknown_tensor_dtype_is_one_sentence_not_a_list_of_dtypes(backbone):
+    import struct
+
+    from studio.concept import ConceptFileError, concept_to_bytes, load_concept
+    from test_sampler import make_concept
+
+    good = concept_to_bytes(make_concept(backbone))
+    (header_len,) = struct.unpack("<Q", good[:8])
+    header = json.loads(good[8 : 8 + header_len])
+    header["mapper.head.bias"]["dtype"] = "Q9"
+    raw = json.dumps(header).encode()
+    with pytest.raises(ConceptFileError) as caught:
+        load_concept(struct.pack("<Q", len(raw)) + raw + good[8 + header_len :], backbone)
+    assert "of type 'Q9', which concept files never use" in str(caught.value)
+    assert "BF16" not in str(caught.value) and "F8" not in str(caught.value)

@@ -32,6 +32,24 @@ def user_error(exc: BaseException) -> gr.Error:
     return gr.Error(str(exc) or type(exc).__name__, print_exception=False)
 
 
+def as_number(value: Any, what: str, *, whole: bool = False) -> Any:
+    """A field's value as a number, or a gr.Error naming the field: text, NaN or infinity sent
+    through the API get a sentence instead of Python's conversion message."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise user_error(ValueError(f"{what} must be a number, got {str(value)[:40]!r}.")) from None
+    if not math.isfinite(number):
+        raise user_error(ValueError(f"{what} must be a finite number, got {value!r}."))
+    if not whole:
+        return number
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value  # exact, however large (the settings check the range)
+    if number != int(number):
+        raise user_error(ValueError(f"{what} must be a whole number, got {value!r}."))
+    return int(number)
+
+
 def loss_frame(snapshot: Snapshot) -> pd.DataFrame | None:
     """Raw and EMA-smoothed loss as a long frame (step, loss, series), at most ~400 points per series.
 
