@@ -379,3 +379,31 @@ def test_an_unknown_tensor_dtype_is_one_sentence_not_a_list_of_dtypes(backbone):
         load_concept(struct.pack("<Q", len(raw)) + raw + good[8 + header_len :], backbone)
     assert "of type 'Q9', which concept files never use" in str(caught.value)
     assert "BF16" not in str(caught.value) and "F8" not in str(caught.value)
+
+
+# ----------------------------------------------------------------------------- leftovers
+
+
+def test_a_closed_sessions_uploads_crops_and_exports_are_deleted(studio_app, faces_dir):
+    """Issue 16, item 8 of "Why": exports left concept-* folders in the temp dir forever, and a
+    closed session's files stayed downloadable. Now they live in the session's own folder inside
+    Gradio's cache (served without a copy) and go when the session closes."""
+    from gradio_client import Client, handle_file
+
+    demo, url = studio_app
+    before = set(demo.sessions.sessions())
+    client = Client(url, verbose=False, analytics_enabled=False)
+    try:
+        client.predict([handle_file(str(faces_dir / "single" / "f2d_0.jpg"))], api_name="/photos")
+        client.predict(3, 3e-3, 1, 0, 200, 900, 1e-3, 0.5, 0, 400, 800, 1.0, api_name="/train")
+        client.predict(api_name="/export")
+        (session,) = set(demo.sessions.sessions()) - before
+        folder = demo.sessions._folders[session]
+        uploads = list(demo.sessions._files[session])
+        names = sorted(p.name for p in folder.iterdir())
+        assert any(n.startswith("crop-") for n in names) and any(n.endswith(".safetensors") for n in names)
+        assert folder.is_relative_to(demo.sessions._root) and uploads and all(p.exists() for p in uploads)
+    finally:
+        client.close()
+    assert demo.sessions.wait_until(lambda s: session not in s, timeout=60)
+    assert not folder.exists() and not any(p.exists() for p in uploads)

@@ -48,7 +48,9 @@ MAX_IMAGES = 8
 
 def build_demo(cfg: StudioConfig) -> gr.Blocks:
     """The whole studio for a starting preset; each browser session gets its own Engine."""
-    sessions = SessionRegistry(cfg)
+    # Session folders inside Gradio's cache: files returned from there are served without a copy,
+    # so deleting a closed session's folder really removes its exports and crops.
+    sessions = SessionRegistry(cfg, root=Path(gr.utils.get_upload_folder()) / "studio-sessions")
 
     def interval(lo: Any, hi: Any) -> tuple[int, int]:
         return (views.as_number(lo, "The interval start", whole=True), views.as_number(hi, "The interval end", whole=True))
@@ -209,7 +211,8 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             except PhotoError as exc:
                 gr.Warning(str(exc))
                 return gr.skip(), f"✗ {exc}"
-            return views.photo_items(prepared), views.photo_report(prepared)
+            folder = sessions.folder(request.session_hash or "anonymous")  # crops go with the session
+            return views.photo_items(prepared, folder), views.photo_report(prepared)
 
         def overrides_from(values: list[Any]) -> dict[str, Any]:
             """Dotted overrides from the training settings; an emptied field is named, not a crash."""

@@ -39,12 +39,13 @@ class SessionRegistry:
 
     def __init__(self, cfg: StudioConfig, *, max_engines: int = MAX_ENGINES, idle_timeout_s: float = IDLE_TIMEOUT_S,
                  clock: Callable[[], float] = time.monotonic,
-                 engine_factory: Callable[[StudioConfig, str], Engine] = Engine) -> None:
+                 engine_factory: Callable[[StudioConfig, str], Engine] = Engine, root: Path | None = None) -> None:
         self.cfg = cfg
         self.max_engines = max_engines
         self.idle_timeout_s = idle_timeout_s
         self._clock = clock
         self._engine_factory = engine_factory
+        self._root = root  # where session folders are made (None: the system temp folder)
         self._engines: dict[str, Engine] = {}
         self._last_seen: dict[str, float] = {}
         self._folders: dict[str, Path] = {}
@@ -86,11 +87,13 @@ class SessionRegistry:
         return idle
 
     def folder(self, session_hash: str) -> Path:
-        """The session's own temp folder (exports), deleted when the session closes."""
+        """The session's own temp folder (exports, crops), deleted when the session closes."""
         with self._lock:
             folder = self._folders.get(session_hash)
             if folder is None or not folder.is_dir():
-                folder = self._folders[session_hash] = Path(tempfile.mkdtemp(prefix="studio-session-"))
+                if self._root is not None:
+                    self._root.mkdir(parents=True, exist_ok=True)
+                folder = self._folders[session_hash] = Path(tempfile.mkdtemp(prefix="session-", dir=self._root))
             return folder
 
     def own(self, session_hash: str, *paths: str | Path | None) -> None:

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import math
+import uuid
+from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import pandas as pd
@@ -141,11 +144,20 @@ def generated_items(result) -> list[tuple]:
     return items
 
 
-def photo_items(prepared) -> list[tuple]:
-    """Gallery items: each usable crop with its mask overlay."""
+def photo_items(prepared, folder: Path | None = None) -> list[tuple]:
+    """Gallery items: each usable crop with its mask overlay. With ``folder`` (the session's own,
+    inside Gradio's cache) the crops are written there, so they are served from it and go with it."""
     if prepared is None:
         return []
-    return [(photo.mask_overlay(), f"{photo.name} ({prepared.backend})") for photo in prepared.photos]
+    items = []
+    for index, photo in enumerate(prepared.photos):
+        image: Any = photo.mask_overlay()
+        if folder is not None:
+            path = folder / f"crop-{uuid.uuid4().hex[:12]}-{index}.png"
+            image.save(path)
+            image = str(path)
+        items.append((image, f"{photo.name} ({prepared.backend})"))
+    return items
 
 
 def photo_report(prepared) -> str:
