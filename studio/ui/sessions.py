@@ -61,6 +61,7 @@ class SessionRegistry:
         self._last_seen: dict[str, float] = {}
         self._folders: dict[str, Path] = {}
         self._files: dict[str, set[Path]] = {}
+        self._closing: dict[str, int] = {}  # session hash -> close() calls still cleaning up
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
 
@@ -115,6 +116,7 @@ class SessionRegistry:
     def close(self, session_hash: str) -> None:
         with self._lock:
             engine = self._engines.pop(session_hash, None)
+            self._closing[session_hash] = self._closing.get(session_hash, 0) + 1
             self._last_seen.pop(session_hash, None)
             folder = self._folders.pop(session_hash, None)
             files = self._files.pop(session_hash, set())
@@ -132,6 +134,9 @@ class SessionRegistry:
         if engine is not None:
             _return_freed_memory()
         with self._lock:
+            self._closing[session_hash] -= 1
+            if not self._closing[session_hash]:
+                del self._closing[session_hash]
             self._changed.notify_all()
 
     def close_all(self) -> None:
@@ -143,9 +148,10 @@ class SessionRegistry:
             return list(self._engines)
 
     def wait_until(self, predicate, timeout: float) -> bool:
-        """Block until ``predicate(list of session hashes)`` holds; False on timeout."""
+        """Block until ``predicate(list of session hashes)`` holds; False on timeout. A session
+        being closed is listed until its files are gone."""
         with self._changed:
-            return self._changed.wait_for(lambda: predicate(list(self._engines)), timeout=timeout)
+            return self._changed.wait_for(lambda: predicate(list(self._engines) + list(self._closing)), timeout=timeout)
 
     def __len__(self) -> int:
         with self._lock:
