@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 
@@ -83,8 +84,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, BackboneUnavailable) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    demo.launch(server_name=args.server_name, server_port=args.server_port, share=args.share, **launch_kwargs())
+    # SIGTERM (a container or Space stopping) cleans up like Ctrl-C: Gradio's own shutdown,
+    # then every session's training stops and its folders and uploads are deleted.
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
+    try:
+        demo.launch(server_name=args.server_name, server_port=args.server_port, share=args.share, **launch_kwargs())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        demo.sessions.close_all()
     return 0
+
+
+def _sigterm_as_ctrl_c(signum: int, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -75,8 +75,24 @@ CONCEPT_FORMAT = "personamagic-studio-concept"
 CHECKPOINT_FORMAT = "personamagic-studio-checkpoint"
 FORMAT_VERSION = 1
 METADATA_KEY = "personamagic"
-# A concept is a few MB; the header of any safetensors file is far below this.
-MAX_HEADER_BYTES = 100_000_000
+# A concept is a few MB and its safetensors header a few KB (the trainer state's JSON tree
+# included): anything far larger is refused before it is parsed.
+MAX_HEADER_BYTES = 8_000_000
+MAX_METADATA_BYTES = 4_000_000
+# JSON nesting of the metadata (the trainer state tree is ~8 deep) and of the stored config.
+MAX_METADATA_DEPTH = 24
+# Integers in a concept file have at most this many digits (file offsets, RNG words).
+MAX_INT_DIGITS = 20
+# Sizes of the mapper a file may ask for (SD 1.x: 768 wide, 200 anchors, 2048 encoding).
+MAPPER_LIMITS = {
+    "num_tokens": (1, 16), "num_anchors": (1, 4096), "hidden_dim": (1, 4096),
+    "time_encoding_dim": (2, 8192), "image_embed_dim": (1, 4096), "token_dim": (1, 4096),
+}
+# Tensor dtypes a concept file may hold: the mapper and embedding are float32; the trainer
+# state also has byte RNG states and integer counters.
+_MAPPER_DTYPES = frozenset({"F32"})
+_STATE_DTYPES = frozenset({"F32", "F16", "BF16", "F64", "I64", "I32", "U8", "BOOL"})
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 class ConceptFileError(ValueError):
@@ -119,7 +135,7 @@ def concept_to_bytes(concept: Concept, training_state: dict[str, Any] | None = N
         "studio_version": _studio_version(),
         **extra,
     }
-    return save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(info, default=str)})
+    return save_safetensors(tensors, metadata={METADATA_KEY: _finite_json(info, "concept")})
 
 
 def _same_tensors(a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor]) -> bool:
@@ -214,16 +230,21 @@ def _parse_header(head: bytes, total_size: int, name: str) -> dict[str, Any]:
         )
     if 8 + header_len > total_size:
         raise ConceptFileError(f"{name} is truncated (the download or copy was cut short): export or download it again.")
+    damaged = f"{name} is damaged (its safetensors header cannot be read): export it again."
     try:
-        header = json.loads(bytes(head[8 : 8 + header_len]).decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a mapping")
-        data_end = 0
-        for key, entry in header.items():
-            if key != "__metadata__":
-                data_end = max(data_end, int(entry["data_offsets"][1]))
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
-        raise ConceptFileError(f"{name} is damaged (its safetensors header cannot be read): export it again.") from None
+        header = _strict_json(bytes(head[8 : 8 + header_len]).decode("utf-8"))
+    except (_Refused, ValueError, UnicodeDecodeError):
+        raise ConceptFileError(damaged) from None
+    if not isinstance(header, dict):
+        raise ConceptFileError(damaged)
+    data_end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise ConceptFileError(f"{name} is damaged: its safetensors metadata must map names to text.")
+            continue
+        _check_entry(key, entry, name)
+        data_end = max(data_end, entry["data_offsets"][1])
     expected = 8 + header_len + data_end
     if total_size < expected:
         raise ConceptFileError(
@@ -233,6 +254,204 @@ def _parse_header(head: bytes, total_size: int, name: str) -> dict[str, Any]:
     if total_size > expected:
         raise ConceptFileError(f"{name} is damaged: it has {total_size - expected:,} extra bytes after its data.")
     return header
+
+
+class _Refused(ValueError):
+    """A value in a concept file's JSON that no file of ours holds."""
+
+
+def _refuse_constant(text: str) -> Any:
+    raise _Refused(f"the number {text} is not finite")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _Refused(f"an integer has {len(text)} digits")
+    return int(text)
+
+
+def _strict_json(text: str) -> Any:
+    """json.loads without NaN / Infinity, huge integers or deep nesting (all raise _Refused)."""
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant, parse_int=_bounded_int)
+    except RecursionError:
+        raise _Refused("it is nested too deeply") from None
+    if _depth(value) > MAX_METADATA_DEPTH:
+        raise _Refused(f"it is nested more than {MAX_METADATA_DEPTH} levels deep")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, level)
+            if level <= MAX_METADATA_DEPTH:
+                stack.extend((v, level + 1) for v in item)
+    return deepest
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_entry(key: str, entry: Any, name: str) -> None:
+    """One tensor entry of a safetensors header: a known dtype, a small shape, offsets that match."""
+    damaged = f"{name} is damaged: the entry for tensor {key[:60]!r} in its header is malformed."
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise ConceptFileError(damaged)
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+        raise ConceptFileError(
+            f"{name} holds tensor {key[:60]!r} of type {str(dtype)[:20]!r}, which concept files never use "
+            f"(they hold 32-bit floats): it is not a concept exported by this studio."
+        )
+    if not (isinstance(shape, list) and len(shape) <= 4 and all(_is_int(d) and d >= 0 for d in shape)):
+        raise ConceptFileError(damaged)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise ConceptFileError(damaged)
+    if offsets[1] - offsets[0] != _DTYPE_BYTES[dtype] * int(np.prod(shape, dtype=object)):
+        raise ConceptFileError(f"{name} is damaged: tensor {key[:60]!r} has the wrong number of bytes for its shape.")
+
+
+def _int_in(info: dict[str, Any], key: str, lo: int, hi: int, name: str, default: Any = ...) -> int:
+    value = info.get(key, default)
+    if value is ...:
+        raise ConceptFileError(f"{name} is damaged: its metadata lacks {key}.")
+    if not _is_int(value) or not lo <= value <= hi:
+        raise ConceptFileError(
+            f"{name} is damaged: its metadata says {key} = {str(value)[:40]}, but it must be a whole number "
+            f"from {lo} to {hi}."
+        )
+    return value
+
+
+def _text(info: dict[str, Any], key: str, name: str, limit: int = 200, required: bool = True) -> str | None:
+    value = info.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > limit:
+        raise ConceptFileError(f"{name} is damaged: its metadata field {key} must be a short text.")
+    return value
+
+
+def _check_concept_metadata(info: dict[str, Any], name: str) -> None:
+    """The schema of a concept's metadata: types, ranges and sizes."""
+    method = info.get("method", "personamagic")
+    if method not in ("personamagic", "ti"):
+        raise ConceptFileError(f"{name} is damaged: its method must be personamagic or ti, got {str(method)[:40]!r}.")
+    if info.get("bypass_input", "encoding") not in ("trunk", "encoding"):
+        raise ConceptFileError(f"{name} is damaged: its bypass_input must be trunk or encoding.")
+    if not isinstance(info.get("stage_regulation", True), bool):
+        raise ConceptFileError(f"{name} is damaged: its stage_regulation must be true or false.")
+    _int_in(info, "num_tokens", *MAPPER_LIMITS["num_tokens"], name)
+    if method == "ti":  # one static token: no time mapper to size
+        keys: tuple[str, ...] = ()
+    else:
+        keys = ("num_anchors", "hidden_dim", "time_encoding_dim")
+    for key in keys:
+        _int_in(info, key, *MAPPER_LIMITS[key], name)
+    if keys and info["time_encoding_dim"] % 2:
+        raise ConceptFileError(f"{name} is damaged: its time encoding width {info['time_encoding_dim']} is odd.")
+    if info.get("image_embed_dim") is not None:
+        _int_in(info, "image_embed_dim", *MAPPER_LIMITS["image_embed_dim"], name)
+    backbone = info.get("backbone")
+    if not isinstance(backbone, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, (str, bool)) or _is_int(v)) and len(str(v)) <= 500
+        for k, v in backbone.items()
+    ):
+        raise ConceptFileError(f"{name} is damaged: its backbone metadata must be a flat mapping of short values.")
+    _int_in(backbone, "token_dim", *MAPPER_LIMITS["token_dim"], name)
+    band = info.get("train_band")
+    if not (isinstance(band, list) and len(band) == 2 and all(_is_int(b) for b in band) and 0 <= band[0] < band[1] <= 1000):
+        raise ConceptFileError(
+            f"{name} is damaged: its training band must be two whole timesteps [start, end] with "
+            f"0 <= start < end <= 1000, got {str(band)[:40]}."
+        )
+    word = _text(info, "super_category", name, limit=40)
+    if " " in word.strip():
+        raise ConceptFileError(f"{name} is damaged: its super-category {word[:40]!r} must be one word.")
+    if info.get("late_stage") not in ("band_edge", "super_category"):
+        raise ConceptFileError(f"{name} is damaged: its late stage must be band_edge or super_category.")
+    _int_in(info, "steps_done", 0, 10_000_000, name, default=0)
+    tokens = info.get("tokens", [])
+    if not (isinstance(tokens, list) and len(tokens) <= 16 and all(isinstance(t, str) and len(t) <= 20 for t in tokens)):
+        raise ConceptFileError(f"{name} is damaged: its token list is malformed.")
+    if not isinstance(info.get("config", {}), dict):
+        raise ConceptFileError(f"{name} is damaged: its stored settings are not a mapping.")
+    for key in ("uid", "created", "studio_version", "training_state_mapper"):
+        _text(info, key, name, limit=100, required=False)
+
+
+def _referenced_tensors(tree: Any) -> set[str]:
+    """Names of the tensors a trainer-state JSON tree refers to ({"__tensor__": name})."""
+    names, stack = set(), [tree]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if isinstance(item.get("__tensor__"), str):
+                names.add(item["__tensor__"])
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return names
+
+
+def _expected_mapper_shapes(info: dict[str, Any], token_dim: int) -> dict[str, tuple[int, ...]]:
+    """``mapper.<name>`` -> shape the metadata implies; built on the meta device (no memory)."""
+    with torch.device("meta"):
+        mapper = build_mapper(
+            torch.empty(token_dim), method=info.get("method", "personamagic"), band=tuple(info["train_band"]),
+            num_tokens=int(info["num_tokens"]), num_anchors=int(info.get("num_anchors", 0)),
+            hidden_dim=int(info.get("hidden_dim", 0)), time_encoding_dim=int(info.get("time_encoding_dim", 0)),
+            image_embed_dim=info.get("image_embed_dim"), bypass_input=info.get("bypass_input", "encoding"),
+        )
+    return {f"mapper.{k}": tuple(v.shape) for k, v in mapper.state_dict().items()}
+
+
+def _check_tensor_schema(header: dict[str, Any], info: dict[str, Any], name: str) -> None:
+    """Every tensor's name, dtype and shape against the metadata, from the header alone: nothing
+    is allocated for a file whose tensors contradict its settings, and unknown tensors are refused."""
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    state_key = "state" if info["format"] == CHECKPOINT_FORMAT else "training_state"
+    state_tensors = _referenced_tensors(info.get(state_key))
+    expected: dict[str, tuple[int, ...]] = {}
+    if info["format"] == CONCEPT_FORMAT:
+        embedding = entries.get("mapper.class_embedding")
+        if embedding is None:
+            raise ConceptFileError(f"{name} is damaged: the tensor mapper.class_embedding is missing.")
+        shape = embedding["shape"]
+        if len(shape) != 1 or not MAPPER_LIMITS["token_dim"][0] <= shape[0] <= MAPPER_LIMITS["token_dim"][1]:
+            raise ConceptFileError(f"{name} is damaged: tensor mapper.class_embedding has shape {tuple(shape)}.")
+        token_dim = shape[0]  # matched against the metadata's backbone in load_concept, after check_backbone
+        expected = _expected_mapper_shapes(info, token_dim)
+        embed_dim = info.get("image_embed_dim")
+        if "image_embedding" in entries:
+            expected["image_embedding"] = (embed_dim,) if embed_dim else tuple(entries["image_embedding"]["shape"][:1])
+    unknown = sorted(k for k in entries if k not in expected and k not in state_tensors)
+    if unknown:
+        listed = ", ".join(repr(k[:40]) for k in unknown[:3]) + (" ..." if len(unknown) > 3 else "")
+        raise ConceptFileError(f"{name} holds tensors a concept file never has ({listed}): it is refused unread.")
+    lacking = sorted(set(expected) - set(entries))
+    if lacking:
+        raise ConceptFileError(f"{name} is damaged: tensors missing: {', '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''}.")
+    for key, entry in entries.items():
+        allowed = _MAPPER_DTYPES if key in expected else _STATE_DTYPES
+        if entry["dtype"] not in allowed:
+            raise ConceptFileError(
+                f"{name} is damaged: tensor {key[:60]!r} holds {entry['dtype']} values, but concept files store "
+                f"32-bit floats there."
+            )
+        if key in expected and tuple(entry["shape"]) != expected[key]:
+            raise ConceptFileError(
+                f"{name} is damaged: tensor {key} has shape {tuple(entry['shape'])}, but its metadata implies "
+                f"{expected[key]}."
+            )
 
 
 def _foreign_kind(tensor_names: list[str]) -> str:
@@ -290,9 +509,17 @@ def _check_ours(header: dict[str, Any], name: str) -> dict[str, Any]:
             f"{name} is a safetensors file but not a PersonaMagic concept: it looks like {_foreign_kind(tensor_names)}. "
             f"Import a concept exported by this studio."
         )
+    text = metadata[METADATA_KEY]
+    if len(text) > MAX_METADATA_BYTES:  # checked before parsing: a huge JSON costs GBs and seconds
+        raise ConceptFileError(
+            f"{name} is not a concept exported by this studio: its metadata is {len(text) / 1e6:.0f} MB "
+            f"(the limit is {MAX_METADATA_BYTES / 1e6:.0f} MB)."
+        )
     try:
-        info = json.loads(metadata[METADATA_KEY])
-    except (ValueError, TypeError):
+        info = _strict_json(text)
+    except _Refused as exc:
+        raise ConceptFileError(f"{name} is damaged: its PersonaMagic metadata is refused ({exc}).") from None
+    except ValueError:
         raise ConceptFileError(f"{name} is damaged: its PersonaMagic metadata is not valid JSON.") from None
     if not isinstance(info, dict) or info.get("format") not in (CONCEPT_FORMAT, CHECKPOINT_FORMAT):
         raise ConceptFileError(f"{name} is not a PersonaMagic concept (unknown format {info.get('format') if isinstance(info, dict) else info!r}).")
@@ -304,6 +531,9 @@ def _check_ours(header: dict[str, Any], name: str) -> dict[str, Any]:
             f"{name} was made by a newer PersonaMagic Studio (file format version {version}); this studio reads "
             f"version {FORMAT_VERSION}. Update the studio to open it."
         )
+    if info["format"] == CONCEPT_FORMAT:
+        _check_concept_metadata(info, name)
+    _check_tensor_schema(header, info, name)
     return info
 
 
@@ -339,10 +569,19 @@ def compatibility_warning(concept: Concept, backbone: Backbone) -> str | None:
 
 
 def _tensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    """The file's tensors (its header already passed :func:`_check_tensor_schema`); every
+    floating-point value must be finite."""
     try:
-        return load_safetensors(data)
+        tensors = load_safetensors(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise ConceptFileError(f"{name} is damaged: its tensors cannot be read ({exc}).") from None
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ConceptFileError(
+                f"{name} is damaged: tensor {key} holds values that are not finite numbers (NaN or infinity), "
+                f"so it would render black or noisy images. Export the concept again."
+            )
+    return tensors
 
 
 def load_concept(source: str | Path | bytes, backbone: Backbone | None = None) -> Concept:
@@ -365,9 +604,19 @@ def load_concept(source: str | Path | bytes, backbone: Backbone | None = None) -
         raise ConceptFileError(f"{name} is damaged: its backbone or band metadata is malformed.")
     if backbone is not None:
         check_backbone(info["backbone"], backbone)
+        from studio.conditioning import super_category_id
+
+        try:
+            super_category_id(backbone.tokenizer, info["super_category"])
+        except ValueError as exc:
+            raise ConceptFileError(f"{name} cannot be used: {exc}") from None
     tensors = _tensors(data, name)
-    if "mapper.class_embedding" not in tensors:
-        raise ConceptFileError(f"{name} is damaged: the tensor mapper.class_embedding is missing.")
+    width = tensors["mapper.class_embedding"].shape[0]  # present and 1-D: see _check_tensor_schema
+    if width != info["backbone"]["token_dim"]:
+        raise ConceptFileError(
+            f"{name} is damaged: its tensors are {width} wide, but its metadata says the text encoder is "
+            f"{info['backbone']['token_dim']} wide."
+        )
     try:
         mapper = build_mapper(
             tensors["mapper.class_embedding"],
@@ -414,13 +663,24 @@ def load_concept(source: str | Path | bytes, backbone: Backbone | None = None) -
             backbone=dict(info["backbone"]),
             image_embedding=None if image_embedding is None else image_embedding.to(device),
             steps_done=int(info.get("steps_done", 0)),
-            config=dict(info.get("config") or {}),
+            config=_stored_settings(info.get("config")),
             stage_regulation=bool(info.get("stage_regulation", True)),
             # Same file -> same uid, so a re-imported concept reuses cached text conditions.
             uid=hashlib.sha256(data).hexdigest()[:32],
         )
     except (TypeError, ValueError) as exc:
         raise ConceptFileError(f"{name} is damaged: its metadata has a value of the wrong kind ({exc}).") from None
+
+
+# Stored settings that name what to load (model sources, CLIP, image encoder, face models): a
+# file never decides those; the server's own settings do.
+_LOADER_SECTIONS = ("model", "face", "metrics")
+
+
+def _stored_settings(config: Any) -> dict[str, Any]:
+    """The training settings a concept file carries, as data: without the sections that name
+    things to load (see :data:`_LOADER_SECTIONS`)."""
+    return {k: v for k, v in (config or {}).items() if k not in _LOADER_SECTIONS}
 
 
 def read_training_state(source: str | Path | bytes) -> dict[str, Any] | None:
@@ -539,7 +799,15 @@ def checkpoint_to_bytes(trainer_state: dict[str, Any]) -> bytes:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "studio_version": _studio_version(),
     }
-    return save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(info)})
+    return save_safetensors(tensors, metadata={METADATA_KEY: _finite_json(info, "training checkpoint")})
+
+
+def _finite_json(info: dict[str, Any], what: str) -> str:
+    """JSON for a file's metadata; NaN / infinity are refused (readers refuse them too)."""
+    try:
+        return json.dumps(info, default=str, allow_nan=False)
+    except ValueError:
+        raise ConceptFileError(f"Cannot save the {what}: one of its settings is not a finite number.") from None
 
 
 def save_checkpoint(path: str | Path, trainer_state: dict[str, Any]) -> Path:

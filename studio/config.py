@@ -21,6 +21,11 @@ EVAL_PROMPTS_FILE = PRESET_DIR / "eval_prompts.txt"
 # The SD 1.x training scale: timesteps are integers in [0, NUM_TRAIN_TIMESTEPS).
 NUM_TRAIN_TIMESTEPS = 1000
 
+# Training photos per micro-step: each is a UNet forward and backward on the shared accelerator.
+MAX_BATCH_SIZE = 8
+# torch generators take a signed 64-bit seed.
+MAX_SEED = 2**63 - 1
+
 DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 
 
@@ -175,6 +180,10 @@ class TrainConfig:
         for key in ("steps", "batch_size", "grad_accum", "resolution"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise ConfigError(f"train.batch_size must be at most {MAX_BATCH_SIZE} (use grad_accum for larger batches), got {self.batch_size}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"train.seed must be a whole number from 0 to {MAX_SEED}, got {self.seed}")
         if self.resolution % 64:  # 8x the VAE factor: the size previews can be rendered at
             raise ConfigError(f"train.resolution must be a multiple of 64, got {self.resolution}")
         if not self.lr > 0:
@@ -327,14 +336,27 @@ def available_presets() -> list[str]:
 def config_from_dict(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> StudioConfig:
     """Validate ``data`` (+ dotted overrides) against the schema and build a :class:`StudioConfig`."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(StudioConfig), OmegaConf.create(data))
+        merged = OmegaConf.merge(OmegaConf.structured(StudioConfig), OmegaConf.create(_literal(data)))
         for key, value in (overrides or {}).items():
-            OmegaConf.update(merged, key, value, merge=False)
+            OmegaConf.update(merged, key, _literal(value), merge=False)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"invalid setting {key!r}: {first_line}") from None
+
+
+def _literal(value: Any) -> Any:
+    """``value`` with every ``${...}`` escaped: settings are data, never omegaconf interpolations
+    (``${oc.env:SECRET}`` in an imported concept or a typed prompt stays that text). Presets
+    are resolved once, by load_preset, before they get here."""
+    if isinstance(value, str):
+        return value.replace("\\", "\\\\").replace("${", "\\${") if "${" in value else value
+    if isinstance(value, dict):
+        return {k: _literal(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_literal(v) for v in value]
+    return value
 
 
 def load_preset(name_or_path: str | Path, **overrides: Any) -> StudioConfig:

@@ -62,6 +62,44 @@ class LossPoint:
     cgdr_loss: float = 0.0
 
 
+class LossHistory(Sequence):
+    """The loss curve, append-only and shared by snapshots: each holds the one list and its own
+    length, so a training step adds a point instead of copying the whole history (which made
+    every step slower than the last). Reads past a snapshot's length never happen."""
+
+    __slots__ = ("_points", "_length")
+
+    def __init__(self, points: list[LossPoint] | None = None, length: int = 0) -> None:
+        self._points = points if points is not None else []
+        self._length = length
+
+    def appended(self, point: LossPoint) -> LossHistory:
+        """This history plus ``point``; shares the list when this is its newest version."""
+        if len(self._points) != self._length:  # an older snapshot branching off: copy once
+            return LossHistory(self._points[: self._length] + [point], self._length + 1)
+        self._points.append(point)
+        return LossHistory(self._points, self._length + 1)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return tuple(self._points[: self._length][index])
+        if not -self._length <= index < self._length:
+            raise IndexError("loss history index out of range")
+        return self._points[index % self._length]
+
+    def __iter__(self) -> Iterator[LossPoint]:
+        return iter(self._points[: self._length])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    def __repr__(self) -> str:
+        return f"LossHistory({self._length} points)"
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Everything the UI shows about one session, at one moment. Immutable."""
@@ -70,7 +108,7 @@ class Snapshot:
     phase: Phase
     step: int = 0
     total: int = 0
-    losses: tuple[LossPoint, ...] = ()
+    losses: LossHistory = field(default_factory=LossHistory)
     steps_per_second: float | None = None
     eta_seconds: float | None = None
     preview: PreviewReady | None = None
@@ -216,7 +254,7 @@ class Engine:
             self._ended_run = None
             self._preview_points = []
             self._publish(
-                phase=Phase.LOADING, step=0, total=cfg.train.steps, losses=(), steps_per_second=None,
+                phase=Phase.LOADING, step=0, total=cfg.train.steps, losses=LossHistory(), steps_per_second=None,
                 eta_seconds=None, message="", best_step=None, best_note="",
             )
             return self._launch(cfg, prepared, None, foreground, gpu_call)
@@ -406,7 +444,7 @@ class Engine:
                     event.step, event.loss, event.rec_loss, event.te_loss, event.attention_balance, event.cgdr_loss
                 )
                 self._publish(
-                    step=event.step, total=event.total, losses=self._snapshot.losses + (point,),
+                    step=event.step, total=event.total, losses=self._snapshot.losses.appended(point),
                     steps_per_second=rate, eta_seconds=(event.total - event.step) / rate,
                 )
             elif isinstance(event, PreviewReady):
@@ -448,7 +486,16 @@ class Engine:
         from studio.concept import ConceptFileError, load_concept, read_training_state
 
         backbone = self.backbone()
-        concept = load_concept(source, backbone)
+        try:
+            concept = load_concept(source, backbone)
+        except (ConceptFileError, RuntimeError):
+            raise
+        except Exception as exc:  # nothing a file holds may end in a traceback; the concept stays
+            _LOG.exception("unexpected error importing a concept in session %s", self.session_id)
+            raise ConceptFileError(
+                f"This concept file could not be read because of an unexpected problem ({type(exc).__name__}); "
+                f"the current concept is kept."
+            ) from None
         message = f"Imported a concept trained for {concept.steps_done} steps."
         try:
             state = read_training_state(source)
@@ -458,7 +505,9 @@ class Engine:
         run = None
         if state is not None and concept.config:
             try:
-                run_cfg = replace(config_from_dict(concept.config), model=self.cfg.model)
+                # The file's settings are data; what to load (model, face models, CLIP) is the server's.
+                run_cfg = replace(config_from_dict(concept.config), model=self.cfg.model, face=self.cfg.face,
+                                  metrics=self.cfg.metrics)
             except ConfigError:
                 run_cfg = None  # settings of another studio version: the concept works, continuing does not
             if run_cfg is not None:
@@ -632,7 +681,7 @@ class Engine:
         with self._lock:
             self._trainer = None
             self._thread = None
-            self._publish(phase=Phase.CLOSED, concept=None, preview=None, prepared=None, losses=())
+            self._publish(phase=Phase.CLOSED, concept=None, preview=None, prepared=None, losses=LossHistory())
         gc.collect()
 
 

@@ -49,6 +49,9 @@ MAX_FILE_BYTES = 200_000_000
 # HOG detection runs on a copy whose longest side is at most this (speed); landmarks,
 # alignment and the embedding then use the full working image.
 DETECT_MAX_SIDE = 1024
+# Photos decoded and analysed at once, over all sessions: each decode can take a few hundred
+# MB and the native models run one call at a time anyway (see PREPARE_SLOTS).
+MAX_CONCURRENT_PHOTOS = 2
 # Crops enlarged more than this from the photo are flagged as soft.
 MAX_CROP_UPSCALE = 2.0
 # dlib-style crop padding (0.25 = the tight recognition chip): the margin shrinks down to
@@ -292,8 +295,10 @@ class DlibFaceAnalyzer(FaceAnalyzer):
         self._detector = dlib.get_frontal_face_detector()
         self._landmarks = dlib.shape_predictor(str(models / DLIB_MODEL_FILES[0]))
         self._encoder = dlib.face_recognition_model_v1(str(models / DLIB_MODEL_FILES[1]))
-        # dlib's DNN keeps per-layer buffers inside the network object: one forward at a time.
-        self._encoder_lock = threading.Lock()
+        # The HOG detector, the shape predictor and the DNN keep scratch buffers inside their
+        # objects: called from two threads at once they corrupt the heap (SIGSEGV). One lock
+        # for all three: one native call at a time.
+        self._lock = threading.RLock()
 
     def detect(self, rgb: np.ndarray) -> list[DetectedFace]:
         dlib = self._dlib
@@ -303,14 +308,16 @@ class DlibFaceAnalyzer(FaceAnalyzer):
             rgb, (round(width * shrink), round(height * shrink)), interpolation=cv2.INTER_AREA)
         # HOG finds faces >= ~80 px; upsampling once (4x the work) reaches ~40 px, so try it
         # only when the plain pass finds nothing.
-        rects, scores, _ = self._detector.run(small, 0, 0.0)
-        if not rects:
-            rects, scores, _ = self._detector.run(small, 1, 0.0)
+        with self._lock:
+            rects, scores, _ = self._detector.run(small, 0, 0.0)
+            if not rects:
+                rects, scores, _ = self._detector.run(small, 1, 0.0)
         faces = []
         for rect, score in zip(rects, scores):
             box = tuple(v / shrink for v in (rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1))
             full_rect = dlib.rectangle(*(round(v) for v in box))
-            shape = self._landmarks(rgb, full_rect)
+            with self._lock:
+                shape = self._landmarks(rgb, full_rect)
             points = np.array([(p.x, p.y) for p in shape.parts()], np.float32)
             faces.append(DetectedFace(box, float(score), points, shape))  # type: ignore[arg-type]
         return sorted(faces, key=lambda f: f.side, reverse=True)
@@ -335,13 +342,14 @@ class DlibFaceAnalyzer(FaceAnalyzer):
                 dlib.rectangle(r.left() + left, r.top() + top, r.right() + left, r.bottom() + top),
                 [dlib.point(p.x + left, p.y + top) for p in shape.parts()],
             )
-        crop = dlib.get_face_chip(np.ascontiguousarray(rgb), shape, size, padding)
+        with self._lock:
+            crop = dlib.get_face_chip(np.ascontiguousarray(rgb), shape, size, padding)
         landmarks = _apply_affine(to_chip, face.landmarks)
         scale = float(math.hypot(to_chip[0, 0], to_chip[0, 1]))
         return AlignedFace(crop, landmarks, scale, outside)
 
     def embed(self, rgb: np.ndarray, face: DetectedFace) -> np.ndarray:
-        with self._encoder_lock:
+        with self._lock:
             descriptor = self._encoder.compute_face_descriptor(rgb, face.native, 0, 0.25)
         return np.asarray(descriptor, np.float32)
 
@@ -454,6 +462,8 @@ class InsightFaceAnalyzer(FaceAnalyzer):
 
 
 _ANALYZERS: dict[tuple, FaceAnalyzer] = {}
+# Bounds photo decoding + analysis over all sessions and threads (uploads, previews, scores).
+PREPARE_SLOTS = threading.BoundedSemaphore(MAX_CONCURRENT_PHOTOS)
 _ANALYZERS_LOCK = threading.Lock()
 
 
@@ -686,14 +696,14 @@ def _to_rgb(image: Image.Image, warnings_out: list[str]) -> Image.Image:
         return image.convert("RGB")
     if mode.startswith("I") or mode == "F":
         # 16-bit / 32-bit grey: PIL's convert clips to 0..255, so rescale the range ourselves.
-        values = np.asarray(image, dtype=np.float64)
+        values = np.asarray(image, dtype=np.float32)
         top = 65535.0 if mode.startswith("I;16") or values.max() > 255 else 255.0
         if mode == "F" and values.max() <= 1.0:
             top = 1.0
         grey = (values / top * 255.0).clip(0, 255).round().astype(np.uint8)
         warnings_out.append("Converted a 16-bit black-and-white image to 8-bit; the learned face will have no colour.")
         return Image.fromarray(grey, "L").convert("RGB")
-    if mode in ("L", "1"):
+    if mode in ("L", "1") and not image.info.get("reduced_from_16_bit"):
         warnings_out.append("This is a black-and-white photo; the learned face will have no skin or hair colour.")
         return image.convert("RGB")
     if mode == "P":
@@ -702,13 +712,39 @@ def _to_rgb(image: Image.Image, warnings_out: list[str]) -> Image.Image:
     return image.convert("RGB")  # YCbCr, LAB, HSV, ...: plain colour conversions
 
 
+def _reduce(image: Image.Image, max_pixels: int, notes: list[str]) -> Image.Image:
+    """Shrink a decoded photo by a whole factor (box average) before any conversion, so that
+    no full-size copy in another mode (RGB, float) is ever made; the final resize is done later.
+    16-bit grey goes straight to 8-bit here (PIL cannot reduce it; numpy averages in float32)."""
+    pixels = image.width * image.height
+    factor = math.isqrt(pixels // max_pixels) if pixels > max_pixels else 1
+    if factor < 2 or image.mode in ("P", "1"):
+        return image
+    if image.mode.startswith("I;16"):
+        values = np.asarray(image)
+        h, w = values.shape[0] // factor * factor, values.shape[1] // factor * factor
+        blocks = values[:h, :w].reshape(h // factor, factor, w // factor, factor)
+        small = blocks.mean(axis=(1, 3), dtype=np.float32) * np.float32(255.0 / 65535.0)
+        notes.append("Converted a 16-bit black-and-white image to 8-bit; the learned face will have no colour.")
+        reduced = Image.fromarray(small.round().clip(0, 255).astype(np.uint8))
+        reduced.info.update(image.info)
+        reduced.info["reduced_from_16_bit"] = True
+        return reduced
+    reduced = image.reduce(factor)
+    reduced.info.update(image.info)
+    return reduced
+
+
 def _load(source: PhotoSource, max_pixels: int) -> _LoadedPhoto:
     notes: list[str] = []
     image = _open(source)
     width, height = image.size
     if getattr(image, "is_animated", False):
         frames = getattr(image, "n_frames", 2)
-        notes.append(f"This is an animated image ({frames} frames); only the first frame is used.")
+        if image.format == "TIFF":
+            notes.append(f"This TIFF file has {frames} pages; only the first page is used.")
+        else:
+            notes.append(f"This is an animated image ({frames} frames); only the first frame is used.")
         image.seek(0)
     if image.format == "JPEG" and width * height > max_pixels:
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale directly: huge photos never exist in
@@ -729,6 +765,7 @@ def _load(source: PhotoSource, max_pixels: int) -> _LoadedPhoto:
     except (SyntaxError, ValueError, EOFError, IndexError, TypeError):
         raise PhotoError("This image file is damaged and cannot be read. Re-export or upload the "
                          "original file again.") from None
+    image = _reduce(image, max_pixels, notes)
     try:
         orientation = image.getexif().get(0x0112, 1)
         if orientation in (5, 6, 7, 8):  # rotated by 90 degrees: width and height swap
@@ -812,7 +849,8 @@ def prepare_photo(source: PhotoSource, cfg: FaceConfig, analyzer: FaceAnalyzer |
     analyzer = analyzer or get_face_analyzer(cfg)
     name = name or _source_name(source)
     try:
-        return _prepare(source, cfg, analyzer, name)
+        with PREPARE_SLOTS:
+            return _prepare(source, cfg, analyzer, name)
     except PhotoError:
         raise
     except MemoryError:
@@ -881,10 +919,11 @@ def identity_embedding(image: PhotoSource | np.ndarray, analyzer: FaceAnalyzer,
     (e.g. a generated image without a face). Raises PhotoError for unreadable files."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    loaded = _load(image, max_pixels)
-    rgb = np.ascontiguousarray(np.asarray(loaded.image))
-    faces = analyzer.detect(rgb)
-    return analyzer.embed(rgb, faces[0]) if faces else None
+    with PREPARE_SLOTS:
+        loaded = _load(image, max_pixels)
+        rgb = np.ascontiguousarray(np.asarray(loaded.image))
+        faces = analyzer.detect(rgb)
+        return analyzer.embed(rgb, faces[0]) if faces else None
 
 
 def identity_similarity(a: PhotoSource | np.ndarray, b: PhotoSource | np.ndarray,

@@ -61,6 +61,8 @@ SCHEDULERS: dict[str, Callable[[Any], Any]] = {
 }
 
 MAX_SEED = 2**63 - 1
+# Generated images are at most this many times the model's native side (tiny: 64 px; SD 1.5: 512).
+MAX_SIDE_FACTOR = 4
 
 
 class SamplerInputError(ValueError):
@@ -198,6 +200,13 @@ class Sampler:
         given = GenerationSettings(**settings)
         if not isinstance(given.negative_prompt, str):
             raise PromptError("The negative prompt must be text (it may be empty).")
+        tokenizer = self.backbone.tokenizer
+        negative_length = len(tokenizer(given.negative_prompt, add_special_tokens=False, verbose=False).input_ids) + 2
+        if negative_length > tokenizer.model_max_length:
+            raise PromptError(
+                f"The negative prompt is too long: {negative_length} tokens, the text encoder reads "
+                f"{tokenizer.model_max_length}. Shorten it."
+            )
         if concept is not None:
             if concept.mapper.token_dim != self.backbone.token_dim:
                 raise SamplerInputError(
@@ -237,6 +246,11 @@ class Sampler:
                 raise SamplerInputError(
                     f"The image {name} must be a positive multiple of {multiple} pixels for this model, got {side!r} "
                     f"(its native size is {native})."
+                )
+            if side > MAX_SIDE_FACTOR * native:
+                raise SamplerInputError(
+                    f"The image {name} can be at most {MAX_SIDE_FACTOR * native} pixels for this model, got {side} "
+                    f"(its native size is {native}; larger images need more memory than a shared server has)."
                 )
         return prompts, replace(given, seeds=seeds, band=band, height=height, width=width)
 

@@ -36,6 +36,11 @@ from studio.prompts import RECONSTRUCTION_TEMPLATES, TANDEM_PROMPTS
 
 # Consecutive rollbacks after which training gives up (the learning rate is too high).
 MAX_ROLLBACKS_IN_ROW = 3
+# Rollbacks in one run (good steps in between do not reset it) after which training gives up:
+# a learning rate that diverges every few steps would otherwise roll back forever.
+MAX_ROLLBACKS_PER_RUN = 10
+# A TE weight above this is blamed for a diverging loss rather than the learning rate.
+TE_WEIGHT_SUSPECT = 10.0
 # fp16 only: steps the GradScaler may skip in a row while it searches for a usable scale.
 MAX_SCALER_SKIPS = 16
 STATE_FORMAT = 1
@@ -391,19 +396,29 @@ class Trainer:
         TrainingFailed; the trainer stays usable.
         """
         stop = self.total if until is None else min(until, self.total)
+        rollbacks = 0  # in this run
         if not (yield from self._preview_if_due()):
             return
         while self.step < stop:
             outcome = yield from self._guarded(self.train_step)
             if isinstance(outcome, TrainingFailed):
                 return
+            rollbacks += isinstance(outcome, RolledBack)
+            if rollbacks >= MAX_ROLLBACKS_PER_RUN and self._rollbacks_in_row < MAX_ROLLBACKS_IN_ROW:
+                yield TrainingFailed(
+                    step=self.step,
+                    message=(
+                        f"Training stopped: the loss stopped being a finite number {rollbacks} times in this run "
+                        f"(going back to step {outcome.restored_step} each time did not help). {self._divergence_advice()}"
+                    ),
+                )
+                return
             if isinstance(outcome, RolledBack) and self._rollbacks_in_row >= MAX_ROLLBACKS_IN_ROW:
                 yield TrainingFailed(
                     step=self.step,
                     message=(
                         f"The loss was not a finite number {self._rollbacks_in_row} times in a row, even after going "
-                        f"back to step {outcome.restored_step}. Lower the learning rate (now {self.cfg.train.lr:g}) "
-                        f"and train again."
+                        f"back to step {outcome.restored_step}. {self._divergence_advice()}"
                     ),
                 )
                 return
@@ -414,6 +429,15 @@ class Trainer:
             if not (yield from self._preview_if_due(final=True)):
                 return
             yield TrainingFinished(step=self.step, total=self.total, concept=self.concept())
+
+    def _divergence_advice(self) -> str:
+        """What to change after repeated non-finite losses: the TE weight when it is far above its
+        usual range (1e-3), else the learning rate."""
+        train = self.cfg.train
+        if train.te_weight > TE_WEIGHT_SUSPECT:
+            return (f"The TE weight is far above its usual 0.001 (now {train.te_weight:g}): lower it "
+                    f"and train again.")
+        return f"The learning rate is too high: lower it (now {train.lr:g}) and train again."
 
     def _guarded(self, action: Callable[[], TrainingEvent]) -> Generator[TrainingEvent, None, TrainingEvent]:
         """Yield and return ``action()``'s event; out of memory becomes a TrainingFailed event."""

@@ -126,7 +126,7 @@ def test_each_bad_file_gets_its_own_message(backbone, concept, tmp_path):
         "wrong-format.safetensors": (_rewrite_metadata(good, lambda i: i.update(format="something-else")), "unknown format"),
         "no-settings.safetensors": (_rewrite_metadata(good, lambda i: i.pop("num_anchors")), "lacks num_anchors"),
         "bigger.safetensors": (_rewrite_metadata(good, lambda i: i.update(hidden_dim=17)), "shape"),
-        "odd-steps.safetensors": (_rewrite_metadata(good, lambda i: i.update(steps_done="many")), "value of the wrong kind"),
+        "odd-steps.safetensors": (_rewrite_metadata(good, lambda i: i.update(steps_done="many")), "steps_done = many, but it must be a whole number"),
     }
     for name, (data, match) in cases.items():
         path = tmp_path / name
@@ -149,7 +149,7 @@ def test_missing_tensor_is_named(backbone, concept):
         load_concept(save_safetensors(tensors, metadata=metadata), backbone)
     tensors = load(data)
     tensors["image_embedding"] = tensors["image_embedding"][:3]
-    with pytest.raises(ConceptFileError, match=r"image embedding has shape \(3,\)"):
+    with pytest.raises(ConceptFileError, match=r"tensor image_embedding has shape \(3,\), but its metadata implies \(32,\)"):
         load_concept(save_safetensors(tensors, metadata=metadata), backbone)
 
 
@@ -158,7 +158,9 @@ def test_concept_from_a_wider_text_encoder_is_refused_by_name(backbone, concept)
     data = _rewrite_metadata(concept_to_bytes(concept), lambda i: i.update(backbone=sd15))
     with pytest.raises(ConceptFileError, match=r"trained on runwayml/stable-diffusion-v1-5 \(width 768\).*runs tiny \(width 32\)"):
         load_concept(data, backbone)
-    assert load_concept(data).backbone == sd15  # without a backbone there is nothing to compare
+    # Without a backbone the file still contradicts itself (32-wide tensors, 768 in its metadata).
+    with pytest.raises(ConceptFileError, match="its tensors are 32 wide, but its metadata says the text encoder is 768 wide"):
+        load_concept(data)
 
 
 def test_same_width_other_source_loads_with_a_warning(backbone):
@@ -234,8 +236,11 @@ def test_checkpoint_round_trip_keeps_types_and_values(backbone, tmp_path):
         "generator": torch.Generator().manual_seed(3).get_state(),
         "python_random": random.Random(5).getstate(),
         "numpy_random": np.random.RandomState(6).get_state(),
-        "odd": {(1, 2): "tuple key", "__looks_tagged": [1.5, float("inf")], 7: torch.float16},
+        "odd": {(1, 2): "tuple key", "__looks_tagged": [1.5, -2.0], 7: torch.float16},
     }
+    with pytest.raises(ConceptFileError, match="not a finite number"):  # JSON has no infinity: refused at saving
+        save_checkpoint(tmp_path / "inf.safetensors", {**state, "odd": [float("inf")]})
+    assert not (tmp_path / "inf.safetensors").exists()
     loaded = load_checkpoint(save_checkpoint(tmp_path / "ckpt.safetensors", state))
 
     assert loaded["step"] == 12 and loaded["scaler"] is None
@@ -244,7 +249,7 @@ def test_checkpoint_round_trip_keeps_types_and_values(backbone, tmp_path):
     assert sorted(loaded["optimizer"]["state"]) == sorted(optimizer.state_dict()["state"])  # int keys
     assert torch.equal(loaded["generator"], state["generator"])
     assert loaded["python_random"] == state["python_random"]
-    assert loaded["odd"] == {(1, 2): "tuple key", "__looks_tagged": [1.5, float("inf")], 7: torch.float16}
+    assert loaded["odd"] == {(1, 2): "tuple key", "__looks_tagged": [1.5, -2.0], 7: torch.float16}
     restored = np.random.RandomState()
     restored.set_state(loaded["numpy_random"])
     assert restored.randint(0, 2**31, 5).tolist() == np.random.RandomState(6).randint(0, 2**31, 5).tolist()

@@ -6,7 +6,8 @@ with ``studio.ui.views``. Every expected error becomes a plain sentence in the p
 from __future__ import annotations
 
 import asyncio
-import tempfile
+import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from studio.runner import CHUNK_DURATION_S, chunked_training, training_chunk
 from studio.sampler import SCHEDULERS
 from studio.ui import views
 from studio.ui.explore import build_explore_tab
-from studio.ui.sessions import SessionRegistry
+from studio.ui.sessions import KEEPALIVE_S, SessionRegistry, StudioFull
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 EXAMPLE_PHOTOS = sorted(str(p) for p in (ASSETS / "examples").glob("*.png"))
@@ -48,12 +49,40 @@ trade-off: the identity tokens act only inside a band of denoising steps, and a 
 them from drowning the rest of your prompt. *1 · Photos → 2 · Train → 3 · Trade-off → Generate.*"""
 
 
+# Images one Generate may ask for (the API too: each is a full denoising run on the shared gate).
+MAX_IMAGES = 8
+
+
 def build_demo(cfg: StudioConfig) -> gr.Blocks:
     """The whole studio for a starting preset; each browser session gets its own Engine."""
-    sessions = SessionRegistry(cfg)
+    # Session folders inside Gradio's cache: files returned from there are served without a copy,
+    # so deleting a closed session's folder really removes its exports and crops.
+    sessions = SessionRegistry(cfg, root=Path(gr.utils.get_upload_folder()) / "studio-sessions")
+
+    def interval(lo: Any, hi: Any) -> tuple[int, int]:
+        return (views.as_number(lo, "The interval start", whole=True), views.as_number(hi, "The interval end", whole=True))
+
+    def images_wanted(count: Any) -> int:
+        count = views.as_number(count, "The number of images", whole=True)
+        if not 1 <= count <= MAX_IMAGES:
+            raise views.user_error(ValueError(f"Generate from 1 to {MAX_IMAGES} images at a time, got {count}."))
+        return count
 
     def engine_for(request: gr.Request) -> Engine:
-        return sessions.get(request.session_hash or "anonymous")
+        try:
+            return sessions.get(request.session_hash or "anonymous")
+        except StudioFull as exc:
+            raise views.user_error(exc) from None
+
+    def reap_idle_sessions() -> None:  # sessions without a heartbeat (REST, scripts) never unload
+        while True:
+            time.sleep(KEEPALIVE_S)
+            try:
+                sessions.close_idle()
+            except Exception:  # the reaper must outlive any one failed close
+                logging.getLogger(__name__).exception("closing idle sessions failed")
+
+    threading.Thread(target=reap_idle_sessions, name="idle-sessions", daemon=True).start()
 
     with gr.Blocks(title="PersonaMagic Studio", delete_cache=(3600, 3600)) as demo:
         demo.sessions = sessions  # for tests and app.py
@@ -156,7 +185,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                     gen_steps = gr.Slider(1, 100, value=cfg.sample.steps, step=1, label="Steps", elem_id="gen-steps")
                     guidance = gr.Slider(0.0, 15.0, value=cfg.sample.guidance_scale, step=0.5, label="Guidance")
                     scheduler = gr.Dropdown(list(SCHEDULERS), value=cfg.sample.scheduler, label="Scheduler")
-                    num_images = gr.Slider(1, 8, value=2, step=1, label="Images")
+                    num_images = gr.Slider(1, MAX_IMAGES, value=2, step=1, label="Images")
                 generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                 generated = gr.Gallery(
                     label="Generated", columns=4, height=320, elem_id="generated", interactive=False,
@@ -193,6 +222,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             engine = engine_for(request)
             if not files:
                 return gr.skip(), gr.skip()
+            sessions.own(request.session_hash or "anonymous", *files)  # deleted when the session closes
             from studio.faces import PhotoError
 
             try:
@@ -200,7 +230,8 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             except PhotoError as exc:
                 gr.Warning(str(exc))
                 return gr.skip(), f"✗ {exc}"
-            return views.photo_items(prepared), views.photo_report(prepared)
+            folder = sessions.folder(request.session_hash or "anonymous")  # crops go with the session
+            return views.photo_items(prepared, folder), views.photo_report(prepared)
 
         def overrides_from(values: list[Any]) -> dict[str, Any]:
             """Dotted overrides from the training settings; an emptied field is named, not a crash."""
@@ -208,11 +239,17 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             if missing:
                 raise ValueError(f"Fill in {', '.join(missing)} (a number) before training.")
             n_steps, lr_, batch, seed_, lo, hi, te_w, te_b, every, cgdr_w = values
-            band = check_band([int(lo), int(hi)], "training band")
+            num = views.as_number
+            band = check_band([num(lo, "The training band start", whole=True), num(hi, "The training band end", whole=True)],
+                              "training band")
             return {
-                "train.steps": int(n_steps), "train.lr": float(lr_), "train.batch_size": int(batch),
-                "train.seed": int(seed_), "train.band": list(band), "train.te_weight": float(te_w),
-                "train.te_balance": float(te_b), "train.preview_every": int(every), "train.cgdr_weight": float(cgdr_w),
+                "train.steps": num(n_steps, "The number of training steps", whole=True),
+                "train.lr": num(lr_, "The learning rate"),
+                "train.batch_size": num(batch, "The batch size", whole=True),
+                "train.seed": num(seed_, "The training seed", whole=True), "train.band": list(band),
+                "train.te_weight": num(te_w, "The TE weight"), "train.te_balance": num(te_b, "The TE balance"),
+                "train.preview_every": num(every, "Preview every", whole=True),
+                "train.cgdr_weight": num(cgdr_w, "The class-guided regularization weight"),
             }
 
         def begin(engine: Engine, launch, band: tuple[int, int], gamma: float, **mode: Any):
@@ -250,7 +287,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
         async def on_train(n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every, cgdr_w, lo, hi, gamma, request: gr.Request):
             engine = engine_for(request)
             values = [n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every, cgdr_w]
-            begin(engine, lambda: engine.start(overrides_from(values)), (int(lo), int(hi)), float(gamma))
+            begin(engine, lambda: engine.start(overrides_from(values)), interval(lo, hi), views.as_number(gamma, 'The tandem balance'))
             async for outputs in stream_background(engine):
                 yield outputs
 
@@ -258,20 +295,20 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             engine = engine_for(request)
             values = [n_steps, lr_, batch, seed_, t_lo, t_hi, te_w, te_b, every, cgdr_w]
             yield from stream_foreground(begin(
-                engine, lambda **mode: engine.start(overrides_from(values), **mode), (int(lo), int(hi)), float(gamma),
+                engine, lambda **mode: engine.start(overrides_from(values), **mode), interval(lo, hi), views.as_number(gamma, 'The tandem balance'),
                 foreground=True, gpu_call=GPU_TRAINING_CHUNK,
             ))
 
         async def on_continue(n_steps, lo, hi, gamma, request: gr.Request):
             engine = engine_for(request)
-            begin(engine, lambda: engine.continue_training(int(n_steps)), (int(lo), int(hi)), float(gamma))
+            begin(engine, lambda: engine.continue_training(views.as_number(n_steps, 'The number of extra steps', whole=True)), interval(lo, hi), views.as_number(gamma, 'The tandem balance'))
             async for outputs in stream_background(engine):
                 yield outputs
 
         def on_continue_zero_gpu(n_steps, lo, hi, gamma, request: gr.Request):
             engine = engine_for(request)
             yield from stream_foreground(begin(
-                engine, lambda **mode: engine.continue_training(int(n_steps), **mode), (int(lo), int(hi)), float(gamma),
+                engine, lambda **mode: engine.continue_training(views.as_number(n_steps, 'The number of extra steps', whole=True), **mode), interval(lo, hi), views.as_number(gamma, 'The tandem balance'),
                 foreground=True, gpu_call=GPU_TRAINING_CHUNK,
             ))
 
@@ -299,7 +336,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             """
             engine = engine_for(request)
             try:
-                engine.render_previews((int(lo), int(hi)), float(gamma))
+                engine.render_previews(interval(lo, hi), views.as_number(gamma, 'The tandem balance'))
             except NoConceptYet as exc:
                 if quiet:
                     return [gr.skip()] * len(live_outputs)
@@ -327,9 +364,11 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                 raise gr.Error("Fill in a seed (a whole number) to generate.", print_exception=False)
             try:
                 result = engine.generate(
-                    text, negative_prompt=neg or "", seeds=[int(seed_) + i for i in range(int(count))],
-                    num_inference_steps=int(n_steps), guidance_scale=float(cfg_scale), scheduler=sched,
-                    band=(int(lo), int(hi)), balance=float(gamma),
+                    text, negative_prompt=neg or "",
+                    seeds=[views.as_number(seed_, "The seed", whole=True) + i for i in range(images_wanted(count))],
+                    num_inference_steps=views.as_number(n_steps, "The number of steps", whole=True),
+                    guidance_scale=views.as_number(cfg_scale, "The guidance scale"), scheduler=sched,
+                    band=interval(lo, hi), balance=views.as_number(gamma, "The tandem balance"),
                     progress=lambda done, total: progress((done, total), desc="Denoising"),
                 )
             except (ValueError, RuntimeError) as exc:
@@ -339,7 +378,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
         def on_export(request: gr.Request):
             engine = engine_for(request)
             snapshot = engine.snapshot()
-            folder = Path(tempfile.mkdtemp(prefix="concept-"))
+            folder = sessions.folder(request.session_hash or "anonymous")  # deleted with the session
             try:
                 path = engine.export_concept(folder / f"personamagic-concept-step{snapshot.step}.safetensors")
             except (ValueError, OSError) as exc:
@@ -350,6 +389,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             if not file:
                 return gr.skip(), gr.skip()
             engine = engine_for(request)
+            sessions.own(request.session_hash or "anonymous", file)
             try:
                 concept = engine.import_concept(file)
             except (ValueError, OSError, RuntimeError) as exc:
@@ -429,5 +469,9 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
         def on_unload(request: gr.Request):
             sessions.close(request.session_hash or "anonymous")
 
+        def on_keepalive(request: gr.Request):  # an open tab is a live session, even when idle
+            sessions.touch(request.session_hash or "anonymous")
+
+        gr.Timer(KEEPALIVE_S).tick(on_keepalive, None, None, api_visibility="private", queue=False)
         demo.unload(on_unload)
     return demo

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import math
+import uuid
+from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import pandas as pd
@@ -46,6 +49,24 @@ SLIDER_HELP = {
 def user_error(exc: BaseException) -> gr.Error:
     """An expected error as a plain sentence in the page (no traceback in the server log)."""
     return gr.Error(str(exc) or type(exc).__name__, print_exception=False)
+
+
+def as_number(value: Any, what: str, *, whole: bool = False) -> Any:
+    """A field's value as a number, or a gr.Error naming the field: text, NaN or infinity sent
+    through the API get a sentence instead of Python's conversion message."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise user_error(ValueError(f"{what} must be a number, got {str(value)[:40]!r}.")) from None
+    if not math.isfinite(number):
+        raise user_error(ValueError(f"{what} must be a finite number, got {value!r}."))
+    if not whole:
+        return number
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value  # exact, however large (the settings check the range)
+    if number != int(number):
+        raise user_error(ValueError(f"{what} must be a whole number, got {value!r}."))
+    return int(number)
 
 
 def loss_frame(snapshot: Snapshot) -> pd.DataFrame | None:
@@ -139,11 +160,20 @@ def generated_items(result) -> list[tuple]:
     return items
 
 
-def photo_items(prepared) -> list[tuple]:
-    """Gallery items: each usable crop with its mask overlay."""
+def photo_items(prepared, folder: Path | None = None) -> list[tuple]:
+    """Gallery items: each usable crop with its mask overlay. With ``folder`` (the session's own,
+    inside Gradio's cache) the crops are written there, so they are served from it and go with it."""
     if prepared is None:
         return []
-    return [(photo.mask_overlay(), f"{photo.name} ({prepared.backend})") for photo in prepared.photos]
+    items = []
+    for index, photo in enumerate(prepared.photos):
+        image: Any = photo.mask_overlay()
+        if folder is not None:
+            path = folder / f"crop-{uuid.uuid4().hex[:12]}-{index}.png"
+            image.save(path)
+            image = str(path)
+        items.append((image, f"{photo.name} ({prepared.backend})"))
+    return items
 
 
 def photo_report(prepared) -> str:
