@@ -23,19 +23,22 @@ ZERO_GPU_PRESET = "sd15-fast"  # a few hundred steps: fits ZeroGPU's daily quota
 
 
 def default_preset() -> str:
-    """$STUDIO_PRESET, else real SD 1.5 weights when they load without a download, else tiny."""
+    """$STUDIO_PRESET, else real SD 1.5 weights when they load without a download, else the toy
+    world shipped in assets/toy (tiny if its files are missing)."""
     if os.environ.get("STUDIO_PRESET"):
         return os.environ["STUDIO_PRESET"]
     from studio.backbone import weights_available
     from studio.runner import zero_gpu
 
     real = ZERO_GPU_PRESET if zero_gpu() else REAL_PRESET
-    return real if weights_available(load_preset(real).model) else "tiny"
+    if weights_available(load_preset(real).model):
+        return real
+    return "toy" if weights_available(load_preset("toy").model) else "tiny"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="PersonaMagic Studio: one-shot face customisation of SD 1.x")
-    parser.add_argument("--preset", help=f"one of {', '.join(available_presets())} or a YAML path (default: sd15 if its weights are here, else tiny)")
+    parser.add_argument("--preset", help=f"one of {', '.join(available_presets())} or a YAML path (default: sd15 if its weights are here, else toy)")
     parser.add_argument("--model", help="the base model: hub id, local diffusers folder or .safetensors file "
                         f"(without --preset the {REAL_PRESET} preset's settings apply)")
     parser.add_argument("--image-encoder", help="CLIP image encoder of the image bypass: hub id or folder, or 'none'")

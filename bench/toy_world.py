@@ -37,7 +37,7 @@ PROMPTS = [
     "an oil painting of {}",
     "a pencil sketch of {} wearing glasses",
     "a photo of {} wearing a red hat in a forest",
-    "pixel art of {} smiling",
+    "pixel art of {} wearing a beanie",
     "a watercolor of {} in front of a red wall",
     "a photo of {} wearing a crown in a city at night",
 ]

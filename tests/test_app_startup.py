@@ -1,4 +1,4 @@
-"""`python app.py` as a user runs it: offline on tiny, on the port GRADIO_SERVER_PORT names."""
+"""`python app.py` as a user runs it: offline on the toy world, on the port GRADIO_SERVER_PORT names."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_app_starts_offline_on_tiny_and_honours_gradio_server_port():
+def test_app_starts_offline_on_toy_and_honours_gradio_server_port():
     port = _free_port()
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("STUDIO_PRESET", None)
@@ -34,7 +34,7 @@ def test_app_starts_offline_on_tiny_and_honours_gradio_server_port():
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
             page = response.read().decode()
         assert response.status == 200 and "PersonaMagic Studio" in page
-        assert "images are noise" in page, "no real weights here: the tiny preset and its banner"
+        assert "Toy world." in page, "no real weights here: the toy preset and its banner"
     finally:
         process.terminate()
         process.wait(timeout=30)

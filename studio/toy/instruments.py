@@ -29,6 +29,9 @@ from studio.toy import models as toy_models
 from studio.toy.world import NATIVE_SIZE, ToyPromptError, parse_prompt
 
 TOY_PROMPT_MODEL = "toy"
+# An attribute counts in the prompt score only when its classifier was right this often on the
+# unseen identities (credentials.json); a weaker one would score noise.
+MIN_CLASSIFIER_ACCURACY = 0.75
 
 
 class ToyModelMissing(RuntimeError):
@@ -147,10 +150,18 @@ class ToyPromptModel:
             for i in range(len(images))
         ]
 
+    @property
+    def scored_attributes(self) -> tuple[str, ...]:
+        """The attributes whose classifier is credible enough to score (see MIN_CLASSIFIER_ACCURACY)."""
+        accuracy = self.instruments.credentials.get("attributes", {})
+        return tuple(a for a in toy_models.ATTRIBUTE_NAMES if accuracy.get(a, 1.0) >= MIN_CLASSIFIER_ACCURACY)
+
     def cosines(self, images: Sequence[Image.Image], texts: Sequence[str]) -> list[float]:
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images but {len(texts)} texts: give one text per image")
-        asked = [parse_prompt(t) for t in texts]  # ToyPromptError names unknown words
+        scored = self.scored_attributes
+        # ToyPromptError names unknown words
+        asked = [{k: v for k, v in parse_prompt(t).items() if k in scored} for t in texts]
         seen = self.present(images)
         return [1.0 if not a else sum(s[k] == v for k, v in a.items()) / len(a) for a, s in zip(asked, seen)]
 

@@ -481,7 +481,9 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
                         return_tensors="pt").input_ids
         z0 = latents[idx]
         noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, 1000, (len(idx),), generator=gen)
+        # half the batch from the noisiest 40 %: those steps set the layout and are learned last
+        t = torch.where(torch.rand(len(idx), generator=gen) < 0.5, torch.randint(0, 1000, (len(idx),), generator=gen),
+                        torch.randint(600, 1000, (len(idx),), generator=gen))
         zt = scheduler.add_noise(z0, noise, t)
         hidden = text_encoder(ids).last_hidden_state
         pred = unet(zt, t, hidden).sample
