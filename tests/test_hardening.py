@@ -395,7 +395,7 @@ def test_a_closed_sessions_uploads_crops_and_exports_are_deleted(studio_app, fac
     client = Client(url, verbose=False, analytics_enabled=False)
     try:
         client.predict([handle_file(str(faces_dir / "single" / "f2d_0.jpg"))], api_name="/photos")
-        client.predict(3, 3e-3, 1, 0, 200, 900, 1e-3, 0.5, 0, 400, 800, 1.0, api_name="/train")
+        client.predict(3, 3e-3, 1, 0, 200, 900, 1e-3, 0.5, 0, 0.0, 400, 800, 1.0, api_name="/train")
         client.predict(api_name="/export")
         (session,) = set(demo.sessions.sessions()) - before
         folder = demo.sessions._folders[session]
