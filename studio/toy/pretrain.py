@@ -149,6 +149,15 @@ def degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
+def _optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float, step: int, total: int, floor: float = 0.0) -> None:
+    """One optimiser step, then the learning rate of the next: cosine from ``lr`` down to ``floor * lr``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    for group in opt.param_groups:
+        group["lr"] = lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / total)))
+
+
 def aligned_crops(images: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator, jitter: float = 0.0) -> np.ndarray:
     """uint8 (N, 64, 64, 3) crops aligned on the eyes (+ Gaussian landmark jitter in pixels)."""
     out = np.empty((len(images), toy_models.CROP_SIZE, toy_models.CROP_SIZE, 3), np.uint8)
@@ -212,11 +221,7 @@ def _train_locator(train: dict, negatives: np.ndarray, plan: PretrainPlan, gen: 
         points, logit = model(x)
         present = torch.cat([torch.ones(64), torch.zeros(16)])
         loss = F.smooth_l1_loss(points[:64], target, beta=0.02) * 10 + F.binary_cross_entropy_with_logits(logit, present)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        for group in opt.param_groups:
-            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / plan.instrument_steps))
+        _optimise(opt, loss, 2e-3, step, plan.instrument_steps)
         progress.update(step, loss=loss.item())
     return model.eval(), {}
 
@@ -231,11 +236,7 @@ def _train_identity(train: dict, plan: PretrainPlan, gen: torch.Generator, rng: 
         x = degrade(toy_models.to_input(crops), gen)
         z = embed_fn(model, x)
         loss = supcon_loss(z, torch.as_tensor(train["identity"][idx]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        for group in opt.param_groups:
-            group["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        _optimise(opt, loss, 1e-3, step, steps)
         progress.update(step, loss=loss.item())
     return model.eval()
 
@@ -251,11 +252,7 @@ def _train_attributes(train: dict, plan: PretrainPlan, gen: torch.Generator, rng
         x = degrade(toy_models.to_input(train["images"][idx]), gen)
         logits = model(x)
         loss = sum(F.cross_entropy(logits[a], labels[idx, k]) for k, a in enumerate(toy_models.ATTRIBUTE_NAMES))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        for group in opt.param_groups:
-            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / plan.instrument_steps))
+        _optimise(opt, loss, 2e-3, step, plan.instrument_steps)
         progress.update(step, loss=loss.item())
     return model.eval()
 
@@ -374,11 +371,7 @@ def _train_vae(train: dict, plan: PretrainPlan, vae_dir: Path) -> None:
         recon = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / x[0].numel()
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        for group in opt.param_groups:
-            group["lr"] = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / plan.vae_steps)))
+        _optimise(opt, loss, 1e-3, step, plan.vae_steps, floor=0.1)
         progress.update(step, loss=loss.item())
     vae.eval()
     with torch.no_grad():
