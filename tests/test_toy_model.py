@@ -100,3 +100,24 @@ def test_the_score_command_prints_json_for_images_made_anywhere(tmp_path):
     assert rows[0]["identity"] > rows[1]["identity"]
     assert rows[0]["prompt_score"] == 100.0 and rows[1]["prompt_score"] < 100.0
     assert rows[0]["identity_model"] == "toy" and rows[0]["prompt_model"] == "toy attribute classifiers"
+
+
+def test_the_studio_flow_runs_on_the_toy_preset(tmp_path, capsys):
+    """train -> generate -> eval on --preset toy, through the same commands as for SD."""
+    from studio.cli import main
+
+    concept = tmp_path / "toy.safetensors"
+    assert main(["train", "--preset", "toy", "--image", str(TOY_SELFIES[0]), "--steps", "4",
+                 "--out", str(concept), "--seed", "0"]) == 0
+    out = tmp_path / "beach.png"
+    assert main(["generate", "--preset", "toy", "--concept", str(concept), "--prompt", "a photo of {} on a beach",
+                 "--out", str(out), "--seed", "1", "--steps", "4"]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (64, 64)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of {} on a beach\nan oil painting of {}\n")
+    assert main(["eval", "--preset", "toy", "--concept", str(concept), "--prompts", str(prompts), "--seeds", "0",
+                 "--steps", "4", "--out", str(tmp_path / "eval"), "--reference", str(TOY_SELFIES[0])]) == 0
+    rows = (tmp_path / "eval" / "scores.csv").read_text().splitlines()
+    assert len(rows) == 3 and "toy attribute classifiers" in rows[1] and ",toy," in rows[1]
