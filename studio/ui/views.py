@@ -22,7 +22,7 @@ TINY_BANNER = (
 )
 
 TOY_BANNER = (
-    "🧪 **Toy world.** This studio is running the `toy` backbone: a small Stable-Diffusion-shaped model "
+    "**Toy world.** This studio is running the `toy` backbone: a small Stable-Diffusion-shaped model "
     "pretrained on this project's procedural world of 64 px cartoon portraits, with its own face detector, "
     "identity encoder and attribute classifiers as the scores. Real photos are out of its world — use the "
     "sample toy selfies below, and prompts in its vocabulary (settings such as *on a beach*, *in a forest*; "
