@@ -29,18 +29,37 @@ def faces_dir() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_cfg():
+def _preset(name: str):
     from studio.config import load_preset
 
-    return load_preset("tiny")
+    return load_preset(name)
+
+
+def _backbone_for(cfg):
+    from studio.backbone import get_backbone
+
+    return get_backbone(cfg.model)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return _preset("tiny")
 
 
 @pytest.fixture(scope="session")
 def backbone(tiny_cfg):
-    from studio.backbone import get_backbone
+    return _backbone_for(tiny_cfg)
 
-    return get_backbone(tiny_cfg.model)
+
+@pytest.fixture(scope="session")
+def toy_cfg():
+    """The toy world's preset (the shipped weights in assets/toy)."""
+    return _preset("toy")
+
+
+@pytest.fixture(scope="session")
+def toy_backbone(toy_cfg):
+    return _backbone_for(toy_cfg)
 
 
 # Fast heartbeats so that closing a client or tab fires demo.unload within a second.

@@ -7,27 +7,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from studio.toy import models as toy_models
 from studio.toy.world import Scene, render, render_prompt
 
 REPO = Path(__file__).resolve().parent.parent
 TOY_SELFIES = sorted((REPO / "assets" / "examples" / "toy").glob("*.png"))
-
-
-@pytest.fixture(scope="module")
-def toy_cfg():
-    from studio.config import load_preset
-
-    return load_preset("toy")
-
-
-@pytest.fixture(scope="module")
-def toy_backbone(toy_cfg):
-    from studio.backbone import get_backbone
-
-    return get_backbone(toy_cfg.model)
 
 
 def test_the_toy_backbone_loads_as_a_local_diffusers_folder(toy_backbone):

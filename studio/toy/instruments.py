@@ -109,7 +109,7 @@ class ToyFaceAnalyzer(FaceAnalyzer):
     def align(self, rgb: np.ndarray, face: DetectedFace, size: int, margin: float) -> AlignedFace:
         zoom = 1.0 / (1.0 + margin)
         matrix = toy_models.alignment_matrix(face.landmarks[0], face.landmarks[1], size, zoom)
-        crop = toy_models.aligned_crop(rgb, face.landmarks[0], face.landmarks[1], size, zoom)
+        crop = toy_models.warp(rgb, matrix, size)
         landmarks = (face.landmarks @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
         corners = np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float64)
         inverse = np.linalg.inv(np.vstack([matrix, [0, 0, 1]]))[:2]

@@ -105,6 +105,10 @@ def alignment_matrix(left_eye: np.ndarray, right_eye: np.ndarray, size: int, zoo
 def aligned_crop(rgb: np.ndarray, left_eye: np.ndarray, right_eye: np.ndarray, size: int = CROP_SIZE,
                  zoom: float = 1.0) -> np.ndarray:
     """uint8 (size, size, 3) crop with the eyes on the canonical positions (border replicated)."""
-    matrix = alignment_matrix(np.asarray(left_eye), np.asarray(right_eye), size, zoom)
+    return warp(rgb, alignment_matrix(np.asarray(left_eye), np.asarray(right_eye), size, zoom), size)
+
+
+def warp(rgb: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (size, size, 3): ``rgb`` through the 2x3 photo -> crop ``matrix`` (border replicated)."""
     return cv2.warpAffine(np.ascontiguousarray(rgb), matrix, (size, size), flags=cv2.INTER_AREA if matrix[0, 0] < 1 else cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_REPLICATE)

@@ -186,7 +186,7 @@ def _identity_batch(ids: np.ndarray, per_identity: int, people: int, rng: np.ran
     return np.concatenate(picks)
 
 
-def verification(embed: callable, heldout: dict[str, np.ndarray], views: int, rng: np.random.Generator) -> dict[str, float]:
+def verification(embed: callable, heldout: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, float]:
     """Same-vs-different verification on held-out identities: best-threshold accuracy, the
     threshold (Euclidean distance of unit vectors), and the mean distances."""
     crops = aligned_crops(heldout["images"], heldout["landmarks"], rng)
@@ -207,7 +207,7 @@ def verification(embed: callable, heldout: dict[str, np.ndarray], views: int, rn
 
 # --------------------------------------------------------------------------- stage 2: instruments
 def _train_locator(train: dict, negatives: np.ndarray, plan: PretrainPlan, gen: torch.Generator,
-                   rng: np.random.Generator) -> tuple[toy_models.FaceLocator, dict]:
+                   rng: np.random.Generator) -> toy_models.FaceLocator:
     model = toy_models.FaceLocator()
     opt = torch.optim.AdamW(model.parameters(), 2e-3, weight_decay=1e-4)
     progress = Progress("locator", plan.instrument_steps)
@@ -215,15 +215,14 @@ def _train_locator(train: dict, negatives: np.ndarray, plan: PretrainPlan, gen: 
     for step in range(1, plan.instrument_steps + 1):
         idx = rng.integers(0, n, 64)
         neg = rng.integers(0, len(negatives), 16)
-        x = to_in = toy_models.to_input(np.concatenate([train["images"][idx], negatives[neg]]))
-        x = degrade(to_in, gen)
+        x = degrade(toy_models.to_input(np.concatenate([train["images"][idx], negatives[neg]])), gen)
         target = torch.as_tensor(train["landmarks"][idx] / 64.0)
         points, logit = model(x)
         present = torch.cat([torch.ones(64), torch.zeros(16)])
         loss = F.smooth_l1_loss(points[:64], target, beta=0.02) * 10 + F.binary_cross_entropy_with_logits(logit, present)
         _optimise(opt, loss, 2e-3, step, plan.instrument_steps)
         progress.update(step, loss=loss.item())
-    return model.eval(), {}
+    return model.eval()
 
 
 def _train_identity(train: dict, plan: PretrainPlan, gen: torch.Generator, rng: np.random.Generator,
@@ -283,7 +282,7 @@ def stage_instruments(out: Path, plan: PretrainPlan) -> None:
 
     if not (inst / "locator.safetensors").exists():
         torch.manual_seed(plan.seed)
-        locator, _ = _train_locator(train, negatives, plan, gen, rng)
+        locator = _train_locator(train, negatives, plan, gen, rng)
         with torch.no_grad():
             pts, logit = locator(toy_models.to_input(heldout["images"]))
             neg_logit = locator(toy_models.to_input(negatives[:500]))[1]
@@ -303,7 +302,7 @@ def stage_instruments(out: Path, plan: PretrainPlan) -> None:
         encoder = _train_identity(train, plan, gen, rng, plan.instrument_steps, toy_models.IdentityEncoder(),
                                   lambda m, x: m(x), "identity")
         with torch.no_grad():
-            credentials["identity"] = verification(lambda c: encoder(toy_models.to_input(c)), heldout, plan.views, rng)
+            credentials["identity"] = verification(lambda c: encoder(toy_models.to_input(c)), heldout, rng)
         save_file(encoder.state_dict(), str(inst / "identity.safetensors"))
         (inst / "credentials.json").write_text(json.dumps(credentials, indent=2))
         _log(f"[identity] {credentials['identity']}")
@@ -327,7 +326,7 @@ def stage_instruments(out: Path, plan: PretrainPlan) -> None:
         vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision_config()))
         vision = _train_identity(train, plan, gen, rng, plan.vision_steps, vision, _vision_embed, "image-encoder")
         with torch.no_grad():
-            credentials["image_encoder"] = verification(lambda c: _vision_embed(vision, toy_models.to_input(c)), heldout, plan.views, rng)
+            credentials["image_encoder"] = verification(lambda c: _vision_embed(vision, toy_models.to_input(c)), heldout, rng)
         vision.save_pretrained(str(enc_dir), safe_serialization=True)
         CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(str(enc_dir))
         (inst / "credentials.json").write_text(json.dumps(credentials, indent=2))
