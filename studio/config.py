@@ -33,6 +33,19 @@ class ConfigError(ValueError):
     """A preset or a setting is invalid; the message names the key and what is allowed."""
 
 
+MAX_TRAINING_PROMPTS = 64
+
+
+def _check_training_prompts(prompts: list, key: str) -> None:
+    """At most MAX_TRAINING_PROMPTS strings of at most 200 characters, each with exactly one ``{}``."""
+    if len(prompts) > MAX_TRAINING_PROMPTS:
+        raise ConfigError(f"{key} may list at most {MAX_TRAINING_PROMPTS} prompts, got {len(prompts)}")
+    for prompt in prompts:
+        if not isinstance(prompt, str) or len(prompt) > 200 or prompt.count("{}") != 1:
+            raise ConfigError(f"each of {key} must be a text of at most 200 characters with exactly one {{}} "
+                              f"where the person goes, got {str(prompt)[:80]!r}")
+
+
 def check_band(band: list[int] | tuple[int, int], what: str = "band") -> tuple[int, int]:
     """Validate a timestep interval ``[lo, hi]`` on the 0..999 scale and return it as a tuple."""
     if len(band) != 2:
@@ -175,6 +188,11 @@ class TrainConfig:
     snapshot_every: int = 25
     # clip the gradient norm at this value (0 = off, as the released recipe)
     max_grad_norm: float = 0.0
+    # prompts of the reconstruction loss and of the TE loss, each with one {} for the identity
+    # slots; empty = the built-in lists (studio/prompts.py). A backbone with its own vocabulary
+    # (the toy world) trains with prompts in its words (docs/ALGORITHM.md, "Losses").
+    reconstruction_prompts: list[str] = field(default_factory=list)
+    tandem_prompts: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "resolution"):
@@ -202,6 +220,8 @@ class TrainConfig:
         _one_of(self.mixed_precision, ("auto", "no", "bf16", "fp16"), "train.mixed_precision")
         if self.preview_every < 0 or self.snapshot_every < 1:
             raise ConfigError("train.preview_every must be >= 0 and train.snapshot_every >= 1")
+        for key in ("reconstruction_prompts", "tandem_prompts"):
+            _check_training_prompts(list(getattr(self, key)), f"train.{key}")
 
 
 @dataclass

@@ -338,14 +338,16 @@ class Trainer:
     def _init_prompts(self) -> None:
         """Tokenise every template once; each step indexes rows."""
         tokenizer, device, k = self.backbone.tokenizer, self.backbone.device, self.num_tokens
-        ids, mask = tokenize(tokenizer, list(RECONSTRUCTION_TEMPLATES), k, self.slot_id)
+        train = self.cfg.train
+        reconstruction = list(train.reconstruction_prompts or RECONSTRUCTION_TEMPLATES)
+        tandem = list(train.tandem_prompts or TANDEM_PROMPTS)
+        ids, mask = tokenize(tokenizer, reconstruction, k, self.slot_id)
         self.rec_ids, self.rec_mask = ids.to(device), mask.to(device)
         # The same templates with the super-category word for {}: the class prompts of CGDR.
-        self.class_ids = tokenize(tokenizer, list(RECONSTRUCTION_TEMPLATES), 0, self.slot_id)[0].to(device)
-        ids, mask = tokenize(tokenizer, list(TANDEM_PROMPTS), k, self.slot_id)
+        self.class_ids = tokenize(tokenizer, reconstruction, 0, self.slot_id)[0].to(device)
+        ids, mask = tokenize(tokenizer, tandem, k, self.slot_id)
         self.te_ids, self.te_mask = ids.to(device), mask.to(device)
         self.te_lengths = prompt_lengths(self.te_ids, tokenizer.eos_token_id)
-        train = self.cfg.train
         self.tandem = TandemEquilibriumLoss(balance_target=train.te_balance, temperature=train.te_temperature)
 
     def _init_bookkeeping(self) -> None:
@@ -530,8 +532,8 @@ class Trainer:
         batch = train.batch_size
         # 1. Sample photos and prompts (python RNG), timesteps, noise and bypass dropout (torch).
         photo_idx = torch.tensor([self.rng.randrange(len(self.photos)) for _ in range(batch)], device=device)
-        rec_idx = torch.tensor([self.rng.randrange(len(RECONSTRUCTION_TEMPLATES)) for _ in range(batch)], device=device)
-        te_idx = torch.tensor([self.rng.randrange(len(TANDEM_PROMPTS)) for _ in range(batch)], device=device)
+        rec_idx = torch.tensor([self.rng.randrange(len(self.rec_ids)) for _ in range(batch)], device=device)
+        te_idx = torch.tensor([self.rng.randrange(len(self.te_ids)) for _ in range(batch)], device=device)
         lo, hi = self.band
         timesteps = torch.randint(lo, hi, (batch,), generator=self.generator, device=device)
         latents, masks = self.latents[photo_idx], self.masks[photo_idx]

@@ -287,6 +287,86 @@ print(json.dumps({"mb": peak_mb() - start, "messages": messages}))
     assert "has shape" in figures["messages"][0] and "from 1 to 4096" in figures["messages"][1]
 
 
+def test_server_memory_comes_back_after_repeated_sessions(faces_dir):
+    """Rounds of sessions that upload, train, generate, export and close: after a warm-up round
+    (models loaded, caches and allocator arenas filled) the process's RSS stays within 10 % of
+    its warm level. A leak of one session's photos, trainer or optimiser grows it every round."""
+    result = _run_python(f"""
+        import json, sys, tempfile
+        from pathlib import Path
+        from studio.config import load_preset
+        from studio.ui.sessions import SessionRegistry
+
+        def rss_mb():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+
+        cfg = load_preset("tiny").replace(**{{"train.steps": 4, "train.preview_every": 2}})
+        registry = SessionRegistry(cfg, root=Path(tempfile.mkdtemp()))
+        photos = [{str(faces_dir / "single" / "f2d_0.jpg")!r}, {str(faces_dir / "single" / "f2d_1.jpg")!r}]
+        after = []
+        for round_ in range(4):
+            for index in range(2):
+                key = f"round{{round_}}-{{index}}"
+                engine = registry.get(key)
+                engine.prepare_photos(photos[: 1 + index % 2])
+                for _ in engine.start(foreground=True):
+                    pass
+                engine.generate("a photo of {{}}", seeds=[index], num_inference_steps=2)
+                engine.export_concept(registry.folder(key) / "concept.safetensors")
+                registry.close(key)
+            after.append(rss_mb())
+            print("round", round_, after[-1], file=sys.stderr, flush=True)
+        print(json.dumps({{"rss_after_round": after, "open": len(registry)}}))
+    """, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    warm, last = figures["rss_after_round"][0], figures["rss_after_round"][-1]
+    assert figures["open"] == 0
+    assert last <= warm * 1.10, figures
+
+
+def test_fuzzed_concepts_and_images_never_jump_memory(tmp_path):
+    """The seeded fuzz of malformed concept files and photos, in a fresh process: the peak RSS
+    over all cases stays within 300 MB of the level after one good import and one good photo."""
+    result = _run_python("""
+        import json, resource, sys
+        sys.path.insert(0, "tests")
+        from studio.backbone import get_backbone
+        from studio.concept import ConceptFileError, concept_to_bytes, load_concept
+        from studio.config import FaceConfig, load_preset
+        from studio.faces import PhotoError, prepare_photo
+        from test_concept_safety import _malformed_concepts, _malformed_images
+        from test_sampler import make_concept
+
+        def peak_mb():
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+        backbone = get_backbone(load_preset("tiny").model)
+        good = concept_to_bytes(make_concept(backbone, seed=4, bypass=True))
+        load_concept(good, backbone)
+        cfg = FaceConfig(backend="dlib")
+        base = peak_mb()
+        refused = 0
+        for data in _malformed_concepts(good, 300):
+            try:
+                load_concept(data, backbone)
+            except ConceptFileError:
+                refused += 1
+        for data in _malformed_images(150):
+            try:
+                prepare_photo(data, cfg)
+            except PhotoError:
+                refused += 1
+        print(json.dumps({"base_mb": base, "jump_mb": peak_mb() - base, "refused": refused}))
+    """, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["refused"] > 300, figures  # the cases were really malformed
+    assert figures["jump_mb"] < 300, figures
+
+
 # ----------------------------------------------------------------------------- messages
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -494,3 +495,32 @@ def test_a_state_resumes_only_the_run_it_came_from(backbone, tiny_cfg, photos):
         Trainer(backbone, cfg.replace(**{"train.lr": 0.5}), photos).load_state_dict(state)
     with pytest.raises(StateMismatch, match=r"concept\.num_tokens was 4, now 2"):
         Trainer(backbone, cfg.replace(**{"concept.num_tokens": 2}), photos).load_state_dict(state)
+
+
+def test_a_preset_can_give_its_own_training_prompts(backbone, tiny_cfg, photos):
+    """train.reconstruction_prompts / train.tandem_prompts replace the built-in lists (the toy
+    world trains in its own words); empty lists keep the built-in ones."""
+    reconstruction, tandem = ["a portrait of {}", "a headshot of {}"], ["{} on a beach"]
+    cfg = make_cfg(tiny_cfg, **{"train.reconstruction_prompts": reconstruction, "train.tandem_prompts": tandem})
+    trainer = Trainer(backbone, cfg, photos[:1])
+    tokenizer = backbone.tokenizer
+    decoded = {tokenizer.decode(row, skip_special_tokens=True) for row in trainer.class_ids.tolist()}
+    word = cfg.concept.super_category
+    assert decoded == {f"a portrait of {word}", f"a headshot of {word}"}
+    assert len(trainer.te_ids) == 1 and "beach" in tokenizer.decode(trainer.te_ids[0], skip_special_tokens=True)
+    steps = steps_of(trainer.run())
+    assert len(steps) == cfg.train.steps and all(np.isfinite(s.loss) for s in steps)
+    assert len(Trainer(backbone, make_cfg(tiny_cfg), photos[:1]).rec_ids) == len(RECONSTRUCTION_TEMPLATES)
+
+
+@pytest.mark.parametrize("prompts, match", [
+    (["a portrait of someone"], "exactly one {} where the person goes"),
+    (["{} and {}"], "exactly one {}"),
+    (["{} " + "x" * 300], "at most 200 characters"),
+    (["{}"] * 65, "at most 64 prompts, got 65"),
+])
+def test_training_prompts_without_one_placeholder_are_refused(tiny_cfg, prompts, match):
+    from studio.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        tiny_cfg.replace(**{"train.tandem_prompts": prompts})
