@@ -1,4 +1,4 @@
-"""A bounded loopback load test of the studio (issue 16): N concurrent gradio_client sessions
+"""A bounded loopback load test of the studio: N concurrent gradio_client sessions
 on the tiny preset upload a photo, train, generate, export and close, in rounds, for about
 ``--seconds``; the server runs in this process on 127.0.0.1 only.
 
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     errors = [e for s in stats for e in s.errors] + warm.errors
     latencies = [t for s in stats for t in s.latencies]
     lines = [
-        f"## Load test (issue 16): {args.sessions} sessions x {args.seconds:.0f} s on tiny, loopback",
+        f"## Load test: {args.sessions} sessions x {args.seconds:.0f} s on tiny, loopback",
         "",
         "```",
         f".venv/bin/python bench/load_test.py --sessions {args.sessions} --seconds {args.seconds:.0f} --steps {args.steps}",

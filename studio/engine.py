@@ -22,7 +22,7 @@ from studio.backbone import Backbone, get_backbone
 from studio.concept import Concept
 from studio.config import ConfigError, StudioConfig, check_band, config_from_dict
 from studio.events import ConceptUpdated, PreviewReady, RolledBack, TrainingEvent, TrainingFailed, TrainingFinished, TrainingStep
-from studio.gate import GATE, AcceleratorGate, GateCancelled
+from studio.gate import GATE, TRAINING_SLOTS, AcceleratorGate, GateCancelled, TrainingSlots
 from studio.trainer import OUT_OF_MEMORY_MESSAGE, is_out_of_memory, render_preview
 
 JOIN_TIMEOUT_S = 30.0
@@ -151,10 +151,12 @@ class NoConceptYet(ValueError):
 class Engine:
     """One browser session's work. ``session_id`` names it in the gate's queue."""
 
-    def __init__(self, cfg: StudioConfig, session_id: str = "cli", gate: AcceleratorGate = GATE) -> None:
+    def __init__(self, cfg: StudioConfig, session_id: str = "cli", gate: AcceleratorGate = GATE,
+                 slots: TrainingSlots = TRAINING_SLOTS) -> None:
         self.cfg = cfg
         self.session_id = session_id
         self._gate = gate
+        self._slots = slots  # server-wide cap on trainings at once
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._snapshot = Snapshot(version=0, phase=Phase.IDLE)
@@ -251,6 +253,7 @@ class Engine:
             self._check_idle()
             prepared = self._usable_photos()
             cfg = self.cfg.replace(**overrides) if overrides else self.cfg
+            self._slots.claim(self.session_id)  # StudioBusy before anything of this session changes
             self._ended_run = None
             self._preview_points = []
             self._publish(
@@ -291,6 +294,7 @@ class Engine:
                     "The photos changed since the last training, so it cannot continue: press Train to learn "
                     "a new concept from these photos."
                 ) from None
+            self._slots.claim(self.session_id)
             self._publish(
                 phase=Phase.LOADING, step=run.step, total=cfg.train.steps, steps_per_second=None, eta_seconds=None,
                 message=f"Continuing from step {run.step} to {cfg.train.steps}.",
@@ -309,12 +313,13 @@ class Engine:
 
     def _launch(self, cfg: StudioConfig, prepared, state: dict[str, Any] | None, foreground: bool,
                 gpu_call: Callable[..., Any] | None) -> Iterator[Snapshot] | None:
-        """Run the driver on a background thread, or hand it to a foreground caller (under the lock)."""
+        """Run the driver on a background thread, or hand it to a foreground caller (under the lock).
+        The caller has claimed a training slot; the run gives it back when it ends."""
         self._stop.clear()
         self._resume.set()
         self._step_times.clear()
         self._trainer = None
-        driver = self._drive(cfg, prepared, state, gpu_call)
+        driver = self._holding_slot(self._drive(cfg, prepared, state, gpu_call))
         if foreground:
             return self._follow(driver)
         self._thread = threading.Thread(
@@ -322,6 +327,12 @@ class Engine:
         )
         self._thread.start()
         return None
+
+    def _holding_slot(self, driver: Iterator[None]) -> Iterator[None]:
+        try:
+            yield from driver
+        finally:
+            self._slots.release(self.session_id)
 
     def _follow(self, driver: Iterator[None]) -> Iterator[Snapshot]:
         for _ in driver:
@@ -678,6 +689,7 @@ class Engine:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=JOIN_TIMEOUT_S)
+        self._slots.release(self.session_id)  # a foreground run its caller never drove
         with self._lock:
             self._trainer = None
             self._thread = None

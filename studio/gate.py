@@ -71,4 +71,43 @@ class AcceleratorGate:
             return len(self._queue)
 
 
+class StudioBusy(RuntimeError):
+    """Too many trainings on this server right now; the message says so plainly."""
+
+
+class TrainingSlots:
+    """At most ``limit`` sessions training (running or waiting for the gate) at once, server-wide.
+
+    Every training shares one accelerator step by step, so each one more slows all of them;
+    past the limit a new training is refused with a sentence instead of queueing without end.
+    A session holds at most one slot; ``release`` is idempotent.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._owners: set[str] = set()
+
+    def claim(self, owner: str) -> None:
+        """Take a slot for ``owner`` (kept if it has one). Raises StudioBusy when all are taken."""
+        with self._lock:
+            if owner not in self._owners and len(self._owners) >= self.limit:
+                raise StudioBusy(
+                    f"The studio is busy: {self.limit} trainings are running on this server right now. "
+                    f"Try again in a few minutes; generating and previews still work."
+                )
+            self._owners.add(owner)
+
+    def release(self, owner: str) -> None:
+        with self._lock:
+            self._owners.discard(owner)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._owners)
+
+
+# Trainings at once per server: each extra one slows every other (they take turns per step).
+MAX_TRAININGS = 4
 GATE = AcceleratorGate()
+TRAINING_SLOTS = TrainingSlots(MAX_TRAININGS)

@@ -1,4 +1,4 @@
-"""Concept files are data, never configuration (issue 16): no interpolation of stored settings,
+"""Concept files are data, never configuration: no interpolation of stored settings,
 a strict schema checked from the header before any tensor is read, finite values, stored
 names of things to load ignored, a failed import that keeps the session's concept, and a
 seeded fuzz over malformed concept files and images."""

@@ -1,4 +1,4 @@
-"""A server many strangers share (issue 16): no crash from concurrent photo work, bounded
+"""A server many strangers share: no crash from concurrent photo work, bounded
 memory for huge photos and concept files, a NaN rollback that gives up, sessions without a
 heartbeat that time out. Crash and memory cases run in a subprocess, so that a SIGSEGV or a
 memory blow-up fails the test instead of killing pytest."""
@@ -26,7 +26,7 @@ def _run_python(code: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 
 def test_concurrent_detections_on_faceless_and_face_photos_do_not_crash(faces_dir):
-    """Issue 16, item 1: the shared dlib models called from several threads at once."""
+    """The shared dlib models called from several threads at once."""
     result = _run_python(f"""
         import threading, numpy as np
         from PIL import Image
@@ -75,7 +75,7 @@ def test_photo_preparation_is_bounded():
 
 
 def test_a_diverging_learning_rate_ends_the_run_with_a_sentence_in_bounded_steps(backbone, tiny_cfg, faces_dir, monkeypatch):
-    """Issue 16, item 4: rollbacks separated by good steps used to reset the counter and repeat
+    """Rollbacks separated by good steps used to reset the counter and repeat
     forever. Here every third step diverges: the run gives up after MAX_ROLLBACKS_PER_RUN."""
     import torch
     from PIL import Image
@@ -148,7 +148,7 @@ class _Clock:
 
 
 def test_a_heartbeatless_session_left_training_is_closed_after_the_idle_timeout(tiny_cfg, faces_dir, backbone):
-    """Issue 16, item 5: a REST client starts training and goes away; no unload ever comes."""
+    """A REST client starts training and goes away; no unload ever comes."""
     from studio.engine import Phase
     from studio.ui.sessions import SessionRegistry
 
@@ -194,6 +194,42 @@ def test_the_number_of_engines_is_capped_with_a_plain_message(tiny_cfg):
     registry.close_all()
 
 
+def test_trainings_at_once_are_capped_with_a_plain_message_and_nothing_lost(tiny_cfg, faces_dir, backbone):
+    """Past the server's training limit a new training is refused with a sentence; the refused
+    session keeps its photos and its finished run; a slot comes back when a run ends."""
+    from studio.engine import Engine, Phase
+    from studio.gate import AcceleratorGate, StudioBusy, TrainingSlots
+
+    slots, gate = TrainingSlots(1), AcceleratorGate()
+    cfg = tiny_cfg.replace(**{"train.preview_every": 0, "train.steps": 2})
+    photo = str(faces_dir / "single" / "f2d_0.jpg")
+    first, second = (Engine(cfg, session_id=name, gate=gate, slots=slots) for name in ("first", "second"))
+    try:
+        for engine in (first, second):
+            engine.prepare_photos([photo])
+        for _ in second.start(foreground=True):
+            pass
+        finished = second.snapshot()
+        assert finished.phase is Phase.FINISHED and len(slots) == 0
+        first.start({"train.steps": 10_000})
+        first.wait_until(lambda s: s.step >= 1, timeout=120)
+        with pytest.raises(StudioBusy, match="The studio is busy: 1 trainings are running on this server right now"):
+            second.start()
+        with pytest.raises(StudioBusy):
+            second.continue_training(3)
+        kept = second.snapshot()
+        assert kept.phase is Phase.FINISHED and kept.concept is finished.concept and kept.prepared is finished.prepared
+        first.stop()
+        first._thread.join(timeout=120)
+        assert len(slots) == 0
+        for _ in second.continue_training(2, foreground=True):
+            pass
+        assert second.snapshot().step == 4
+    finally:
+        first.close(), second.close()
+    assert len(slots) == 0
+
+
 # ----------------------------------------------------------------------------- shutdown
 
 
@@ -234,7 +270,7 @@ def peak_mb():
 
 
 def test_a_huge_16_bit_png_is_decoded_without_a_full_size_intermediate():
-    """Issue 16: a 100 KB 16-bit PNG of 7000² cost +1.2 GB per upload. Peak RSS, fresh process."""
+    """A 100 KB 16-bit PNG of 7000² once cost +1.2 GB per upload. Peak RSS, fresh process."""
     result = _run_python(_PEAK + """
 import io, json
 import numpy as np
@@ -254,7 +290,7 @@ print(json.dumps({"mb": peak_mb() - start, "size": image.size, "notes": notes}))
 
 
 def test_a_concept_claiming_a_huge_mapper_is_refused_before_any_allocation():
-    """Issue 16: a 300 KB concept whose metadata sizes the mapper cost +1.8 GB before any shape check."""
+    """A 300 KB concept whose metadata sizes the mapper once cost +1.8 GB before any shape check."""
     result = _run_python(_PEAK + """
 import json, struct, sys
 sys.path.insert(0, "tests")
@@ -465,7 +501,7 @@ def test_an_unknown_tensor_dtype_is_one_sentence_not_a_list_of_dtypes(backbone):
 
 
 def test_a_closed_sessions_uploads_crops_and_exports_are_deleted(studio_app, faces_dir):
-    """Issue 16, item 8 of "Why": exports left concept-* folders in the temp dir forever, and a
+    """Exports once left concept-* folders in the temp dir forever, and a
     closed session's files stayed downloadable. Now they live in the session's own folder inside
     Gradio's cache (served without a copy) and go when the session closes."""
     from gradio_client import Client, handle_file
