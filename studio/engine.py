@@ -603,7 +603,10 @@ class Engine:
         )
         with self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set):
             result = composer(people, prompt, mode=mode, boxes=boxes, callback_on_step_end=on_step, **{**defaults, **kwargs})
-            scores = score_regions(result, references, self._scorer(self.cfg).analyzer) if self.cfg.metrics.score_images else ()
+            scores = ()
+            if self.cfg.metrics.score_images:
+                analyzer = self._scorer(self.cfg).analyzer if any(references) else None  # loads face models only when needed
+                scores = score_regions(result, references, analyzer)
         return result, scores
 
     def instant_preview(self, prompt: str | None = None, *, progress: Callable[[int, int], None] | None = None, **kwargs: Any):

@@ -157,3 +157,23 @@ def test_compose_config_is_checked():
         load_preset("tiny", **{"compose.max_people": 9})
     with pytest.raises(ConfigError, match="compose.rsa_blocks"):
         load_preset("tiny", **{"compose.rsa_blocks": ["decoder"]})
+
+
+def test_the_engine_composes_concept_files_and_refuses_an_instant_preview_without_photos(backbone, tiny_cfg, tmp_path):
+    from studio.compose import PersonSource
+    from studio.concept import save_concept
+    from studio.engine import Engine
+
+    files = [save_concept(make_concept(backbone, seed=s), tmp_path / f"{s}.safetensors") for s in (5, 6)]
+    engine = Engine(tiny_cfg, session_id="compose-test")
+    try:
+        with pytest.raises(ComposeInputError, match="needs this session's photos"):
+            engine.instant_preview(num_inference_steps=1)
+        with pytest.raises(ComposeInputError, match="no concept in this session"):
+            engine.compose([PersonSource("session"), PersonSource("file", str(files[0]))], "{0} and {1}")
+        result, scores = engine.compose([PersonSource("file", str(f)) for f in files], "{0} and {1} in a park",
+                                        boxes=side_boxes(2), seeds=[3], num_inference_steps=2)
+        assert len(result.images) == 1 and result.settings[0]["seed"] == 3
+        assert scores == [[None, None]]  # concept files carry no photos to compare with
+    finally:
+        engine.close()
