@@ -288,7 +288,7 @@ class UNetAttentionControl:
         groups = self.groups or [TextGroup(hidden=hidden)]
         masks = self._masks(batch, tokens)
         outputs = []
-        for index, group in enumerate(groups if masks is not None else groups[:1]):
+        for group in (groups if masks is not None else groups[:1]):
             allowed = range(count) if group.references is None else group.references
             if not allowed:
                 outputs.append(F.scaled_dot_product_attention(query, key, value))

@@ -35,4 +35,3 @@ def test_compose_two_concept_files_left_and_right_then_a_prompt_that_names_one(p
     page.locator("#compose").click()
     page.get_by_text("must name each of the 2 people once").first.wait_for(timeout=TIMEOUT_MS)
     shot(page, "compose-3-bad-prompt")
-    assert page.locator("#composed img").count() >= 1  # the last result stays

@@ -99,7 +99,7 @@ def build_compose_tab(engine_for: Callable[[gr.Request], Engine], cfg: StudioCon
         items = [(image, caption) for image, caption in zip(result.images, result.captions)]
         regions = [(overlay, f"seed {s['seed']}") for overlay, s in zip(result.overlays, result.settings)]
         passes = result.settings[0]["unet_passes_per_step"]
-        return items, regions, score_text(region_scores, count) + f"\n\n{passes} UNet pass(es) per step."
+        return items, regions, score_text(region_scores, count) + f"\n\nThis run: {passes} UNet pass{'es' if passes > 1 else ''} per step."
 
     @spaces.GPU(duration=GPU_DURATION_S)
     def on_compose(kind0, file0, kind1, file1, text, layout_label, seed_, n_steps, mode_, request: gr.Request,
