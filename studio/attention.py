@@ -12,6 +12,10 @@ Text encoder (transformers 5, registered attention function ``"studio"``):
   * capture: the last layer's attention probabilities, with gradients (for the TE loss).
 UNet: cross-attention takes keys from the plain text states and values from the bypassed
 ones when ``cross_attention_kwargs={"value_states": ...}`` is given (docs/ALGORITHM.md, "Mapper", image bypass).
+Within :func:`unet_context` (composition, docs/COMPOSE.md) the UNet's attention layers may also
+record the reference pass's self-attention inputs, attend to them (reference-aware
+self-attention), and restrict each region's pixels to its own group of text tokens and
+references (region-grouped attention).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +56,7 @@ class TextAttentionControl:
     captured: torch.Tensor | None = None
 
 
+_UNET_CONTROL: ContextVar["UNetAttentionControl | None"] = ContextVar("studio_unet_attention", default=None)
 _INJECTION: ContextVar[TokenInjection | None] = ContextVar("studio_token_injection", default=None)
 _CONTROL: ContextVar[TextAttentionControl | None] = ContextVar("studio_text_attention", default=None)
 
@@ -134,6 +139,9 @@ class BypassAttnProcessor(AttnProcessor2_0):
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, value_states=None, **kwargs):
+        control = _UNET_CONTROL.get()
+        if control is not None and attention_mask is None and hidden_states.ndim == 3:
+            return control.attend(attn, hidden_states, encoder_hidden_states, value_states)
         if value_states is None or encoder_hidden_states is None:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if attn.spatial_norm is not None or attn.group_norm is not None or attention_mask is not None:
@@ -172,3 +180,185 @@ def install(text_encoder: torch.nn.Module, unet: torch.nn.Module) -> None:
     text_encoder.set_attn_implementation(ATTENTION_NAME)
     text_encoder.get_input_embeddings().register_forward_hook(_inject_tokens)
     unet.set_attn_processor(BypassAttnProcessor())
+    for name, module in unet.named_modules():
+        if hasattr(module, "to_q") and hasattr(module, "processor"):
+            module._studio_name = name  # e.g. "up_blocks.0.attentions.1.transformer_blocks.0.attn1"
+
+
+# --------------------------------------------------------------------------- UNet: composition
+@dataclass
+class TextGroup:
+    """The text condition of one region group (docs/COMPOSE.md, "Regions").
+
+    hidden: (B, L, D) keys (and values); values: (B, L, D) bypassed values or None;
+    key_bias: (B, L) additive logit bias, -inf at tokens this group's pixels must not see, or None.
+    references: indices of the references this group's pixels attend to (None = all of them).
+    """
+
+    hidden: torch.Tensor
+    values: torch.Tensor | None = None
+    key_bias: torch.Tensor | None = None
+    references: tuple[int, ...] | None = None
+
+
+@dataclass
+class UNetAttentionControl:
+    """Settings of the UNet's attention for one UNet call (docs/COMPOSE.md).
+
+    record: keep the self-attention inputs (R, N, C) of the layers in ``reference_layers`` in
+        ``recorded`` (the reference pass); the attention itself runs as usual.
+    groups: cross-attention conditions; group 0 is the plain prompt, seen by every pixel outside
+        a region. None = the UNet's own ``encoder_hidden_states``.
+    regions: (B, G, h, w) one-hot partition of the latent over the groups, or None (all group 0).
+    references: layer name -> (R, N_ref, C) recorded inputs; self-attention in those layers also
+        attends to them, reference pixel weights (R, h_ref, w_ref) in ``reference_weights``
+        (added to the logits as ``log weight``; 0 = never attended).
+    capture_maps: keep, per layer, the head-mean attention probabilities of group 0 (B, N, L) in
+        ``cross_maps`` and the image's own self-attention (B, N, N) in ``self_maps`` for layers
+        with at most ``self_map_tokens`` pixels (how regions are located).
+    capture_groups: keep every group's probabilities (B, H, N, L) with its pixel mask (B, N) in
+        ``group_probs`` (tests).
+    """
+
+    record: bool = False
+    reference_layers: tuple[str, ...] = ()
+    recorded: dict[str, torch.Tensor] = field(default_factory=dict)
+    groups: list[TextGroup] | None = None
+    regions: torch.Tensor | None = None
+    references: dict[str, torch.Tensor] | None = None
+    reference_weights: torch.Tensor | None = None
+    capture_maps: bool = False
+    self_map_tokens: int = 1024
+    cross_maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    self_maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    capture_groups: bool = False
+    group_probs: list[tuple[str, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ dispatch
+    def attend(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+               value_states: torch.Tensor | None) -> torch.Tensor:
+        """One SD 1.x attention layer; hidden_states (B, N, C) -> (B, N, C)."""
+        if attn.spatial_norm is not None or attn.group_norm is not None:
+            raise NotImplementedError("composition supports SD 1.x attention layers only")
+        name = getattr(attn, "_studio_name", "")
+        if encoder_hidden_states is None:
+            out = self._self_attention(attn, name, hidden_states)
+        else:
+            out = self._cross_attention(attn, name, hidden_states, encoder_hidden_states, value_states)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+    def _masks(self, batch: int, tokens: int) -> torch.Tensor | None:
+        """(B, G, N) pixel masks of the groups at a layer with ``tokens`` pixels, or None."""
+        if self.regions is None:
+            return None
+        regions = self.regions
+        height, width = regions.shape[-2:]
+        scale = max(1, round(math.sqrt(height * width / tokens)))
+        small = F.interpolate(regions, size=(height // scale, width // scale), mode="nearest")
+        if small.shape[-2] * small.shape[-1] != tokens:
+            raise ValueError(f"cannot map a {height}x{width} region map onto a layer of {tokens} pixels")
+        small = small.flatten(2)
+        if small.shape[0] != batch:  # the unconditional half of classifier-free guidance shares the layout
+            small = small.repeat(batch // small.shape[0], 1, 1)
+        return small
+
+    # ------------------------------------------------------------------ self-attention
+    def _self_attention(self, attn, name: str, hidden: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = hidden.shape
+        heads = attn.heads
+        query, key, value = _heads(attn.to_q(hidden), heads), _heads(attn.to_k(hidden), heads), _heads(attn.to_v(hidden), heads)
+        if self.record and name in self.reference_layers:
+            self.recorded[name] = hidden.detach()
+        if self.capture_maps and tokens <= self.self_map_tokens:
+            probs = torch.softmax(query @ key.transpose(-1, -2) * attn.scale, dim=-1, dtype=torch.float32)
+            self.self_maps[name] = probs.mean(1)
+        references = None if self.references is None else self.references.get(name)
+        if references is None:
+            return _merge(F.scaled_dot_product_attention(query, key, value), query.dtype)
+        count, ref_tokens, _ = references.shape
+        ref_key = _heads(attn.to_k(references).reshape(1, count * ref_tokens, -1), heads).expand(batch, -1, -1, -1)
+        ref_value = _heads(attn.to_v(references).reshape(1, count * ref_tokens, -1), heads).expand(batch, -1, -1, -1)
+        keys, values = torch.cat([key, ref_key], dim=2), torch.cat([value, ref_value], dim=2)
+        side = int(round(math.sqrt(ref_tokens)))
+        weights = F.interpolate(self.reference_weights[:, None].float(), size=(side, side), mode="area").flatten(1)
+        log_weights = torch.log(weights.clamp_min(0)).reshape(-1)  # (R * N_ref,); log 0 = -inf: never attended
+        groups = self.groups or [TextGroup(hidden=hidden)]
+        masks = self._masks(batch, tokens)
+        outputs = []
+        for group in (groups if masks is not None else groups[:1]):
+            allowed = range(count) if group.references is None else group.references
+            if not allowed:
+                outputs.append(F.scaled_dot_product_attention(query, key, value))
+                continue
+            keep = torch.zeros(count, ref_tokens, dtype=torch.bool, device=hidden.device)
+            keep[list(allowed)] = True
+            ref_bias = torch.where(keep.reshape(-1), log_weights, torch.full_like(log_weights, float("-inf")))
+            bias = torch.cat([torch.zeros(tokens, device=hidden.device), ref_bias]).to(query.dtype)[None, None, None, :]
+            outputs.append(F.scaled_dot_product_attention(query, keys, values, attn_mask=bias))
+        return _merge(_combine(outputs, masks), query.dtype)
+
+    # ------------------------------------------------------------------ cross-attention
+    def _cross_attention(self, attn, name: str, hidden: torch.Tensor, text: torch.Tensor,
+                         value_states: torch.Tensor | None) -> torch.Tensor:
+        batch, tokens, _ = hidden.shape
+        heads = attn.heads
+        query = _heads(attn.to_q(hidden), heads)
+        groups = self.groups or [TextGroup(hidden=text, values=value_states)]
+        masks = self._masks(batch, tokens)
+        outputs = []
+        for index, group in enumerate(groups if masks is not None else groups[:1]):
+            states, values = group.hidden, group.hidden if group.values is None else group.values
+            if attn.norm_cross:
+                states, values = attn.norm_encoder_hidden_states(states), attn.norm_encoder_hidden_states(values)
+            key, value = _heads(attn.to_k(states), heads), _heads(attn.to_v(values), heads)
+            bias = None if group.key_bias is None else group.key_bias[:, None, None, :].to(query.dtype)
+            want_probs = (self.capture_maps and index == 0) or self.capture_groups
+            if not want_probs:
+                outputs.append(F.scaled_dot_product_attention(query, key, value, attn_mask=bias))
+                continue
+            logits = query @ key.transpose(-1, -2) * attn.scale
+            if bias is not None:
+                logits = logits + bias
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+            outputs.append(probs @ value)
+            if self.capture_maps and index == 0:
+                self.cross_maps[name] = probs.float().mean(1)
+            if self.capture_groups:
+                pixels = masks[:, index] if masks is not None else torch.ones(batch, tokens, device=hidden.device)
+                self.group_probs.append((name, index, probs.float(), pixels))
+        return _merge(_combine(outputs, masks), query.dtype)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, H*d) -> (B, H, N, d)."""
+    batch, length, inner = x.shape
+    return x.view(batch, length, heads, inner // heads).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, N, d) -> (B, N, H*d)."""
+    batch, heads, length, dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * dim).to(dtype)
+
+
+def _combine(outputs: list[torch.Tensor], masks: torch.Tensor | None) -> torch.Tensor:
+    """Each pixel takes the output of its own group: outputs G x (B, H, N, d), masks (B, G, N) one-hot."""
+    if masks is None:
+        return outputs[0]
+    combined = torch.zeros_like(outputs[0])
+    for index, out in enumerate(outputs):
+        combined = torch.where(masks[:, index, None, :, None] > 0, out, combined)
+    return combined
+
+
+@contextlib.contextmanager
+def unet_context(control: UNetAttentionControl | None) -> Iterator[UNetAttentionControl | None]:
+    """Within this block (this thread only), the UNet's attention follows ``control``."""
+    token = _UNET_CONTROL.set(control)
+    try:
+        yield control
+    finally:
+        _UNET_CONTROL.reset(token)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m studio {train,generate,prepare,eval} ...``.
+"""Command line: ``python -m studio {train,generate,prepare,eval,compose} ...``.
 
 Expected problems (bad photo, bad prompt, foreign concept file, missing weights, ...) end with
 one ``error: ...`` line on stderr and exit status 2, never a traceback. A training run that
@@ -443,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_delegated(subparsers, "eval", "studio.cli_eval", "add_eval_parser", "score a concept")
     _add_delegated(subparsers, "score", "studio.cli_score", "add_score_parser", "score images made anywhere")
     _add_delegated(subparsers, "toy", "studio.cli_toy", "add_toy_parser", "the toy world")
+    _add_delegated(subparsers, "compose", "studio.cli_compose", "add_compose_parser", "several people in one picture")
     return parser
 
 

@@ -314,6 +314,49 @@ class MetricsConfig:
 
 
 @dataclass
+class ComposeConfig:
+    """Several people in one picture and one-photo likeness (docs/COMPOSE.md)."""
+
+    # most people one composed image may name ({0}, {1}, ...); each costs attention groups, a reference one UNet pass per step
+    max_people: int = 2
+    # share of the denoising steps that lay out the picture with class words only (regions start after them)
+    layout_fraction: float = 0.3
+    # reference-aware self-attention: weight of the reference's face pixels (0 = off, no reference pass)
+    rsa_weight: float = 1.0
+    # weight of the reference's other pixels (hair, background), relative to the image's own pixels at 1
+    rsa_context_weight: float = 0.3
+    # UNet blocks whose self-attention also attends to the references (name prefixes)
+    rsa_blocks: list[str] = field(default_factory=lambda: ["mid_block", "up_blocks"])
+    # [first, last) share of the denoising steps with reference attention
+    rsa_steps: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    # the prompt of the reference pass; {} = the person's class word
+    reference_prompt: str = "a photo of {}"
+    # class word of a person given by a photo only (one CLIP token)
+    photo_class_word: str = "person"
+    # regions are located on the finest attention layers with at most this many pixels
+    locate_max_tokens: int = 1024
+    # Gaussian smoothing of the located attention maps, in pixels of that layer (0 = none)
+    locate_smoothing: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_people <= 4:
+            raise ConfigError(f"compose.max_people must be from 1 to 4, got {self.max_people}")
+        if not 0.0 <= self.layout_fraction < 1.0:
+            raise ConfigError(f"compose.layout_fraction must be in [0, 1), got {self.layout_fraction}")
+        if self.rsa_weight < 0 or self.rsa_context_weight < 0:
+            raise ConfigError("compose.rsa_weight and compose.rsa_context_weight must be >= 0")
+        if len(self.rsa_steps) != 2 or not 0.0 <= self.rsa_steps[0] < self.rsa_steps[1] <= 1.0:
+            raise ConfigError(f"compose.rsa_steps must be [first, last) with 0 <= first < last <= 1, got {list(self.rsa_steps)}")
+        allowed = ("down_blocks", "mid_block", "up_blocks")
+        if not self.rsa_blocks or any(not b.startswith(allowed) for b in self.rsa_blocks):
+            raise ConfigError(f"compose.rsa_blocks must name UNet blocks starting with {', '.join(allowed)}; got {list(self.rsa_blocks)}")
+        if "{}" not in self.reference_prompt:
+            raise ConfigError("compose.reference_prompt must contain {} for the person's class word")
+        if self.locate_max_tokens < 16 or self.locate_smoothing < 0:
+            raise ConfigError("compose.locate_max_tokens must be >= 16 and compose.locate_smoothing >= 0")
+
+
+@dataclass
 class StudioConfig:
     """Everything a run needs: one preset."""
 
@@ -326,6 +369,7 @@ class StudioConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     face: FaceConfig = field(default_factory=FaceConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    compose: ComposeConfig = field(default_factory=ComposeConfig)
 
     @property
     def training_band(self) -> tuple[int, int]:

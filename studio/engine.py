@@ -586,6 +586,48 @@ class Engine:
             result = replace(result, captions=[f"{c} · {s.caption}" for c, s in zip(result.captions, scores)])
         return result
 
+    def compose(self, sources: Sequence[Any], prompt: str, *, mode: str = "regions", boxes: Any = None,
+                progress: Callable[[int, int], None] | None = None, **kwargs: Any):
+        """Several people in one picture (docs/COMPOSE.md): ``sources`` are studio.compose.PersonSource
+        per {0}, {1}, ...; kwargs as ``Sampler.__call__``. Returns (ComposeResult, identity per region
+        per image, or () when scoring is off)."""
+        self._check_open()
+        from studio.compose import Composer, resolve_people, score_regions
+
+        backbone = self.backbone()
+        people, references = resolve_people(
+            sources, concept=self.current_concept(), prepared=self._snapshot.prepared, backbone=backbone,
+            face=self.cfg.face, class_word=self.cfg.concept.super_category,
+        )
+        composer = Composer(shared_sampler(backbone), self.cfg.compose)
+
+        def on_step(i: int, total: int) -> bool:
+            if progress is not None:
+                progress(i, total)
+            return self._cancel_generation.is_set()
+
+        defaults = dict(
+            num_inference_steps=self.cfg.sample.steps, guidance_scale=self.cfg.sample.guidance_scale,
+            scheduler=self.cfg.sample.scheduler, negative_prompt=self.cfg.sample.negative_prompt,
+            balance_layers=self.cfg.sample.balance_layers, height=self.cfg.image_size, width=self.cfg.image_size,
+            band=tuple(self.cfg.sample.band),
+        )
+        with self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set):
+            result = composer(people, prompt, mode=mode, boxes=boxes, callback_on_step_end=on_step, **{**defaults, **kwargs})
+            scores = ()
+            if self.cfg.metrics.score_images:
+                analyzer = self._scorer(self.cfg).analyzer if any(references) else None  # loads face models only when needed
+                scores = score_regions(result, references, analyzer)
+        return result, scores
+
+    def instant_preview(self, prompt: str | None = None, *, progress: Callable[[int, int], None] | None = None, **kwargs: Any):
+        """A likeness from the prepared photos before any training (reference-aware self-attention
+        with the first photo); ``prompt`` names the person {0} (default: the first preview prompt)."""
+        from studio.compose import PersonSource
+
+        prompt = prompt or self.cfg.sample.preview_prompts[0].replace("{}", "{0}")
+        return self.compose([PersonSource("photos")], prompt, progress=progress, **kwargs)
+
     # ------------------------------------------------------------------ scores and sweeps
     def _scorer(self, cfg: StudioConfig):
         from studio.metrics import Scorer

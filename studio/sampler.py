@@ -356,6 +356,14 @@ class Sampler:
         return GenerationResult(images=images, captions=captions, settings=per_image)
 
     # ------------------------------------------------------------------ text conditions
+    def encode_conditions(
+        self, concept: Concept | None, prompts: list[str], negative_prompt: str | None,
+        mapper_ts: list[int | None], balance: float = 1.0, balance_layers: int = 1,
+    ) -> dict[Any, Any]:
+        """Cached text rows (``.hidden`` (L, D), ``.values`` (L, D) or None) keyed (prompt index,
+        mapper timestep or None), plus "negative": what composition (studio.compose) builds on."""
+        return self._text_conditions(concept, prompts, negative_prompt, mapper_ts, balance, balance_layers)
+
     def _text_conditions(
         self,
         concept: Concept | None,

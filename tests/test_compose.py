@@ -1,0 +1,179 @@
+"""Composition mechanics on the tiny backbone: RSA, located regions, region-grouped attention (docs/COMPOSE.md)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from studio import attention
+from studio.compose import ComposeInputError, Composer, Person, Reference, locate_regions, side_boxes
+from studio.conditioning import PromptError
+from studio.config import ComposeConfig, ConfigError, load_preset
+from studio.sampler import Sampler
+from test_sampler import make_concept
+
+STEPS = dict(num_inference_steps=3, guidance_scale=5.0)
+
+
+def photo(colour: tuple[int, int, int]) -> Reference:
+    """A flat-coloured 64 px reference with a centred square face mask."""
+    mask = np.zeros((64, 64), np.float32)
+    mask[16:48, 16:48] = 1.0
+    return Reference(Image.new("RGB", (64, 64), colour), mask)
+
+
+@pytest.fixture(scope="module")
+def sampler(backbone):
+    return Sampler(backbone)
+
+
+@pytest.fixture(scope="module")
+def composer(sampler, tiny_cfg):
+    return Composer(sampler, tiny_cfg.compose)
+
+
+def test_a_single_concept_without_reference_weight_is_todays_generation_bit_for_bit(backbone, sampler, tiny_cfg):
+    concept = make_concept(backbone, seed=3, bypass=True)
+    off = Composer(sampler, ComposeConfig(rsa_weight=0.0))
+    composed = off([Person(concept=concept, reference=photo((200, 80, 40)))], "a photo of {0} on a beach", seeds=[0, 1], **STEPS)
+    plain = sampler(concept, "a photo of {} on a beach", seeds=[0, 1], **STEPS)
+    for ours, theirs in zip(composed.images, plain.images):
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    assert composed.settings[0]["unet_passes_per_step"] == 1
+
+
+def test_reference_attention_changes_the_image_and_costs_one_pass_per_reference(backbone, sampler):
+    concept = make_concept(backbone, seed=3)
+    on = Composer(sampler, ComposeConfig(rsa_weight=3.0, rsa_context_weight=1.0, rsa_blocks=["down_blocks", "mid_block", "up_blocks"]))
+    with_photo = on([Person(concept=concept, reference=photo((250, 250, 250)))], "a photo of {0}", seeds=[0], **STEPS)
+    without = sampler(concept, "a photo of {}", seeds=[0], **STEPS)
+    difference = np.abs(np.asarray(with_photo.images[0], np.float32) - np.asarray(without.images[0], np.float32)).mean()
+    assert difference > 0  # tiny has random weights: any change shows the references are attended
+    assert with_photo.settings[0]["unet_passes_per_step"] == 2
+
+
+def test_located_regions_partition_the_latent(composer):
+    capture = attention.UNetAttentionControl()
+    people = [Person(reference=photo((220, 60, 60))), Person(reference=photo((60, 60, 220)), class_word="man")]
+    result = composer(people, "a photo of {0} and {1} on a beach", seeds=[0, 1], capture=capture, **STEPS)
+    regions = capture.regions  # (n, 1 + people, h, w) on the last step
+    assert regions.shape == (2, 3, 32, 32)
+    assert torch.all((regions == 0) | (regions == 1))
+    assert torch.all(regions.sum(1) == 1)
+    for labels in result.regions:
+        assert labels.shape == (32, 32) and set(np.unique(labels)) <= {0, 1, 2}
+    assert result.overlays[0].size == result.images[0].size
+
+
+def test_a_regions_pixels_get_no_attention_from_the_other_persons_tokens(backbone, composer):
+    people = [Person(concept=make_concept(backbone, seed=1)), Person(concept=make_concept(backbone, seed=2))]
+    capture = attention.UNetAttentionControl(capture_groups=True)
+    composer(people, "{0} and {1} at a cafe", seeds=[0], boxes=side_boxes(2), capture=capture, **STEPS)
+    # Token positions: <start> slots0(2) and slots1(2) ...; group 1 = person 0 sees slots + "face" of person 1
+    tokenizer = backbone.tokenizer
+    and_len = len(tokenizer("and", add_special_tokens=False).input_ids)
+    person_1_in_group_1 = [1 + 2 + and_len]  # person 1 is its class word in person 0's row
+    person_0_in_group_2 = [1]  # person 0 is its class word in person 1's row
+    checked = 0
+    for name, group, probs, pixels in capture.group_probs:
+        if group == 0:
+            continue
+        other = person_1_in_group_1 if group == 1 else person_0_in_group_2
+        inside = pixels[-1] > 0  # conditional row
+        assert inside.any()
+        assert torch.all(probs[-1][:, inside][..., other] == 0), name
+        checked += 1
+    assert checked >= 2
+    # the plain prompt (background) does attend to both persons' words: the zeros above are the restriction
+    plain = [probs for name, group, probs, _ in capture.group_probs if group == 0]
+    assert all(p[-1][..., person_0_in_group_2 + [1 + 1 + and_len]].sum() > 0 for p in plain)
+
+
+def test_boxes_give_left_and_right_regions(composer):
+    people = [Person(reference=photo((220, 60, 60))), Person(reference=photo((60, 60, 220)))]
+    result = composer(people, "{0} and {1}", seeds=[0], boxes=side_boxes(2), **STEPS)
+    labels = result.regions[0]
+    assert np.all(labels[:, :16] == 1) and np.all(labels[:, 16:] == 2)
+
+
+def test_locate_regions_follows_the_persons_attention():
+    # 4x4 pixels: person 0's word is attended on the left, person 1's on the right, the start token at the top row
+    n, tokens, length = 1, 16, 5
+    cross = torch.full((n, tokens, length), 0.01)
+    grid = torch.arange(tokens).reshape(4, 4)
+    cross[0, grid[1:, :2].flatten(), 1] = 1.0
+    cross[0, grid[1:, 2:].flatten(), 3] = 1.0
+    cross[0, grid[0].flatten(), 0] = 1.0
+    identity = torch.eye(tokens)[None]
+    regions = locate_regions({"a": cross}, {"s": identity}, [(1,), (3,)], n, (4, 4), smoothing=0.0)
+    labels = regions.argmax(1)[0]
+    assert torch.all(labels[0] == 0)
+    assert torch.all(labels[1:, :2] == 1) and torch.all(labels[1:, 2:] == 2)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "count", "words"),
+    [
+        ("{0} at a cafe", 2, "each of the 2 people once"),
+        ("{0} and {0} at a cafe", 2, "each of the 2 people once"),
+        ("{} and {1}", 2, "Number the people"),
+        ("{0}s and {1}", 2, "Put spaces around {0}"),
+    ],
+)
+def test_prompts_whose_placeholders_do_not_match_the_people_are_refused(composer, prompt, count, words):
+    people = [Person(reference=photo((200, 200, 200)))] * count
+    with pytest.raises(PromptError) as info:
+        composer.check_inputs(people, prompt, **STEPS)
+    if words:
+        assert words in str(info.value)
+
+
+def test_more_people_than_the_maximum_are_refused(composer):
+    people = [Person(reference=photo((200, 200, 200)))] * 3
+    with pytest.raises(ComposeInputError, match="at most 2"):
+        composer.check_inputs(people, "{0}, {1} and {2}", **STEPS)
+
+
+def test_concepts_of_different_models_are_refused(backbone, composer):
+    people = [Person(concept=make_concept(backbone)), Person(concept=make_concept(backbone, source="some/fine-tune"))]
+    with pytest.raises(ComposeInputError, match="different models"):
+        composer.check_inputs(people, "{0} and {1}", **STEPS)
+
+
+def test_a_person_needs_a_concept_or_a_photo(composer):
+    with pytest.raises(ComposeInputError, match="neither a concept nor a photo"):
+        composer.check_inputs([Person(), Person(reference=photo((1, 2, 3)))], "{0} and {1}", **STEPS)
+
+
+def test_bad_boxes_are_refused(composer):
+    people = [Person(reference=photo((200, 200, 200)))] * 2
+    with pytest.raises(ComposeInputError, match="0 <= x0 < x1 <= 1"):
+        composer.check_inputs(people, "{0} and {1}", boxes=[(0.5, 0, 0.2, 1), (0.5, 0, 1, 1)], **STEPS)
+
+
+def test_compose_config_is_checked():
+    with pytest.raises(ConfigError, match="compose.max_people"):
+        load_preset("tiny", **{"compose.max_people": 9})
+    with pytest.raises(ConfigError, match="compose.rsa_blocks"):
+        load_preset("tiny", **{"compose.rsa_blocks": ["decoder"]})
+
+
+def test_the_engine_composes_concept_files_and_refuses_an_instant_preview_without_photos(backbone, tiny_cfg, tmp_path):
+    from studio.compose import PersonSource
+    from studio.concept import save_concept
+    from studio.engine import Engine
+
+    files = [save_concept(make_concept(backbone, seed=s), tmp_path / f"{s}.safetensors") for s in (5, 6)]
+    engine = Engine(tiny_cfg, session_id="compose-test")
+    try:
+        with pytest.raises(ComposeInputError, match="needs this session's photos"):
+            engine.instant_preview(num_inference_steps=1)
+        with pytest.raises(ComposeInputError, match="no concept in this session"):
+            engine.compose([PersonSource("session"), PersonSource("file", str(files[0]))], "{0} and {1}")
+        result, scores = engine.compose([PersonSource("file", str(f)) for f in files], "{0} and {1} in a park",
+                                        boxes=side_boxes(2), seeds=[3], num_inference_steps=2)
+        assert len(result.images) == 1 and result.settings[0]["seed"] == 3
+        assert scores == [[None, None]]  # concept files carry no photos to compare with
+    finally:
+        engine.close()
