@@ -25,9 +25,10 @@ def add_toy_parser(subparsers: Any) -> None:
     pretrain = toy.add_parser("pretrain", help="train the toy backbone and its instruments (about an hour on 2 CPU cores)",
                               description="Seeded and resumable: run it again with the same --out to continue.")
     pretrain.add_argument("--out", type=Path, required=True, help="folder for data, checkpoints and the diffusers model")
-    pretrain.add_argument("--stage", action="append", choices=("data", "instruments", "backbone"),
+    pretrain.add_argument("--stage", action="append", choices=("data", "instruments", "backbone", "decoder"),
                           help="run only these stages (default: all, in order)")
     pretrain.add_argument("--minutes", type=float, help="time budget of the UNet + text encoder stage")
+    pretrain.add_argument("--decoder-minutes", type=float, help="time budget of the decoder fine-tuning stage")
     pretrain.add_argument("--threads", type=int, default=2, help="torch threads (and render workers)")
     pretrain.set_defaults(func=run_pretrain)
 
@@ -58,6 +59,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     from studio.toy.pretrain import STAGES, PretrainPlan, pretrain
 
-    plan = PretrainPlan() if args.minutes is None else replace(PretrainPlan(), unet_minutes=args.minutes)
+    plan = PretrainPlan()
+    if args.minutes is not None:
+        plan = replace(plan, unet_minutes=args.minutes)
+    if args.decoder_minutes is not None:
+        plan = replace(plan, decoder_minutes=args.decoder_minutes)
     pretrain(args.out, tuple(args.stage or STAGES), plan, threads=args.threads)
     return 0
