@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from studio.errors import StudioError
 from studio.mapper import Mapper, build_mapper
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ _STATE_DTYPES = frozenset({"F32", "F16", "BF16", "F64", "I64", "I32", "U8", "BOO
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-class ConceptFileError(ValueError):
+class ConceptFileError(StudioError, ValueError):
     """A concept (or checkpoint) file cannot be written or read; the message says why and what to do."""
 
 

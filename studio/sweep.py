@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +17,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from studio.concept import Concept
 from studio.conditioning import PromptError, check_prompt
-from studio.config import DEFAULT_NEGATIVE_PROMPT, EVAL_PROMPTS_FILE, check_band
+from studio.config import EVAL_PROMPTS_FILE, check_band
+from studio.events import PreviewReady
 from studio.faces import PhotoSource
 from studio.metrics import ImageScores, Scorer, caption
-from studio.sampler import GenerationInterrupted, Sampler
+from studio.sampler import GenerationInterrupted, GenerationSettings, Sampler
 
 
 
@@ -90,12 +91,7 @@ def sweep(
     scorer: Scorer,
     references: Sequence[PhotoSource | np.ndarray] = (),
     *,
-    steps: int,
-    guidance: float,
-    scheduler: str,
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-    balance_layers: int = 1,
-    resolution: int | None = None,
+    settings: GenerationSettings,
     should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[SweepPoint]:
     """Generate and score every (band, balance) setting, band-major; yield each as it completes.
@@ -103,7 +99,8 @@ def sweep(
     sampler: a ``studio.sampler.Sampler`` (or a callable with its signature, e.g. one that
     holds the accelerator gate); every setting uses the same prompts and seeds.
     references: reference photos or identity embeddings (embedded once, up front).
-    resolution: image side in pixels (None: the backbone's native size).
+    settings: steps, guidance, scheduler, size ... of every setting (its band, balance and seeds
+        are replaced by the grid's; e.g. ``GenerationSettings.from_config(cfg)``).
     should_stop: checked before each setting and after each denoising step; when it returns
     True the sweep ends: points already yielded stand, a setting under way is dropped.
     """
@@ -118,26 +115,45 @@ def sweep(
         if stop_requested():
             return
         try:
+            this = replace(settings, band=band, balance=balance, seeds=list(seeds))
             result = sampler(
-                concept,
-                list(prompts),
-                seeds=list(seeds),
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                band=band,
-                balance=balance,
-                balance_layers=balance_layers,
-                negative_prompt=negative_prompt,
-                scheduler=scheduler,
-                height=resolution,
-                width=resolution,
-                callback_on_step_end=lambda step, total: stop_requested(),
+                concept, list(prompts), callback_on_step_end=lambda step, total: stop_requested(), **this.kwargs()
             )
         except GenerationInterrupted:
             return
         images = list(result.images)
         scores = scorer.score(images, image_prompts, reference_embeddings, super_category=concept.super_category)
         yield summarise(band, balance, images, scores)
+
+
+@dataclass(frozen=True)
+class BestStep:
+    """Scored training previews and the step among them with the best identity/prompt balance
+    (:func:`pick_balanced`). Immutable: :meth:`with_preview` returns the next one."""
+
+    points: tuple[tuple[int, SweepPoint], ...] = ()
+
+    def with_preview(self, preview: PreviewReady) -> BestStep:
+        """This plus a scored preview (a newer preview of the same step replaces the older)."""
+        point = summarise(preview.band, preview.balance, preview.images, preview.scores)
+        return BestStep(tuple((s, p) for s, p in self.points if s != preview.step) + ((preview.step, point),))
+
+    @property
+    def step(self) -> int | None:
+        if not self.points:
+            return None
+        best = pick_balanced([p for _, p in self.points])
+        return next(s for s, p in self.points if p is best)
+
+    @property
+    def note(self) -> str:
+        """E.g. "Best balance so far: step 40 (identity 0.61, prompt 27.3)"; "" before any scored preview."""
+        step = self.step
+        if step is None:
+            return ""
+        best = dict(self.points)[step]
+        identity = "no face found" if best.mean_identity is None else f"identity {best.mean_identity:.2f}"
+        return f"Best balance so far: step {step} ({identity}, prompt {best.mean_prompt:.1f})"
 
 
 def pick_balanced(points: Sequence[SweepPoint]) -> SweepPoint:

@@ -22,6 +22,7 @@ import spaces
 from studio.conditioning import PromptError, check_prompt
 from studio.config import check_band
 from studio.engine import Engine
+from studio.errors import FormError, SessionBusy
 from studio.metrics import caption
 from studio.sweep import EVAL_PROMPTS_FILE, SweepPoint, grid_image, pick_balanced, read_prompt_file, setting_label
 from studio.ui import views
@@ -62,7 +63,7 @@ def band_choice(band: tuple[int, int]) -> tuple[str, str]:
 def parse_bands(values: Sequence[str]) -> list[tuple[int, int]]:
     """Sorted intervals from CheckboxGroup values "lo,hi" (which come in the order they were ticked)."""
     if not values:
-        raise ValueError("Choose at least one identity interval to try.")
+        raise FormError("Choose at least one identity interval to try.")
     bands = set()
     for value in values:
         lo, hi = (int(part) for part in str(value).split(","))
@@ -73,7 +74,7 @@ def parse_bands(values: Sequence[str]) -> list[tuple[int, int]]:
 def parse_balances(values: Sequence[float | str]) -> list[float]:
     """Sorted balances γ from CheckboxGroup values."""
     if not values:
-        raise ValueError("Choose at least one tandem balance γ to try.")
+        raise FormError("Choose at least one tandem balance γ to try.")
     return sorted({float(value) for value in values})
 
 
@@ -81,15 +82,15 @@ def parse_prompts(text: str) -> list[str]:
     """One prompt per non-blank line, each with {} for the person; raises ValueError naming a bad line."""
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     if not lines:
-        raise ValueError("Write at least one prompt, one per line, with {} where the person goes.")
+        raise FormError("Write at least one prompt, one per line, with {} where the person goes.")
     if len(lines) > MAX_PROMPTS:
-        raise ValueError(f"A sweep takes at most {MAX_PROMPTS} prompts; you wrote {len(lines)}.")
+        raise FormError(f"A sweep takes at most {MAX_PROMPTS} prompts; you wrote {len(lines)}.")
     prompts = []
     for number, line in enumerate(lines, start=1):
         try:
             prompts.append(check_prompt(line))
         except PromptError as exc:
-            raise ValueError(f"Prompt {number}: {exc}") from None
+            raise FormError(f"Prompt {number}: {exc}") from None
     return prompts
 
 
@@ -97,13 +98,13 @@ def parse_seeds(text: str) -> list[int]:
     """Whole numbers separated by spaces or commas, e.g. "0 1"."""
     parts = (text or "").replace(",", " ").split()
     if not parts:
-        raise ValueError("Give at least one seed, e.g. 0 1.")
+        raise FormError("Give at least one seed, e.g. 0 1.")
     try:
         seeds = [int(part) for part in parts]
     except ValueError:
-        raise ValueError(f"Seeds must be whole numbers separated by spaces, got {text!r}.") from None
+        raise FormError(f"Seeds must be whole numbers separated by spaces, got {text!r}.") from None
     if len(seeds) > MAX_SEEDS:
-        raise ValueError(f"A sweep takes at most {MAX_SEEDS} seeds; you gave {len(seeds)}.")
+        raise FormError(f"A sweep takes at most {MAX_SEEDS} seeds; you gave {len(seeds)}.")
     return list(dict.fromkeys(seeds))
 
 
@@ -458,7 +459,7 @@ def build_explore_tab(
             )
             previous = _RUNS.get(engine)
             if previous is not None and not previous.finished.is_set():
-                raise ValueError("A sweep is already running in this session: stop it first.")
+                raise SessionBusy("A sweep is already running in this session: stop it first.")
             points = engine.sweep(run.prompts, run.seeds, run.bands, run.balances, steps=run.steps)
         except (ValueError, RuntimeError) as exc:
             raise views.user_error(exc) from None
