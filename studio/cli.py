@@ -101,7 +101,7 @@ def check_model(cfg: StudioConfig, concept_backbone: dict[str, Any] | None = Non
     expected = expected_fingerprint(cfg.model)
     problem = concept_mismatch(concept_backbone, expected) if concept_backbone else None
     if problem:
-        from studio.concept import ConceptFileError
+        from studio.concept_file import ConceptFileError
 
         raise ConceptFileError(problem)
 
@@ -193,8 +193,13 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = _load_config(args, extra)
     check_model(cfg)  # a .ckpt, an SDXL folder, a missing image encoder: said before torch is imported
 
-    from studio.concept import (
-        CHECKPOINT_FORMAT, describe, load_training_state, read_concept_info, save_checkpoint, save_concept,
+    from studio.concept import describe
+    from studio.concept_file import (
+        CHECKPOINT_FORMAT,
+        load_training_state,
+        read_concept_info,
+        save_checkpoint,
+        save_concept,
     )
     from studio.events import PreviewReady, RolledBack, TrainingFailed, TrainingFinished, TrainingStep
     from studio.faces import prepare
@@ -350,7 +355,7 @@ def run_generate(args: argparse.Namespace) -> int:
     band = check_band(args.band, "--band") if args.band else None  # None: the preset's
     check_model(cfg)  # before torch is imported
 
-    from studio.concept import compatibility_warning, load_concept, read_concept_info
+    from studio.concept_file import compatibility_warning, load_concept, read_concept_info
     from studio.conditioning import check_prompt
     from studio.sampler import GenerationSettings, Sampler
 

@@ -110,7 +110,7 @@ def main_eval(args: argparse.Namespace) -> int:
     # Heavy imports here: `python -m studio --help` stays fast.
     from studio.backbone import get_backbone
     from studio.cli import check_model, model_overrides
-    from studio.concept import load_concept, read_concept_info
+    from studio.concept_file import load_concept, read_concept_info
     from studio.faces import PhotoError
     from studio.metrics import Scorer
     from studio.sampler import GenerationSettings, Sampler

@@ -26,7 +26,7 @@ from studio.events import ConceptUpdated, PreviewReady, RolledBack, TrainingEven
 from studio.gate import GATE, AcceleratorGate, GateCancelled
 from studio.metrics import score_quietly
 from studio.sampler import GenerationSettings, render_preview, shared_sampler
-from studio.sweep import BestStep
+from studio.sweep import BestStep, SweepSnapshot
 from studio.training import EndedRun, TrainingRun
 
 JOIN_TIMEOUT_S = 30.0
@@ -113,6 +113,7 @@ class Snapshot:
     is_random_backbone: bool = False
     best_step: int | None = None  # preview step with the best identity/prompt balance so far
     best_note: str = ""
+    sweep: SweepSnapshot | None = None  # the running or last sweep of this session (Explore)
 
     @property
     def active(self) -> bool:
@@ -451,7 +452,7 @@ class Engine:
         """Load a concept file; on error the current concept stays. When the file carries its
         trainer state, that run can go on here (continue_training, with the same photos)."""
         self._check_open()
-        from studio.concept import ConceptFileError, load_concept, read_training_state
+        from studio.concept_file import ConceptFileError, load_concept, read_training_state
 
         backbone = self.backbone()
         try:
@@ -491,7 +492,7 @@ class Engine:
     def export_concept(self, path: str | Path) -> Path:
         """Save the newest concept; after a finished or stopped run it also carries the trainer
         state, so that another session can continue it."""
-        from studio.concept import save_concept
+        from studio.concept_file import save_concept
 
         concept = self._require_concept("exporting")
         with self._lock:
@@ -583,14 +584,29 @@ class Engine:
         steps: int | None = None,
     ) -> Iterator:
         """Generate + score every (band, balance) with the newest concept; the returned iterator
-        yields SweepPoints as they finish. ``cancel_sweep()`` ends it after the current denoising
-        step (points so far stand). Checks (NoConceptYet) happen here, at the call."""
+        yields SweepPoints as they finish, and each one is also published as ``Snapshot.sweep``
+        (a SweepSnapshot: running, then done / stopped / failed). ``cancel_sweep()`` ends it
+        after the current denoising step (points so far stand). Checks (NoConceptYet, a sweep
+        already running: SessionBusy) happen here, at the call."""
         self._check_open()
         concept = self._require_concept("exploring")
-        self._cancel_sweep.clear()
-        return self._sweep_points(concept, prompts, seeds, bands, balances, steps)
+        with self._lock:
+            if self._snapshot.sweep is not None and not self._snapshot.sweep.finished:
+                raise SessionBusy("A sweep is already running in this session: stop it first.")
+            self._cancel_sweep.clear()
+            started = SweepSnapshot(
+                bands=tuple(bands), balances=tuple(balances), prompts=tuple(prompts), seeds=tuple(seeds),
+                steps=steps or self.cfg.sample.preview_steps, references=len(self.references()),
+                random_backbone=self._snapshot.is_random_backbone,
+            )
+            self._publish(sweep=started)
+        return _ClosingIterator(self._sweep_points(concept, started), on_close=self._sweep_abandoned)
 
-    def _sweep_points(self, concept: Concept, prompts, seeds, bands, balances, steps: int | None) -> Iterator:
+    def _sweep_abandoned(self) -> None:
+        """A sweep iterator closed before it began (a cancelled stream) still ends as stopped."""
+        self._update_sweep(lambda current: current if current.finished else current.ended("stopped"))
+
+    def _sweep_points(self, concept: Concept, asked: SweepSnapshot) -> Iterator:
         from studio.sweep import sweep
 
         sampler = shared_sampler(self.backbone())
@@ -599,14 +615,29 @@ class Engine:
             with self._gate.hold(self.session_id, cancelled=self._cancel_sweep.is_set):
                 return sampler(*args, **kwargs)
 
-        settings = GenerationSettings.from_config(self.cfg, num_inference_steps=steps or self.cfg.sample.preview_steps)
+        settings = GenerationSettings.from_config(self.cfg, num_inference_steps=asked.steps)
+        ending, error = "done", ""
         try:
-            yield from sweep(
-                gated_sampler, concept, prompts, seeds, bands, balances, self._scorer(self.cfg), self.references(),
-                settings=settings, should_stop=self._cancel_sweep.is_set,
-            )
+            for point in sweep(
+                gated_sampler, concept, list(asked.prompts), list(asked.seeds), list(asked.bands), list(asked.balances),
+                self._scorer(self.cfg), self.references(), settings=settings, should_stop=self._cancel_sweep.is_set,
+            ):
+                self._update_sweep(lambda current: current.with_point(point))
+                yield point
         except GateCancelled:  # cancelled while waiting for the accelerator
-            return
+            pass
+        except Exception as exc:
+            ending, error = "failed", user_message(exc, context=f"sweeping in session {self.session_id}")
+            raise
+        finally:  # also when the caller stops iterating (a cancelled stream closes the generator)
+            if ending == "done" and (self._cancel_sweep.is_set() or self._closed):
+                ending = "stopped"
+            self._update_sweep(lambda current: current.ended(ending, error))
+
+    def _update_sweep(self, change: Callable[[SweepSnapshot], SweepSnapshot]) -> None:
+        with self._lock:
+            if self._snapshot.sweep is not None and not self._closed:
+                self._publish(sweep=change(self._snapshot.sweep))
 
     def cancel_sweep(self) -> None:
         self._cancel_sweep.set()
@@ -637,6 +668,21 @@ class Engine:
             self._thread = None
             self._publish(phase=Phase.CLOSED, concept=None, preview=None, prepared=None, losses=LossHistory())
         gc.collect()
+
+
+class _ClosingIterator(Iterator):
+    """``iterator`` whose close() also calls ``on_close`` (a generator closed before its first
+    item runs no ``finally``)."""
+
+    def __init__(self, iterator: Iterator, on_close: Callable[[], None]) -> None:
+        self._iterator, self._on_close = iterator, on_close
+
+    def __next__(self):
+        return next(self._iterator)
+
+    def close(self) -> None:
+        self._iterator.close()
+        self._on_close()
 
 
 def _run_to_end(driver: Iterator[None]) -> None:

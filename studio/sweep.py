@@ -8,8 +8,10 @@ between them.
 from __future__ import annotations
 
 import math
+import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +126,58 @@ def sweep(
         images = list(result.images)
         scores = scorer.score(images, image_prompts, reference_embeddings, super_category=concept.super_category)
         yield summarise(band, balance, images, scores)
+
+
+@dataclass(frozen=True)
+class SweepSnapshot:
+    """One sweep of a session as the engine last published it (``Snapshot.sweep``). Immutable.
+
+    What was asked (bands, balances, prompts, seeds, steps; ``references``: the identity photos
+    the images are scored against), the points finished so far (band-major), and how it ended:
+    ``state`` is "running", "done", "stopped" or "failed" (``error`` then says why).
+    """
+
+    bands: tuple[tuple[int, int], ...]
+    balances: tuple[float, ...]
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    references: int
+    random_backbone: bool = False
+    points: tuple[SweepPoint, ...] = ()
+    state: str = "running"
+    error: str = ""
+    started: float = field(default_factory=time.monotonic)
+    finished_at: float | None = None
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def finished(self) -> bool:
+        return self.state != "running"
+
+    @property
+    def stopped(self) -> bool:
+        return self.state == "stopped"
+
+    @property
+    def settings(self) -> list[tuple[tuple[int, int], float]]:
+        """Band-major, the order :func:`sweep` runs them in."""
+        return [(band, balance) for band in self.bands for balance in self.balances]
+
+    @property
+    def total(self) -> int:
+        return len(self.bands) * len(self.balances)
+
+    @property
+    def images_per_setting(self) -> int:
+        return len(self.prompts) * len(self.seeds)
+
+    def with_point(self, point: SweepPoint) -> SweepSnapshot:
+        return replace(self, points=self.points + (point,))
+
+    def ended(self, state: str, error: str = "") -> SweepSnapshot:
+        """This sweep finished as ``state`` ("done", "stopped" or "failed")."""
+        return replace(self, state=state, error=error, finished_at=time.monotonic())
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from studio.errors import GENERIC_MESSAGE, OUT_OF_MEMORY_MESSAGE, StudioError, u
 def _user_error_classes():
     from studio.backbone import BackboneUnavailable
     from studio.cli import CliError
-    from studio.concept import ConceptFileError
+    from studio.concept_file import ConceptFileError
     from studio.conditioning import PromptError
     from studio.config import ConfigError
     from studio.engine import CannotContinue, EngineClosed, NoConceptYet

@@ -139,7 +139,7 @@ def test_a_prompt_file_line_without_the_person_is_named(tmp_path):
 # ----------------------------------------------------------------------------- eval command
 @pytest.fixture(scope="module")
 def concept_file(concept, tmp_path_factory):
-    from studio.concept import save_concept
+    from studio.concept_file import save_concept
 
     path = tmp_path_factory.mktemp("concept") / "person.safetensors"
     save_concept(concept, path)
