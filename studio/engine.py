@@ -25,7 +25,7 @@ from studio.errors import SessionBusy, StudioError, is_out_of_memory, user_messa
 from studio.events import ConceptUpdated, PreviewReady, RolledBack, TrainingEvent, TrainingFailed, TrainingFinished, TrainingStep
 from studio.gate import GATE, AcceleratorGate, GateCancelled
 from studio.metrics import score_quietly
-from studio.sampler import GenerationSettings, render_preview, shared_sampler
+from studio.sampler import GenerationSettings, SamplerInputError, render_preview, shared_sampler
 from studio.sweep import BestStep, SweepSnapshot
 from studio.training import EndedRun, TrainingRun
 
@@ -332,7 +332,7 @@ class Engine:
         """Band and balance used by the trainer's next periodic previews."""
         band = check_band(band, "interval")
         if not balance > 0:
-            raise CannotContinue(f"The tandem balance must be above 0, got {balance}.")
+            raise SamplerInputError(f"The tandem balance must be above 0, got {balance}.")
         with self._lock:
             self._preview_settings = (band, float(balance))
             if self._run is not None:

@@ -1,11 +1,12 @@
 """Where training steps run: the one place that knows about ZeroGPU.
 
-Locally (and on ordinary GPU Spaces) the engine pumps ``Trainer.run()`` on a background
-thread. On a ZeroGPU Space no background thread can hold the GPU: GPU work happens only inside
+Locally (and on ordinary GPU Spaces) the engine drives a ``studio.training.TrainingRun`` on a
+background thread. On a ZeroGPU Space no background thread can hold the GPU: GPU work happens only inside
 a ``@spaces.GPU`` call, which runs in a forked process (arguments and results are pickled).
 There the same trainer runs in *chunks*: each call rebuilds it from plain data (config dict,
 photos, the previous chunk's CPU state dict), trains up to N steps yielding the usual events,
-and finally yields its state for the next chunk.
+and finally yields its state for the next chunk. The chunk side is here; the driving side
+(``chunked_events``) is studio/training.py's, re-exported.
 """
 from __future__ import annotations
 
