@@ -13,16 +13,13 @@ import math
 import re
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from studio.errors import StudioError
 from studio.filetypes import HEAD_BYTES, HEIF, TEXT, sniff
-
-if TYPE_CHECKING:
-    from studio.faces import PhotoReport
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +38,12 @@ ALPHA_BACKGROUND = (255, 255, 255)
 class PhotoError(StudioError, ValueError):
     """A photo cannot be used; ``str(err)`` is a sentence a non-expert understands.
 
-    ``report`` (one photo) or ``reports`` (all photos, from :func:`prepare`) keep what was
-    learned about the photos, so nothing is lost when the error is shown.
+    ``report`` (one photo) or ``reports`` (all photos, from ``studio.faces.prepare``) are
+    ``studio.faces.PhotoReport``s: what was learned about the photos, so nothing is lost when
+    the error is shown. (Typed loosely: decoding sits below face preparation.)
     """
 
-    def __init__(self, message: str, report: PhotoReport | None = None,
-                 reports: tuple[PhotoReport, ...] = ()) -> None:
+    def __init__(self, message: str, report: Any = None, reports: tuple[Any, ...] = ()) -> None:
         super().__init__(message)
         self.report = report
         self.reports = reports
