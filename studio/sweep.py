@@ -106,14 +106,14 @@ def sweep(
     should_stop: checked before each setting and after each denoising step; when it returns
     True the sweep ends: points already yielded stand, a setting under way is dropped.
     """
-    settings = [(check_band(band), float(balance)) for band in bands for balance in balances]
-    if not settings or not prompts or not seeds:
+    grid = [(check_band(band), float(balance)) for band in bands for balance in balances]
+    if not grid or not prompts or not seeds:
         raise ValueError("a sweep needs at least one band, one balance, one prompt and one seed")
     reference_embeddings = scorer.embed_references(references)
     # The sampler returns images prompt-major: all seeds of the first prompt, then the next.
     image_prompts = [prompt for prompt in prompts for _ in seeds]
     stop_requested = should_stop or (lambda: False)
-    for band, balance in settings:
+    for band, balance in grid:
         if stop_requested():
             return
         try:
