@@ -16,7 +16,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 warnings.filterwarnings("ignore", message=".*Pandas4Warning.*")
 
-from studio.config import ConfigError, available_presets, load_preset  # noqa: E402
+from studio.config import available_presets, load_preset  # noqa: E402
+from studio.errors import StudioError, one_line  # noqa: E402
 
 REAL_PRESET = "sd15"
 ZERO_GPU_PRESET = "sd15-fast"  # a few hundred steps: fits ZeroGPU's daily quota
@@ -80,12 +81,10 @@ def launch_kwargs() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from studio.weights import BackboneUnavailable
-
     try:
         demo = create_demo(args.preset, args.model, args.image_encoder)
-    except (ConfigError, BackboneUnavailable) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+    except StudioError as exc:  # a bad preset, missing weights: one line, as the CLI says it
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     # SIGTERM (a container or Space stopping) cleans up like Ctrl-C: Gradio's own shutdown,
     # then every session's training stops and its folders and uploads are deleted.

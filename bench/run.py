@@ -510,7 +510,7 @@ class Bench:
     # ---- 3. previews and slider re-render
     def section_preview(self) -> None:
         from diffusers import StableDiffusionPipeline
-        from studio.sampler import SCHEDULERS, Sampler
+        from studio.sampler import SCHEDULERS, GenerationSettings, Sampler
 
         backbone, suite = self.backbone, self.suite
         cfg = self.preset()
@@ -520,24 +520,22 @@ class Bench:
         prompts = list(sample.preview_prompts)[:4]
         concept = untrained_concept(backbone, cfg)
         sampler = Sampler(backbone)
-        common = dict(
-            num_inference_steps=steps, guidance_scale=sample.guidance_scale, negative_prompt=sample.negative_prompt,
-            scheduler=sample.scheduler, height=side, width=side, seeds=[0],
-        )
+        preview = GenerationSettings.from_config(sample, preview=True, num_inference_steps=steps, height=side, width=side,
+                                                 seeds=[0])
         band0 = tuple(sample.band)
         state = {"band": 0, "balance": 0}
 
         def first_preview() -> None:  # a concept the cache has never seen (e.g. after a training step)
             sampler.clear_cache()
-            sampler(concept, prompts, band=band0, balance=1.0, **common)
+            sampler(concept, prompts, **dataclasses.replace(preview, band=band0, balance=1.0).kwargs())
 
         def band_moved() -> None:  # the band slider moved: a band never used before, same concept
             state["band"] += 1
-            sampler(concept, prompts, band=(band0[0] - 7 * state["band"], band0[1]), balance=1.0, **common)
+            sampler(concept, prompts, **dataclasses.replace(preview, band=(band0[0] - 7 * state["band"], band0[1]), balance=1.0).kwargs())
 
         def balance_moved() -> None:  # the balance slider moved to a value never used before
             state["balance"] += 1
-            sampler(concept, prompts, band=band0, balance=1.0 - 0.01 * state["balance"], **common)
+            sampler(concept, prompts, **dataclasses.replace(preview, band=band0, balance=1.0 - 0.01 * state["balance"]).kwargs())
 
         pipe = StableDiffusionPipeline(
             vae=backbone.vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer, unet=backbone.unet,

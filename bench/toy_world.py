@@ -87,12 +87,13 @@ class World:
     def train(self, photo: Path, overrides: dict | None = None):
         from studio.events import TrainingFailed, TrainingFinished
         from studio.faces import prepare
-        from studio.trainer import Trainer, TrainingPhoto
+        from studio.trainer import TrainingPhoto
+        from studio.training import TrainingRun
 
         cfg = self.cfg.replace(**{"train.preview_every": 0, **(overrides or {})})
         prepared = prepare([str(photo)], cfg.face)
-        trainer = Trainer(self.backbone, cfg, [TrainingPhoto.from_prepared(p) for p in prepared.photos])
-        for event in trainer.run():
+        run = TrainingRun(self.backbone, cfg, [TrainingPhoto.from_prepared(p) for p in prepared.photos])
+        for event in run.events():
             if isinstance(event, TrainingFailed):
                 raise RuntimeError(event.message)
             if isinstance(event, TrainingFinished):
@@ -100,14 +101,13 @@ class World:
         raise RuntimeError("training ended without a concept")
 
     def generate(self, concept, prompts, seeds, band=None, balance=None, cfg=None):
+        from studio.sampler import GenerationSettings
+
         cfg = cfg or self.cfg
         images = []
         for prompt in prompts:
-            result = self.sampler(concept, [prompt], seeds=list(seeds), num_inference_steps=cfg.sample.steps,
-                                  guidance_scale=cfg.sample.guidance_scale, scheduler=cfg.sample.scheduler,
-                                  negative_prompt=cfg.sample.negative_prompt,
-                                  band=tuple(band or cfg.sample.band), balance=cfg.sample.balance if balance is None else balance,
-                                  height=cfg.image_size, width=cfg.image_size)
+            settings = GenerationSettings.from_config(cfg, seeds=list(seeds), band=band and tuple(band), balance=balance)
+            result = self.sampler(concept, [prompt], **settings.kwargs())
             images += list(result.images)
         return images
 

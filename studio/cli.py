@@ -1,15 +1,17 @@
 """Command line: ``python -m studio {train,generate,prepare,eval,compose} ...``.
 
 Expected problems (bad photo, bad prompt, foreign concept file, missing weights, ...) end with
-one ``error: ...`` line on stderr and exit status 2, never a traceback. A training run that
-fails on its own (out of memory, loss not finite) exits with 1. Progress bars go to stderr,
-results to stdout.
+one ``error: ...`` line on stderr and exit status 2, never a traceback (they are the StudioErrors,
+see studio/errors.py); anything else is a bug, logged with its traceback, exit status 1. Every
+sub-command goes through :func:`run_command`. A training run that fails on its own (out of
+memory, loss not finite) exits with 1. Progress bars go to stderr, results to stdout.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import logging
 import signal
 import sys
 import threading
@@ -18,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from studio.errors import StudioError, one_line
+
 if TYPE_CHECKING:
     from PIL.Image import Image
 
@@ -25,31 +29,12 @@ if TYPE_CHECKING:
     from studio.config import StudioConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+_LOG = logging.getLogger("studio.cli")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-class CliError(Exception):
+class CliError(StudioError):
     """A user error found by the command line itself (bad argument value, unwritable output)."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is meant for the user (imported lazily: torch is slow)."""
-    from studio.backbone import BackboneUnavailable
-    from studio.concept import ConceptFileError
-    from studio.conditioning import PromptError
-    from studio.config import ConfigError
-    from studio.trainer import StateMismatch
-
-    errors: list[type[BaseException]] = [
-        CliError, ConfigError, PromptError, ConceptFileError, BackboneUnavailable, StateMismatch,
-    ]
-    for module, name in (("studio.sampler", "SamplerInputError"), ("studio.faces", "PhotoError"),
-                         ("studio.toy.world", "ToyPromptError"), ("studio.toy.instruments", "ToyModelMissing")):
-        try:
-            errors.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -116,7 +101,7 @@ def check_model(cfg: StudioConfig, concept_backbone: dict[str, Any] | None = Non
     expected = expected_fingerprint(cfg.model)
     problem = concept_mismatch(concept_backbone, expected) if concept_backbone else None
     if problem:
-        from studio.concept import ConceptFileError
+        from studio.concept_file import ConceptFileError
 
         raise ConceptFileError(problem)
 
@@ -208,12 +193,18 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = _load_config(args, extra)
     check_model(cfg)  # a .ckpt, an SDXL folder, a missing image encoder: said before torch is imported
 
-    from studio.concept import (
-        CHECKPOINT_FORMAT, describe, load_training_state, read_concept_info, save_checkpoint, save_concept,
+    from studio.concept import describe
+    from studio.concept_file import (
+        CHECKPOINT_FORMAT,
+        load_training_state,
+        read_concept_info,
+        save_checkpoint,
+        save_concept,
     )
     from studio.events import PreviewReady, RolledBack, TrainingFailed, TrainingFinished, TrainingStep
     from studio.faces import prepare
-    from studio.trainer import Trainer, TrainingPhoto
+    from studio.trainer import TrainingPhoto
+    from studio.training import TrainingRun
 
     if args.preview_dir is not None and not args.preview_dir.is_dir():
         raise CliError(f"the preview folder {args.preview_dir} does not exist")
@@ -247,27 +238,28 @@ def run_train(args: argparse.Namespace) -> int:
     photos = [TrainingPhoto.from_prepared(photo) for photo in prepared.photos]
 
     backbone = _backbone(cfg)
-    trainer = Trainer(backbone, cfg, photos)
+    stop = _StopRequest()
+    run = TrainingRun(backbone, cfg, photos, state=saved_state, stop_requested=lambda: stop.requested)
+    trainer = run.build()  # a StateMismatch names what differs from the resumed run
     if saved_state is not None:
-        trainer.load_state_dict(saved_state)  # StateMismatch names what differs
         print(f"resumed {args.resume} at step {trainer.step} of {cfg.train.steps}")
 
     def save_state() -> None:
         if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, trainer.state_dict())
+            save_checkpoint(checkpoint_path, run.end_state())
 
     started, last_loss, concept, stopped = time.perf_counter(), float("nan"), None, False
     last_cgdr = float("nan")
-    with _progress(cfg.train.steps, "training") as bar, _StopRequest() as stop:
+    with _progress(cfg.train.steps, "training") as bar, stop:
         bar.update(trainer.step)
-        for event in trainer.run():
+        for event in run.events():
             if isinstance(event, TrainingStep):
                 last_loss, last_cgdr = event.loss, event.cgdr_loss
                 bar.update(event.step - bar.n)
                 bar.set_postfix(loss=f"{event.loss:.4f}", **({"cgdr": f"{event.cgdr_loss:.4f}"} if cfg.train.cgdr_weight else {}))
                 if event.step % args.checkpoint_every == 0:
                     save_state()
-                if stop.requested and event.step < cfg.train.steps:
+                if run.stop_lands_now() and event.step < cfg.train.steps:
                     stopped = True
                     break  # between steps: the trainer is consistent
             elif isinstance(event, RolledBack):
@@ -283,12 +275,12 @@ def run_train(args: argparse.Namespace) -> int:
             elif isinstance(event, TrainingFinished):
                 concept = event.concept
     if stopped:
-        concept = trainer.concept()
+        concept = run.stopped_event().concept
     if concept is None:
         print("error: training ended without a result", file=sys.stderr)
         return EXIT_FAILED
     save_state()
-    save_concept(concept, args.out, training_state=trainer.state_dict())  # the concept alone can go on later
+    save_concept(concept, args.out, training_state=run.end_state())  # the concept alone can go on later
     seconds = time.perf_counter() - started
     size_kb = args.out.stat().st_size / 1024
     cgdr = f" (class-guided regularization {last_cgdr:.4f})" if cfg.train.cgdr_weight else ""
@@ -360,13 +352,12 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise CliError(f"--seed must be >= 0, got {args.seed}")
     cfg = _load_config(args)
-    sample = cfg.sample
-    band = check_band(args.band, "--band") if args.band else tuple(sample.band)
+    band = check_band(args.band, "--band") if args.band else None  # None: the preset's
     check_model(cfg)  # before torch is imported
 
-    from studio.concept import compatibility_warning, load_concept, read_concept_info
+    from studio.concept_file import compatibility_warning, load_concept, read_concept_info
     from studio.conditioning import check_prompt
-    from studio.sampler import Sampler
+    from studio.sampler import GenerationSettings, Sampler
 
     for prompt in args.prompt:
         check_prompt(prompt, require_identity=args.concept is not None)
@@ -380,19 +371,11 @@ def run_generate(args: argparse.Namespace) -> int:
         warning = compatibility_warning(concept, backbone)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
-    size = args.size or cfg.image_size
-    settings = dict(
-        negative_prompt=sample.negative_prompt if args.negative is None else args.negative,
-        num_inference_steps=args.steps or sample.steps,
-        guidance_scale=sample.guidance_scale if args.guidance is None else args.guidance,
-        band=band,
-        balance=sample.balance if args.balance is None else args.balance,
-        balance_layers=sample.balance_layers,
-        seeds=list(range(args.seed, args.seed + args.num_images)),
-        height=size,
-        width=size,
-        scheduler=args.scheduler or sample.scheduler,
-    )
+    settings = GenerationSettings.from_config(
+        cfg, negative_prompt=args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance, band=band,
+        balance=args.balance, seeds=list(range(args.seed, args.seed + args.num_images)), height=args.size,
+        width=args.size, scheduler=args.scheduler or None,
+    ).kwargs()
     sampler = Sampler(backbone)
     sampler.check_inputs(concept, args.prompt, **settings)
     with _progress(None, "generating") as bar:
@@ -447,25 +430,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv``, run the sub-command, turn expected errors into one line + exit status 2."""
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown and not getattr(args, "ignores_arguments", False):
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    func: Callable[[argparse.Namespace], int] = args.func
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """The one error policy of every sub-command: a StudioError prints as one ``error:`` line
+    with exit status 2; anything else is logged with its traceback and exits with 1."""
     try:
         return int(func(args) or EXIT_OK)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as exc:
-        from studio.config import ConfigError
-        from studio.weights import BackboneUnavailable
+    except StudioError as exc:
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception:
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        _LOG.exception("unexpected error in %s", getattr(args, "command", None) or func.__name__)
+        return EXIT_FAILED
 
-        # the light ones first: a refused .ckpt is answered without importing torch
-        if isinstance(exc, (CliError, ConfigError, BackboneUnavailable)) or isinstance(exc, _user_errors()):
-            message = " ".join(str(exc).split())  # one line, whatever the message holds
-            print(f"error: {message}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        raise
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the sub-command through :func:`run_command`."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "ignores_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return run_command(args.func, args)

@@ -138,7 +138,7 @@ def run_compose(args: argparse.Namespace) -> int:
     check_model(cfg)
 
     from studio.compose import Composer, Person
-    from studio.concept import load_concept, read_concept_info
+    from studio.concept_file import load_concept, read_concept_info
     from studio.sampler import Sampler
 
     for kind, path in people_args:

@@ -95,55 +95,50 @@ def _settings(args: argparse.Namespace, cfg: StudioConfig) -> tuple[list[tuple[i
     return bands, balances
 
 
-def main_eval(args: argparse.Namespace) -> int:
-    """Run the evaluation described by ``args``; 0 on success, 2 on a bad input, with a message on stderr."""
-    # Heavy imports here: `python -m studio --help` stays fast.
-    from studio.backbone import BackboneUnavailable, get_backbone
-    from studio.concept import load_concept
-    from studio.faces import PhotoError
-    from studio.metrics import Scorer
-    from studio.sampler import Sampler
-    from studio.sweep import grid_image, read_prompt_file, sweep
+def _make_output_folder(path: Path) -> None:
+    from studio.cli import CliError
 
     try:
-        from studio.cli import check_model, model_overrides
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CliError(f"cannot write to --out {path}: {err.strerror or err}") from None
 
-        cfg = load_preset(args.preset or ("sd15" if args.model else "tiny"), **model_overrides(args))
-        bands, balances = _settings(args, cfg)
-        prompts = read_prompt_file(args.prompts)
-        missing = [str(p) for p in args.reference if not p.is_file()]
-        if missing:
-            raise PhotoError(f"reference photo not found: {', '.join(missing)}")
-        if not args.concept.is_file():
-            raise ConfigError(f"concept file not found: {args.concept}")
-        from studio.concept import read_concept_info
 
-        check_model(cfg, read_concept_info(args.concept).get("backbone"))  # before any weight loads
-        args.out.mkdir(parents=True, exist_ok=True)
-        backbone = get_backbone(cfg.model)
-        concept = load_concept(args.concept, backbone)
-        seeds = list(args.seeds)
-        generation = dict(
-            num_inference_steps=args.steps or cfg.sample.steps,
-            guidance_scale=cfg.sample.guidance_scale if args.guidance is None else args.guidance,
-            scheduler=args.scheduler or cfg.sample.scheduler,
-            negative_prompt=cfg.sample.negative_prompt,
-            balance_layers=cfg.sample.balance_layers,
-        )
-        sampler = Sampler(backbone)
-        # Cheap mistakes (scheduler, seeds, steps, prompts, size) before CLIP and the face model load.
-        sampler.check_inputs(
-            concept, prompts, seeds=seeds, band=bands[0], balance=balances[0],
-            height=cfg.image_size, width=cfg.image_size, **generation,
-        )
-        scorer = Scorer.for_backbone(backbone, cfg.face, args.clip or cfg.metrics.clip_model)
-        models = f"identity: {scorer.analyzer.name}, prompt: {scorer.clip.name}"  # loads both: fail here, early
-        references = scorer.embed_references(args.reference)
-    # ValueError: ConfigError, PromptError, PhotoError, ConceptFileError; BackboneUnavailable
-    # includes ClipUnavailable; OSError: an unwritable --out.
-    except (ValueError, BackboneUnavailable, OSError) as exc:
-        print(f"eval: {exc}", file=sys.stderr)
-        return 2
+def main_eval(args: argparse.Namespace) -> int:
+    """Run the evaluation described by ``args``; 0 on success. User errors (StudioError) go to the
+    CLI's dispatcher (studio.cli.main), which prints them as one line with exit status 2."""
+    # Heavy imports here: `python -m studio --help` stays fast.
+    from studio.backbone import get_backbone
+    from studio.cli import check_model, model_overrides
+    from studio.concept_file import load_concept, read_concept_info
+    from studio.faces import PhotoError
+    from studio.metrics import Scorer
+    from studio.sampler import GenerationSettings, Sampler
+    from studio.sweep import grid_image, read_prompt_file, sweep
+
+    cfg = load_preset(args.preset or ("sd15" if args.model else "tiny"), **model_overrides(args))
+    bands, balances = _settings(args, cfg)
+    prompts = read_prompt_file(args.prompts)
+    missing = [str(p) for p in args.reference if not p.is_file()]
+    if missing:
+        raise PhotoError(f"reference photo not found: {', '.join(missing)}")
+    if not args.concept.is_file():
+        raise ConfigError(f"concept file not found: {args.concept}")
+    check_model(cfg, read_concept_info(args.concept).get("backbone"))  # before any weight loads
+    _make_output_folder(args.out)
+    backbone = get_backbone(cfg.model)
+    concept = load_concept(args.concept, backbone)
+    seeds = list(args.seeds)
+    generation = GenerationSettings.from_config(
+        cfg, num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler or None,
+        seeds=seeds, band=bands[0], balance=balances[0],
+    )
+    sampler = Sampler(backbone)
+    # Cheap mistakes (scheduler, seeds, steps, prompts, size) before CLIP and the face model load.
+    sampler.check_inputs(concept, prompts, **generation.kwargs())
+    scorer = Scorer.for_backbone(backbone, cfg.face, args.clip or cfg.metrics.clip_model)
+    models = f"identity: {scorer.analyzer.name}, prompt: {scorer.clip.name}"  # loads both: fail here, early
+    references = scorer.embed_references(args.reference)
 
     if not references:
         print(NO_REFERENCE_NOTE, file=sys.stderr)
@@ -164,20 +159,11 @@ def main_eval(args: argparse.Namespace) -> int:
         balances,
         scorer,
         references,
-        steps=generation["num_inference_steps"],
-        guidance=generation["guidance_scale"],
-        scheduler=generation["scheduler"],
-        negative_prompt=generation["negative_prompt"],
-        balance_layers=generation["balance_layers"],
-        resolution=cfg.image_size,
+        settings=generation,
     )
-    try:
-        for point in finished_points:
-            points.append(point)
-            print(f"[{len(points)}/{total}] {point.label} done ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
-    except ValueError as exc:  # PromptError, SamplerInputError: e.g. a prompt too long for the text encoder
-        print(f"eval: {exc}", file=sys.stderr)
-        return 2
+    for point in finished_points:  # a PromptError (e.g. too long for the text encoder) goes to the CLI's dispatcher
+        points.append(point)
+        print(f"[{len(points)}/{total}] {point.label} done ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
 
     csv_path = write_scores_csv(args.out / "scores.csv", points, prompts, seeds)
     grid_path = args.out / "grid.png"
@@ -230,7 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studio.cli_eval", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)
-    return main_eval(parser.parse_args(argv))
+    from studio.cli import run_command
+
+    return run_command(main_eval, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

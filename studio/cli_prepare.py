@@ -62,20 +62,16 @@ def _save_outputs(prepared_set: Any, out_dir: Path) -> list[Path]:
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Run ``prepare`` for parsed arguments; returns the exit status."""
-    from studio.config import ConfigError, FaceConfig, load_preset
+    from studio.cli import CliError
+    from studio.config import FaceConfig, load_preset
     from studio.faces import PhotoError, prepare
 
-    try:
-        cfg = load_preset(args.preset).face if args.preset else FaceConfig()
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_preset(args.preset).face if args.preset else FaceConfig()  # a ConfigError: the dispatcher says it
     # Check the output folder before the (slow) face work, not after it.
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        print(f"error: cannot write to --out {args.out}: {err.strerror or err}", file=sys.stderr)
-        return 2
+        raise CliError(f"cannot write to --out {args.out}: {err.strerror or err}") from None
 
     # Libraries may print to stdout; with --json it must hold the JSON object alone.
     redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
@@ -90,8 +86,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         try:
             written = _save_outputs(prepared_set, args.out) if prepared_set is not None else []
         except OSError as err:
-            print(f"error: cannot write the crops to {args.out}: {err.strerror or err}", file=sys.stderr)
-            return 2
+            raise CliError(f"cannot write the crops to {args.out}: {err.strerror or err}") from None
 
     if args.json:
         distances = prepared_set.identity_distances if prepared_set is not None else np.zeros((0, 0))
@@ -120,7 +115,9 @@ def main_prepare(argv: list[str]) -> int:
     """Entry point for ``python -m studio prepare ARGS`` (``argv`` without the sub-command)."""
     parser = argparse.ArgumentParser(prog="python -m studio prepare", description=__doc__.splitlines()[0])
     _add_arguments(parser)
-    return run_prepare(parser.parse_args(argv))
+    from studio.cli import run_command
+
+    return run_command(run_prepare, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

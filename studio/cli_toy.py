@@ -35,7 +35,7 @@ def add_toy_parser(subparsers: Any) -> None:
 
 def run_render(args: argparse.Namespace) -> int:
     from studio.cli import CliError
-    from studio.toy.world import PLACEHOLDER_HINT, ToyPromptError, render_prompt
+    from studio.toy.world import PLACEHOLDER_HINT, render_prompt
 
     if args.identity < 0:
         raise CliError(f"--identity must be >= 0, got {args.identity}")
@@ -45,10 +45,7 @@ def run_render(args: argparse.Namespace) -> int:
         raise CliError(PLACEHOLDER_HINT)
     if args.out.suffix.lower() != ".png" or not args.out.parent.is_dir():
         raise CliError(f"--out must be a .png file in an existing folder, got {args.out}")
-    try:
-        image = render_prompt(args.identity, args.prompt, seed=args.seed, size=args.size)
-    except ToyPromptError as exc:
-        raise CliError(str(exc)) from None
+    image = render_prompt(args.identity, args.prompt, seed=args.seed, size=args.size)  # ToyPromptError: a StudioError
     image.save(args.out)
     print(args.out)
     return 0

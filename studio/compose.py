@@ -529,7 +529,7 @@ def resolve_people(sources: Sequence[PersonSource], *, concept: Concept | None, 
             people.append(Person(reference=Reference.from_prepared(prepared.photos[0]), class_word=class_word))
             embeddings.append(session_refs)
         elif source.kind == "file":
-            from studio.concept import load_concept
+            from studio.concept_file import load_concept
 
             people.append(Person(concept=load_concept(source.path, backbone)))
             embeddings.append([])

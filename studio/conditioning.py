@@ -15,11 +15,12 @@ from transformers import CLIPTokenizer
 
 from studio import attention
 from studio.backbone import Backbone
+from studio.errors import StudioError
 
 PLACEHOLDER = "{}"
 
 
-class PromptError(ValueError):
+class PromptError(StudioError, ValueError):
     """A prompt cannot be used; the message says how to fix it."""
 
 

@@ -14,6 +14,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from studio.errors import StudioError
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 # The shipped evaluation prompts (scenes, styles, outfits, expressions, actions).
 EVAL_PROMPTS_FILE = PRESET_DIR / "eval_prompts.txt"
@@ -29,7 +31,7 @@ MAX_SEED = 2**63 - 1
 DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 
 
-class ConfigError(ValueError):
+class ConfigError(StudioError, ValueError):
     """A preset or a setting is invalid; the message names the key and what is allowed."""
 
 

@@ -21,24 +21,17 @@ from typing import Any
 from studio.backbone import Backbone, get_backbone
 from studio.concept import Concept
 from studio.config import ConfigError, StudioConfig, check_band, config_from_dict
+from studio.errors import SessionBusy, StudioError, is_out_of_memory, user_message
 from studio.events import ConceptUpdated, PreviewReady, RolledBack, TrainingEvent, TrainingFailed, TrainingFinished, TrainingStep
 from studio.gate import GATE, TRAINING_SLOTS, AcceleratorGate, GateCancelled, TrainingSlots
-from studio.trainer import OUT_OF_MEMORY_MESSAGE, is_out_of_memory, render_preview
+from studio.metrics import score_quietly
+from studio.sampler import GenerationSettings, SamplerInputError, render_preview, shared_sampler
+from studio.sweep import BestStep, SweepSnapshot
+from studio.training import EndedRun, TrainingRun
 
 JOIN_TIMEOUT_S = 30.0
 _LOG = logging.getLogger(__name__)
-_SAMPLERS: dict[int, Any] = {}
-_SAMPLERS_LOCK = threading.Lock()
-
-
-def shared_sampler(backbone: Backbone):
-    """One sampler (and text-condition cache) per backbone, shared by all sessions."""
-    from studio.sampler import Sampler
-
-    with _SAMPLERS_LOCK:
-        if id(backbone) not in _SAMPLERS:
-            _SAMPLERS[id(backbone)] = Sampler(backbone)
-        return _SAMPLERS[id(backbone)]
+_EndedRun = EndedRun  # the old name
 
 
 class Phase(enum.Enum):
@@ -120,32 +113,23 @@ class Snapshot:
     is_random_backbone: bool = False
     best_step: int | None = None  # preview step with the best identity/prompt balance so far
     best_note: str = ""
+    sweep: SweepSnapshot | None = None  # the running or last sweep of this session (Explore)
 
     @property
     def active(self) -> bool:
         return self.phase in (Phase.LOADING, Phase.TRAINING, Phase.PAUSED)
 
 
-@dataclass(frozen=True)
-class _EndedRun:
-    """The last training's end, kept so that it can continue: its settings, backbone and
-    trainer state (CPU tensors)."""
-
-    cfg: StudioConfig
-    backbone: Backbone
-    state: dict[str, Any]
-
-    @property
-    def step(self) -> int:
-        return int(self.state["step"])
-
-
-class EngineClosed(RuntimeError):
+class EngineClosed(StudioError, RuntimeError):
     """The session has ended; open the studio again."""
 
 
-class NoConceptYet(ValueError):
+class NoConceptYet(StudioError, ValueError):
     """Nothing has been trained or imported in this session yet."""
+
+
+class CannotContinue(StudioError, ValueError):
+    """Training cannot start or go on as asked (no photos, nothing to continue, photos changed)."""
 
 
 class Engine:
@@ -161,15 +145,15 @@ class Engine:
         self._changed = threading.Condition(self._lock)
         self._snapshot = Snapshot(version=0, phase=Phase.IDLE)
         self._thread: threading.Thread | None = None
-        self._trainer = None
-        self._ended_run: _EndedRun | None = None
+        self._run: TrainingRun | None = None  # the training in flight (or the last one)
+        self._ended_run: EndedRun | None = None
         self._stop = threading.Event()
         self._resume = threading.Event()
         self._resume.set()
         self._closed = False
         self._cancel_generation = threading.Event()
         self._cancel_sweep = threading.Event()
-        self._preview_points: list[tuple[int, Any]] = []  # (step, SweepPoint) of scored training previews
+        self._best = BestStep()  # scored training previews of the current run
         self._scoring_note = ""
         self._step_times: collections.deque[float] = collections.deque(maxlen=20)  # for steps/s and ETA
         self._preview_settings: tuple[tuple[int, int], float] = (tuple(cfg.sample.band), cfg.sample.balance)
@@ -208,7 +192,7 @@ class Engine:
         """Switch preset / base model; refused while training. The photos stay."""
         with self._lock:
             if self._snapshot.active:
-                raise RuntimeError("Stop training before switching the preset or model.")
+                raise SessionBusy("Stop training before switching the preset or model.")
             if cfg.model != self.cfg.model:
                 self._ended_run = None  # its state belongs to the other model
             self.cfg = cfg
@@ -255,7 +239,7 @@ class Engine:
             cfg = self.cfg.replace(**overrides) if overrides else self.cfg
             self._slots.claim(self.session_id)  # StudioBusy before anything of this session changes
             self._ended_run = None
-            self._preview_points = []
+            self._best = BestStep()
             self._publish(
                 phase=Phase.LOADING, step=0, total=cfg.train.steps, losses=LossHistory(), steps_per_second=None,
                 eta_seconds=None, message="", best_step=None, best_note="",
@@ -272,25 +256,23 @@ class Engine:
         """Train the last finished or stopped run ``more_steps`` further, exactly as if it had
         been asked for that many steps at first (same settings, photos and random streams).
         Raises ValueError when there is no such run or its photos or model have changed."""
-        from studio.trainer import StateMismatch, TrainingPhoto, check_same_run, run_identity
+        from studio.trainer import StateMismatch, TrainingPhoto
 
         self._check_open()
         if int(more_steps) < 1:
-            raise ValueError(f"Continue by at least one step (got {more_steps}).")
+            raise CannotContinue(f"Continue by at least one step (got {more_steps}).")
         with self._lock:
             self._check_idle()
             run = self._ended_run
             if run is None:
-                raise ValueError(
+                raise CannotContinue(
                     "There is no training to continue in this session (or the base model changed since): press Train."
                 )
             prepared = self._usable_photos()
-            cfg = run.cfg.replace(**{"train.steps": run.step + int(more_steps)})
-            photos = [TrainingPhoto.from_prepared(photo) for photo in prepared.photos]
             try:
-                check_same_run(run.state.get("run"), run_identity(run.backbone, cfg, photos))
+                cfg = run.continued(more_steps, [TrainingPhoto.from_prepared(photo) for photo in prepared.photos])
             except StateMismatch:
-                raise ValueError(
+                raise CannotContinue(
                     "The photos changed since the last training, so it cannot continue: press Train to learn "
                     "a new concept from these photos."
                 ) from None
@@ -303,12 +285,12 @@ class Engine:
 
     def _check_idle(self) -> None:
         if self._thread is not None and self._thread.is_alive() or self._snapshot.active:
-            raise RuntimeError("Training is already running: stop it first, or pause/resume it.")
+            raise SessionBusy("Training is already running: stop it first, or pause/resume it.")
 
     def _usable_photos(self):
         prepared = self._snapshot.prepared
         if prepared is None or not prepared.photos:
-            raise ValueError("Add at least one photo with a detectable face before training.")
+            raise CannotContinue("Add at least one photo with a detectable face before training.")
         return prepared
 
     def _launch(self, cfg: StudioConfig, prepared, state: dict[str, Any] | None, foreground: bool,
@@ -318,7 +300,7 @@ class Engine:
         self._stop.clear()
         self._resume.set()
         self._step_times.clear()
-        self._trainer = None
+        self._run = None
         driver = self._holding_slot(self._drive(cfg, prepared, state, gpu_call))
         if foreground:
             return self._follow(driver)
@@ -361,90 +343,77 @@ class Engine:
         """Band and balance used by the trainer's next periodic previews."""
         band = check_band(band, "interval")
         if not balance > 0:
-            raise ValueError(f"The tandem balance must be above 0, got {balance}.")
+            raise SamplerInputError(f"The tandem balance must be above 0, got {balance}.")
         with self._lock:
             self._preview_settings = (band, float(balance))
-            if self._trainer is not None:
-                self._trainer.preview_band, self._trainer.preview_balance = band, float(balance)
+            if self._run is not None:
+                self._run.set_preview(band, float(balance))
 
     def _drive(self, cfg: StudioConfig, prepared, state: dict[str, Any] | None,
                gpu_call: Callable[..., Any] | None) -> Iterator[None]:
-        """Pump training events into snapshots, one gated step at a time; yields after each.
+        """Pump a TrainingRun's events into snapshots, one gated step at a time; yields after each.
         Starts from ``state`` (a trainer state) when given; keeps the end for continue_training."""
-        from studio.runner import chunked_events
-        from studio.trainer import Trainer, TrainingPhoto
+        from studio.trainer import TrainingPhoto
 
-        latest: dict[str, Any] = {"state": state}  # chunked runs: the trainer state after the last chunk
-        backbone = None
+        run = None
         try:
             backbone = self.backbone(cfg)
-            photos = [TrainingPhoto.from_prepared(photo) for photo in prepared.photos]
-            if gpu_call is None:
+            run = TrainingRun(
+                backbone, cfg, [TrainingPhoto.from_prepared(photo) for photo in prepared.photos], state=state,
+                sampler=shared_sampler(backbone), gpu_call=gpu_call, stop_requested=self._stop.is_set,
+                preview=self._preview_settings,
+            )
+            with self._lock:
+                self._run = run
+            if not run.chunked:
                 with self._gate.hold(self.session_id, cancelled=self._stop.is_set):
-                    trainer = Trainer(backbone, cfg, photos, sampler=shared_sampler(backbone))
-                    if state is not None:
-                        trainer.load_state_dict(state)
-                trainer.preview_band, trainer.preview_balance = self._preview_settings
-                with self._lock:
-                    self._trainer = trainer
-                events = trainer.run()
-            else:
-                events = chunked_events(
-                    gpu_call, cfg.to_dict(), photos, cfg.train.steps,
-                    preview=lambda: self._preview_settings, stopped=self._stop.is_set,
-                    state=state, on_state=lambda new: latest.update(state=new),
-                )
+                    run.build()
+            events = run.events()
             self._publish(phase=Phase.TRAINING, backbone=backbone.describe(), is_random_backbone=backbone.is_random)
             yield
-            # Locally a stop lands after the step in flight; in chunks (ZeroGPU) it lands when the
-            # chunk ends, because only then do its weights come back from the GPU process.
-            stop_now = self._stop.is_set if gpu_call is None else (lambda: False)
-            while not stop_now():
+            while not run.stop_lands_now():
                 self._resume.wait()
-                if stop_now():
+                if run.stop_lands_now():
                     break
-                with self._gate.hold(self.session_id, cancelled=stop_now):
+                with self._gate.hold(self.session_id, cancelled=run.stop_lands_now):
                     event = next(events, None)
                     if isinstance(event, PreviewReady):
                         event = self._with_scores(event, cfg, cfg.concept.super_category)
                 if event is None:
                     break
                 if isinstance(event, (TrainingFinished, TrainingFailed)):
-                    self._keep_ended_run(cfg, backbone, latest["state"])
+                    self._keep_ended_run(run)
                 self._on_event(event)
                 yield
                 if isinstance(event, (TrainingFinished, TrainingFailed)):
                     return
             events.close()
-            self._finish_stopped(cfg, backbone, latest["state"])
+            self._finish_stopped(run)
         except GateCancelled:  # stopped while waiting for the gate
-            self._finish_stopped(cfg, backbone, latest["state"])
+            self._finish_stopped(run)
         except GeneratorExit:  # a foreground caller walked away (its request was cancelled)
-            self._finish_stopped(cfg, backbone, latest["state"])
+            self._finish_stopped(run)
             raise
         except Exception as exc:  # training must always end in a state the UI can show
-            _LOG.exception("training failed in session %s", self.session_id)  # the traceback, for the server log
-            self._on_event(TrainingFailed(self._snapshot.step, _user_message(exc), kind="oom" if is_out_of_memory(exc) else "error"))
+            message = user_message(exc, context=f"training in session {self.session_id}")  # logs what is unexpected
+            self._on_event(TrainingFailed(self._snapshot.step, message, kind="oom" if is_out_of_memory(exc) else "error"))
         yield
 
-    def _keep_ended_run(self, cfg: StudioConfig, backbone: Backbone | None, chunk_state: dict[str, Any] | None) -> None:
-        """Remember where this run ended, for continue_training: the local trainer's state (it is
-        between steps here), else the last chunk's state, else (stopped before any step) nothing new."""
-        from studio.runner import to_cpu
-
-        trainer = self._trainer
-        state = to_cpu(trainer.state_dict()) if trainer is not None else chunk_state
-        if backbone is not None and state is not None:
+    def _keep_ended_run(self, run: TrainingRun | None) -> None:
+        """Remember where ``run`` ended, for continue_training (stopped before any step: nothing new)."""
+        ended = run.ended() if run is not None else None
+        if ended is not None:
             with self._lock:
-                self._ended_run = _EndedRun(cfg, backbone, state)
+                self._ended_run = ended
 
-    def _finish_stopped(self, cfg: StudioConfig, backbone: Backbone | None, chunk_state: dict[str, Any] | None) -> None:
+    def _finish_stopped(self, run: TrainingRun | None) -> None:
         """End a stopped run: keep where it ended (continue_training), then report it."""
-        self._keep_ended_run(cfg, backbone, chunk_state)
-        trainer = self._trainer  # only the driving thread mutates it, and that is us
-        concept = trainer.concept() if trainer is not None else self._snapshot.concept
-        step = trainer.step if trainer is not None else self._snapshot.step
-        self._on_event(TrainingFinished(step, cfg.train.steps, concept, stopped=True))
+        self._keep_ended_run(run)
+        if run is None:
+            snap = self._snapshot
+            self._on_event(TrainingFinished(snap.step, snap.total, snap.concept, stopped=True))
+            return
+        self._on_event(run.stopped_event(self._snapshot.concept))
 
     def _on_event(self, event: TrainingEvent) -> None:
         with self._lock:
@@ -477,10 +446,10 @@ class Engine:
     def current_concept(self) -> Concept | None:
         """The newest weights: a fresh snapshot of a running trainer, else the last concept."""
         with self._lock:
-            trainer, concept = self._trainer, self._snapshot.concept
-        if trainer is not None and self._snapshot.active:
+            run, concept = self._run, self._snapshot.concept
+        if run is not None and run.trainer is not None and self._snapshot.active:
             with self._gate.hold(self.session_id):
-                return trainer.concept()
+                return run.concept()
         return concept
 
     def _require_concept(self, purpose: str) -> Concept:
@@ -494,12 +463,12 @@ class Engine:
         """Load a concept file; on error the current concept stays. When the file carries its
         trainer state, that run can go on here (continue_training, with the same photos)."""
         self._check_open()
-        from studio.concept import ConceptFileError, load_concept, read_training_state
+        from studio.concept_file import ConceptFileError, load_concept, read_training_state
 
         backbone = self.backbone()
         try:
             concept = load_concept(source, backbone)
-        except (ConceptFileError, RuntimeError):
+        except (StudioError, RuntimeError):  # said plainly already, or the accelerator's (out of memory)
             raise
         except Exception as exc:  # nothing a file holds may end in a traceback; the concept stays
             _LOG.exception("unexpected error importing a concept in session %s", self.session_id)
@@ -522,11 +491,11 @@ class Engine:
             except ConfigError:
                 run_cfg = None  # settings of another studio version: the concept works, continuing does not
             if run_cfg is not None:
-                run = _EndedRun(run_cfg, backbone, state)
+                run = EndedRun(run_cfg, backbone, state)
                 message += " Its training can go on here: add the same photos and press Train more."
         with self._lock:
             if self._snapshot.active:
-                raise RuntimeError("Stop training before importing a concept.")
+                raise SessionBusy("Stop training before importing a concept.")
             self._ended_run = run
             self._publish(concept=concept, step=concept.steps_done, total=concept.steps_done, message=message)
         return concept
@@ -534,7 +503,7 @@ class Engine:
     def export_concept(self, path: str | Path) -> Path:
         """Save the newest concept; after a finished or stopped run it also carries the trainer
         state, so that another session can continue it."""
-        from studio.concept import save_concept
+        from studio.concept_file import save_concept
 
         concept = self._require_concept("exporting")
         with self._lock:
@@ -573,13 +542,9 @@ class Engine:
                 progress(i, total)
             return self._cancel_generation.is_set()
 
-        defaults = dict(
-            num_inference_steps=self.cfg.sample.steps, guidance_scale=self.cfg.sample.guidance_scale,
-            scheduler=self.cfg.sample.scheduler, negative_prompt=self.cfg.sample.negative_prompt,
-            balance_layers=self.cfg.sample.balance_layers, height=self.cfg.image_size, width=self.cfg.image_size,
-        )
+        settings = GenerationSettings.from_config(self.cfg, **kwargs)
         with self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set):
-            result = sampler(concept, prompt, callback_on_step_end=on_step, **{**defaults, **kwargs})
+            result = sampler(concept, prompt, callback_on_step_end=on_step, **settings.kwargs())
             per_image = [settings["prompt"] for settings in result.settings]
             scores = self._score(result.images, per_image, concept.super_category, self.cfg)
         if scores:
@@ -641,15 +606,13 @@ class Engine:
 
     def _score(self, images, prompts: list[str], super_category: str, cfg: StudioConfig) -> tuple:
         """ImageScores per image, or () when scoring is off or its models cannot load (said once)."""
-        if not cfg.metrics.score_images or not images:
+        if not cfg.metrics.score_images:
             return ()
-        try:
-            return tuple(self._scorer(cfg).score(list(images), prompts, self.references(), super_category))
-        except Exception as exc:  # a missing CLIP must not break previews: say so, go on unscored
-            if not self._scoring_note:
-                self._scoring_note = f"Scores are off: {exc}"
-                self._publish(message=self._scoring_note)
-            return ()
+        scores, problem = score_quietly(lambda: self._scorer(cfg), images, prompts, self.references(), super_category)
+        if problem and not self._scoring_note:
+            self._scoring_note = problem
+            self._publish(message=problem)
+        return scores
 
     def _with_scores(self, preview: PreviewReady, cfg: StudioConfig, word: str) -> PreviewReady:
         """``preview`` with ImageScores per image (identity vs the session's photos, prompt via CLIP)."""
@@ -661,14 +624,8 @@ class Engine:
         """Track scored training previews and mark the step with the best balance of both scores."""
         if not preview.scores or not self._snapshot.active:
             return {}
-        from studio.sweep import pick_balanced, summarise
-
-        point = summarise(preview.band, preview.balance, preview.images, preview.scores)
-        self._preview_points = [(s, p) for s, p in self._preview_points if s != preview.step] + [(preview.step, point)]
-        best = pick_balanced([p for _, p in self._preview_points])
-        step = next(s for s, p in self._preview_points if p is best)
-        identity = "no face found" if best.mean_identity is None else f"identity {best.mean_identity:.2f}"
-        return {"best_step": step, "best_note": f"Best balance so far: step {step} ({identity}, prompt {best.mean_prompt:.1f})"}
+        self._best = self._best.with_preview(preview)
+        return {"best_step": self._best.step, "best_note": self._best.note}
 
     def sweep(
         self,
@@ -680,14 +637,29 @@ class Engine:
         steps: int | None = None,
     ) -> Iterator:
         """Generate + score every (band, balance) with the newest concept; the returned iterator
-        yields SweepPoints as they finish. ``cancel_sweep()`` ends it after the current denoising
-        step (points so far stand). Checks (NoConceptYet) happen here, at the call."""
+        yields SweepPoints as they finish, and each one is also published as ``Snapshot.sweep``
+        (a SweepSnapshot: running, then done / stopped / failed). ``cancel_sweep()`` ends it
+        after the current denoising step (points so far stand). Checks (NoConceptYet, a sweep
+        already running: SessionBusy) happen here, at the call."""
         self._check_open()
         concept = self._require_concept("exploring")
-        self._cancel_sweep.clear()
-        return self._sweep_points(concept, prompts, seeds, bands, balances, steps)
+        with self._lock:
+            if self._snapshot.sweep is not None and not self._snapshot.sweep.finished:
+                raise SessionBusy("A sweep is already running in this session: stop it first.")
+            self._cancel_sweep.clear()
+            started = SweepSnapshot(
+                bands=tuple(bands), balances=tuple(balances), prompts=tuple(prompts), seeds=tuple(seeds),
+                steps=steps or self.cfg.sample.preview_steps, references=len(self.references()),
+                random_backbone=self._snapshot.is_random_backbone,
+            )
+            self._publish(sweep=started)
+        return _ClosingIterator(self._sweep_points(concept, started), on_close=self._sweep_abandoned)
 
-    def _sweep_points(self, concept: Concept, prompts, seeds, bands, balances, steps: int | None) -> Iterator:
+    def _sweep_abandoned(self) -> None:
+        """A sweep iterator closed before it began (a cancelled stream) still ends as stopped."""
+        self._update_sweep(lambda current: current if current.finished else current.ended("stopped"))
+
+    def _sweep_points(self, concept: Concept, asked: SweepSnapshot) -> Iterator:
         from studio.sweep import sweep
 
         sampler = shared_sampler(self.backbone())
@@ -696,16 +668,29 @@ class Engine:
             with self._gate.hold(self.session_id, cancelled=self._cancel_sweep.is_set):
                 return sampler(*args, **kwargs)
 
-        sample = self.cfg.sample
+        settings = GenerationSettings.from_config(self.cfg, num_inference_steps=asked.steps)
+        ending, error = "done", ""
         try:
-            yield from sweep(
-                gated_sampler, concept, prompts, seeds, bands, balances, self._scorer(self.cfg), self.references(),
-                steps=steps or sample.preview_steps, guidance=sample.guidance_scale, scheduler=sample.scheduler,
-                negative_prompt=sample.negative_prompt, balance_layers=sample.balance_layers,
-                resolution=self.cfg.image_size, should_stop=self._cancel_sweep.is_set,
-            )
+            for point in sweep(
+                gated_sampler, concept, list(asked.prompts), list(asked.seeds), list(asked.bands), list(asked.balances),
+                self._scorer(self.cfg), self.references(), settings=settings, should_stop=self._cancel_sweep.is_set,
+            ):
+                self._update_sweep(lambda current: current.with_point(point))
+                yield point
         except GateCancelled:  # cancelled while waiting for the accelerator
-            return
+            pass
+        except Exception as exc:
+            ending, error = "failed", user_message(exc, context=f"sweeping in session {self.session_id}")
+            raise
+        finally:  # also when the caller stops iterating (a cancelled stream closes the generator)
+            if ending == "done" and (self._cancel_sweep.is_set() or self._closed):
+                ending = "stopped"
+            self._update_sweep(lambda current: current.ended(ending, error))
+
+    def _update_sweep(self, change: Callable[[SweepSnapshot], SweepSnapshot]) -> None:
+        with self._lock:
+            if self._snapshot.sweep is not None and not self._closed:
+                self._publish(sweep=change(self._snapshot.sweep))
 
     def cancel_sweep(self) -> None:
         self._cancel_sweep.set()
@@ -733,10 +718,25 @@ class Engine:
             thread.join(timeout=JOIN_TIMEOUT_S)
         self._slots.release(self.session_id)  # a foreground run its caller never drove
         with self._lock:
-            self._trainer = None
+            self._run = None
             self._thread = None
             self._publish(phase=Phase.CLOSED, concept=None, preview=None, prepared=None, losses=LossHistory())
         gc.collect()
+
+
+class _ClosingIterator(Iterator):
+    """``iterator`` whose close() also calls ``on_close`` (a generator closed before its first
+    item runs no ``finally``)."""
+
+    def __init__(self, iterator: Iterator, on_close: Callable[[], None]) -> None:
+        self._iterator, self._on_close = iterator, on_close
+
+    def __next__(self):
+        return next(self._iterator)
+
+    def close(self) -> None:
+        self._iterator.close()
+        self._on_close()
 
 
 def _run_to_end(driver: Iterator[None]) -> None:
@@ -744,9 +744,4 @@ def _run_to_end(driver: Iterator[None]) -> None:
         pass
 
 
-def _user_message(exc: BaseException) -> str:
-    """A sentence for the user; library errors that already speak plainly pass through."""
-    if is_out_of_memory(exc):
-        return OUT_OF_MEMORY_MESSAGE
-    text = str(exc).strip() or type(exc).__name__
-    return text if isinstance(exc, (ValueError, RuntimeError, OSError)) else f"{type(exc).__name__}: {text}"
+_user_message = user_message  # the old name, for callers not yet moved to studio.errors.user_message

@@ -12,6 +12,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from studio.errors import StudioError
+
 
 class GateCancelled(Exception):
     """The wait for the gate was abandoned (the session stopped or closed)."""
@@ -71,7 +73,7 @@ class AcceleratorGate:
             return len(self._queue)
 
 
-class StudioBusy(RuntimeError):
+class StudioBusy(StudioError, RuntimeError):
     """Too many trainings on this server right now; the message says so plainly."""
 
 

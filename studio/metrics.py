@@ -18,7 +18,7 @@ Models are loaded once per process and shared (thread-safe); :class:`Scorer` is 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -327,3 +327,17 @@ class Scorer:
             )
             for image, text, cosine in zip(images, texts, cosines)
         ]
+
+
+def score_quietly(
+    scorer: Callable[[], Scorer], images: Sequence[Image.Image], prompts: Sequence[str],
+    references: Sequence[np.ndarray], super_category: str,
+) -> tuple[tuple[ImageScores, ...], str]:
+    """(ImageScores per image, "") or ((), why scores are off): a scorer whose models cannot
+    load (a missing CLIP) must not break previews or generation. ``scorer`` builds the Scorer."""
+    if not images:
+        return (), ""
+    try:
+        return tuple(scorer().score(list(images), list(prompts), list(references), super_category)), ""
+    except Exception as exc:
+        return (), f"Scores are off: {exc}"

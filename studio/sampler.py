@@ -13,7 +13,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -40,7 +40,9 @@ from studio.conditioning import (
     super_category_id,
     tokenize,
 )
-from studio.config import DEFAULT_NEGATIVE_PROMPT, NUM_TRAIN_TIMESTEPS, check_band
+from studio.config import DEFAULT_NEGATIVE_PROMPT, NUM_TRAIN_TIMESTEPS, SampleConfig, StudioConfig, check_band
+from studio.errors import StudioError
+from studio.events import PreviewReady
 
 # The word that stands in for {} when there is no concept (plain Stable Diffusion baseline).
 DEFAULT_SUPER_CATEGORY = "face"
@@ -61,11 +63,13 @@ SCHEDULERS: dict[str, Callable[[Any], Any]] = {
 }
 
 MAX_SEED = 2**63 - 1
+_SHARED: dict[int, Sampler] = {}
+_SHARED_LOCK = threading.Lock()
 # Generated images are at most this many times the model's native side (tiny: 64 px; SD 1.5: 512).
 MAX_SIDE_FACTOR = 4
 
 
-class SamplerInputError(ValueError):
+class SamplerInputError(StudioError, ValueError):
     """A generation setting is invalid; the message says what is allowed."""
 
 
@@ -165,6 +169,29 @@ class GenerationSettings:
     height: int | None = None
     width: int | None = None
     scheduler: str = "dpmsolver++"
+
+    @classmethod
+    def from_config(cls, cfg: StudioConfig | SampleConfig, *, preview: bool = False, **overrides: Any) -> GenerationSettings:
+        """The preset's generation settings, with ``overrides`` (field names; None keeps the preset's).
+
+        ``cfg``: a StudioConfig (size: ``cfg.image_size``) or its ``sample`` section (size:
+        ``sample.resolution``, 0 = the backbone's native size). ``preview``: the live previews'
+        step count and seeds instead of generation's.
+        """
+        sample = cfg.sample if isinstance(cfg, StudioConfig) else cfg
+        side = cfg.image_size if isinstance(cfg, StudioConfig) else (sample.resolution or None)
+        settings = cls(
+            negative_prompt=sample.negative_prompt,
+            num_inference_steps=sample.preview_steps if preview else sample.steps,
+            guidance_scale=sample.guidance_scale, band=tuple(sample.band), balance=sample.balance,
+            balance_layers=sample.balance_layers, seeds=list(sample.preview_seeds) if preview else 0,
+            height=side, width=side, scheduler=sample.scheduler,
+        )
+        return replace(settings, **{key: value for key, value in overrides.items() if value is not None})
+
+    def kwargs(self) -> dict[str, Any]:
+        """The settings as ``Sampler.__call__`` keywords."""
+        return {field.name: getattr(self, field.name) for field in fields(self)}
 
 
 class Sampler:
@@ -485,3 +512,25 @@ __all__ = [
     "SamplerInputError",
     "stage_plan",
 ]
+
+
+def shared_sampler(backbone: Backbone) -> Sampler:
+    """One sampler (and text-condition cache) per backbone, shared by all sessions."""
+    with _SHARED_LOCK:
+        if id(backbone) not in _SHARED:
+            _SHARED[id(backbone)] = Sampler(backbone)
+        return _SHARED[id(backbone)]
+
+
+def render_preview(
+    sampler: Callable[..., GenerationResult], concept: Concept, cfg: StudioConfig, band: tuple[int, int], balance: float
+) -> PreviewReady:
+    """The preset's preview prompts and seeds for ``concept`` at ``band`` / ``balance``: what the
+    trainer shows while training and the engine on a slider move. ``sampler``: a Sampler, or a
+    callable with its signature."""
+    settings = GenerationSettings.from_config(cfg, preview=True, band=band, balance=balance)
+    with torch.no_grad():
+        result = sampler(concept, list(cfg.sample.preview_prompts), **settings.kwargs())
+    return PreviewReady(
+        step=concept.steps_done, images=tuple(result.images), captions=tuple(result.captions), band=band, balance=balance
+    )

@@ -8,8 +8,10 @@ between them.
 from __future__ import annotations
 
 import math
+import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +19,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from studio.concept import Concept
 from studio.conditioning import PromptError, check_prompt
-from studio.config import DEFAULT_NEGATIVE_PROMPT, EVAL_PROMPTS_FILE, check_band
+from studio.config import EVAL_PROMPTS_FILE, check_band
+from studio.events import PreviewReady
 from studio.faces import PhotoSource
 from studio.metrics import ImageScores, Scorer, caption
-from studio.sampler import GenerationInterrupted, Sampler
+from studio.sampler import GenerationInterrupted, GenerationSettings, Sampler
 
 
 
@@ -90,12 +93,7 @@ def sweep(
     scorer: Scorer,
     references: Sequence[PhotoSource | np.ndarray] = (),
     *,
-    steps: int,
-    guidance: float,
-    scheduler: str,
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-    balance_layers: int = 1,
-    resolution: int | None = None,
+    settings: GenerationSettings,
     should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[SweepPoint]:
     """Generate and score every (band, balance) setting, band-major; yield each as it completes.
@@ -103,41 +101,113 @@ def sweep(
     sampler: a ``studio.sampler.Sampler`` (or a callable with its signature, e.g. one that
     holds the accelerator gate); every setting uses the same prompts and seeds.
     references: reference photos or identity embeddings (embedded once, up front).
-    resolution: image side in pixels (None: the backbone's native size).
+    settings: steps, guidance, scheduler, size ... of every setting (its band, balance and seeds
+        are replaced by the grid's; e.g. ``GenerationSettings.from_config(cfg)``).
     should_stop: checked before each setting and after each denoising step; when it returns
     True the sweep ends: points already yielded stand, a setting under way is dropped.
     """
-    settings = [(check_band(band), float(balance)) for band in bands for balance in balances]
-    if not settings or not prompts or not seeds:
+    grid = [(check_band(band), float(balance)) for band in bands for balance in balances]
+    if not grid or not prompts or not seeds:
         raise ValueError("a sweep needs at least one band, one balance, one prompt and one seed")
     reference_embeddings = scorer.embed_references(references)
     # The sampler returns images prompt-major: all seeds of the first prompt, then the next.
     image_prompts = [prompt for prompt in prompts for _ in seeds]
     stop_requested = should_stop or (lambda: False)
-    for band, balance in settings:
+    for band, balance in grid:
         if stop_requested():
             return
         try:
+            this = replace(settings, band=band, balance=balance, seeds=list(seeds))
             result = sampler(
-                concept,
-                list(prompts),
-                seeds=list(seeds),
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                band=band,
-                balance=balance,
-                balance_layers=balance_layers,
-                negative_prompt=negative_prompt,
-                scheduler=scheduler,
-                height=resolution,
-                width=resolution,
-                callback_on_step_end=lambda step, total: stop_requested(),
+                concept, list(prompts), callback_on_step_end=lambda step, total: stop_requested(), **this.kwargs()
             )
         except GenerationInterrupted:
             return
         images = list(result.images)
         scores = scorer.score(images, image_prompts, reference_embeddings, super_category=concept.super_category)
         yield summarise(band, balance, images, scores)
+
+
+@dataclass(frozen=True)
+class SweepSnapshot:
+    """One sweep of a session as the engine last published it (``Snapshot.sweep``). Immutable.
+
+    What was asked (bands, balances, prompts, seeds, steps; ``references``: the identity photos
+    the images are scored against), the points finished so far (band-major), and how it ended:
+    ``state`` is "running", "done", "stopped" or "failed" (``error`` then says why).
+    """
+
+    bands: tuple[tuple[int, int], ...]
+    balances: tuple[float, ...]
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    references: int
+    random_backbone: bool = False
+    points: tuple[SweepPoint, ...] = ()
+    state: str = "running"
+    error: str = ""
+    started: float = field(default_factory=time.monotonic)
+    finished_at: float | None = None
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def finished(self) -> bool:
+        return self.state != "running"
+
+    @property
+    def stopped(self) -> bool:
+        return self.state == "stopped"
+
+    @property
+    def settings(self) -> list[tuple[tuple[int, int], float]]:
+        """Band-major, the order :func:`sweep` runs them in."""
+        return [(band, balance) for band in self.bands for balance in self.balances]
+
+    @property
+    def total(self) -> int:
+        return len(self.bands) * len(self.balances)
+
+    @property
+    def images_per_setting(self) -> int:
+        return len(self.prompts) * len(self.seeds)
+
+    def with_point(self, point: SweepPoint) -> SweepSnapshot:
+        return replace(self, points=self.points + (point,))
+
+    def ended(self, state: str, error: str = "") -> SweepSnapshot:
+        """This sweep finished as ``state`` ("done", "stopped" or "failed")."""
+        return replace(self, state=state, error=error, finished_at=time.monotonic())
+
+
+@dataclass(frozen=True)
+class BestStep:
+    """Scored training previews and the step among them with the best identity/prompt balance
+    (:func:`pick_balanced`). Immutable: :meth:`with_preview` returns the next one."""
+
+    points: tuple[tuple[int, SweepPoint], ...] = ()
+
+    def with_preview(self, preview: PreviewReady) -> BestStep:
+        """This plus a scored preview (a newer preview of the same step replaces the older)."""
+        point = summarise(preview.band, preview.balance, preview.images, preview.scores)
+        return BestStep(tuple((s, p) for s, p in self.points if s != preview.step) + ((preview.step, point),))
+
+    @property
+    def step(self) -> int | None:
+        if not self.points:
+            return None
+        best = pick_balanced([p for _, p in self.points])
+        return next(s for s, p in self.points if p is best)
+
+    @property
+    def note(self) -> str:
+        """E.g. "Best balance so far: step 40 (identity 0.61, prompt 27.3)"; "" before any scored preview."""
+        step = self.step
+        if step is None:
+            return ""
+        best = dict(self.points)[step]
+        identity = "no face found" if best.mean_identity is None else f"identity {best.mean_identity:.2f}"
+        return f"Best balance so far: step {step} ({identity}, prompt {best.mean_prompt:.1f})"
 
 
 def pick_balanced(points: Sequence[SweepPoint]) -> SweepPoint:

@@ -29,6 +29,7 @@ from studio.backbone import Backbone, check_prediction_type, seeded_init
 from studio.concept import Concept
 from studio.conditioning import encode_text, super_category_id, tokenize
 from studio.config import StudioConfig, check_band
+from studio.errors import OUT_OF_MEMORY_MESSAGE, StudioError, is_out_of_memory
 from studio.events import PreviewReady, RolledBack, TrainingEvent, TrainingFailed, TrainingFinished, TrainingStep
 from studio.losses import TandemEquilibriumLoss, masked_mse, prompt_lengths
 from studio.mapper import build_mapper
@@ -121,26 +122,12 @@ class _Snapshot:
     scaler: dict[str, Any] | None
 
 
-class StateMismatch(ValueError):
+class TrainingInputError(StudioError, ValueError):
+    """A training input (photos, a live preview setting) is not usable."""
+
+
+class StateMismatch(StudioError, ValueError):
     """A saved trainer state belongs to other photos, another base model or other settings."""
-
-
-def render_preview(
-    sampler: PreviewSampler, concept: Concept, cfg: StudioConfig, band: tuple[int, int], balance: float
-) -> PreviewReady:
-    """The preset's preview prompts and seeds for ``concept`` at ``band`` / ``balance``: what the
-    trainer shows while training and the engine on a slider move."""
-    sample, side = cfg.sample, cfg.image_size
-    with torch.no_grad():
-        result = sampler(
-            concept, list(sample.preview_prompts), seeds=list(sample.preview_seeds),
-            num_inference_steps=sample.preview_steps, guidance_scale=sample.guidance_scale,
-            band=band, balance=balance, balance_layers=sample.balance_layers,
-            negative_prompt=sample.negative_prompt, scheduler=sample.scheduler, height=side, width=side,
-        )
-    return PreviewReady(
-        step=concept.steps_done, images=tuple(result.images), captions=tuple(result.captions), band=band, balance=balance
-    )
 
 
 def run_identity(backbone: Backbone, cfg: StudioConfig, photos: Sequence[TrainingPhoto]) -> dict[str, Any]:
@@ -174,19 +161,6 @@ def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any]) -> Non
         raise StateMismatch(
             f"the saved training state was made with {what}; it resumes only the same run: " + "; ".join(differences)
         )
-
-
-OUT_OF_MEMORY_MESSAGE = (
-    "Out of memory on the accelerator. Try a smaller batch size, a lower resolution, or a smaller preset "
-    "('sd15-fast' or 'tiny'); the training so far is kept."
-)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or another backend's RuntimeError that says so."""
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-    )
 
 
 def _clone_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -226,7 +200,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _init_photos(self, photos: Sequence[TrainingPhoto]) -> None:
         if not photos:
-            raise ValueError("No photos to train on: add at least one photo of the person.")
+            raise TrainingInputError("No photos to train on: add at least one photo of the person.")
         self.photos = tuple(photos)
 
     def _init_tokens(self) -> None:
@@ -385,7 +359,7 @@ class Trainer:
     @preview_balance.setter
     def preview_balance(self, balance: float) -> None:
         if not balance > 0:
-            raise ValueError(f"the tandem balance must be > 0, got {balance}")
+            raise TrainingInputError(f"The tandem balance must be above 0, got {balance}.")
         self._preview_balance = float(balance)
 
     # ------------------------------------------------------------------ loop
@@ -647,6 +621,8 @@ class Trainer:
 
     def preview(self) -> PreviewReady:
         """Render the preview prompts with the current weights and the live band / balance."""
+        from studio.sampler import render_preview  # only when previews are wanted
+
         event = render_preview(self._preview_sampler(), self.concept(), self.cfg, self.preview_band, self.preview_balance)
         self._last_preview_step = self.step
         return event

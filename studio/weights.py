@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.config import ModelConfig
+from studio.errors import StudioError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # SD 1.5's configs (model_index, unet, vae, text_encoder, scheduler) for single-file checkpoints offline.
@@ -54,7 +55,7 @@ SD1, SD2 = "Stable Diffusion 1.x", "Stable Diffusion 2.x"
 TINY_TEXT_WIDTH, TINY_TEXT_LAYERS = 32, 2  # the tiny backbone's text encoder (studio.backbone builds it)
 
 
-class BackboneUnavailable(RuntimeError):
+class BackboneUnavailable(StudioError, RuntimeError):
     """The requested weights cannot be loaded; the message says which files and how to get them.
 
     ``reason`` is the cause alone (e.g. "not in the local cache"), for callers that give their own advice.

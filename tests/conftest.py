@@ -52,6 +52,16 @@ def backbone(tiny_cfg):
 
 
 @pytest.fixture(scope="session")
+def training_photos(faces_dir, tiny_cfg):
+    """One prepared photo of a real face, as the trainer takes it (a TrainingPhoto list)."""
+    from studio.faces import get_face_analyzer, prepare
+    from studio.trainer import TrainingPhoto
+
+    prepared = prepare([str(faces_dir / "single" / "f2d_0.jpg")], tiny_cfg.face, get_face_analyzer(tiny_cfg.face))
+    return [TrainingPhoto.from_prepared(p) for p in prepared.photos]
+
+
+@pytest.fixture(scope="session")
 def toy_cfg():
     """The toy world's preset (the shipped weights in assets/toy)."""
     return _preset("toy")

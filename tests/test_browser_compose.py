@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from studio.concept import save_concept
+from studio.concept_file import save_concept
 from test_browser import TIMEOUT_MS, browser, page, shot  # noqa: F401  (fixtures)
 from test_sampler import make_concept
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from studio.cli import main
-from studio.concept import load_concept, save_concept
+from studio.concept_file import load_concept, save_concept
 from test_sampler import make_concept
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from studio.cli import main
-from studio.concept import save_concept
+from studio.concept_file import save_concept
 from test_sampler import make_concept
 
 

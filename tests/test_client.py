@@ -164,7 +164,7 @@ def test_a_real_preset_without_weights_fails_plainly_and_switching_back_works(st
 
 
 def test_the_class_guided_regularization_slider_reaches_the_trained_concept(studio_app, photo):
-    from studio.concept import load_concept
+    from studio.concept_file import load_concept
 
     with _client_with_photo(studio_app[1], photo) as client:
         args = _train_args(steps=2, seed=0, preview_every=0)

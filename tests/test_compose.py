@@ -161,7 +161,7 @@ def test_compose_config_is_checked():
 
 def test_the_engine_composes_concept_files_and_refuses_an_instant_preview_without_photos(backbone, tiny_cfg, tmp_path):
     from studio.compose import PersonSource
-    from studio.concept import save_concept
+    from studio.concept_file import save_concept
     from studio.engine import Engine
 
     files = [save_concept(make_concept(backbone, seed=s), tmp_path / f"{s}.safetensors") for s in (5, 6)]

@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save as save_safetensors
 
-from studio import concept as concept_module
-from studio.concept import (
+from studio import concept_file as concept_module
+from studio.concept import describe
+from studio.concept_file import (
     ConceptFileError,
     compatibility_warning,
     concept_to_bytes,
-    describe,
     load_checkpoint,
     load_concept,
     read_concept_info,

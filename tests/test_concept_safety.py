@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_safetensors
 
-from studio import concept as concept_module
-from studio.concept import ConceptFileError, concept_to_bytes, load_concept, read_concept_info
+from studio import concept_file as concept_module
+from studio.concept_file import ConceptFileError, concept_to_bytes, load_concept, read_concept_info
 from studio.config import FaceConfig, config_from_dict
 from studio.engine import Engine, Phase
 from test_sampler import make_concept

@@ -306,6 +306,42 @@ def test_a_sweep_yields_one_point_per_setting_and_can_be_cancelled(engine):
     assert len(list(engine.sweep(["a photo of {}"], [0], [(400, 800)], [1.0], steps=2))) == 1, "usable afterwards"
 
 
+def test_a_sweep_is_published_as_immutable_snapshots_from_running_to_its_end(engine):
+    from studio.errors import SessionBusy
+
+    engine.start()
+    engine.wait_until(lambda s: not s.active, timeout=TIMEOUT)
+    assert engine.snapshot().sweep is None
+    points = engine.sweep(["a photo of {}"], [0, 1], [(400, 800)], [0.5, 2.0], steps=2)
+    running = engine.snapshot().sweep
+    assert running.state == "running" and running.points == () and running.total == 2
+    assert running.images_per_setting == 2 and running.steps == 2
+    with pytest.raises(SessionBusy, match="already running"):
+        engine.sweep(["a photo of {}"], [0], [(400, 800)], [1.0], steps=2)
+    first = next(points)
+    after_one = engine.snapshot().sweep
+    assert after_one.points == (first,) and after_one.state == "running"
+    assert running.points == (), "an older snapshot never changes"
+    rest = list(points)
+    done = engine.snapshot().sweep
+    assert done.state == "done" and done.points == (first, *rest) and done.finished_at is not None
+    assert done.uid == running.uid
+
+    stopped = engine.sweep(["a photo of {}"], [0], [(400, 800), (200, 900)], [1.0], steps=2)
+    next(stopped)
+    engine.cancel_sweep()
+    assert list(stopped) == []
+    assert engine.snapshot().sweep.state == "stopped" and len(engine.snapshot().sweep.points) == 1
+
+
+def test_a_sweep_closed_before_its_first_point_ends_as_stopped(engine):
+    engine.start()
+    engine.wait_until(lambda s: not s.active, timeout=TIMEOUT)
+    engine.sweep(["a photo of {}"], [0], [(400, 800)], [1.0], steps=2).close()
+    assert engine.snapshot().sweep.state == "stopped"
+    assert len(list(engine.sweep(["a photo of {}"], [0], [(400, 800)], [1.0], steps=2))) == 1, "a new one may start"
+
+
 def test_a_session_waiting_for_the_accelerator_shows_its_place_in_line(engine):
     from studio.gate import GATE
     from studio.ui.views import status_markdown

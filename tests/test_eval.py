@@ -10,14 +10,14 @@ from PIL import Image
 from studio.concept import Concept
 from studio.conditioning import PromptError, super_category_id
 from studio.metrics import Scorer
-from studio.sampler import Sampler
+from studio.sampler import GenerationSettings, Sampler
 from studio.sweep import EVAL_PROMPTS_FILE, SweepPoint, pick_balanced, read_prompt_file, sweep
 
 PROMPTS = ["a photo of {}", "{} playing the guitar"]
 # With dpmsolver++ at 2 steps the timesteps are 999 and 500: band (450, 900) gives step 500
 # the mapper's tokens, band (100, 400) gives both steps the super-category word.
 BANDS = [(100, 400), (450, 900)]
-FAST = dict(steps=2, guidance=1.0, scheduler="dpmsolver++")
+FAST = dict(settings=GenerationSettings(num_inference_steps=2, guidance_scale=1.0, scheduler="dpmsolver++"))
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_a_prompt_file_line_without_the_person_is_named(tmp_path):
 # ----------------------------------------------------------------------------- eval command
 @pytest.fixture(scope="module")
 def concept_file(concept, tmp_path_factory):
-    from studio.concept import save_concept
+    from studio.concept_file import save_concept
 
     path = tmp_path_factory.mktemp("concept") / "person.safetensors"
     save_concept(concept, path)

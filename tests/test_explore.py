@@ -5,6 +5,7 @@ Browser screenshots go to test-output/browser/explore-*.png — look at them aft
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -14,13 +15,12 @@ from PIL import Image
 from test_browser import CHROMIUM, CHROMIUM_ARGS, SHOTS, TIMEOUT_MS, set_number, shot, upload_photo, wait_for_status
 
 from studio.metrics import IdentityScore, ImageScores, PromptScore
-from studio.sweep import SweepPoint, summarise
+from studio.sweep import SweepPoint, SweepSnapshot, summarise
 from studio.ui.explore import (
     BEST,
     NO_FACE,
     SCORED,
     SERIES_COLORS,
-    SweepRun,
     choose_setting,
     keys_in_range,
     parse_bands,
@@ -70,15 +70,14 @@ def test_no_face_is_its_own_outcome_drawn_at_zero_and_never_a_score():
     assert table.loc[no_face.label, "face found"] == "0% (0/2)"
     assert table.loc[A.label, "identity (mean ± std)"] == "0.90 ± 0.00"
 
-    run = SweepRun(bands=[(200, 800), (600, 900)], balances=[0.5, 1.5], prompts=["{}"], seeds=[0, 1], steps=2,
-                   references=1, random_backbone=True, points=points)
+    run = SweepSnapshot(bands=((200, 800), (600, 900)), balances=(0.5, 1.5), prompts=("{}",), seeds=(0, 1), steps=2,
+                        references=1, random_backbone=True, points=tuple(points))
     summary = summary_markdown(run)
     assert "can only be scored with a real backbone and a reference photo" in summary
     assert "1 of 2 settings produced no detectable face" in summary
     assert "**dlib**" in summary and "**tiny-clip**" in summary
     assert "weaker score" in summary
-    run.points = [no_face]
-    assert "prompt score alone decides" in summary_markdown(run)
+    assert "prompt score alone decides" in summary_markdown(dataclasses.replace(run, points=(no_face,)))
 
 
 def test_the_best_balance_is_marked_in_the_plot_the_table_and_the_choices():

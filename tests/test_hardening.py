@@ -296,7 +296,7 @@ import json, struct, sys
 sys.path.insert(0, "tests")
 from safetensors.torch import load as load_tensors, save as save_tensors
 from studio.backbone import get_backbone
-from studio.concept import ConceptFileError, concept_to_bytes, load_concept
+from studio.concept_file import ConceptFileError, concept_to_bytes, load_concept
 from studio.config import load_preset
 from test_sampler import make_concept
 backbone = get_backbone(load_preset("tiny").model)
@@ -370,7 +370,7 @@ def test_fuzzed_concepts_and_images_never_jump_memory(tmp_path):
         import json, resource, sys
         sys.path.insert(0, "tests")
         from studio.backbone import get_backbone
-        from studio.concept import ConceptFileError, concept_to_bytes, load_concept
+        from studio.concept_file import ConceptFileError, concept_to_bytes, load_concept
         from studio.config import FaceConfig, load_preset
         from studio.faces import PhotoError, prepare_photo
         from test_concept_safety import _malformed_concepts, _malformed_images
@@ -483,7 +483,7 @@ def test_a_huge_te_weight_is_named_instead_of_the_learning_rate(backbone, tiny_c
 def test_an_unknown_tensor_dtype_is_one_sentence_not_a_list_of_dtypes(backbone):
     import struct
 
-    from studio.concept import ConceptFileError, concept_to_bytes, load_concept
+    from studio.concept_file import ConceptFileError, concept_to_bytes, load_concept
     from test_sampler import make_concept
 
     good = concept_to_bytes(make_concept(backbone))

@@ -12,7 +12,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from studio.backbone import BackboneUnavailable
-from studio.concept import concept_to_bytes, load_concept, read_concept_info
+from studio.concept_file import concept_to_bytes, load_concept, read_concept_info
 from studio.conditioning import super_category_id, tokenize
 from studio.config import ConceptConfig, TrainConfig
 from studio.events import TrainingStep

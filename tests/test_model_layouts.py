@@ -168,7 +168,7 @@ def test_the_sd15_preset_offline_names_both_the_image_encoder_and_the_model(tmp_
 
 def test_a_concept_of_another_width_is_refused_before_the_weights_load(layouts, backbone, tmp_path, capsys, monkeypatch):
     import studio.backbone
-    from studio.concept import save_concept
+    from studio.concept_file import save_concept
     from test_sampler import make_concept
 
     concept = make_concept(backbone)

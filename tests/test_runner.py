@@ -35,11 +35,8 @@ def chunk_cfg(tiny_cfg):
 
 
 @pytest.fixture(scope="module")
-def photos(faces_dir, tiny_cfg):
-    from studio.faces import get_face_analyzer, prepare
-
-    prepared = prepare([str(faces_dir / "single" / "f2d_0.jpg")], tiny_cfg.face, get_face_analyzer(tiny_cfg.face))
-    return [TrainingPhoto.from_prepared(p) for p in prepared.photos]
+def photos(training_photos):
+    return training_photos
 
 
 def test_chunks_of_gpu_calls_equal_one_uninterrupted_run(chunk_cfg, photos, backbone):

@@ -460,7 +460,7 @@ def test_previews_with_the_real_sampler_leave_training_unchanged(backbone, tiny_
 
 def test_state_survives_a_safetensors_checkpoint(backbone, tiny_cfg, photos, uninterrupted):
     """The trainer state holds only what studio.concept's pickle-free checkpoints can store."""
-    from studio.concept import checkpoint_to_bytes, load_checkpoint
+    from studio.concept_file import checkpoint_to_bytes, load_checkpoint
 
     cfg = make_cfg(tiny_cfg, **{"train.steps": 6})
     first = Trainer(backbone, cfg, photos)

@@ -23,10 +23,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from studio.weights import TOY_DIR
-from studio.faces import AlignedFace, DetectedFace, FaceAnalyzer
+from studio.errors import StudioError
+from studio.face_analyzer import AlignedFace, DetectedFace, FaceAnalyzer
 from studio.toy import models as toy_models
 from studio.toy.world import NATIVE_SIZE, ToyPromptError, parse_prompt
+from studio.weights import TOY_DIR
 
 TOY_PROMPT_MODEL = "toy"
 # An attribute counts in the prompt score only when its classifier was right this often on the
@@ -34,7 +35,7 @@ TOY_PROMPT_MODEL = "toy"
 MIN_CLASSIFIER_ACCURACY = 0.75
 
 
-class ToyModelMissing(RuntimeError):
+class ToyModelMissing(StudioError, RuntimeError):
     """The pretrained toy files are not where they should be."""
 
 

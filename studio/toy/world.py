@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from studio.errors import StudioError
+
 PRETRAIN_IDENTITIES = range(0, 100_000)
 FIRST_UNSEEN_IDENTITY = 100_000
 # pixels of the world's native portraits (the toy model's resolution)
@@ -106,7 +108,7 @@ FILLER_WORDS = frozenset(
 PLACEHOLDER_HINT = "The prompt must contain {} where the person goes, e.g. \"a photo of {} wearing sunglasses in a forest\"."
 
 
-class ToyPromptError(ValueError):
+class ToyPromptError(StudioError, ValueError):
     """A prompt the toy world cannot read; the message names the words it does not know."""
 
 

@@ -17,6 +17,7 @@ import spaces
 
 from studio.config import ConfigError, StudioConfig, available_presets, check_band, load_preset
 from studio.engine import Engine, NoConceptYet, Snapshot
+from studio.errors import FormError
 from studio.runner import CHUNK_DURATION_S, chunked_training, training_chunk
 from studio.sampler import SCHEDULERS
 from studio.ui import views
@@ -66,7 +67,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
     def images_wanted(count: Any) -> int:
         count = views.as_number(count, "The number of images", whole=True)
         if not 1 <= count <= MAX_IMAGES:
-            raise views.user_error(ValueError(f"Generate from 1 to {MAX_IMAGES} images at a time, got {count}."))
+            raise views.user_error(FormError(f"Generate from 1 to {MAX_IMAGES} images at a time, got {count}."))
         return count
 
     def engine_for(request: gr.Request) -> Engine:
@@ -240,7 +241,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
             """Dotted overrides from the training settings; an emptied field is named, not a crash."""
             missing = [name for name, value in zip(TRAINING_SETTING_NAMES, values) if value is None]
             if missing:
-                raise ValueError(f"Fill in {', '.join(missing)} (a number) before training.")
+                raise FormError(f"Fill in {', '.join(missing)} (a number) before training.")
             n_steps, lr_, batch, seed_, lo, hi, te_w, te_b, every, cgdr_w = values
             num = views.as_number
             band = check_band([num(lo, "The training band start", whole=True), num(hi, "The training band end", whole=True)],

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import math
 import tempfile
-import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +19,17 @@ import spaces
 from studio.conditioning import PromptError, check_prompt
 from studio.config import check_band
 from studio.engine import Engine
+from studio.errors import FormError
 from studio.metrics import caption
-from studio.sweep import EVAL_PROMPTS_FILE, SweepPoint, grid_image, pick_balanced, read_prompt_file, setting_label
+from studio.sweep import (
+    EVAL_PROMPTS_FILE,
+    SweepPoint,
+    SweepSnapshot,
+    grid_image,
+    pick_balanced,
+    read_prompt_file,
+    setting_label,
+)
 from studio.ui import views
 
 EXPLAIN = (
@@ -62,7 +68,7 @@ def band_choice(band: tuple[int, int]) -> tuple[str, str]:
 def parse_bands(values: Sequence[str]) -> list[tuple[int, int]]:
     """Sorted intervals from CheckboxGroup values "lo,hi" (which come in the order they were ticked)."""
     if not values:
-        raise ValueError("Choose at least one identity interval to try.")
+        raise FormError("Choose at least one identity interval to try.")
     bands = set()
     for value in values:
         lo, hi = (int(part) for part in str(value).split(","))
@@ -73,7 +79,7 @@ def parse_bands(values: Sequence[str]) -> list[tuple[int, int]]:
 def parse_balances(values: Sequence[float | str]) -> list[float]:
     """Sorted balances γ from CheckboxGroup values."""
     if not values:
-        raise ValueError("Choose at least one tandem balance γ to try.")
+        raise FormError("Choose at least one tandem balance γ to try.")
     return sorted({float(value) for value in values})
 
 
@@ -81,15 +87,15 @@ def parse_prompts(text: str) -> list[str]:
     """One prompt per non-blank line, each with {} for the person; raises ValueError naming a bad line."""
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
     if not lines:
-        raise ValueError("Write at least one prompt, one per line, with {} where the person goes.")
+        raise FormError("Write at least one prompt, one per line, with {} where the person goes.")
     if len(lines) > MAX_PROMPTS:
-        raise ValueError(f"A sweep takes at most {MAX_PROMPTS} prompts; you wrote {len(lines)}.")
+        raise FormError(f"A sweep takes at most {MAX_PROMPTS} prompts; you wrote {len(lines)}.")
     prompts = []
     for number, line in enumerate(lines, start=1):
         try:
             prompts.append(check_prompt(line))
         except PromptError as exc:
-            raise ValueError(f"Prompt {number}: {exc}") from None
+            raise FormError(f"Prompt {number}: {exc}") from None
     return prompts
 
 
@@ -97,13 +103,13 @@ def parse_seeds(text: str) -> list[int]:
     """Whole numbers separated by spaces or commas, e.g. "0 1"."""
     parts = (text or "").replace(",", " ").split()
     if not parts:
-        raise ValueError("Give at least one seed, e.g. 0 1.")
+        raise FormError("Give at least one seed, e.g. 0 1.")
     try:
         seeds = [int(part) for part in parts]
     except ValueError:
-        raise ValueError(f"Seeds must be whole numbers separated by spaces, got {text!r}.") from None
+        raise FormError(f"Seeds must be whole numbers separated by spaces, got {text!r}.") from None
     if len(seeds) > MAX_SEEDS:
-        raise ValueError(f"A sweep takes at most {MAX_SEEDS} seeds; you gave {len(seeds)}.")
+        raise FormError(f"A sweep takes at most {MAX_SEEDS} seeds; you gave {len(seeds)}.")
     return list(dict.fromkeys(seeds))
 
 
@@ -128,54 +134,32 @@ def parse_setting_key(key: str) -> tuple[tuple[int, int], float]:
     return (int(lo), int(hi)), float(balance)
 
 
-@dataclass
-class SweepRun:
-    """One sweep of a session: what was asked and the points so far (appended by the stream handler)."""
+def sweep_files(sweep: SweepSnapshot) -> list[tuple[str, str]]:
+    """(image file, caption) per image of ``sweep`` so far, each written once (in a folder named
+    by the sweep's uid), so that each frame sends paths instead of re-encoding every image."""
+    folder = _folder(sweep)
+    items = []
+    for index, point in enumerate(sweep.points):
+        for n, (image, text) in enumerate(gallery_items([point], sweep.prompts, sweep.seeds)):
+            path = folder / f"setting{index:03d}-{n:03d}.png"
+            if not path.exists():
+                image.save(path)
+            items.append((str(path), text))
+    return items
 
-    bands: list[tuple[int, int]]
-    balances: list[float]
-    prompts: list[str]
-    seeds: list[int]
-    steps: int
-    references: int  # identity reference photos the images are scored against
-    random_backbone: bool
-    points: list[SweepPoint] = field(default_factory=list)
-    error: str = ""
-    stopped: bool = False
-    started: float = field(default_factory=time.monotonic)
-    finished_at: float | None = None
-    finished: threading.Event = field(default_factory=threading.Event)
-    grid_path: str | None = None  # the labelled grid PNG, written once the sweep has ended
-    gallery: list[tuple[str, str]] = field(default_factory=list)  # (image file, caption), written once per image
-    folder: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="sweep-"))
 
-    def add(self, point: SweepPoint) -> None:
-        """Append a finished setting; its images are written to files once, so that each later
-        frame sends paths instead of re-encoding every image so far."""
-        index = len(self.points)
-        self.points.append(point)
-        for (image, text), n in zip(gallery_items([point], self.prompts, self.seeds), range(len(point.images))):
-            path = str(Path(self.folder) / f"setting{index:03d}-{n:03d}.png")
-            image.save(path)
-            self.gallery.append((path, text))
+def grid_file(sweep: SweepSnapshot) -> str:
+    """The labelled grid PNG of a finished sweep, written once."""
+    path = _folder(sweep) / "sweep-grid.png"
+    if not path.exists():
+        grid_image(list(sweep.points), list(sweep.prompts), list(sweep.seeds)).save(path)
+    return str(path)
 
-    @property
-    def settings(self) -> list[tuple[tuple[int, int], float]]:
-        """Band-major, the order ``studio.sweep.sweep`` runs them in."""
-        return [(band, balance) for band in self.bands for balance in self.balances]
 
-    @property
-    def total(self) -> int:
-        return len(self.bands) * len(self.balances)
-
-    @property
-    def images_per_setting(self) -> int:
-        return len(self.prompts) * len(self.seeds)
-
-    def finish(self) -> None:
-        if self.finished_at is None:
-            self.finished_at = time.monotonic()
-        self.finished.set()
+def _folder(sweep: SweepSnapshot) -> Path:
+    folder = Path(tempfile.gettempdir()) / f"studio-sweep-{sweep.uid}"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 # ----------------------------------------------------------------------------- views
@@ -266,7 +250,7 @@ def gallery_columns(images_per_setting: int) -> int:
     return 4 if images_per_setting <= 2 else min(images_per_setting, 8)
 
 
-def summary_markdown(run: SweepRun, best: SweepPoint | None = None) -> str:
+def summary_markdown(run: SweepSnapshot, best: SweepPoint | None = None) -> str:
     """Best balance, what produced the scores, and why some points have no identity score."""
     points = run.points
     if not points:
@@ -306,13 +290,13 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def progress_markdown(run: SweepRun) -> str:
+def progress_markdown(run: SweepSnapshot) -> str:
     """"⏳ setting 2 of 4 …" while running; done / stopped / failed afterwards."""
     done, total = len(run.points), run.total
     shape = f"{_count(run.images_per_setting, 'image')} each, {_count(run.steps, 'step')}"
     if run.error:
         return f"✗ {run.error}"
-    if not run.finished.is_set():
+    if not run.finished:
         band, balance = run.settings[min(done, total - 1)]
         return f"⏳ **setting {done + 1} of {total}** … ({setting_label(band, balance)}; {shape})"
     seconds = (run.finished_at or time.monotonic()) - run.started
@@ -367,10 +351,6 @@ def plot_value_frame(value: Any) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- the tab
-# The running / last sweep of each session's engine; entries go when the engine does.
-_RUNS: weakref.WeakKeyDictionary[Engine, SweepRun] = weakref.WeakKeyDictionary()
-
-
 def build_explore_tab(
     engine_for: Callable[[gr.Request], Engine],
     band_lo: gr.Slider,
@@ -428,22 +408,19 @@ def build_explore_tab(
 
     outputs = [progress, plot, summary, table, gallery, pick, grid_file, adopted]
 
-    def frame(run: SweepRun, *, final: bool, first: bool = False) -> list[Any]:
-        """Every output for the run's current points; the grid file only once it has ended; the
-        last adoption's note is cleared when a sweep starts (its settings may not be in this one)."""
-        points = run.points
+    def frame(run: SweepSnapshot, *, final: bool, first: bool = False) -> list[Any]:
+        """Every output for the sweep's current points (the engine's snapshot); the grid file
+        only once it has ended; the last adoption's note is cleared when a sweep starts."""
+        points = list(run.points)
         best = best_of(points)
-        if final and points and run.grid_path is None:
-            run.grid_path = str(Path(run.folder) / "sweep-grid.png")
-            grid_image(points, run.prompts, run.seeds).save(run.grid_path)
         return [
             progress_markdown(run),
             scatter_frame(points, best),
             summary_markdown(run, best),
             results_table(points, best),
-            gr.Gallery(value=list(run.gallery), columns=gallery_columns(run.images_per_setting)),
+            gr.Gallery(value=sweep_files(run), columns=gallery_columns(run.images_per_setting)),
             gr.Dropdown(choices=setting_choices(points, best), value=best and setting_key(best.band, best.balance)),
-            run.grid_path if final else gr.skip(),
+            grid_file(run) if final and points else gr.skip(),
             "" if first else gr.skip(),
         ]
 
@@ -451,42 +428,35 @@ def build_explore_tab(
     def on_run(band_values, balance_values, prompt_text, seed_text, n_steps, request: gr.Request):
         engine = engine_for(request)
         try:
-            run = SweepRun(
-                bands=parse_bands(band_values), balances=parse_balances(balance_values),
-                prompts=parse_prompts(prompt_text), seeds=parse_seeds(seed_text), steps=int(n_steps),
-                references=len(engine.references()), random_backbone=engine.snapshot().is_random_backbone,
+            points = engine.sweep(
+                parse_prompts(prompt_text), parse_seeds(seed_text), parse_bands(band_values),
+                parse_balances(balance_values), steps=int(n_steps),
             )
-            previous = _RUNS.get(engine)
-            if previous is not None and not previous.finished.is_set():
-                raise ValueError("A sweep is already running in this session: stop it first.")
-            points = engine.sweep(run.prompts, run.seeds, run.bands, run.balances, steps=run.steps)
-        except (ValueError, RuntimeError) as exc:
+        except (ValueError, RuntimeError) as exc:  # a StudioError is said; anything else: one generic sentence
             raise views.user_error(exc) from None
-        _RUNS[engine] = run
-        yield frame(run, final=False, first=True)
+        yield frame(engine.snapshot().sweep, final=False, first=True)
         try:
-            for point in points:
-                run.add(point)
-                if len(run.points) < run.total:
-                    yield frame(run, final=False)
-        except (ValueError, RuntimeError) as exc:
-            run.error = str(exc) or type(exc).__name__
-            gr.Warning(run.error)
+            for _ in points:
+                sweep = engine.snapshot().sweep
+                if len(sweep.points) < sweep.total:
+                    yield frame(sweep, final=False)
+        except Exception:  # the engine has logged it and put its sentence in the sweep's snapshot
+            gr.Warning(engine.snapshot().sweep.error)
         finally:
             # Runs on normal end, on error and when Stop cancels this stream (Gradio closes it).
             points.close()
-            run.finish()
-        yield frame(run, final=True)
+        yield frame(engine.snapshot().sweep, final=True)
 
     def on_stop(request: gr.Request):
         engine = engine_for(request)
-        run = _RUNS.get(engine)
-        if run is None:
+        if engine.snapshot().sweep is None:
             return [gr.skip()] * len(outputs)
-        run.stopped = not run.finished.is_set()
         engine.cancel_sweep()  # the sweep was armed when it was called, so one cancel suffices
-        run.finished.wait(timeout=STOP_TIMEOUT_S)
-        return frame(run, final=True)
+        try:
+            engine.wait_until(lambda snap: snap.sweep is None or snap.sweep.finished, timeout=STOP_TIMEOUT_S)
+        except TimeoutError:
+            pass  # a hung sweep: show what there is
+        return frame(engine.snapshot().sweep, final=True)
 
     def adopt(key: str | None) -> list[Any]:
         if not key:
@@ -502,8 +472,8 @@ def build_explore_tab(
     def on_select(plot_value, evt: gr.SelectData, request: gr.Request):
         x_range = evt.value if isinstance(evt.value, list) else []
         keys = keys_in_range(plot_value_frame(plot_value), x_range)
-        run = _RUNS.get(engine_for(request))
-        key = choose_setting(keys, run.points if run is not None else [])
+        sweep = engine_for(request).snapshot().sweep
+        key = choose_setting(keys, list(sweep.points) if sweep is not None else [])
         if key is None:
             if is_range(x_range):  # a drag over empty space, not a cleared one
                 gr.Info("No setting lies in that range: drag across a point.")

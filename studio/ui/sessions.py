@@ -18,6 +18,7 @@ from pathlib import Path
 
 from studio.config import StudioConfig
 from studio.engine import Engine
+from studio.errors import StudioError
 
 # A browser tab pings every KEEPALIVE_S while open (studio.ui.app); a session without any
 # request for this long has been left (a closed script, a REST call nobody follows).
@@ -38,7 +39,7 @@ def _return_freed_memory() -> None:
         pass
 
 
-class StudioFull(RuntimeError):
+class StudioFull(StudioError, RuntimeError):
     """No room for another session right now; the message says so plainly."""
 
 

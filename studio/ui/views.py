@@ -10,6 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from studio.engine import Phase, Snapshot
+from studio.errors import FormError, user_message
 
 MAX_PLOT_POINTS = 400
 SMOOTHING = 0.9  # EMA factor of the smoothed loss curve
@@ -47,8 +48,9 @@ SLIDER_HELP = {
 
 
 def user_error(exc: BaseException) -> gr.Error:
-    """An expected error as a plain sentence in the page (no traceback in the server log)."""
-    return gr.Error(str(exc) or type(exc).__name__, print_exception=False)
+    """``exc`` as a gr.Error: a StudioError's own sentence, anything else one generic sentence
+    (logged once with its traceback by studio.errors.user_message)."""
+    return gr.Error(user_message(exc), print_exception=False)
 
 
 def as_number(value: Any, what: str, *, whole: bool = False) -> Any:
@@ -57,15 +59,15 @@ def as_number(value: Any, what: str, *, whole: bool = False) -> Any:
     try:
         number = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise user_error(ValueError(f"{what} must be a number, got {str(value)[:40]!r}.")) from None
+        raise user_error(FormError(f"{what} must be a number, got {str(value)[:40]!r}.")) from None
     if not math.isfinite(number):
-        raise user_error(ValueError(f"{what} must be a finite number, got {value!r}."))
+        raise user_error(FormError(f"{what} must be a finite number, got {value!r}."))
     if not whole:
         return number
     if isinstance(value, int) and not isinstance(value, bool):
         return value  # exact, however large (the settings check the range)
     if number != int(number):
-        raise user_error(ValueError(f"{what} must be a whole number, got {value!r}."))
+        raise user_error(FormError(f"{what} must be a whole number, got {value!r}."))
     return int(number)
 
 
