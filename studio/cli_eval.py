@@ -74,6 +74,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", help="scheduler name (default: the preset's sample.scheduler)")
     parser.add_argument("--clip", help="CLIP for prompt scores: hub id, folder or 'tiny' "
                         "(default: tiny on the tiny backbone, else openai/clip-vit-large-patch14)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                        help="a style LoRA (.safetensors) and its strength, e.g. ink.safetensors:0.7 (repeatable)")
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -122,6 +124,9 @@ def main_eval(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         backbone = get_backbone(cfg.model)
         concept = load_concept(args.concept, backbone)
+        from studio.lora import applied, uses_from_arguments
+
+        loras = uses_from_arguments(args.lora, backbone)
         seeds = list(args.seeds)
         generation = dict(
             num_inference_steps=args.steps or cfg.sample.steps,
@@ -172,9 +177,10 @@ def main_eval(args: argparse.Namespace) -> int:
         resolution=cfg.image_size,
     )
     try:
-        for point in finished_points:
-            points.append(point)
-            print(f"[{len(points)}/{total}] {point.label} done ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+        with applied(backbone, loras):  # style LoRAs for this run only (studio/lora.py)
+            for point in finished_points:
+                points.append(point)
+                print(f"[{len(points)}/{total}] {point.label} done ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
     except ValueError as exc:  # PromptError, SamplerInputError: e.g. a prompt too long for the text encoder
         print(f"eval: {exc}", file=sys.stderr)
         return 2

@@ -379,6 +379,11 @@ def bundle_files(
     if formats not in FORMATS:
         raise ExportError(f"Unknown export format {formats!r}; choose one of: {', '.join(FORMATS)}.")
     check_prompt(settings.prompt, require_identity=True)
+    steps = settings.num_inference_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+        raise ExportError(f"The number of steps must be a whole number from 1 to 1000, got {steps!r}.")
+    if not (isinstance(settings.size, int) and settings.size >= 64 and settings.size % 64 == 0):
+        raise ExportError(f"The image size must be a multiple of 64 pixels, got {settings.size!r}.")
     wanted = {"a1111", "comfyui", "diffusers"} if formats == "all" else {formats}
     files: dict[str, bytes] = {}
     for name, vectors in export.embeddings.items():

@@ -204,6 +204,17 @@ def parse_lora_argument(text: str) -> tuple[str, float]:
     return (text, 1.0) if strength is None else (path, check_strength(strength))
 
 
+def uses_from_arguments(arguments: Sequence[str], backbone: Backbone) -> list[LoraUse]:
+    """``["ink.safetensors:0.6", ...]`` (the CLI's --lora) -> checked LoRAs with strengths."""
+    if len(arguments) > MAX_LORAS:
+        raise LoraFileError(f"At most {MAX_LORAS} LoRAs at once, got {len(arguments)}.")
+    uses = []
+    for argument in arguments:
+        path, strength = parse_lora_argument(argument)
+        uses.append(LoraUse(load_lora(path, backbone), strength))
+    return uses
+
+
 def check_strength(strength: float) -> float:
     lo, hi = STRENGTH_RANGE
     if not isinstance(strength, (int, float)) or not lo <= float(strength) <= hi:
@@ -290,5 +301,5 @@ def text_encoder_key() -> tuple:
 
 __all__ = [
     "LoraFileError", "LoraLayer", "LoraUse", "LoraWeights", "active_records", "applied", "check_strength",
-    "load_lora", "parse_lora_argument", "text_encoder_key",
+    "load_lora", "parse_lora_argument", "text_encoder_key", "uses_from_arguments",
 ]

@@ -247,3 +247,20 @@ def test_the_bundle_zip_holds_what_each_format_needs(tmp_path, backbone, concept
             "embeddings/alice-1.safetensors", "embeddings/alice-2.safetensors"} <= names
     with pytest.raises(ExportError, match="format"):
         bundle_files(backbone, concept, export, ExportSettings(), "invokeai")
+
+
+def test_the_export_command_writes_the_bundle_and_refuses_bad_names(tmp_path, backbone, concept, capsys):
+    from studio.cli import main
+    from studio.concept import save_concept
+
+    path = save_concept(concept, tmp_path / "Alice Smith.safetensors")
+    code = main(["export", "--preset", "tiny", "--concept", str(path), "--out", str(tmp_path / "out"),
+                 "--prompt", "a photo of {} as a chef", "--scheduler", "ddim", "--steps", "50", "--segments", "3"])
+    assert code == 0
+    bundle = zipfile.ZipFile(tmp_path / "out" / "alice-smith-export.zip")
+    plan = json.loads(bundle.read("export.json"))
+    assert [s["embedding"] for s in plan["segments"] if s["embedding"]] == ["alice-smith-1", "alice-smith-2", "alice-smith-3"]
+    assert plan["a1111"]["steps"] == 50 and "[face:[alice-smith-1:" in plan["a1111"]["prompt"]
+    assert "alice-smith-export.zip" in capsys.readouterr().out
+    code = main(["export", "--preset", "tiny", "--concept", str(path), "--out", str(tmp_path / "out"), "--name", "Bad Name"])
+    assert code == 2 and "cannot be a trigger word" in capsys.readouterr().err

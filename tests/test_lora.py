@@ -187,3 +187,23 @@ def test_lora_arguments_take_an_optional_strength():
     assert parse_lora_argument("styles/ink.safetensors") == ("styles/ink.safetensors", 1.0)
     with pytest.raises(LoraFileError, match="strength"):
         parse_lora_argument("ink.safetensors:7")
+
+
+def test_generate_takes_lora_arguments_and_records_them_in_the_png(backbone, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from studio.cli import main
+
+    path = save(kohya_lora(backbone, seed=6), tmp_path / "ink.safetensors")
+    out = tmp_path / "styled.png"
+    code = main(["generate", "--preset", "tiny", "--prompt", "a photo of {}", "--out", str(out), "--steps", "2",
+                 "--lora", f"{path}:0.5"])
+    assert code == 0
+    settings = json.loads(Image.open(out).text["personamagic"])
+    assert settings["loras"][0]["name"] == "ink.safetensors" and settings["loras"][0]["strength"] == 0.5
+    (tmp_path / "ink.ckpt").write_bytes(b"\x80\x04junk")
+    code = main(["generate", "--preset", "tiny", "--prompt", "a photo of {}", "--out", str(out), "--steps", "2",
+                 "--lora", str(tmp_path / "ink.ckpt")])
+    assert code == 2 and "not a .safetensors file" in capsys.readouterr().err
