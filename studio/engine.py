@@ -23,6 +23,7 @@ from studio.concept import Concept
 from studio.config import ConfigError, StudioConfig, check_band, config_from_dict
 from studio.events import ConceptUpdated, PreviewReady, RolledBack, TrainingEvent, TrainingFailed, TrainingFinished, TrainingStep
 from studio.gate import GATE, AcceleratorGate, GateCancelled
+from studio.lora import applied as loras_applied
 from studio.trainer import OUT_OF_MEMORY_MESSAGE, is_out_of_memory, render_preview
 
 JOIN_TIMEOUT_S = 30.0
@@ -171,6 +172,7 @@ class Engine:
         self._scoring_note = ""
         self._step_times: collections.deque[float] = collections.deque(maxlen=20)  # for steps/s and ETA
         self._preview_settings: tuple[tuple[int, int], float] = (tuple(cfg.sample.band), cfg.sample.balance)
+        self.loras: tuple = ()  # style LoRAs (studio.lora.LoraUse) for this session's images only
 
     # ------------------------------------------------------------------ snapshots
     def snapshot(self) -> Snapshot:
@@ -545,16 +547,17 @@ class Engine:
         band, balance = self._preview_settings
         concept = self._require_concept("previewing")
         sampler = shared_sampler(self.backbone())
-        with self._gate.hold(self.session_id):
+        with self._gate.hold(self.session_id), loras_applied(sampler.backbone, self.loras):
             preview = render_preview(sampler, concept, self.cfg, band, balance)
             preview = self._with_scores(preview, self.cfg, concept.super_category)
         self._publish(preview=preview)
         return preview
 
-    def generate(self, prompt: str | list[str], *, progress: Callable[[int, int], None] | None = None, **kwargs: Any):
-        """Generate with the newest concept. kwargs as ``Sampler.__call__`` (seeds, band, balance, ...)."""
+    def generate(self, prompt: str | list[str], *, progress: Callable[[int, int], None] | None = None,
+                 concept: Concept | None = None, **kwargs: Any):
+        """Generate with ``concept`` (default: the newest). kwargs as ``Sampler.__call__`` (seeds, band, balance, ...)."""
         self._check_open()
-        concept = self._require_concept("generating")
+        concept = concept or self._require_concept("generating")
         sampler = shared_sampler(self.backbone())
 
         def on_step(i: int, total: int) -> bool:
@@ -567,7 +570,7 @@ class Engine:
             scheduler=self.cfg.sample.scheduler, negative_prompt=self.cfg.sample.negative_prompt,
             balance_layers=self.cfg.sample.balance_layers, height=self.cfg.image_size, width=self.cfg.image_size,
         )
-        with self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set):
+        with self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set), loras_applied(sampler.backbone, self.loras):
             result = sampler(concept, prompt, callback_on_step_end=on_step, **{**defaults, **kwargs})
             per_image = [settings["prompt"] for settings in result.settings]
             scores = self._score(result.images, per_image, concept.super_category, self.cfg)
@@ -640,7 +643,7 @@ class Engine:
         sampler = shared_sampler(self.backbone())
 
         def gated_sampler(*args: Any, **kwargs: Any):
-            with self._gate.hold(self.session_id, cancelled=self._cancel_sweep.is_set):
+            with self._gate.hold(self.session_id, cancelled=self._cancel_sweep.is_set), loras_applied(sampler.backbone, self.loras):
                 return sampler(*args, **kwargs)
 
         sample = self.cfg.sample

@@ -427,6 +427,33 @@ def write_bundle(files: dict[str, bytes], path: str | Path) -> Path:
     return path
 
 
+# =========================================================================== in the studio
+def export_for_tools(
+    engine: Any, folder: str | Path, name: str, num_segments: int, settings: ExportSettings,
+    formats: str = "all", band: tuple[int, int] | None = None,
+) -> tuple[Path, StaticExport, dict[str, bytes]]:
+    """"Export for other tools": the session's newest concept as NAME-export.zip in ``folder``."""
+    concept = engine.current_concept()
+    if concept is None:
+        raise ExportError("There is no concept to export yet: train one or import a concept file first.")
+    export = static_export(concept, name, num_segments, band)
+    files = bundle_files(engine.backbone(), concept, export, settings, formats)
+    return write_bundle(files, Path(folder) / f"{export.name}-export.zip"), export, files
+
+
+def compare_full_and_exported(engine: Any, export: StaticExport, prompt: str, seed: int, **settings: Any):
+    """The full concept and its exported approximation on the same seed, both scored by the
+    session's scorer. Returns two GenerationResults (full, exported); the exported one runs
+    with the export's band and neutral balance, as other tools do."""
+    concept = engine.current_concept()
+    if concept is None:
+        raise ExportError("There is no concept yet: train one or import a concept file first.")
+    full = engine.generate(prompt, seeds=seed, **settings)
+    approximate = {**settings, "band": export.band, "balance": 1.0}
+    exported = engine.generate(prompt, concept=exported_concept(concept, export), seeds=seed, **approximate)
+    return full, exported
+
+
 def _segment_table(export: StaticExport) -> str:
     rows = ["| segment | text for the person | timesteps | ComfyUI start..end percent |", "|---|---|---|---|"]
     for index, (segment, (start, end)) in enumerate(zip(export.segments, comfyui_ranges(export))):
@@ -492,5 +519,6 @@ the prompt embeddings of its segment (by timestep, as the studio does).
 __all__ = [
     "A1111Prompt", "ExportError", "ExportSettings", "FORMATS", "Segment", "SegmentedStaticMapper", "StaticExport",
     "a1111_prompt", "bundle_files", "check_name", "comfyui_percent", "comfyui_ranges", "comfyui_workflow",
-    "embedding_bytes", "exported_concept", "static_export", "step_segments", "write_bundle",
+    "compare_full_and_exported", "embedding_bytes", "export_for_tools", "exported_concept", "static_export",
+    "step_segments", "write_bundle",
 ]

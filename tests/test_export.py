@@ -264,3 +264,28 @@ def test_the_export_command_writes_the_bundle_and_refuses_bad_names(tmp_path, ba
     assert "alice-smith-export.zip" in capsys.readouterr().out
     code = main(["export", "--preset", "tiny", "--concept", str(path), "--out", str(tmp_path / "out"), "--name", "Bad Name"])
     assert code == 2 and "cannot be a trigger word" in capsys.readouterr().err
+
+
+def test_the_studio_exports_the_session_concept_and_renders_full_and_exported_on_one_seed(tmp_path, tiny_cfg, concept):
+    from studio.concept import concept_to_bytes
+    from studio.engine import Engine
+
+    engine = Engine(tiny_cfg, session_id="export-test")
+    try:
+        with pytest.raises(ExportError, match="no concept"):
+            from studio.export import export_for_tools
+
+            export_for_tools(engine, tmp_path, "alice", 2, ExportSettings())
+        engine.import_concept(concept_to_bytes(concept))
+        path, export, files = export_for_tools(engine, tmp_path, "alice", 2, ExportSettings(num_inference_steps=4))
+        assert path == tmp_path / "alice-export.zip" and path.is_file() and "comfyui/workflow_api.json" in files
+        from studio.export import compare_full_and_exported
+
+        full, exported = compare_full_and_exported(
+            engine, export, "a photo of {}", 3, num_inference_steps=4, band=(200, 900), balance=1.5,
+        )
+        assert full.settings[0]["seed"] == exported.settings[0]["seed"] == 3
+        assert exported.settings[0]["balance"] == 1.0 and exported.settings[0]["concept_uid"] != concept.uid
+        assert not np.array_equal(np.asarray(full.images[0]), np.asarray(exported.images[0]))
+    finally:
+        engine.close()
