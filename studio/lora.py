@@ -135,8 +135,11 @@ def _alpha_names(alphas: dict[str, float] | None) -> dict[str, float]:
     """network alphas keyed like the converted weights' lora_A keys (minus '.lora_A.weight')."""
     if not alphas:
         return {}
-    renamed = _to_peft_names({key.removesuffix(".alpha"): torch.zeros(()) for key in alphas})
-    return {k.removesuffix(".lora_A.weight"): float(a) for k, a in zip(renamed, alphas.values())}
+    named = {}
+    for key, alpha in alphas.items():  # one by one: the converter may reorder keys
+        (renamed,) = _to_peft_names({key.removesuffix(".alpha"): torch.zeros(())})
+        named[renamed.removesuffix(".lora_A.weight")] = float(alpha)
+    return named
 
 
 def _module(part: torch.nn.Module, name: str) -> torch.nn.Module | None:

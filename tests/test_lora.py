@@ -24,7 +24,7 @@ def kohya_lora(backbone, *, seed: int = 0, unet: bool = True, text: bool = True,
         rank = 4
         state[f"{key}.lora_down.weight"] = torch.randn(rank, in_features or module.in_features, generator=generator)
         state[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.5
-        state[f"{key}.alpha"] = torch.tensor(2.0)
+        state[f"{key}.alpha"] = torch.tensor(float(1 + len(state) % 7))  # a different alpha per layer
 
     if unet:
         for name, module in backbone.unet.named_modules():
