@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> str:
     prompts, seeds = PROMPTS[: args.prompts], SEEDS[: args.seeds]
     cells = [(p, s) for p in prompts for s in seeds]
     segment_counts = [int(n) for n in args.segments.split(",")]
-    per_identity: dict[str, list[tuple[float, float]]] = {"full": [], **{f"export-{n}": [] for n in segment_counts}}
+    per_identity: dict[str, list[tuple[float, float, float]]] = {"full": [], **{f"export-{n}": [] for n in segment_counts}}
     args.out.mkdir(parents=True, exist_ok=True)
     for k in range(args.identities):
         identity = FIRST + 200 + k  # unseen in pretraining, and not the ones toy_world.py uses
@@ -47,12 +47,16 @@ def run(args: argparse.Namespace) -> str:
         for n in segment_counts:
             export = static_export(concept, f"id{identity}", n, band)
             variants[f"export-{n}"] = (exported_concept(concept, export), export.band, 1.0)
+        full_pixels = None
         for label, (variant, variant_band, balance) in variants.items():
             images = world.generate(variant, prompts, seeds, band=variant_band, balance=balance, cfg=cfg)
+            pixels = np.stack([np.asarray(image, np.float64) for image in images])
+            full_pixels = pixels if full_pixels is None else full_pixels
+            moved = float(np.abs(pixels - full_pixels).mean())  # how far the images moved, 0-255
             scores = world.score(images, [p for p, _ in cells], references)
             ids = identity_values(scores)
             per_identity[label].append((float(np.mean(ids)) if ids else float("nan"),
-                                        float(np.mean([s.prompt.score for s in scores]))))
+                                        float(np.mean([s.prompt.score for s in scores])), moved))
         print(f"identity {identity} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     (args.out / "export.json").write_text(json.dumps(per_identity, indent=2))
 
@@ -61,8 +65,8 @@ def run(args: argparse.Namespace) -> str:
         f"{len(seeds)} seeds, training {cfg.train.steps} steps, band {list(cfg.sample.band)}, "
         f"{cfg.sample.steps} denoising steps ({cfg.sample.scheduler}); {time.perf_counter() - started:.0f} s.",
         "",
-        "| concept | identity to the selfie | prompt score | Δ identity vs full | Δ prompt vs full |",
-        "|---|---|---|---|---|",
+        "| concept | identity to the selfie | prompt score | Δ identity vs full | Δ prompt vs full | mean pixel change vs full (0-255) |",
+        "|---|---|---|---|---|---|",
     ]
     full = np.asarray(per_identity["full"])
     for label, rows in per_identity.items():
@@ -72,7 +76,8 @@ def run(args: argparse.Namespace) -> str:
         lines.append(
             f"| {name} | {values[:, 0].mean():.3f} ± {values[:, 0].std():.3f} | {values[:, 1].mean():.1f} ± {values[:, 1].std():.1f} "
             f"| {'–' if label == 'full' else f'{delta[:, 0].mean():+.3f} ± {delta[:, 0].std():.3f}'} "
-            f"| {'–' if label == 'full' else f'{delta[:, 1].mean():+.1f} ± {delta[:, 1].std():.1f}'} |"
+            f"| {'–' if label == 'full' else f'{delta[:, 1].mean():+.1f} ± {delta[:, 1].std():.1f}'} "
+            f"| {'–' if label == 'full' else f'{values[:, 2].mean():.2f}'} |"
         )
     lines += ["", "± is the std over identities (each identity's mean over prompts × seeds); Δ is paired per identity.",
               f"Command: `python bench/toy_export.py {' '.join(sys.argv[1:])}`"]
