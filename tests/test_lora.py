@@ -24,7 +24,8 @@ def kohya_lora(backbone, *, seed: int = 0, unet: bool = True, text: bool = True,
         rank = 4
         state[f"{key}.lora_down.weight"] = torch.randn(rank, in_features or module.in_features, generator=generator)
         state[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.5
-        state[f"{key}.alpha"] = torch.tensor(float(1 + len(state) % 7))  # a different alpha per layer
+        # alpha != rank, and another alpha for the text encoder (diffusers' peft path keeps one alpha per part)
+        state[f"{key}.alpha"] = torch.tensor(2.0 if key.startswith("lora_unet_") else 3.0)
 
     if unet:
         for name, module in backbone.unet.named_modules():
@@ -34,7 +35,7 @@ def kohya_lora(backbone, *, seed: int = 0, unet: bool = True, text: bool = True,
     if text:
         for name, module in backbone.text_encoder.named_modules():
             if name.endswith(("self_attn.q_proj", "mlp.fc1")):
-                pair("lora_te_" + name.removeprefix("text_model.").replace(".", "_"), module)
+                pair("lora_te_" + name.replace(".", "_"), module)  # kohya: lora_te_text_model_encoder_...
     return state
 
 
