@@ -321,6 +321,8 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--negative", help="negative prompt")
     parser.add_argument("--size", type=int, help="image side in pixels (default: the preset's sample.resolution, else its train.resolution)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset setting, e.g. sample.balance_layers=2")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                        help="a style LoRA (.safetensors) and its strength, e.g. ink.safetensors:0.7 (repeatable)")
     parser.set_defaults(func=run_generate)
     return parser
 
@@ -378,7 +380,10 @@ def run_generate(args: argparse.Namespace) -> int:
     ).kwargs()
     sampler = Sampler(backbone)
     sampler.check_inputs(concept, args.prompt, **settings)
-    with _progress(None, "generating") as bar:
+    from studio.lora import applied, uses_from_arguments
+
+    loras = uses_from_arguments(args.lora, backbone)
+    with _progress(None, "generating") as bar, applied(backbone, loras):
         def on_step(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
@@ -427,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_delegated(subparsers, "score", "studio.cli_score", "add_score_parser", "score images made anywhere")
     _add_delegated(subparsers, "toy", "studio.cli_toy", "add_toy_parser", "the toy world")
     _add_delegated(subparsers, "compose", "studio.cli_compose", "add_compose_parser", "several people in one picture")
+    _add_delegated(subparsers, "export", "studio.cli_export", "add_export_parser", "export a concept for A1111, ComfyUI, diffusers")
     return parser
 
 

@@ -74,6 +74,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", help="scheduler name (default: the preset's sample.scheduler)")
     parser.add_argument("--clip", help="CLIP for prompt scores: hub id, folder or 'tiny' "
                         "(default: tiny on the tiny backbone, else openai/clip-vit-large-patch14)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                        help="a style LoRA (.safetensors) and its strength, e.g. ink.safetensors:0.7 (repeatable)")
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -128,6 +130,9 @@ def main_eval(args: argparse.Namespace) -> int:
     _make_output_folder(args.out)
     backbone = get_backbone(cfg.model)
     concept = load_concept(args.concept, backbone)
+    from studio.lora import applied, uses_from_arguments
+
+    loras = uses_from_arguments(args.lora, backbone)
     seeds = list(args.seeds)
     generation = GenerationSettings.from_config(
         cfg, num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler or None,
@@ -161,9 +166,10 @@ def main_eval(args: argparse.Namespace) -> int:
         references,
         settings=generation,
     )
-    for point in finished_points:  # a PromptError (e.g. too long for the text encoder) goes to the CLI's dispatcher
-        points.append(point)
-        print(f"[{len(points)}/{total}] {point.label} done ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    with applied(backbone, loras):  # style LoRAs for this run only (studio/lora.py); a PromptError goes to the dispatcher
+        for point in finished_points:
+            points.append(point)
+            print(f"[{len(points)}/{total}] {point.label} done ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
 
     csv_path = write_scores_csv(args.out / "scores.csv", points, prompts, seeds)
     grid_path = args.out / "grid.png"

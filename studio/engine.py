@@ -24,6 +24,7 @@ from studio.config import ConfigError, StudioConfig, check_band, config_from_dic
 from studio.errors import SessionBusy, StudioError, is_out_of_memory, user_message
 from studio.events import ConceptUpdated, PreviewReady, RolledBack, TrainingEvent, TrainingFailed, TrainingFinished, TrainingStep
 from studio.gate import GATE, TRAINING_SLOTS, AcceleratorGate, GateCancelled, TrainingSlots
+from studio.lora import applied as loras_applied
 from studio.metrics import score_quietly
 from studio.sampler import GenerationSettings, SamplerInputError, render_preview, shared_sampler
 from studio.sweep import BestStep, SweepSnapshot
@@ -157,6 +158,7 @@ class Engine:
         self._scoring_note = ""
         self._step_times: collections.deque[float] = collections.deque(maxlen=20)  # for steps/s and ETA
         self._preview_settings: tuple[tuple[int, int], float] = (tuple(cfg.sample.band), cfg.sample.balance)
+        self.loras: tuple = ()  # style LoRAs (studio.lora.LoraUse) for this session's images only
 
     # ------------------------------------------------------------------ snapshots
     def snapshot(self) -> Snapshot:
@@ -525,16 +527,17 @@ class Engine:
         band, balance = self._preview_settings
         concept = self._require_concept("previewing")
         sampler = shared_sampler(self.backbone())
-        with self._gate.hold(self.session_id):
+        with self._gate.hold(self.session_id), loras_applied(sampler.backbone, self.loras):
             preview = render_preview(sampler, concept, self.cfg, band, balance)
             preview = self._with_scores(preview, self.cfg, concept.super_category)
         self._publish(preview=preview)
         return preview
 
-    def generate(self, prompt: str | list[str], *, progress: Callable[[int, int], None] | None = None, **kwargs: Any):
-        """Generate with the newest concept. kwargs as ``Sampler.__call__`` (seeds, band, balance, ...)."""
+    def generate(self, prompt: str | list[str], *, progress: Callable[[int, int], None] | None = None,
+                 concept: Concept | None = None, **kwargs: Any):
+        """Generate with ``concept`` (default: the newest). kwargs as ``Sampler.__call__`` (seeds, band, balance, ...)."""
         self._check_open()
-        concept = self._require_concept("generating")
+        concept = concept or self._require_concept("generating")
         sampler = shared_sampler(self.backbone())
 
         def on_step(i: int, total: int) -> bool:
@@ -543,7 +546,7 @@ class Engine:
             return self._cancel_generation.is_set()
 
         settings = GenerationSettings.from_config(self.cfg, **kwargs)
-        with self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set):
+        with self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set), loras_applied(sampler.backbone, self.loras):
             result = sampler(concept, prompt, callback_on_step_end=on_step, **settings.kwargs())
             per_image = [settings["prompt"] for settings in result.settings]
             scores = self._score(result.images, per_image, concept.super_category, self.cfg)
@@ -571,14 +574,9 @@ class Engine:
                 progress(i, total)
             return self._cancel_generation.is_set()
 
-        defaults = dict(
-            num_inference_steps=self.cfg.sample.steps, guidance_scale=self.cfg.sample.guidance_scale,
-            scheduler=self.cfg.sample.scheduler, negative_prompt=self.cfg.sample.negative_prompt,
-            balance_layers=self.cfg.sample.balance_layers, height=self.cfg.image_size, width=self.cfg.image_size,
-            band=tuple(self.cfg.sample.band),
-        )
-        with self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set):
-            result = composer(people, prompt, mode=mode, boxes=boxes, callback_on_step_end=on_step, **{**defaults, **kwargs})
+        settings = GenerationSettings.from_config(self.cfg, **kwargs)
+        with self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set), loras_applied(backbone, self.loras):
+            result = composer(people, prompt, mode=mode, boxes=boxes, callback_on_step_end=on_step, **settings.kwargs())
             scores = ()
             if self.cfg.metrics.score_images:
                 analyzer = self._scorer(self.cfg).analyzer if any(references) else None  # loads face models only when needed
@@ -665,7 +663,7 @@ class Engine:
         sampler = shared_sampler(self.backbone())
 
         def gated_sampler(*args: Any, **kwargs: Any):
-            with self._gate.hold(self.session_id, cancelled=self._cancel_sweep.is_set):
+            with self._gate.hold(self.session_id, cancelled=self._cancel_sweep.is_set), loras_applied(sampler.backbone, self.loras):
                 return sampler(*args, **kwargs)
 
         settings = GenerationSettings.from_config(self.cfg, num_inference_steps=asked.steps)

@@ -29,6 +29,7 @@ from diffusers import (
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
+from studio import lora
 from studio.backbone import Backbone
 from studio.concept import Concept
 from studio.conditioning import (
@@ -376,7 +377,7 @@ class Sampler:
             band=list(band), identity_steps=identity_steps, total_steps=total,
             concept_uid=concept.uid if concept is not None else None,
             concept_steps=concept.steps_done if concept is not None else None,
-            late_stage=late_stage,
+            late_stage=late_stage, loras=lora.active_records(),
         )
         per_image = [dict(prompt=prompts[p], seed=s, **common) for p, s in zip(images_prompt, images_seed)]
         captions = [f"{prompts[p]} (seed {s})" for p, s in zip(images_prompt, images_seed)]
@@ -405,15 +406,16 @@ class Sampler:
         Cached rows are reused; the missing ones are encoded together in one text-encoder pass.
         """
         word = concept.super_category if concept is not None else DEFAULT_SUPER_CATEGORY
+        text_loras = lora.text_encoder_key()  # a text-encoder LoRA changes every row
         needed: dict[Any, _Request] = {}
         if negative_prompt is not None:
-            needed["negative"] = _Request(("plain", negative_prompt, word), "text", negative_prompt)
+            needed["negative"] = _Request(("plain", negative_prompt, word, text_loras), "text", negative_prompt)
         for index, prompt in enumerate(prompts):
             for mapper_t in sorted(set(mapper_ts), key=lambda t: -1 if t is None else t):
                 if mapper_t is None:
-                    needed[(index, None)] = _Request(("plain", prompt, word), "text", prompt)
+                    needed[(index, None)] = _Request(("plain", prompt, word, text_loras), "text", prompt)
                 else:
-                    group = ("identity", concept.uid, prompt, float(balance), int(balance_layers))
+                    group = ("identity", concept.uid, prompt, float(balance), int(balance_layers), text_loras)
                     needed[(index, mapper_t)] = _Request(group, mapper_t, prompt, mapper_t)
 
         found: dict[Any, _EncodedRow] = {}

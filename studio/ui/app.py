@@ -23,6 +23,7 @@ from studio.sampler import SCHEDULERS
 from studio.ui import views
 from studio.ui.compose_tab import build_compose_tab
 from studio.ui.explore import build_explore_tab
+from studio.ui.export_tab import build_export_tab
 from studio.ui.sessions import KEEPALIVE_S, SessionRegistry, StudioFull
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -197,6 +198,8 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
                 build_explore_tab(engine_for, band_lo, band_hi, balance, default_steps=cfg.sample.preview_steps)
             with gr.Tab("Compose", elem_id="tab-compose"):
                 build_compose_tab(engine_for, cfg)
+            with gr.Tab("Export & LoRAs", elem_id="tab-export-tools"):
+                build_export_tab(engine_for, sessions, band_lo, band_hi, balance, default_steps=cfg.sample.steps)
             with gr.Tab("Concept file", elem_id="tab-concept"):
                 gr.Markdown(
                     "Save what was learned as `.safetensors` (the mapper, its settings, the reference image "

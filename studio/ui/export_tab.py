@@ -1,0 +1,120 @@
+"""The "Export & LoRAs" panel: export the concept for other tools, compare it with the full
+concept on one seed, and pick style LoRAs for this session (docs/EXPORT.md)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import gradio as gr
+
+from studio.engine import Engine
+from studio.export import FORMATS, MAX_SEGMENTS, ExportSettings, compare_full_and_exported, export_for_tools
+from studio.lora import MAX_LORAS, STRENGTH_RANGE, LoraUse, load_lora
+from studio.sampler import SCHEDULERS
+from studio.ui import views
+
+EXPLAIN = (
+    "Other tools cannot run the time-dependent mapper, so the band is cut into a few segments, each saved as a "
+    "plain textual-inversion embedding, with the switching written the way each tool does it: prompt editing "
+    "for A1111/Forge (computed for the sampler and step count below: A1111 switches on the step index, not on "
+    "the timestep), timestep ranges for ComfyUI, a step callback for diffusers. The image bypass, the continuous "
+    "time dependence and the tandem balance do not travel: *Compare* shows what that costs on one seed."
+)
+LORA_HELP = (
+    "Style LoRAs for SD 1.x (`.safetensors`, kohya/A1111 or diffusers layout) act on this session's previews, "
+    "generations and sweeps only; other sessions never see them."
+)
+
+
+def build_export_tab(engine_for: Callable[[gr.Request], Engine], sessions: Any, band_lo: gr.Slider, band_hi: gr.Slider,
+                     balance: gr.Slider, *, default_steps: int = 30) -> None:
+    """Call inside ``with gr.Tab(...)``. ``sessions``: the SessionRegistry (folders and uploads of a session)."""
+    gr.Markdown(EXPLAIN, elem_classes=["help"])
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=340):
+            with gr.Row():
+                name = gr.Textbox("my-face", label="Trigger word", elem_id="export-name")
+                segments = gr.Slider(1, MAX_SEGMENTS, value=2, step=1, label="Segments", elem_id="export-segments")
+                formats = gr.Dropdown(list(FORMATS), value="all", label="For", elem_id="export-format")
+            prompt = gr.Textbox("a photo of {}", label="Prompt ({} = the person)", elem_id="export-prompt")
+            with gr.Row():
+                scheduler = gr.Dropdown(list(SCHEDULERS), value="dpmsolver++", label="Sampler", elem_id="export-scheduler")
+                steps = gr.Slider(1, 100, value=default_steps, step=1, label="Steps", elem_id="export-steps")
+                seed = gr.Number(0, precision=0, label="Seed", elem_id="export-seed")
+            with gr.Row():
+                export_btn = gr.Button("Export for other tools", variant="primary", elem_id="export-tools")
+                compare_btn = gr.Button("Compare full vs exported", elem_id="export-compare")
+            bundle = gr.File(label="Bundle (.zip)", interactive=False, elem_id="export-bundle", height=100)
+            a1111 = gr.Markdown(elem_id="export-a1111")
+        with gr.Column(scale=3, min_width=420):
+            compared = gr.Gallery(label="Full concept | exported approximation (same seed)", columns=2, height=320,
+                                  elem_id="export-gallery", interactive=False, object_fit="contain")
+            gr.Markdown("### Style LoRAs")
+            gr.Markdown(LORA_HELP, elem_classes=["help"])
+            lora_files = gr.File(file_count="multiple", file_types=[".safetensors"], label=f"LoRA files (up to {MAX_LORAS})",
+                                 elem_id="lora-files", height=100)
+            strengths = [gr.Slider(*STRENGTH_RANGE, value=1.0, step=0.05, label=f"Strength {i + 1}", elem_id=f"lora-strength-{i}")
+                         for i in range(MAX_LORAS)]
+            lora_btn = gr.Button("Use these LoRAs", elem_id="lora-use")
+            lora_msg = gr.Markdown(elem_id="lora-msg")
+
+    def settings_from(text: str, sched: str, n_steps: Any, seed_: Any) -> ExportSettings:
+        return ExportSettings(prompt=text, scheduler=sched, num_inference_steps=views.as_number(n_steps, "The number of steps", whole=True),
+                              seed=views.as_number(seed_, "The seed", whole=True))
+
+    def on_export(word, count, fmt, text, sched, n_steps, seed_, lo, hi, request: gr.Request):
+        engine = engine_for(request)
+        folder = sessions.folder(request.session_hash or "anonymous")  # deleted with the session
+        try:
+            path, export, files = export_for_tools(
+                engine, folder, word, views.as_number(count, "The number of segments", whole=True),
+                settings_from(text, sched, n_steps, seed_), fmt, (views.as_number(lo, "The interval start", whole=True),
+                                                                  views.as_number(hi, "The interval end", whole=True)),
+            )
+        except (ValueError, OSError) as exc:
+            raise views.user_error(exc) from None
+        note = files.get("a1111/prompt.txt", b"").decode()
+        return str(path), (f"**A1111/Forge prompt** ({n_steps} steps):\n\n```\n{note.strip()}\n```" if note else "✓ Exported.")
+
+    def on_compare(word, count, text, sched, n_steps, seed_, lo, hi, gamma, request: gr.Request):
+        engine = engine_for(request)
+        from studio.export import static_export
+
+        try:
+            concept = engine.current_concept()
+            if concept is None:
+                raise ValueError("There is no concept yet: train one or import a concept file first.")
+            band = (views.as_number(lo, "The interval start", whole=True), views.as_number(hi, "The interval end", whole=True))
+            export = static_export(concept, word, views.as_number(count, "The number of segments", whole=True), band)
+            full, exported = compare_full_and_exported(
+                engine, export, text, views.as_number(seed_, "The seed", whole=True), scheduler=sched, band=band,
+                num_inference_steps=views.as_number(n_steps, "The number of steps", whole=True),
+                balance=views.as_number(gamma, "The tandem balance"),
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise views.user_error(exc) from None
+        return [(full.images[0], f"full · {full.captions[0]}"), (exported.images[0], f"exported · {exported.captions[0]}")]
+
+    def on_loras(files, s1, s2, s3, s4, request: gr.Request):  # one strength per slider (MAX_LORAS = 4)
+        values = (s1, s2, s3, s4)
+        engine = engine_for(request)
+        files = list(files or [])
+        if len(files) > MAX_LORAS:
+            raise views.user_error(ValueError(f"Pick at most {MAX_LORAS} LoRA files, got {len(files)}."))
+        sessions.own(request.session_hash or "anonymous", *files)
+        uses = []
+        for path, strength in zip(files, values):
+            try:
+                uses.append(LoraUse(load_lora(path, engine.backbone()), views.as_number(strength, "A LoRA strength")))
+            except ValueError as exc:
+                raise views.user_error(exc) from None
+        engine.loras = tuple(uses)
+        if not uses:
+            return "No style LoRA: images use the base model as it is."
+        return "✓ " + ", ".join(f"`{u.weights.name}` × {u.strength:g}" for u in uses)
+
+    export_btn.click(on_export, [name, segments, formats, prompt, scheduler, steps, seed, band_lo, band_hi],
+                     [bundle, a1111], api_name="export_tools", concurrency_limit=None)
+    compare_btn.click(on_compare, [name, segments, prompt, scheduler, steps, seed, band_lo, band_hi, balance],
+                      [compared], api_name="export_compare")
+    lora_btn.click(on_loras, [lora_files, *strengths], [lora_msg], api_name="loras", concurrency_limit=None)
