@@ -222,9 +222,34 @@ def scatter_frame(points: Sequence[SweepPoint], best: SweepPoint | None = None) 
                 "key": setting_key(point.band, point.balance),
             }
         )
+    drawn = _merge_overlaps(drawn)
     drawn.sort(key=lambda row: row["series"] == BEST)
     frame = pd.DataFrame(rows + drawn)
     return frame.astype({"prompt": float, "identity": float})
+
+
+def _merge_overlaps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Points drawn at the same place become one, whose tooltip names every setting there (the
+    best balance's series wins), so that none hides another unseen."""
+    merged: dict[tuple[float, float], dict[str, Any]] = {}
+    for row in rows:
+        place = (row["prompt"], row["identity"])
+        if place not in merged:
+            merged[place] = dict(row)
+            continue
+        kept = merged[place]
+        kept["setting"] = f"{kept['setting']} = {row['setting']}"
+        if row["series"] == BEST:
+            kept["series"], kept["key"] = BEST, row["key"]
+    return list(merged.values())
+
+
+def ties_of(points: Sequence[SweepPoint], best: SweepPoint) -> list[SweepPoint]:
+    """Other settings whose scores equal the best balance's as shown (then the pick is a tie)."""
+    def shown(point: SweepPoint) -> tuple[float, float]:
+        return round((point.mean_identity or 0.0) * point.face_rate, 2), round(point.mean_prompt, 1)
+
+    return [point for point in points if point is not best and shown(point) == shown(best)]
 
 
 def _mean_std(mean: float, std: float, digits: int) -> str:
@@ -280,6 +305,11 @@ def summary_markdown(run: SweepRun, best: SweepPoint | None = None) -> str:
         else "without identity scores the prompt score alone decides"
     )
     lines = [f"**{BEST}: {best.label}** — {identity}, prompt score {best.mean_prompt:.1f} ({rule})."]
+    ties = ties_of(points, best)
+    if ties:
+        others = ", ".join(point.label for point in ties)
+        lines[0] = (f"**Tie** for the best balance: {best.label} and {others} score the same "
+                    f"({identity}, prompt score {best.mean_prompt:.1f}); the first is marked ★.")
     first = points[0].scores[0]
     photos = _count(run.references, "photo") if run.references else "no photo"
     lines.append(f"Scores: identity by **{first.identity.model}** against {photos} · prompt by **{first.prompt.model}**.")
@@ -371,15 +401,41 @@ def plot_value_frame(value: Any) -> pd.DataFrame:
 _RUNS: weakref.WeakKeyDictionary[Engine, SweepRun] = weakref.WeakKeyDictionary()
 
 
-def build_explore_tab(
-    engine_for: Callable[[gr.Request], Engine],
-    band_lo: gr.Slider,
-    band_hi: gr.Slider,
-    balance: gr.Slider,
-    *,
-    default_steps: int = 20,
-) -> None:
-    """The Explore panel; call inside ``with gr.Tab("Explore")``. Adopting a setting sets the three sliders."""
+def sweep_frame(run: SweepRun, *, final: bool, first: bool = False) -> list[Any]:
+    """Every output for the run's current points; the grid file only once it has ended; the
+    last adoption's note is cleared when a sweep starts (its settings may not be in this one)."""
+    points = run.points
+    best = best_of(points)
+    if final and points and run.grid_path is None:
+        run.grid_path = str(Path(run.folder) / "sweep-grid.png")
+        grid_image(points, run.prompts, run.seeds).save(run.grid_path)
+    return [
+        progress_markdown(run),
+        scatter_frame(points, best),
+        summary_markdown(run, best),
+        results_table(points, best),
+        gr.Gallery(value=list(run.gallery), columns=gallery_columns(run.images_per_setting)),
+        gr.Dropdown(choices=setting_choices(points, best), value=best and setting_key(best.band, best.balance)),
+        run.grid_path if final else gr.skip(),
+        "" if first else gr.skip(),
+    ]
+
+
+def adopt_setting(key: str | None) -> list[Any]:
+    """The three slider values of a setting key and a note saying they were set."""
+    if not key:
+        gr.Warning("Run a sweep first, then choose one of its settings.")
+        return [gr.skip()] * 4
+    (lo, hi), gamma = parse_setting_key(key)
+    note = (
+        f"✓ Sliders set to **{setting_label((lo, hi), gamma)}**. "
+        "Press *Preview now* or *Generate* to use them."
+    )
+    return [lo, hi, gamma, note]
+
+
+def _explore_layout(default_steps: int) -> tuple:
+    """The Explore tab's components: inputs, commands, plot, summary, table, gallery, grid file."""
     gr.Markdown(EXPLAIN, elem_id="explore-help")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=340):
@@ -426,26 +482,21 @@ def build_explore_tab(
     )
     grid_file = gr.File(label="Labelled grid (PNG)", interactive=False, elem_id="explore-grid-file")
 
-    outputs = [progress, plot, summary, table, gallery, pick, grid_file, adopted]
+    return bands, balances, prompts, seeds, steps, run_btn, stop_btn, progress, plot, summary, pick, adopt_btn, adopted, table, gallery, grid_file
 
-    def frame(run: SweepRun, *, final: bool, first: bool = False) -> list[Any]:
-        """Every output for the run's current points; the grid file only once it has ended; the
-        last adoption's note is cleared when a sweep starts (its settings may not be in this one)."""
-        points = run.points
-        best = best_of(points)
-        if final and points and run.grid_path is None:
-            run.grid_path = str(Path(run.folder) / "sweep-grid.png")
-            grid_image(points, run.prompts, run.seeds).save(run.grid_path)
-        return [
-            progress_markdown(run),
-            scatter_frame(points, best),
-            summary_markdown(run, best),
-            results_table(points, best),
-            gr.Gallery(value=list(run.gallery), columns=gallery_columns(run.images_per_setting)),
-            gr.Dropdown(choices=setting_choices(points, best), value=best and setting_key(best.band, best.balance)),
-            run.grid_path if final else gr.skip(),
-            "" if first else gr.skip(),
-        ]
+
+def build_explore_tab(
+    engine_for: Callable[[gr.Request], Engine],
+    band_lo: gr.Slider,
+    band_hi: gr.Slider,
+    balance: gr.Slider,
+    *,
+    default_steps: int = 20,
+) -> None:
+    """The Explore panel; call inside ``with gr.Tab("Explore")``. Adopting a setting sets the three sliders."""
+    (bands, balances, prompts, seeds, steps, run_btn, stop_btn, progress, plot, summary, pick, adopt_btn, adopted, table,
+     gallery, grid_file) = _explore_layout(default_steps)
+    outputs = [progress, plot, summary, table, gallery, pick, grid_file, adopted]
 
     @spaces.GPU(duration=GPU_DURATION_S)
     def on_run(band_values, balance_values, prompt_text, seed_text, n_steps, request: gr.Request):
@@ -463,12 +514,12 @@ def build_explore_tab(
         except (ValueError, RuntimeError) as exc:
             raise views.user_error(exc) from None
         _RUNS[engine] = run
-        yield frame(run, final=False, first=True)
+        yield sweep_frame(run, final=False, first=True)
         try:
             for point in points:
                 run.add(point)
                 if len(run.points) < run.total:
-                    yield frame(run, final=False)
+                    yield sweep_frame(run, final=False)
         except (ValueError, RuntimeError) as exc:
             run.error = str(exc) or type(exc).__name__
             gr.Warning(run.error)
@@ -476,7 +527,7 @@ def build_explore_tab(
             # Runs on normal end, on error and when Stop cancels this stream (Gradio closes it).
             points.close()
             run.finish()
-        yield frame(run, final=True)
+        yield sweep_frame(run, final=True)
 
     def on_stop(request: gr.Request):
         engine = engine_for(request)
@@ -486,18 +537,7 @@ def build_explore_tab(
         run.stopped = not run.finished.is_set()
         engine.cancel_sweep()  # the sweep was armed when it was called, so one cancel suffices
         run.finished.wait(timeout=STOP_TIMEOUT_S)
-        return frame(run, final=True)
-
-    def adopt(key: str | None) -> list[Any]:
-        if not key:
-            gr.Warning("Run a sweep first, then choose one of its settings.")
-            return [gr.skip()] * 4
-        (lo, hi), gamma = parse_setting_key(key)
-        note = (
-            f"✓ Sliders set to **{setting_label((lo, hi), gamma)}**. "
-            "Press *Preview now* or *Generate* to use them."
-        )
-        return [lo, hi, gamma, note]
+        return sweep_frame(run, final=True)
 
     def on_select(plot_value, evt: gr.SelectData, request: gr.Request):
         x_range = evt.value if isinstance(evt.value, list) else []
@@ -508,7 +548,7 @@ def build_explore_tab(
             if is_range(x_range):  # a drag over empty space, not a cleared one
                 gr.Info("No setting lies in that range: drag across a point.")
             return [gr.skip()] * 5
-        lo, hi, gamma, note = adopt(key)
+        lo, hi, gamma, note = adopt_setting(key)
         if len(keys) > 1:
             note += f" ({len(keys)} settings lie in the range you dragged: this is the best balance among them.)"
         return [key, lo, hi, gamma, note]
@@ -517,5 +557,5 @@ def build_explore_tab(
         on_run, [bands, balances, prompts, seeds, steps], outputs, api_name="explore_sweep", concurrency_limit=None,
     )
     stop_btn.click(on_stop, None, outputs, cancels=[run_event], api_name="explore_stop", concurrency_limit=None)
-    adopt_btn.click(adopt, [pick], [band_lo, band_hi, balance, adopted], api_name="explore_adopt", concurrency_limit=None)
+    adopt_btn.click(adopt_setting, [pick], [band_lo, band_hi, balance, adopted], api_name="explore_adopt", concurrency_limit=None)
     plot.select(on_select, [plot], [pick, band_lo, band_hi, balance, adopted], api_visibility="private", concurrency_limit=None)
