@@ -99,24 +99,24 @@ def _photos_and_settings(page: SimpleNamespace, cfg: StudioConfig) -> None:
 def _live_panel(page: SimpleNamespace, cfg: StudioConfig) -> None:
     """Right column (sticky): the commands, status, loss, trade-off sliders and previews together."""
     with gr.Row(elem_id="commands"):
-        page.train_btn = gr.Button("Train", variant="primary", min_width=70, elem_id="train", interactive=False)
-        page.continue_btn = gr.Button("Train more", min_width=90, elem_id="continue", interactive=False)
-        page.pause_btn = gr.Button("Pause", min_width=60, elem_id="pause", interactive=False)
-        page.resume_btn = gr.Button("Resume", min_width=60, elem_id="resume", interactive=False)
-        page.stop_btn = gr.Button("Stop", variant="stop", min_width=60, elem_id="stop", interactive=False)
-        page.preview_btn = gr.Button("Preview now", min_width=90, elem_id="preview-now", interactive=False)
-        page.best_btn = gr.Button("Back to the best step", min_width=120, elem_id="best-step", interactive=False)
+        small = dict(size="sm", interactive=False, min_width=64)
+        page.train_btn = gr.Button("Train", variant="primary", elem_id="train", **small)
+        page.continue_btn = gr.Button("Train more", elem_id="continue", **small)
+        page.pause_btn = gr.Button("Pause", elem_id="pause", **small)
+        page.resume_btn = gr.Button("Resume", elem_id="resume", **small)
+        page.stop_btn = gr.Button("Stop", variant="stop", elem_id="stop", **small)
+        page.preview_btn = gr.Button("Preview now", elem_id="preview-now", **small)
+        page.best_btn = gr.Button("Best step", elem_id="best-step", **small)
     page.status = gr.Markdown("**Idle** · add a photo to begin", elem_id="status")
     page.loss_plot = gr.LinePlot(None, x="step", y="loss", color="series", color_map={"loss": "#9ca3af", "smoothed": "#7c3aed"},
-                                 title="Training loss", height=180, elem_id="loss-plot")
+                                 title="Training loss", height=150, elem_id="loss-plot")
     gr.Markdown("### 3 · Trade-off (re-renders the previews, no retraining)")
     with gr.Row():
         page.band_lo = gr.Slider(0, 999, value=cfg.sample.band[0], step=1, label="Identity interval start t", elem_id="band-lo")
         page.band_hi = gr.Slider(1, 1000, value=cfg.sample.band[1], step=1, label="Identity interval end t", elem_id="band-hi")
-    gr.Markdown(views.SLIDER_HELP["band"], elem_classes=["help"])
-    page.balance = gr.Slider(0.1, 4.0, value=cfg.sample.balance, step=0.05, label="Tandem balance γ", elem_id="balance")
-    gr.Markdown(views.SLIDER_HELP["balance"], elem_classes=["help"])
-    page.previews = gr.Gallery(label="Previews", columns=4, height=240, elem_id="previews", interactive=False, object_fit="contain")
+        page.balance = gr.Slider(0.1, 4.0, value=cfg.sample.balance, step=0.05, label="Tandem balance γ", elem_id="balance")
+    gr.Markdown(f"{views.SLIDER_HELP['band']}  \n{views.SLIDER_HELP['balance']}", elem_classes=["help"])
+    page.previews = gr.Gallery(label="Previews", columns=4, height=200, elem_id="previews", interactive=False, object_fit="contain")
 
 
 def _generate_tab(page: SimpleNamespace, cfg: StudioConfig) -> None:
@@ -379,8 +379,7 @@ class Handlers:
             raise views.user_error(ValueError("Fill in a seed (a whole number, -1 for a random one) to generate."))
         first = views.as_number(seed, "The seed", whole=True)
         first = random.randrange(MAX_SEED - MAX_IMAGES) if first == RANDOM_SEED else first
-        size = {name: views.as_number(value, f"The {name}", whole=True) for name, value in (("width", width), ("height", height))
-                if value is not None}
+        size = _image_size(engine, width, height)
         try:
             result = engine.generate(
                 text, negative_prompt=negative or "", seeds=[first + i for i in range(_images_wanted(count))],
@@ -472,6 +471,17 @@ class Handlers:
 
 def _interval(lo: Any, hi: Any) -> tuple[int, int]:
     return views.as_number(lo, "The interval start", whole=True), views.as_number(hi, "The interval end", whole=True)
+
+
+def _image_size(engine: Engine, width: Any, height: Any) -> dict[str, int]:
+    """Width and height rounded to the model's size multiple (as the A1111 web UI rounds to 8)."""
+    multiple = 8 * engine.backbone().vae_scale_factor
+    size = {}
+    for name, value in (("width", width), ("height", height)):
+        if value is not None:
+            side = views.as_number(value, f"The image {name}", whole=True)
+            size[name] = max(multiple, multiple * round(side / multiple))
+    return size
 
 
 def _images_wanted(count: Any) -> int:

@@ -58,8 +58,7 @@ def user_error(exc: BaseException) -> gr.Error:
     return gr.Error(error_text(exc), print_exception=False)
 
 
-# The buttons whose state follows the session's phase (docs/ALGORITHM.md is silent on this: it
-# is the page's own rule): what each may do now.
+# The command buttons whose state follows the session's phase, in the order the page lists them.
 CONTROLS = ("train", "continue", "pause", "resume", "stop", "preview", "best")
 
 
@@ -153,15 +152,11 @@ def status_markdown(snapshot: Snapshot) -> str:
         if last.attention_balance is not None:
             parts.append(f"identity attention share ā {last.attention_balance:.2f}")
     if snapshot.queue_position:
-        parts.append(f"waiting in line: {snapshot.queue_position} ahead")
+        parts.append(f"waiting: {snapshot.queue_position} ahead in line")
     if snapshot.backbone:
         parts.append(f"model: {snapshot.backbone}")
-    text = " · ".join(parts)
-    if snapshot.best_note:
-        text += f"\n\n{snapshot.best_note}"
-    if snapshot.message:
-        text += f"\n\n{snapshot.message}"
-    return text
+    # one paragraph, notes on lines of their own: the status keeps a steady, small height
+    return "  \n".join([" · ".join(parts), *(note for note in (snapshot.best_note, snapshot.message) if note)])
 
 
 def preview_items(snapshot: Snapshot) -> list[tuple]:
