@@ -201,6 +201,7 @@ def test_commands_and_live_view_are_visible_together(browser, studio_app, faces_
 
 
 def test_generate_like_a1111(page, faces_dir, tmp_path):
+    page.wait_for_selector("#generate")  # the tabs render after the top of the page
     assert page.get_by_role("button", name="Generate", exact=True).count() == 1
     assert page.get_by_role("tab", name="Generate", exact=True).count() == 0, "a tab and a button share the name"
     train_briefly(page, faces_dir)
