@@ -32,8 +32,8 @@ def check_prompt(prompt: str, require_identity: bool = True) -> str:
     count = prompt.count(PLACEHOLDER)
     if require_identity and count == 0:
         raise PromptError(
-            f"The prompt has no {{}} for the person. Add it where the person should appear, e.g. '{prompt} of {{}}' "
-            f"or 'a photo of {{}} ...'."
+            "The prompt has no {} for the person: put {} where the person goes, in place of words such as "
+            "'a woman' or 'me' (e.g. 'a photo of {} on the beach')."
         )
     if count > 1:
         raise PromptError("Use {} once per prompt: it stands for the whole person.")

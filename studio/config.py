@@ -55,7 +55,7 @@ def check_band(band: list[int] | tuple[int, int], what: str = "band") -> tuple[i
     lo, hi = int(band[0]), int(band[1])
     if not 0 <= lo < hi <= NUM_TRAIN_TIMESTEPS:
         raise ConfigError(
-            f"{what} must satisfy 0 <= start < end <= {NUM_TRAIN_TIMESTEPS}, got start={lo}, end={hi}"
+            f"The {what} must start before it ends, within 0 to {NUM_TRAIN_TIMESTEPS}: got start {lo}, end {hi}."
         )
     return lo, hi
 

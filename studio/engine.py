@@ -115,6 +115,9 @@ class Snapshot:
     best_step: int | None = None  # preview step with the best identity/prompt balance so far
     best_note: str = ""
     sweep: SweepSnapshot | None = None  # the running or last sweep of this session (Explore)
+    can_continue: bool = False  # Train more would go on from the last run (same photos and model)
+    photo_pool: Any = None  # studio.faces.PreparedSet of every usable upload; ``prepared`` is the chosen part
+    best_concept_step: int | None = None  # use_best_step() would return to the concept of this step
 
     @property
     def active(self) -> bool:
@@ -153,6 +156,7 @@ class Engine:
         self._resume.set()
         self._closed = False
         self._cancel_generation = threading.Event()
+        self._best_concept = None  # (step, Concept) of the best-balanced training preview
         self._cancel_sweep = threading.Event()
         self._best = BestStep()  # scored training previews of the current run
         self._scoring_note = ""
@@ -198,7 +202,7 @@ class Engine:
             if cfg.model != self.cfg.model:
                 self._ended_run = None  # its state belongs to the other model
             self.cfg = cfg
-            self._publish(backbone="", is_random_backbone=cfg.model.is_tiny)
+            self._publish(backbone="", is_random_backbone=cfg.model.is_tiny, can_continue=self._continuable(self._snapshot.prepared))
 
     # ------------------------------------------------------------------ backbone
     def backbone(self, cfg: StudioConfig | None = None) -> Backbone:
@@ -216,9 +220,49 @@ class Engine:
         self._check_open()
         from studio.faces import get_face_analyzer, prepare
 
-        prepared = prepare(list(sources), self.cfg.face, get_face_analyzer(self.cfg.face))
-        self._publish(prepared=prepared)
-        return prepared
+        pool = prepare(list(sources), self.cfg.face, get_face_analyzer(self.cfg.face))
+        # Photos that probably show someone else are left out unless all are (nothing says who is meant).
+        chosen = [i for i in range(len(pool.photos)) if i not in pool.outliers] or list(range(len(pool.photos)))
+        self._publish_photos(pool, pool.only(chosen))
+        return pool
+
+    def choose_photos(self, names: Sequence[str]) -> None:
+        """Train on these of the uploaded usable photos (by name); at least one."""
+        with self._lock:
+            pool = self._snapshot.photo_pool
+            if pool is None:
+                return
+            chosen = [i for i, photo in enumerate(pool.photos) if photo.name in set(names)]
+            if not chosen:
+                raise CannotContinue("Keep at least one photo ticked to train on.")
+            self._publish_photos(pool, pool.only(chosen))
+
+    def clear_photos(self) -> None:
+        """Forget the photos (the upload box was emptied): nothing is trained on them any more."""
+        with self._lock:
+            self._publish_photos(None, None)
+
+    def _publish_photos(self, pool, prepared) -> None:
+        """New photos: Train more stays possible only if they are the ones the last run used."""
+        with self._lock:
+            can_continue = self._continuable(prepared)
+            message = self._snapshot.message
+            if self._snapshot.can_continue and not can_continue and not self._snapshot.active:
+                message = "The photos changed since the last training: Train learns a new concept from these."
+            self._publish(photo_pool=pool, prepared=prepared, can_continue=can_continue, message=message)
+
+    def _continuable(self, prepared) -> bool:
+        from studio.trainer import StateMismatch, TrainingPhoto, check_same_run, run_identity
+
+        run = self._ended_run
+        if run is None or prepared is None or not prepared.photos:
+            return False
+        photos = [TrainingPhoto.from_prepared(photo) for photo in prepared.photos]
+        try:
+            check_same_run(run.state.get("run"), run_identity(run.backbone, run.cfg, photos))
+        except StateMismatch:
+            return False
+        return True
 
     # ------------------------------------------------------------------ training commands
     def start(
@@ -242,9 +286,10 @@ class Engine:
             self._slots.claim(self.session_id)  # StudioBusy before anything of this session changes
             self._ended_run = None
             self._best = BestStep()
+            self._best_concept = None
             self._publish(
                 phase=Phase.LOADING, step=0, total=cfg.train.steps, losses=LossHistory(), steps_per_second=None,
-                eta_seconds=None, message="", best_step=None, best_note="",
+                eta_seconds=None, message="", best_step=None, best_note="", can_continue=False, best_concept_step=None,
             )
             return self._launch(cfg, prepared, None, foreground, gpu_call)
 
@@ -407,6 +452,7 @@ class Engine:
         if ended is not None:
             with self._lock:
                 self._ended_run = ended
+                self._snapshot = replace(self._snapshot, can_continue=self._continuable(self._snapshot.prepared))
 
     def _finish_stopped(self, run: TrainingRun | None) -> None:
         """End a stopped run: keep where it ended (continue_training), then report it."""
@@ -499,7 +545,10 @@ class Engine:
             if self._snapshot.active:
                 raise SessionBusy("Stop training before importing a concept.")
             self._ended_run = run
-            self._publish(concept=concept, step=concept.steps_done, total=concept.steps_done, message=message)
+            self._best_concept = None
+            self._publish(concept=concept, step=concept.steps_done, total=concept.steps_done, message=message,
+                          can_continue=self._continuable(self._snapshot.prepared), best_step=None, best_note="",
+                          best_concept_step=None)
         return concept
 
     def export_concept(self, path: str | Path) -> Path:
@@ -511,7 +560,10 @@ class Engine:
         with self._lock:
             run = self._ended_run
             state = run.state if run is not None and not self._snapshot.active and run.step == concept.steps_done else None
-        save_concept(concept, path, training_state=state)
+            band, balance = self._preview_settings
+        # the trade-off sliders' values travel with the file, so an import restores them
+        sample = {**concept.config.get("sample", {}), "band": list(band), "balance": balance}
+        save_concept(replace(concept, config={**concept.config, "sample": sample}), path, training_state=state)
         return Path(path)
 
     # ------------------------------------------------------------------ images
@@ -539,6 +591,9 @@ class Engine:
         self._check_open()
         concept = concept or self._require_concept("generating")
         sampler = shared_sampler(self.backbone())
+        with self._lock:
+            if not self._closed:
+                self._cancel_generation.clear()  # a past interrupt does not stop this one
 
         def on_step(i: int, total: int) -> bool:
             if progress is not None:
@@ -591,6 +646,10 @@ class Engine:
         prompt = prompt or self.cfg.sample.preview_prompts[0].replace("{}", "{0}")
         return self.compose([PersonSource("photos")], prompt, progress=progress, **kwargs)
 
+    def interrupt_generation(self) -> None:
+        """Stop this session's generation after the denoising step in flight (GenerationInterrupted)."""
+        self._cancel_generation.set()
+
     # ------------------------------------------------------------------ scores and sweeps
     def _scorer(self, cfg: StudioConfig):
         from studio.metrics import Scorer
@@ -623,7 +682,28 @@ class Engine:
         if not preview.scores or not self._snapshot.active:
             return {}
         self._best = self._best.with_preview(preview)
-        return {"best_step": self._best.step, "best_note": self._best.note}
+        if self._best.step == preview.step:  # on the driving thread, between steps: the trainer is still
+            run = self._run
+            concept = run.concept() if run is not None else None
+            concept = concept or self._snapshot.concept
+            if concept is not None:
+                self._best_concept = (preview.step, concept)
+        update = {"best_step": self._best.step, "best_note": self._best.note}
+        if self._best_concept is not None:
+            update["best_concept_step"] = self._best_concept[0]
+        return update
+
+    def use_best_step(self) -> Concept:
+        """Make the concept of the best-balanced training preview the current one (after training)."""
+        with self._lock:
+            if self._snapshot.active:
+                raise SessionBusy("Stop training before going back to the best step.")
+            if self._best_concept is None:
+                raise NoConceptYet("No best step is known yet: it is found from the scored previews while training.")
+            step, concept = self._best_concept
+            self._publish(concept=concept, message=f"Using the concept of step {step} (the best balance). "
+                          "Train more still goes on from the end of the run.")
+            return concept
 
     def sweep(
         self,

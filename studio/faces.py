@@ -147,6 +147,15 @@ class PreparedSet:
     # indices into ``photos`` of photos that probably show a different person
     outliers: tuple[int, ...] = ()
 
+    def only(self, indices: Sequence[int]) -> PreparedSet:
+        """The same set with only ``photos[indices]`` usable (the others' reports stay); the
+        outliers remain flagged by their place among the kept photos."""
+        keep = [int(i) for i in indices]
+        distances = self.identity_distances[np.ix_(keep, keep)] if len(self.identity_distances) else self.identity_distances
+        outliers = tuple(position for position, i in enumerate(keep) if i in self.outliers)
+        return dataclasses.replace(self, photos=tuple(self.photos[i] for i in keep), identity_distances=distances,
+                                   outliers=outliers)
+
     def summary(self) -> str:
         """Short human text: how many photos are usable, which were skipped and why."""
         lines = [f"{len(self.photos)} of {len(self.reports)} photos usable (face backend: {self.backend})."]
@@ -514,6 +523,15 @@ def _source_name(source: PhotoSource) -> str:
     return "photo"
 
 
+def _has_small_face(analyzer: FaceAnalyzer, rgb: np.ndarray) -> bool:
+    """Whether a face too small for the detector shows up in a 2x enlarged copy (docs/FACES.md):
+    then the photo is told the minimum size instead of "no face"."""
+    height, width = rgb.shape[:2]
+    if max(height, width) * 2 > 2 * DETECT_MAX_SIDE:
+        return False  # the detector would shrink the copy back: nothing to gain
+    return bool(analyzer.detect(cv2.resize(rgb, (width * 2, height * 2), interpolation=cv2.INTER_CUBIC)))
+
+
 def _prepare(source: PhotoSource, cfg: FaceConfig, analyzer: FaceAnalyzer, name: str) -> PreparedPhoto:
     path = str(source) if isinstance(source, (str, Path)) else None
     report = PhotoReport(name=name, ok=False, backend=analyzer.name, path=path)
@@ -524,6 +542,10 @@ def _prepare(source: PhotoSource, cfg: FaceConfig, analyzer: FaceAnalyzer, name:
     notes = list(loaded.warnings)
     rgb = np.ascontiguousarray(np.asarray(loaded.image))
     faces = analyzer.detect(rgb)
+    if not faces and _has_small_face(analyzer, rgb):
+        message = (f"The face is too small to use: it must be at least {cfg.min_face_px} pixels across. "
+                   "Use a closer or higher-resolution photo, or crop the photo around the face.")
+        raise PhotoError(message, dataclasses.replace(report, warnings=tuple(notes), error=message))
     if not faces:
         message = ("No face was found in this photo. Use a photo where the face is clearly visible, "
                    "looks roughly towards the camera, is well lit and not covered (sunglasses, hands, mask).")

@@ -164,8 +164,13 @@ def test_photo_to_training_to_sliders_to_export_and_import(page, browser, studio
     fresh.wait_for_function("() => (document.querySelector('#concept-msg')?.innerText || '').includes('Loaded')")
     fresh.wait_for_selector("#previews img")  # the imported concept's previews, without retraining
     assert "step 18" in fresh.locator("#previews").inner_text()
-    fresh.get_by_role("tab", name="Generate").click()
+    # the file brought the trade-off sliders' values with it
+    assert int(fresh.locator("#band-lo input[type=number]").input_value()) == lo
+    assert float(fresh.locator("#balance input[type=number]").input_value()) == pytest.approx(gamma)
+    assert f"t∈[{lo}, 800]" in fresh.locator("#previews").inner_text()
+    fresh.get_by_role("tab", name="Create images").click()
     set_number(fresh, "gen-steps", 3)
+    set_number(fresh, "gen-seed", 0)
     fresh.click("#generate")
     fresh.wait_for_selector("#generated img")
     assert fresh.locator("#generated img").count() >= 1

@@ -50,11 +50,11 @@ def test_training_streams_increasing_steps_and_preview_images(studio_app, photo)
     demo, url = studio_app
     client = _client(url)
     try:
-        crops, report = client.predict([handle_file(photo)], api_name="/photos")
+        crops, report, *_ = client.predict([handle_file(photo)], api_name="/photos")
         assert len(crops) == 1 and "usable" in report
         job = client.submit(*_train_args(steps=6, seed=0), api_name="/train")
         steps, galleries = [], []
-        for status, _plot, gallery in job:
+        for status, _plot, gallery, *_buttons in job:
             if _step_of(status) is not None:
                 steps.append(_step_of(status))
             if isinstance(gallery, list) and gallery:  # not a skip ({"__type__": "update"}: unchanged)
@@ -75,7 +75,7 @@ def test_stop_ends_the_stream_and_reports_the_true_final_state(studio_app, photo
         engine = demo.sessions.get(_session_of(demo, before))
         client.submit(*_train_args(steps=2000, seed=0, preview_every=0), api_name="/train")
         engine.wait_until(lambda s: s.step >= 2, timeout=TIMEOUT)
-        status, _plot, _gallery = client.predict(api_name="/stop")
+        status, *_ = client.predict(api_name="/stop")
         assert "Stopped" in status
         stopped_at = _step_of(status)
         assert stopped_at is not None and 2 <= stopped_at < 2000
@@ -90,7 +90,7 @@ def test_continue_training_adds_steps_to_the_last_run(studio_app, photo):
             client.predict(2, 400, 800, 1.0, api_name="/continue")
         assert "Finished" in client.predict(*_train_args(steps=3, seed=0, preview_every=0), api_name="/train")[0]
         job = client.submit(2, 400, 800, 1.0, api_name="/continue")
-        steps = [_step_of(status) for status, _plot, _gallery in job if _step_of(status) is not None]
+        steps = [_step_of(status) for status, *_ in job if _step_of(status) is not None]
         final_status = job.outputs()[-1][0]
         assert "Finished" in final_status and _step_of(final_status) == 5 and "step 5 / 5" in final_status
         assert steps == sorted(steps) and min(steps) >= 3
@@ -127,15 +127,15 @@ def test_bad_inputs_give_messages_and_the_session_stays_usable(studio_app, photo
     try:
         text = tmp_path / "notes.jpg"
         text.write_text("not a photo")
-        _crops, report = client.predict([handle_file(str(text))], api_name="/photos")
+        _crops, report, *_ = client.predict([handle_file(str(text))], api_name="/photos")
         assert "✗" in report and "image" in report.lower()
 
         bad = tmp_path / "concept.safetensors"
         bad.write_bytes(b"garbage that is not a concept file")
-        message, _status = client.predict(handle_file(str(bad)), api_name="/import")
+        message, *_ = client.predict(handle_file(str(bad)), api_name="/import")
         assert message.startswith("✗")
 
-        crops, report = client.predict([handle_file(photo)], api_name="/photos")
+        crops, report, *_ = client.predict([handle_file(photo)], api_name="/photos")
         assert len(crops) == 1
         emptied = _train_args(steps=2, seed=0, preview_every=0)
         emptied[1] = emptied[4] = None  # learning rate and training band start cleared in the page

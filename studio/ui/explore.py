@@ -206,9 +206,34 @@ def scatter_frame(points: Sequence[SweepPoint], best: SweepPoint | None = None) 
                 "key": setting_key(point.band, point.balance),
             }
         )
+    drawn = _merge_overlaps(drawn)
     drawn.sort(key=lambda row: row["series"] == BEST)
     frame = pd.DataFrame(rows + drawn)
     return frame.astype({"prompt": float, "identity": float})
+
+
+def _merge_overlaps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Points drawn at the same place become one, whose tooltip names every setting there (the
+    best balance's series wins), so that none hides another unseen."""
+    merged: dict[tuple[float, float], dict[str, Any]] = {}
+    for row in rows:
+        place = (row["prompt"], row["identity"])
+        if place not in merged:
+            merged[place] = dict(row)
+            continue
+        kept = merged[place]
+        kept["setting"] = f"{kept['setting']} = {row['setting']}"
+        if row["series"] == BEST:
+            kept["series"], kept["key"] = BEST, row["key"]
+    return list(merged.values())
+
+
+def ties_of(points: Sequence[SweepPoint], best: SweepPoint) -> list[SweepPoint]:
+    """Other settings whose scores equal the best balance's as shown (then the pick is a tie)."""
+    def shown(point: SweepPoint) -> tuple[float, float]:
+        return round((point.mean_identity or 0.0) * point.face_rate, 2), round(point.mean_prompt, 1)
+
+    return [point for point in points if point is not best and shown(point) == shown(best)]
 
 
 def _mean_std(mean: float, std: float, digits: int) -> str:
@@ -264,6 +289,11 @@ def summary_markdown(run: SweepSnapshot, best: SweepPoint | None = None) -> str:
         else "without identity scores the prompt score alone decides"
     )
     lines = [f"**{BEST}: {best.label}** — {identity}, prompt score {best.mean_prompt:.1f} ({rule})."]
+    ties = ties_of(points, best)
+    if ties:
+        others = ", ".join(point.label for point in ties)
+        lines[0] = (f"**Tie** for the best balance: {best.label} and {others} score the same "
+                    f"({identity}, prompt score {best.mean_prompt:.1f}); the first is marked ★.")
     first = points[0].scores[0]
     photos = _count(run.references, "photo") if run.references else "no photo"
     lines.append(f"Scores: identity by **{first.identity.model}** against {photos} · prompt by **{first.prompt.model}**.")
@@ -406,7 +436,7 @@ def build_explore_tab(
     )
     grid_file = gr.File(label="Labelled grid (PNG)", interactive=False, elem_id="explore-grid-file")
 
-    outputs = [progress, plot, summary, table, gallery, pick, grid_file, adopted]
+    return bands, balances, prompts, seeds, steps, run_btn, stop_btn, progress, plot, summary, pick, adopt_btn, adopted, table, gallery, grid_file
 
     def frame(run: SweepSnapshot, *, final: bool, first: bool = False) -> list[Any]:
         """Every output for the sweep's current points (the engine's snapshot); the grid file
@@ -478,7 +508,7 @@ def build_explore_tab(
             if is_range(x_range):  # a drag over empty space, not a cleared one
                 gr.Info("No setting lies in that range: drag across a point.")
             return [gr.skip()] * 5
-        lo, hi, gamma, note = adopt(key)
+        lo, hi, gamma, note = adopt_setting(key)
         if len(keys) > 1:
             note += f" ({len(keys)} settings lie in the range you dragged: this is the best balance among them.)"
         return [key, lo, hi, gamma, note]
@@ -487,5 +517,5 @@ def build_explore_tab(
         on_run, [bands, balances, prompts, seeds, steps], outputs, api_name="explore_sweep", concurrency_limit=None,
     )
     stop_btn.click(on_stop, None, outputs, cancels=[run_event], api_name="explore_stop", concurrency_limit=None)
-    adopt_btn.click(adopt, [pick], [band_lo, band_hi, balance, adopted], api_name="explore_adopt", concurrency_limit=None)
+    adopt_btn.click(adopt_setting, [pick], [band_lo, band_hi, balance, adopted], api_name="explore_adopt", concurrency_limit=None)
     plot.select(on_select, [plot], [pick, band_lo, band_hi, balance, adopted], api_visibility="private", concurrency_limit=None)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import math
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
+from PIL.PngImagePlugin import PngInfo
 
 from studio.engine import Phase, Snapshot
 from studio.errors import FormError, user_message
@@ -47,10 +49,34 @@ SLIDER_HELP = {
 }
 
 
+def error_text(exc: BaseException) -> str:
+    """The one sentence a person sees for an error: a StudioError's own sentence, anything else
+    one generic sentence (logged once with its traceback by studio.errors.user_message)."""
+    return user_message(exc)
+
+
 def user_error(exc: BaseException) -> gr.Error:
-    """``exc`` as a gr.Error: a StudioError's own sentence, anything else one generic sentence
-    (logged once with its traceback by studio.errors.user_message)."""
-    return gr.Error(user_message(exc), print_exception=False)
+    """An expected error as a plain sentence in the page (no traceback in the server log)."""
+    return gr.Error(error_text(exc), print_exception=False)
+
+
+# The command buttons whose state follows the session's phase, in the order the page lists them.
+CONTROLS = ("train", "continue", "pause", "resume", "stop", "preview", "best")
+
+
+def controls(snapshot: Snapshot) -> dict[str, bool]:
+    """Which buttons are usable in this snapshot's phase."""
+    busy = snapshot.active
+    has_photos = snapshot.prepared is not None and bool(snapshot.prepared.photos)
+    return {
+        "train": not busy and has_photos,
+        "continue": not busy and snapshot.can_continue,
+        "pause": snapshot.phase is Phase.TRAINING,
+        "resume": snapshot.phase is Phase.PAUSED,
+        "stop": busy,
+        "preview": snapshot.concept is not None and snapshot.phase is not Phase.LOADING,
+        "best": not busy and snapshot.best_concept_step is not None,
+    }
 
 
 def as_number(value: Any, what: str, *, whole: bool = False) -> Any:
@@ -109,12 +135,17 @@ def status_markdown(snapshot: Snapshot) -> str:
     """One status block: phase, step / total, speed, ETA, place in line, last notice."""
     phase = snapshot.phase
     label = phase.value.capitalize()
+    has_photos = snapshot.prepared is not None and bool(snapshot.prepared.photos)
     if phase is Phase.IDLE and snapshot.concept is not None:
         label = "Ready"  # an imported concept: nothing trained here, but images can be made
+    elif phase is Phase.IDLE and has_photos:
+        label = "Ready to train"
     parts = [f"**{label}**"]
+    if phase is Phase.IDLE and not has_photos and snapshot.concept is None:
+        parts.append("add a photo to begin")
     if snapshot.total:
         parts.append(f"step {snapshot.step} / {snapshot.total}")
-    if snapshot.steps_per_second and phase in (Phase.TRAINING, Phase.PAUSED):
+    if snapshot.steps_per_second and phase is Phase.TRAINING:  # no ETA while paused: it is not counting
         parts.append(f"{snapshot.steps_per_second:.2f} steps/s")
         parts.append(f"ETA {_duration(snapshot.eta_seconds)}")
     if snapshot.losses:
@@ -123,15 +154,11 @@ def status_markdown(snapshot: Snapshot) -> str:
         if last.attention_balance is not None:
             parts.append(f"identity attention share ā {last.attention_balance:.2f}")
     if snapshot.queue_position:
-        parts.append(f"waiting for the GPU: {snapshot.queue_position} ahead in line")
+        parts.append(f"waiting: {snapshot.queue_position} ahead in line")
     if snapshot.backbone:
         parts.append(f"model: {snapshot.backbone}")
-    text = " · ".join(parts)
-    if snapshot.best_note:
-        text += f"\n\n{snapshot.best_note}"
-    if snapshot.message:
-        text += f"\n\n{snapshot.message}"
-    return text
+    # one paragraph, notes on lines of their own: the status keeps a steady, small height
+    return "  \n".join([" · ".join(parts), *(note for note in (snapshot.best_note, snapshot.message) if note)])
 
 
 def preview_items(snapshot: Snapshot) -> list[tuple]:
@@ -149,33 +176,96 @@ def preview_items(snapshot: Snapshot) -> list[tuple]:
     return items
 
 
-def generated_items(result) -> list[tuple]:
-    """Gallery items (image, caption): prompt, seed, scores and the settings that made it."""
+def generated_items(result, trained_steps: int, folder: Path | None = None, model: str = "") -> list[tuple]:
+    """Gallery items (image, caption): prompt, seed, scores, the training step and the settings
+    that made it. With ``folder`` each image is saved there as a PNG carrying its settings in the
+    ``parameters`` text chunk (as the A1111 web UI writes them), and the item is that file."""
     items = []
-    for image, caption, setting in zip(result.images, result.captions, result.settings):
+    for index, (image, caption, setting) in enumerate(zip(result.images, result.captions, result.settings)):
         lo, hi = setting["band"]
-        items.append((image, (
-            f"{caption} · {setting['num_inference_steps']} steps {setting['scheduler']} · CFG {setting['guidance_scale']:g}"
+        text = (
+            f"{caption} · concept of training step {trained_steps} · {setting['num_inference_steps']} steps "
+            f"{setting['scheduler']} · CFG {setting['guidance_scale']:g}"
             f" · t∈[{lo}, {hi}]: identity in {setting['identity_steps']} of {setting['total_steps']} steps"
             f" · γ={setting['balance']:g}"
-        )))
+        )
+        if folder is not None:
+            path = folder / f"image-{uuid.uuid4().hex[:12]}-{index}.png"
+            info = PngInfo()
+            info.add_text("parameters", png_parameters(setting, image.size, trained_steps, model))
+            image.save(path, pnginfo=info)
+            image = str(path)
+        items.append((image, text))
     return items
 
 
-def photo_items(prepared, folder: Path | None = None) -> list[tuple]:
-    """Gallery items: each usable crop with its mask overlay. With ``folder`` (the session's own,
-    inside Gradio's cache) the crops are written there, so they are served from it and go with it."""
-    if prepared is None:
+def png_parameters(setting: dict[str, Any], size: tuple[int, int], trained_steps: int, model: str) -> str:
+    """A1111-style generation parameters: prompt, negative prompt line, then key: value pairs."""
+    lo, hi = setting["band"]
+    pairs = {
+        "Steps": setting["num_inference_steps"], "Sampler": setting["scheduler"], "CFG scale": f"{setting['guidance_scale']:g}",
+        "Seed": setting.get("seed", ""), "Size": f"{size[0]}x{size[1]}", "Model": model,
+        "Identity interval": f"{lo}-{hi}", "Tandem balance": f"{setting['balance']:g}", "Concept step": trained_steps,
+    }
+    text = str(setting.get("prompt", ""))
+    if setting.get("negative_prompt"):
+        text += f"\nNegative prompt: {setting['negative_prompt']}"
+    return text + "\n" + ", ".join(f"{key}: {value}" for key, value in pairs.items())
+
+
+def zip_of(paths: list[str], folder: Path) -> str | None:
+    """One .zip of ``paths`` in ``folder`` (the download-all file), or None when there are none."""
+    if not paths:
+        return None
+    target = folder / f"images-{uuid.uuid4().hex[:8]}.zip"
+    with zipfile.ZipFile(target, "w") as archive:
+        for path in paths:
+            archive.write(path, Path(path).name)
+    return str(target)
+
+
+OTHER_PERSON = "⚠ may be another person"
+
+
+def photo_items(pool, chosen=None, folder: Path | None = None) -> list[tuple]:
+    """Gallery items: each usable crop with its mask overlay; a photo that may show another person
+    and one left out say so in their caption. With ``folder`` (the session's own, inside Gradio's
+    cache) the crops are written there, so they are served from it and go with it."""
+    if pool is None:
         return []
+    used = {photo.name for photo in (chosen or pool).photos}
     items = []
-    for index, photo in enumerate(prepared.photos):
+    for index, photo in enumerate(pool.photos):
         image: Any = photo.mask_overlay()
+        if index in pool.outliers:
+            image = _framed(image)
         if folder is not None:
             path = folder / f"crop-{uuid.uuid4().hex[:12]}-{index}.png"
             image.save(path)
             image = str(path)
-        items.append((image, f"{photo.name} ({prepared.backend})"))
+        notes = [OTHER_PERSON] if index in pool.outliers else []
+        if photo.name not in used:
+            notes.append("left out")
+        items.append((image, " · ".join([f"{photo.name} ({pool.backend})", *notes])))
     return items
+
+
+def _framed(image):
+    """The crop with a thick amber frame: marked in the gallery, not only in text."""
+    from PIL import ImageOps
+
+    side = max(4, image.width // 24)
+    inner = image.resize((image.width - 2 * side, image.height - 2 * side))
+    return ImageOps.expand(inner, border=side, fill=(217, 119, 6))
+
+
+def photo_choices(pool, chosen) -> tuple[list[tuple[str, str]], list[str]]:
+    """CheckboxGroup (choices, value) of the usable photos: outliers named as such and unticked."""
+    if pool is None:
+        return [], []
+    choices = [(f"{photo.name} — {OTHER_PERSON}" if i in pool.outliers else photo.name, photo.name)
+               for i, photo in enumerate(pool.photos)]
+    return choices, [photo.name for photo in chosen.photos] if chosen is not None else []
 
 
 def photo_report(prepared) -> str:
@@ -183,11 +273,15 @@ def photo_report(prepared) -> str:
     if prepared is None:
         return ""
     lines = [f"Face backend: **{prepared.backend}** · {len(prepared.photos)} of {len(prepared.reports)} photos usable"]
+    outliers = {prepared.photos[i].name for i in prepared.outliers}
     for report in prepared.reports:
         if report.ok:
-            line = f"- ✓ {report.name}"
+            mark = "⚠" if report.name in outliers else "✓"
+            line = f"- {mark} {report.name}"
+            if report.name in outliers:
+                line += " — left out of training unless you tick it below"
             if report.warnings:
-                line += " — " + "; ".join(report.warnings)
+                line += " — " + " ".join(w if w.endswith(".") else w + "." for w in report.warnings)
         else:
             line = f"- ✗ {report.name} — {report.error}"
         lines.append(line)

@@ -1,0 +1,177 @@
+"""The page's pure parts (training form spec, snapshot views, explore helpers) and the engine
+commands behind the page (photo choice, clearing, Train more after a photo change,
+interrupting a generation, slider values in exported concepts)."""
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import gradio as gr
+import pytest
+from PIL import Image
+
+from studio.engine import Engine, Phase, Snapshot
+from studio.sampler import GenerationInterrupted
+from studio.metrics import IdentityScore, ImageScores, PromptScore
+from studio.sweep import summarise
+from studio.ui import explore, form, views
+
+TIMEOUT = 300
+
+
+# ----------------------------------------------------------------------------- form
+def test_the_form_spec_fills_from_a_preset_and_reads_back_the_same_overrides(tiny_cfg):
+    values = form.values_from(form.TRAINING_FORM, tiny_cfg)
+    overrides = form.overrides(form.TRAINING_FORM, values)
+    assert overrides["train.band"] == list(tiny_cfg.train.band)
+    assert tiny_cfg.replace(**overrides) == tiny_cfg, "reading the filled form changes nothing"
+    changed = list(values)
+    changed[0] = 17
+    assert tiny_cfg.replace(**form.overrides(form.TRAINING_FORM, changed)).train.steps == 17
+
+
+def test_the_form_names_emptied_fields_and_says_the_band_rule_in_words(tiny_cfg):
+    values = form.values_from(form.TRAINING_FORM, tiny_cfg)
+    labels = [field.label for field in form.TRAINING_FORM]
+    emptied = list(values)
+    emptied[labels.index("Learning rate")] = None
+    with pytest.raises(gr.Error, match="Fill in Learning rate"):
+        form.overrides(form.TRAINING_FORM, emptied)
+    reversed_band = list(values)
+    reversed_band[labels.index("Training band start t")] = 900
+    reversed_band[labels.index("Training band end t")] = 400
+    with pytest.raises(gr.Error) as raised:
+        form.overrides(form.TRAINING_FORM, reversed_band)
+    assert "must start before it ends" in raised.value.message and "<=" not in raised.value.message
+
+
+# ----------------------------------------------------------------------------- views
+@pytest.mark.parametrize("phase, allowed", [
+    (Phase.TRAINING, {"pause", "stop", "preview"}),
+    (Phase.PAUSED, {"resume", "stop", "preview"}),
+    (Phase.LOADING, {"stop"}),
+    (Phase.FINISHED, {"train", "continue", "preview"}),
+])
+def test_the_buttons_allowed_follow_the_phase(phase, allowed):
+    photos = type("Prepared", (), {"photos": ("a",)})()
+    snapshot = Snapshot(version=1, phase=phase, prepared=photos, concept=object(), can_continue=True)
+    assert {name for name, ok in views.controls(snapshot).items() if ok} == allowed
+
+
+def test_nothing_is_allowed_but_adding_photos_at_first_and_train_once_there_are_some():
+    assert not any(views.controls(Snapshot(version=0, phase=Phase.IDLE)).values())
+    photos = type("Prepared", (), {"photos": ("a",)})()
+    ready = Snapshot(version=1, phase=Phase.IDLE, prepared=photos)
+    assert {name for name, ok in views.controls(ready).items() if ok} == {"train"}
+    assert views.status_markdown(ready).startswith("**Ready to train**")
+    assert "add a photo" not in views.status_markdown(ready)
+
+
+def test_a_paused_run_shows_no_eta_and_the_queue_is_not_called_a_gpu():
+    paused = Snapshot(version=3, phase=Phase.PAUSED, step=5, total=50, steps_per_second=2.0, eta_seconds=22.5,
+                      queue_position=2)
+    text = views.status_markdown(paused)
+    assert "ETA" not in text and "GPU" not in text and "2 ahead" in text
+    assert "ETA 22s" in views.status_markdown(replace(paused, phase=Phase.TRAINING))
+
+
+def test_saved_images_carry_a1111_parameters_and_the_training_step(tmp_path):
+    setting = dict(prompt="a photo of {} in a garden", negative_prompt="blurry", seed=42, num_inference_steps=3,
+                   scheduler="ddim", guidance_scale=7.5, band=(400, 800), balance=1.5, identity_steps=2, total_steps=3)
+    result = type("Result", (), {"images": [Image.new("RGB", (72, 64))], "captions": ["garden · seed 42"],
+                                 "settings": [setting]})()
+    [(path, caption)] = views.generated_items(result, 120, tmp_path, model="tiny")
+    assert "training step 120" in caption
+    text = Image.open(path).text["parameters"]
+    assert text.splitlines()[0] == "a photo of {} in a garden"
+    assert text.splitlines()[1] == "Negative prompt: blurry"
+    assert "Steps: 3, Sampler: ddim, CFG scale: 7.5, Seed: 42, Size: 72x64" in text
+    archive = views.zip_of([path], tmp_path)
+    import zipfile
+
+    assert zipfile.ZipFile(archive).namelist() == [path.rsplit("/", 1)[1]]
+
+
+# ----------------------------------------------------------------------------- explore
+def _point(band, balance, prompt) -> SweepPoint:
+    """A setting whose two images have no face and this prompt score."""
+    scores = [ImageScores(IdentityScore(None, False, "dlib"), PromptScore(prompt, "tiny-clip")) for _ in range(2)]
+    return summarise(band, balance, [Image.new("RGB", (8, 8))] * 2, scores)
+
+
+def test_equal_points_are_one_dot_naming_every_setting_and_the_summary_says_tie():
+    points = [_point((200, 800), 1.0, 21.0), _point((400, 800), 1.0, 21.0), _point((400, 800), 2.0, 18.0)]
+    frame = explore.scatter_frame(points)
+    drawn = frame.dropna()
+    assert len(drawn) == 2, "the two equal settings are one dot"
+    assert any(" = " in setting for setting in drawn["setting"])
+    run = explore.SweepRun(bands=[(200, 800), (400, 800)], balances=[1.0, 2.0], prompts=["a photo of {}"], seeds=[0],
+                           steps=2, references=0, random_backbone=True, points=points)
+    summary = explore.summary_markdown(run)
+    assert summary.startswith("**Tie**") and points[1].label in summary
+
+
+# ----------------------------------------------------------------------------- engine commands
+@pytest.fixture
+def engine(tiny_cfg, backbone):
+    cfg = tiny_cfg.replace(**{"train.steps": 2, "train.preview_every": 0})
+    engine = Engine(cfg, session_id=f"page-{threading.get_ident()}")
+    yield engine
+    engine.close()
+
+
+def test_another_person_is_left_out_until_chosen_and_clearing_forgets_all(engine, faces_dir):
+    people = [faces_dir / "scarletthead_woman" / "scarlett_0.jpg", faces_dir / "scarletthead_woman" / "scarlett_1.jpg",
+              faces_dir / "newton_man" / "newton_0.jpg"]
+    pool = engine.prepare_photos([str(p) for p in people])
+    assert [pool.photos[i].name for i in pool.outliers] == ["newton_0.jpg"]
+    assert [p.name for p in engine.snapshot().prepared.photos] == ["scarlett_0.jpg", "scarlett_1.jpg"]
+    engine.choose_photos(["scarlett_0.jpg", "scarlett_1.jpg", "newton_0.jpg"])
+    assert len(engine.snapshot().prepared.photos) == 3
+    assert engine.snapshot().prepared.outliers == (2,)
+    with pytest.raises(ValueError, match="at least one"):
+        engine.choose_photos([])
+    engine.clear_photos()
+    assert engine.snapshot().prepared is None
+    with pytest.raises(ValueError, match="Add at least one photo"):
+        engine.start()
+
+
+def test_train_more_is_offered_only_for_the_photos_it_was_trained_on(engine, faces_dir):
+    first, other = str(faces_dir / "single" / "f2d_0.jpg"), str(faces_dir / "single" / "f2d_1.jpg")
+    engine.prepare_photos([first])
+    assert not engine.snapshot().can_continue
+    engine.start()
+    done = engine.wait_until(lambda s: s.phase is Phase.FINISHED, timeout=TIMEOUT)
+    assert done.can_continue and "Train more goes on from here" in done.message
+    engine.prepare_photos([other])
+    assert not engine.snapshot().can_continue
+    assert "Train more goes on" not in engine.snapshot().message
+    engine.prepare_photos([first])
+    assert engine.snapshot().can_continue
+
+
+def test_an_interrupted_generation_stops_and_the_next_one_runs(engine, faces_dir):
+    engine.prepare_photos([str(faces_dir / "single" / "f2d_0.jpg")])
+    engine.start()
+    engine.wait_until(lambda s: s.phase is Phase.FINISHED, timeout=TIMEOUT)
+
+    def interrupt_at_step_two(done: int, total: int) -> None:
+        if done == 2:
+            engine.interrupt_generation()
+
+    with pytest.raises(GenerationInterrupted):
+        engine.generate("a photo of {}", seeds=[0], num_inference_steps=5, progress=interrupt_at_step_two)
+    assert len(engine.generate("a photo of {}", seeds=[0], num_inference_steps=2).images) == 1
+
+
+def test_an_exported_concept_carries_the_trade_off_slider_values(engine, faces_dir, tmp_path):
+    from studio.concept import load_concept
+
+    engine.prepare_photos([str(faces_dir / "single" / "f2d_0.jpg")])
+    engine.start()
+    engine.wait_until(lambda s: s.phase is Phase.FINISHED, timeout=TIMEOUT)
+    engine.set_preview_settings((250, 700), 1.75)
+    path = engine.export_concept(tmp_path / "c.safetensors")
+    sample = load_concept(path).config["sample"]
+    assert sample["band"] == [250, 700] and sample["balance"] == 1.75
