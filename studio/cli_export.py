@@ -56,7 +56,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise CliError(f"--out {args.out} is a file; give a folder")
     cfg = _load_config(args)
-    from studio.concept import load_concept, read_concept_info
+    from studio.concept_file import load_concept, read_concept_info
     from studio.export import ExportSettings, bundle_files, check_name, static_export, write_bundle
 
     name = check_name(args.name or default_name(args.concept))

@@ -99,7 +99,7 @@ def _read_checked(source: str | Path | bytes, name: str) -> tuple[dict[str, torc
         data = bytes(source)
         if len(data) > MAX_LORA_BYTES:
             raise LoraFileError(f"{name} is too large for a LoRA (at most {MAX_LORA_BYTES / 1e9:.1f} GB).")
-    from studio.concept import _PICKLE_HINT, _kind_of_bytes
+    from studio.concept_file import _PICKLE_HINT, _kind_of_bytes
 
     header_len = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else 0
     if len(data) < 10 or data[8:9] != b"{" or not 2 <= header_len <= min(MAX_HEADER_BYTES, len(data) - 8):

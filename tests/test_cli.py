@@ -174,7 +174,7 @@ def _error_line(capsys) -> str:
     "extra, match",
     [
         (["--prompt", "a photo of a chef"], "has no {} for the person"),
-        (["--prompt", "{} at sea", "--band", "900", "100"], "start=900, end=100"),
+        (["--prompt", "{} at sea", "--band", "900", "100"], "got start 900, end 100"),
         (["--prompt", "{} at sea", "--scheduler", "lms"], "Unknown scheduler 'lms'"),
         (["--prompt", "{} at sea", "--set", "sample.nonsense=1"], "sample.nonsense"),
         (["--prompt", "{} at sea", "--set", "sample.steps"], "--set expects key=value"),

@@ -251,7 +251,7 @@ def test_the_bundle_zip_holds_what_each_format_needs(tmp_path, backbone, concept
 
 def test_the_export_command_writes_the_bundle_and_refuses_bad_names(tmp_path, backbone, concept, capsys):
     from studio.cli import main
-    from studio.concept import save_concept
+    from studio.concept_file import save_concept
 
     path = save_concept(concept, tmp_path / "Alice Smith.safetensors")
     code = main(["export", "--preset", "tiny", "--concept", str(path), "--out", str(tmp_path / "out"),
@@ -267,7 +267,7 @@ def test_the_export_command_writes_the_bundle_and_refuses_bad_names(tmp_path, ba
 
 
 def test_the_studio_exports_the_session_concept_and_renders_full_and_exported_on_one_seed(tmp_path, tiny_cfg, concept):
-    from studio.concept import concept_to_bytes
+    from studio.concept_file import concept_to_bytes
     from studio.engine import Engine
 
     engine = Engine(tiny_cfg, session_id="export-test")

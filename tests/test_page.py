@@ -13,7 +13,7 @@ from PIL import Image
 from studio.engine import Engine, Phase, Snapshot
 from studio.sampler import GenerationInterrupted
 from studio.metrics import IdentityScore, ImageScores, PromptScore
-from studio.sweep import summarise
+from studio.sweep import SweepSnapshot, summarise
 from studio.ui import explore, form, views
 
 TIMEOUT = 300
@@ -105,8 +105,8 @@ def test_equal_points_are_one_dot_naming_every_setting_and_the_summary_says_tie(
     drawn = frame.dropna()
     assert len(drawn) == 2, "the two equal settings are one dot"
     assert any(" = " in setting for setting in drawn["setting"])
-    run = explore.SweepRun(bands=[(200, 800), (400, 800)], balances=[1.0, 2.0], prompts=["a photo of {}"], seeds=[0],
-                           steps=2, references=0, random_backbone=True, points=points)
+    run = SweepSnapshot(bands=((200, 800), (400, 800)), balances=(1.0, 2.0), prompts=("a photo of {}",), seeds=(0,),
+                        steps=2, references=0, random_backbone=True, points=tuple(points))
     summary = explore.summary_markdown(run)
     assert summary.startswith("**Tie**") and points[1].label in summary
 
@@ -166,7 +166,7 @@ def test_an_interrupted_generation_stops_and_the_next_one_runs(engine, faces_dir
 
 
 def test_an_exported_concept_carries_the_trade_off_slider_values(engine, faces_dir, tmp_path):
-    from studio.concept import load_concept
+    from studio.concept_file import load_concept
 
     engine.prepare_photos([str(faces_dir / "single" / "f2d_0.jpg")])
     engine.start()

@@ -383,7 +383,7 @@ class Handlers:
         """Images with the newest concept; seed -1 picks a random one. Returns the gallery and the .zip."""
         engine = self.engine(request)
         if seed is None:
-            raise views.user_error(ValueError("Fill in a seed (a whole number, -1 for a random one) to generate."))
+            raise views.user_error(FormError("Fill in a seed (a whole number, -1 for a random one) to generate."))
         first = views.as_number(seed, "The seed", whole=True)
         first = random.randrange(MAX_SEED - MAX_IMAGES) if first == RANDOM_SEED else first
         size = _image_size(engine, width, height)
@@ -494,7 +494,7 @@ def _image_size(engine: Engine, width: Any, height: Any) -> dict[str, int]:
 def _images_wanted(count: Any) -> int:
     count = views.as_number(count, "The number of images", whole=True)
     if not 1 <= count <= MAX_IMAGES:
-        raise views.user_error(ValueError(f"Generate from 1 to {MAX_IMAGES} images at a time, got {count}."))
+        raise views.user_error(FormError(f"Generate from 1 to {MAX_IMAGES} images at a time, got {count}."))
     return count
 
 

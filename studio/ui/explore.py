@@ -148,7 +148,7 @@ def sweep_files(sweep: SweepSnapshot) -> list[tuple[str, str]]:
     return items
 
 
-def grid_file(sweep: SweepSnapshot) -> str:
+def sweep_grid_path(sweep: SweepSnapshot) -> str:
     """The labelled grid PNG of a finished sweep, written once."""
     path = _folder(sweep) / "sweep-grid.png"
     if not path.exists():
@@ -436,7 +436,7 @@ def build_explore_tab(
     )
     grid_file = gr.File(label="Labelled grid (PNG)", interactive=False, elem_id="explore-grid-file")
 
-    return bands, balances, prompts, seeds, steps, run_btn, stop_btn, progress, plot, summary, pick, adopt_btn, adopted, table, gallery, grid_file
+    outputs = [progress, plot, summary, table, gallery, pick, grid_file, adopted]
 
     def frame(run: SweepSnapshot, *, final: bool, first: bool = False) -> list[Any]:
         """Every output for the sweep's current points (the engine's snapshot); the grid file
@@ -450,7 +450,7 @@ def build_explore_tab(
             results_table(points, best),
             gr.Gallery(value=sweep_files(run), columns=gallery_columns(run.images_per_setting)),
             gr.Dropdown(choices=setting_choices(points, best), value=best and setting_key(best.band, best.balance)),
-            grid_file(run) if final and points else gr.skip(),
+            sweep_grid_path(run) if final and points else gr.skip(),
             "" if first else gr.skip(),
         ]
 
@@ -508,7 +508,7 @@ def build_explore_tab(
             if is_range(x_range):  # a drag over empty space, not a cleared one
                 gr.Info("No setting lies in that range: drag across a point.")
             return [gr.skip()] * 5
-        lo, hi, gamma, note = adopt_setting(key)
+        lo, hi, gamma, note = adopt(key)
         if len(keys) > 1:
             note += f" ({len(keys)} settings lie in the range you dragged: this is the best balance among them.)"
         return [key, lo, hi, gamma, note]
@@ -517,5 +517,5 @@ def build_explore_tab(
         on_run, [bands, balances, prompts, seeds, steps], outputs, api_name="explore_sweep", concurrency_limit=None,
     )
     stop_btn.click(on_stop, None, outputs, cancels=[run_event], api_name="explore_stop", concurrency_limit=None)
-    adopt_btn.click(adopt_setting, [pick], [band_lo, band_hi, balance, adopted], api_name="explore_adopt", concurrency_limit=None)
+    adopt_btn.click(adopt, [pick], [band_lo, band_hi, balance, adopted], api_name="explore_adopt", concurrency_limit=None)
     plot.select(on_select, [plot], [pick, band_lo, band_hi, balance, adopted], api_visibility="private", concurrency_limit=None)

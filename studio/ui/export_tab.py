@@ -7,7 +7,8 @@ from typing import Any
 
 import gradio as gr
 
-from studio.engine import Engine
+from studio.engine import Engine, NoConceptYet
+from studio.errors import FormError
 from studio.export import FORMATS, MAX_SEGMENTS, ExportSettings, compare_full_and_exported, export_for_tools
 from studio.lora import MAX_LORAS, STRENGTH_RANGE, LoraUse, load_lora
 from studio.sampler import SCHEDULERS
@@ -83,7 +84,7 @@ def build_export_tab(engine_for: Callable[[gr.Request], Engine], sessions: Any, 
         try:
             concept = engine.current_concept()
             if concept is None:
-                raise ValueError("There is no concept yet: train one or import a concept file first.")
+                raise NoConceptYet("There is no concept yet: train one or import a concept file first.")
             band = (views.as_number(lo, "The interval start", whole=True), views.as_number(hi, "The interval end", whole=True))
             export = static_export(concept, word, views.as_number(count, "The number of segments", whole=True), band)
             full, exported = compare_full_and_exported(
@@ -100,7 +101,7 @@ def build_export_tab(engine_for: Callable[[gr.Request], Engine], sessions: Any, 
         engine = engine_for(request)
         files = list(files or [])
         if len(files) > MAX_LORAS:
-            raise views.user_error(ValueError(f"Pick at most {MAX_LORAS} LoRA files, got {len(files)}."))
+            raise views.user_error(FormError(f"Pick at most {MAX_LORAS} LoRA files, got {len(files)}."))
         sessions.own(request.session_hash or "anonymous", *files)
         uses = []
         for path, strength in zip(files, values):

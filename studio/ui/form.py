@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 
 from studio.config import StudioConfig, check_band
+from studio.errors import FormError
 from studio.ui import views
 
 
@@ -64,7 +65,7 @@ def overrides(fields: Sequence[Field], values: Sequence[Any]) -> dict[str, Any]:
     """Dotted config overrides from the form's values; an emptied field is named, not a crash."""
     missing = [field.label for field, value in zip(fields, values) if value is None]
     if missing:
-        raise views.user_error(ValueError(f"Fill in {', '.join(missing)} (a number) before training."))
+        raise views.user_error(FormError(f"Fill in {', '.join(missing)} (a number) before training."))
     result: dict[str, Any] = {}
     for field, value in zip(fields, values):
         number = views.as_number(value, field.what, whole=field.whole)
