@@ -72,11 +72,11 @@ def create_demo(preset: str | None = None, model: str | None = None, image_encod
 
 
 def launch_kwargs() -> dict:
-    from studio.ui.app import ACCESSIBLE_NAMES_JS, CSS
+    from studio.ui.app import ACCESSIBLE_NAMES_JS, CSS, HEAD
 
     # Faces are personal data: keep no run history on the server. Uploads are photos and
     # concept files (a few MB): refuse anything huge before it reaches a handler.
-    return dict(css=CSS, js=ACCESSIBLE_NAMES_JS, run_history=False, footer_links=["api", "settings"], max_file_size="100mb")
+    return dict(css=CSS, js=ACCESSIBLE_NAMES_JS, head=HEAD, run_history=False, footer_links=["api", "settings"], max_file_size="100mb")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -351,7 +351,7 @@ def test_a_stopped_sweep_keeps_its_finished_settings_and_the_page_stays_usable(t
     assert _table_settings(page) == ["t 300–700 · γ 2.00"]
     _wait_plot_marks(page, 1)
     shot(page, "explore-05-swept-again-after-stop")
-    page.get_by_role("tab", name="Generate").click()
+    page.get_by_role("tab", name="Create images").click()
     set_number(page, "gen-steps", 2)
     page.click("#generate")
     page.wait_for_selector("#generated img")

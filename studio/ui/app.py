@@ -42,6 +42,10 @@ GPU_DURATION_S = 90
 # The training inputs' labels, in the order the /train API takes them.
 TRAINING_SETTING_NAMES = tuple(field.label for field in form.TRAINING_FORM)
 CSS = (ASSETS / "studio.css").read_text() if (ASSETS / "studio.css").is_file() else ""
+# Gradio scopes CSS under its container, so a rule for the container itself goes in <head>: its
+# overflow is hidden, which makes it the sticky live panel's scroll box (the panel would never
+# stick); clip keeps the clipping without being a scroll container.
+HEAD = "<style>@media (min-width: 1100px) { .gradio-container { overflow: clip !important; } }</style>"
 # Gradio 6.31 names some of its buttons by untranslated keys ("common.upload", "common.clear"):
 # screen readers read those out. This names them for people, whenever the page renders.
 ACCESSIBLE_NAMES_JS = """() => {
@@ -363,17 +367,19 @@ class Handlers:
     def _preview(self, lo: Any, hi: Any, gamma: Any, request: gr.Request) -> list[Any]:
         return self.rerender(lo, hi, gamma, request, quiet=False)
 
-    def _slider(self, lo: Any, hi: Any, gamma: Any, request: gr.Request) -> list[Any]:
-        return self.rerender(lo, hi, gamma, request, quiet=True)
+    def _slider(self, lo: Any, hi: Any, gamma: Any, request: gr.Request) -> Any:
+        """The previews alone: a slider move changes nothing else, and an event's outputs are what
+        Gradio marks as pending, so the status and plot stay as they are."""
+        return self.rerender(lo, hi, gamma, request, quiet=True)[2]
 
-    async def on_slider_input(self, lo: Any, hi: Any, gamma: Any, request: gr.Request) -> list[Any]:
+    async def on_slider_input(self, lo: Any, hi: Any, gamma: Any, request: gr.Request) -> Any:
         """Every committed slider change (drag, arrow keys, typed value) re-renders, debounced: only
         the last change of a burst renders, once the burst has paused for SLIDER_DEBOUNCE_S."""
         key = self.key(request)
         ticket = self._slider_tickets[key] = self._slider_tickets.get(key, 0) + 1
         await asyncio.sleep(SLIDER_DEBOUNCE_S)
         if self._slider_tickets.get(key) != ticket:
-            return [gr.skip()] * (3 + len(views.CONTROLS))  # a newer change follows
+            return gr.skip()  # a newer change follows
         return await asyncio.to_thread(self.on_slider, lo, hi, gamma, request)
 
     # -------------------------------------------------------------- images
@@ -513,15 +519,15 @@ def wire(page: SimpleNamespace, on: Handlers) -> None:
     page.pause_btn.click(on.on_pause, None, page.state, api_name="pause", **always)
     page.resume_btn.click(on.on_resume, None, page.state, api_name="resume", **always)
     page.best_btn.click(on.on_best_step, None, page.state, api_name="best_step", **always).then(
-        on.on_slider, page.sliders, page.live, show_progress="hidden", **always)
+        on.on_slider, page.sliders, page.previews, show_progress="hidden", **always)
     page.preview_btn.click(on.on_preview, page.sliders, page.live, api_name="preview", **always)
-    gr.on([slider.input for slider in page.sliders], on.on_slider_input, page.sliders, page.live,
+    gr.on([slider.input for slider in page.sliders], on.on_slider_input, page.sliders, page.previews,
           api_name="sliders", show_progress="hidden", trigger_mode="multiple", **always)
     _wire_generate(page, on)
     page.export_btn.click(on.on_export, None, [page.export_file, page.concept_msg], api_name="export", **always)
     page.import_file.change(on.on_import, [page.import_file], [page.concept_msg, *page.sliders, *page.state],
                             api_name="import", **always).then(
-        on.on_slider, page.sliders, page.live, show_progress="hidden", **always)  # show the imported concept
+        on.on_slider, page.sliders, page.previews, show_progress="hidden", **always)  # show the imported concept
     page.preset.change(on.on_preset, [page.preset],
                        [page.banner, page.model_source, page.image_encoder, *page.training, *page.sliders], api_name="preset")
     for box in (page.model_source, page.image_encoder):
