@@ -585,21 +585,27 @@ class Engine:
         self._publish(preview=preview)
         return preview
 
-    def generate(self, prompt: str | list[str], *, progress: Callable[[int, int], None] | None = None,
-                 concept: Concept | None = None, **kwargs: Any):
-        """Generate with ``concept`` (default: the newest). kwargs as ``Sampler.__call__`` (seeds, band, balance, ...)."""
-        self._check_open()
-        concept = concept or self._require_concept("generating")
-        sampler = shared_sampler(self.backbone())
+    def _generation_steps(self, progress: Callable[[int, int], None] | None) -> Callable[[int, int], bool]:
+        """The per-step callback of a generation or composition: reports progress and says whether
+        to stop (interrupt_generation). A past interrupt does not stop this one."""
         with self._lock:
             if not self._closed:
-                self._cancel_generation.clear()  # a past interrupt does not stop this one
+                self._cancel_generation.clear()
 
         def on_step(i: int, total: int) -> bool:
             if progress is not None:
                 progress(i, total)
             return self._cancel_generation.is_set()
 
+        return on_step
+
+    def generate(self, prompt: str | list[str], *, progress: Callable[[int, int], None] | None = None,
+                 concept: Concept | None = None, **kwargs: Any):
+        """Generate with ``concept`` (default: the newest). kwargs as ``Sampler.__call__`` (seeds, band, balance, ...)."""
+        self._check_open()
+        concept = concept or self._require_concept("generating")
+        sampler = shared_sampler(self.backbone())
+        on_step = self._generation_steps(progress)
         settings = GenerationSettings.from_config(self.cfg, **kwargs)
         with self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set), loras_applied(sampler.backbone, self.loras):
             result = sampler(concept, prompt, callback_on_step_end=on_step, **settings.kwargs())
@@ -623,12 +629,7 @@ class Engine:
             face=self.cfg.face, class_word=self.cfg.concept.super_category,
         )
         composer = Composer(shared_sampler(backbone), self.cfg.compose)
-
-        def on_step(i: int, total: int) -> bool:
-            if progress is not None:
-                progress(i, total)
-            return self._cancel_generation.is_set()
-
+        on_step = self._generation_steps(progress)
         settings = GenerationSettings.from_config(self.cfg, **kwargs)
         with self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set), loras_applied(backbone, self.loras):
             result = composer(people, prompt, mode=mode, boxes=boxes, callback_on_step_end=on_step, **settings.kwargs())

@@ -357,6 +357,11 @@ def text_config(tokenizer) -> dict:
                 pad_token_id=tokenizer.pad_token_id, projection_dim=128)
 
 
+def _pixel_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reconstruction loss of the VAE stages: MSE + 0.5 L1 on (B, 3, H, W) images in [-1, 1]."""
+    return F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+
+
 def _train_vae(train: dict, plan: PretrainPlan, vae_dir: Path) -> None:
     from diffusers import AutoencoderKL
 
@@ -371,7 +376,7 @@ def _train_vae(train: dict, plan: PretrainPlan, vae_dir: Path) -> None:
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / x[0].numel()
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-4 * kl
+        loss = _pixel_loss(recon, x) + 1e-4 * kl
         _optimise(opt, loss, 1e-3, step, plan.vae_steps, floor=0.1)
         progress.update(step, loss=loss.item())
     vae.eval()
@@ -396,9 +401,7 @@ def stage_decoder(out: Path, plan: PretrainPlan) -> None:
         return
     train = load_set(out, "train")
     vae = AutoencoderKL.from_pretrained(str(vae_dir))
-    vae.encoder.requires_grad_(False)
-    vae.quant_conv.requires_grad_(False)
-    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())  # the encoder stays as it is
     opt = torch.optim.AdamW(params, 5e-4, weight_decay=0)
     rng = np.random.default_rng(plan.seed + 8)
     n, budget, started = len(train["images"]), plan.decoder_minutes * 60, time.time()
@@ -410,7 +413,7 @@ def stage_decoder(out: Path, plan: PretrainPlan) -> None:
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
         recon = vae.decode(z).sample
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        loss = _pixel_loss(recon, x)
         _optimise(opt, loss, 5e-4, int(elapsed), int(budget), floor=0.1)  # cosine over the time budget
         progress.update(step, loss=loss.item())
     vae.save_pretrained(str(vae_dir), safe_serialization=True)

@@ -344,33 +344,32 @@ class Handlers:
         return render_state(engine.snapshot())
 
     # -------------------------------------------------------------- previews
-    def rerender(self, lo: Any, hi: Any, gamma: Any, request: gr.Request, *, quiet: bool) -> list[Any]:
-        """Previews at these slider values (they also become the live training-preview settings).
+    def _render_previews(self, lo: Any, hi: Any, gamma: Any, request: gr.Request, *, quiet: bool) -> Engine | None:
+        """Render the previews at these slider values (they also become the live training-preview
+        settings); the session's engine, or None when there was nothing to render.
 
         quiet (slider moves, imports): nothing to preview yet is no error, a bad interval a warning.
-        The loss plot is not resent: it has not changed.
         """
         engine = self.engine(request)
         try:
             engine.render_previews(_interval(lo, hi), views.as_number(gamma, "The tandem balance"))
-        except NoConceptYet as exc:
-            if quiet:
-                return [gr.skip()] * 3 + [gr.skip()] * len(views.CONTROLS)
-            raise views.user_error(exc) from None
         except (ValueError, RuntimeError) as exc:
             if not quiet:
                 raise views.user_error(exc) from None
-            gr.Warning(views.error_text(exc))
-            return [gr.skip()] * 3 + [gr.skip()] * len(views.CONTROLS)
-        return render_live(engine.snapshot(), plot=False)
+            if not isinstance(exc, NoConceptYet):
+                gr.Warning(views.error_text(exc))
+            return None
+        return engine
 
     def _preview(self, lo: Any, hi: Any, gamma: Any, request: gr.Request) -> list[Any]:
-        return self.rerender(lo, hi, gamma, request, quiet=False)
+        """Preview now: the live view (the loss plot is not resent: it has not changed)."""
+        return render_live(self._render_previews(lo, hi, gamma, request, quiet=False).snapshot(), plot=False)
 
     def _slider(self, lo: Any, hi: Any, gamma: Any, request: gr.Request) -> Any:
         """The previews alone: a slider move changes nothing else, and an event's outputs are what
         Gradio marks as pending, so the status and plot stay as they are."""
-        return self.rerender(lo, hi, gamma, request, quiet=True)[2]
+        engine = self._render_previews(lo, hi, gamma, request, quiet=True)
+        return views.preview_items(engine.snapshot()) if engine is not None else gr.skip()
 
     async def on_slider_input(self, lo: Any, hi: Any, gamma: Any, request: gr.Request) -> Any:
         """Every committed slider change (drag, arrow keys, typed value) re-renders, debounced: only
