@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.ui.compose_tab import SOURCES, build_compose_tab, cost_text, score_text
+from studio.sampler import GenerationInterrupted
+from studio.ui.compose_tab import SOURCES, ComposeHandlers, build_compose_tab, cost_text, run_cost_text, score_text
 
 
 def test_the_cost_counts_one_unet_pass_per_photo():
@@ -26,3 +27,38 @@ def test_the_tab_builds_with_every_source_offered(tiny_cfg):
     radios = [c for c in demo.blocks.values() if isinstance(c, gr.Radio) and c.elem_id and c.elem_id.startswith("compose-kind")]
     assert len(radios) == 2
     assert all([choice[0] for choice in r.choices] == list(SOURCES) for r in radios)
+
+
+def test_the_cost_of_a_finished_run_replaces_the_estimate():
+    assert run_cost_text(1) == "This run: 1 UNet pass per step (as much as a plain generation)."
+    assert run_cost_text(3) == "This run: 3 UNet passes per step (about 3× a plain generation)."
+
+
+class _InterruptedEngine:
+    """An engine whose composition is interrupted after 2 of 5 steps (what Engine.compose raises)."""
+
+    def __init__(self) -> None:
+        self.interrupts = 0
+
+    def compose(self, *args, **kwargs):
+        raise GenerationInterrupted(2, 5)
+
+    instant_preview = compose
+
+    def interrupt_generation(self) -> None:
+        self.interrupts += 1
+
+
+def test_an_interrupted_composition_is_a_message_and_keeps_the_last_images(monkeypatch):
+    warned = []
+    monkeypatch.setattr(gr, "Warning", warned.append)
+    engine = _InterruptedEngine()
+    on = ComposeHandlers(lambda request: engine)
+    outputs = on.on_compose("This session's concept", None, "A concept file", None, "{0} and {1}", "Left / right",
+                            0, 5, "regions", request=None, progress=lambda *a, **k: None)
+    assert outputs[2] == "⏹ Interrupted after 2 of 5 steps: nothing new was made."
+    assert [type(o) for o in (outputs[0], outputs[1], outputs[3])] == [type(gr.skip())] * 3
+    assert warned == ["Interrupted: Generation stopped after 2 of 5 steps."]
+    assert on.on_instant(0, 5, request=None, progress=lambda *a, **k: None)[2].startswith("⏹ Interrupted")
+    on.on_interrupt(None)
+    assert engine.interrupts == 1

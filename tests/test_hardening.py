@@ -500,8 +500,8 @@ def test_an_unknown_tensor_dtype_is_one_sentence_not_a_list_of_dtypes(backbone):
 # ----------------------------------------------------------------------------- leftovers
 
 
-def test_a_closed_sessions_uploads_crops_and_exports_are_deleted(studio_app, faces_dir):
-    """Exports once left concept-* folders in the temp dir forever, and a
+def test_a_closed_sessions_uploads_crops_exports_and_sweeps_are_deleted(studio_app, faces_dir):
+    """Exports (and later the Explore sweep's images) once left concept-* folders in the temp dir forever, and a
     closed session's files stayed downloadable. Now they live in the session's own folder inside
     Gradio's cache (served without a copy) and go when the session closes."""
     from gradio_client import Client, handle_file
@@ -513,11 +513,14 @@ def test_a_closed_sessions_uploads_crops_and_exports_are_deleted(studio_app, fac
         client.predict([handle_file(str(faces_dir / "single" / "f2d_0.jpg"))], api_name="/photos")
         client.predict(3, 3e-3, 1, 0, 200, 900, 1e-3, 0.5, 0, 0.0, 400, 800, 1.0, api_name="/train")
         client.predict(api_name="/export")
+        client.predict(["400,800"], [1.0], "a photo of {}", "0", 1, api_name="/explore_sweep")
         (session,) = set(demo.sessions.sessions()) - before
         folder = demo.sessions._folders[session]
         uploads = list(demo.sessions._files[session])
         names = sorted(p.name for p in folder.iterdir())
         assert any(n.startswith("crop-") for n in names) and any(n.endswith(".safetensors") for n in names)
+        sweeps = [p for p in folder.iterdir() if p.name.startswith("sweep-")]
+        assert len(sweeps) == 1 and {p.suffix for p in sweeps[0].iterdir()} == {".png"}  # its images and grid
         assert folder.is_relative_to(demo.sessions._root) and uploads and all(p.exists() for p in uploads)
     finally:
         client.close()

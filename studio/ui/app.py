@@ -165,7 +165,7 @@ def _concept_tab(page: SimpleNamespace) -> None:
     page.concept_msg = gr.Markdown(elem_id="concept-msg")
 
 
-def layout(cfg: StudioConfig, engine_for, sessions: SessionRegistry) -> SimpleNamespace:
+def layout(cfg: StudioConfig, on: Handlers) -> SimpleNamespace:
     """Every component of the page, by name (the Explore, Compose and Export tabs wire their own)."""
     page = SimpleNamespace()
     gr.Markdown(INTRO, elem_id="intro")
@@ -180,11 +180,11 @@ def layout(cfg: StudioConfig, engine_for, sessions: SessionRegistry) -> SimpleNa
         with gr.Tab("Create images", elem_id="tab-generate"):
             _generate_tab(page, cfg)
         with gr.Tab("Explore", elem_id="tab-explore"):
-            build_explore_tab(engine_for, page.band_lo, page.band_hi, page.balance, default_steps=cfg.sample.preview_steps)
+            build_explore_tab(on.engine, on.folder, page.band_lo, page.band_hi, page.balance, default_steps=cfg.sample.preview_steps)
         with gr.Tab("Compose", elem_id="tab-compose"):
-            build_compose_tab(engine_for, cfg)
+            build_compose_tab(on.engine, cfg)
         with gr.Tab("Export & LoRAs", elem_id="tab-export-tools"):
-            build_export_tab(engine_for, sessions, page.band_lo, page.band_hi, page.balance, default_steps=cfg.sample.steps)
+            build_export_tab(on.engine, on.sessions, page.band_lo, page.band_hi, page.balance, default_steps=cfg.sample.steps)
         with gr.Tab("Concept file", elem_id="tab-concept"):
             _concept_tab(page)
     page.buttons = [page.train_btn, page.continue_btn, page.pause_btn, page.resume_btn, page.stop_btn, page.preview_btn,
@@ -233,6 +233,10 @@ class Handlers:
     def key(request: gr.Request) -> str:
         return request.session_hash or "anonymous"
 
+    def folder(self, request: gr.Request) -> Path:
+        """The session's own folder: everything written there goes when the session closes."""
+        return self.sessions.folder(self.key(request))
+
     def engine(self, request: gr.Request) -> Engine:
         try:
             return self.sessions.get(self.key(request))
@@ -263,7 +267,7 @@ class Handlers:
 
     def _photo_outputs(self, snapshot: Snapshot, request: gr.Request) -> list[Any]:
         choices, value = views.photo_choices(snapshot.photo_pool, snapshot.prepared)
-        crops = views.photo_items(snapshot.photo_pool, snapshot.prepared, self.sessions.folder(self.key(request)))
+        crops = views.photo_items(snapshot.photo_pool, snapshot.prepared, self.folder(request))
         return [crops, gr.update(choices=choices, value=value, visible=len(choices) > 1)]
 
     def on_choose_photos(self, names: list[str], request: gr.Request) -> list[Any]:
@@ -407,7 +411,7 @@ class Handlers:
             raise views.user_error(exc) from None
         snapshot = engine.snapshot()
         steps_done = snapshot.concept.steps_done if snapshot.concept is not None else snapshot.step
-        folder = self.sessions.folder(self.key(request))
+        folder = self.folder(request)
         items = views.generated_items(result, steps_done, folder, model=snapshot.backbone)
         return [items, views.zip_of([path for path, _caption in items], folder)]
 
@@ -417,7 +421,7 @@ class Handlers:
     # -------------------------------------------------------------- concept files
     def on_export(self, request: gr.Request) -> list[Any]:
         engine = self.engine(request)
-        folder = self.sessions.folder(self.key(request))  # deleted with the session
+        folder = self.folder(request)  # deleted with the session
         try:
             path = engine.export_concept(folder / f"personamagic-concept-step{engine.snapshot().step}.safetensors")
         except (ValueError, OSError) as exc:
@@ -559,7 +563,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
     handlers = Handlers(sessions, chunked=chunked_training())
     with gr.Blocks(title="PersonaMagic Studio", delete_cache=(3600, 3600)) as demo:
         demo.sessions = sessions  # for tests and app.py
-        page = layout(cfg, handlers.engine, sessions)
+        page = layout(cfg, handlers)
         wire(page, handlers)
         gr.Timer(KEEPALIVE_S).tick(handlers.on_keepalive, None, None, api_visibility="private", queue=False)
         demo.unload(handlers.on_unload)

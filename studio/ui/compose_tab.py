@@ -1,11 +1,12 @@
 """The Compose tab: two people in one picture, and an instant likeness from the photos (docs/COMPOSE.md).
 
-One builder (``build_compose_tab``); the handlers only turn widget values into
+One builder (``build_compose_tab``) over a layout and its handlers; the handlers only turn widget values into
 ``studio.compose.PersonSource``s and render what ``Engine.compose`` returns.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
@@ -14,6 +15,7 @@ import spaces
 from studio.compose import PersonSource, side_boxes
 from studio.config import StudioConfig
 from studio.engine import Engine
+from studio.sampler import GenerationInterrupted
 from studio.ui import views
 
 GPU_DURATION_S = 180  # ZeroGPU: the most one composition may hold the GPU
@@ -59,80 +61,116 @@ def score_text(scores: list[list[float | None]] | tuple, count: int) -> str:
     return "\n".join(lines)
 
 
-def build_compose_tab(engine_for: Callable[[gr.Request], Engine], cfg: StudioConfig) -> None:
-    """The tab's widgets and handlers; call inside ``with gr.Tab("Compose"):``."""
+def run_cost_text(passes: int) -> str:
+    """What a finished composition cost, from its settings."""
+    return f"This run: {passes} UNet pass{'es' if passes > 1 else ''} per step" + (
+        f" (about {passes}× a plain generation)." if passes > 1 else " (as much as a plain generation).")
+
+
+def _compose_layout(cfg: StudioConfig) -> SimpleNamespace:
+    """Every component of the tab, by name."""
+    tab = SimpleNamespace(people=[])
     gr.Markdown(EXPLAIN, elem_classes=["help"])
-    people = []
     with gr.Row():
         for index, default in enumerate(("This session's concept", "A concept file")):
             with gr.Column():
                 kind = gr.Radio(list(SOURCES), value=default, label=f"Person {{{index}}}", elem_id=f"compose-kind-{index}")
                 file = gr.File(label=f"Concept file or photo for {{{index}}}", file_types=[".safetensors", "image"],
                                type="filepath", elem_id=f"compose-file-{index}")
-                people.append((kind, file))
+                tab.people.append((kind, file))
     with gr.Row():
-        prompt = gr.Textbox("a photo of {0} and {1} on a beach", label="Prompt ({0}, {1} = the people)",
-                            elem_id="compose-prompt", scale=3)
-        layout = gr.Radio(list(LAYOUTS), value="Found from the picture's attention", label="Regions", scale=2)
+        tab.prompt = gr.Textbox("a photo of {0} and {1} on a beach", label="Prompt ({0}, {1} = the people)",
+                                elem_id="compose-prompt", scale=3)
+        tab.layout = gr.Radio(list(LAYOUTS), value="Found from the picture's attention", label="Regions", scale=2)
     with gr.Row():
-        seed = gr.Number(0, precision=0, label="Seed")
-        steps = gr.Slider(1, 100, value=cfg.sample.steps, step=1, label="Steps", elem_id="compose-steps")
-        mode = gr.Radio(["regions", "naive"], value="regions", label="Mode (naive = all tokens in one prompt, for comparison)")
-    cost = gr.Markdown(cost_text(["This session's concept", "A concept file"], cfg.compose.rsa_weight), elem_id="compose-cost")
+        tab.seed = gr.Number(0, precision=0, label="Seed")
+        tab.steps = gr.Slider(1, 100, value=cfg.sample.steps, step=1, label="Steps", elem_id="compose-steps")
+        tab.mode = gr.Radio(["regions", "naive"], value="regions",
+                            label="Mode (naive = all tokens in one prompt, for comparison)")
+    tab.cost = gr.Markdown(cost_text(["This session's concept", "A concept file"], cfg.compose.rsa_weight),
+                           elem_id="compose-cost")
     with gr.Row():
-        compose_btn = gr.Button("Compose", variant="primary", elem_id="compose")
-        instant_btn = gr.Button("Instant preview (my photo, no training)", elem_id="instant-preview")
+        tab.compose_btn = gr.Button("Compose", variant="primary", elem_id="compose")
+        tab.instant_btn = gr.Button("Instant preview (my photo, no training)", elem_id="instant-preview")
+        tab.interrupt_btn = gr.Button("Interrupt", variant="stop", elem_id="compose-interrupt")
     with gr.Row():
-        images = gr.Gallery(label="Composed", columns=2, height=320, elem_id="composed", interactive=False, object_fit="contain")
-        overlays = gr.Gallery(label="Regions used", columns=2, height=320, elem_id="compose-regions", interactive=False,
-                              object_fit="contain")
-    scores = gr.Markdown(elem_id="compose-scores")
+        tab.images = gr.Gallery(label="Composed", columns=2, height=320, elem_id="composed", interactive=False,
+                                object_fit="contain")
+        tab.overlays = gr.Gallery(label="Regions used", columns=2, height=320, elem_id="compose-regions",
+                                  interactive=False, object_fit="contain")
+    tab.scores = gr.Markdown(elem_id="compose-scores")
+    tab.outputs = [tab.images, tab.overlays, tab.scores, tab.cost]
+    return tab
 
-    def sources_from(values: list[Any]) -> list[PersonSource]:
-        found = []
-        for index in range(0, len(values), 2):
-            label, path = values[index], values[index + 1]
-            found.append(PersonSource(SOURCES.get(label, str(label)), path or None))
-        return found
 
-    def rendered(result, region_scores, count: int):
-        items = [(image, caption) for image, caption in zip(result.images, result.captions)]
-        regions = [(overlay, f"seed {s['seed']}") for overlay, s in zip(result.overlays, result.settings)]
-        passes = result.settings[0]["unet_passes_per_step"]
-        return items, regions, score_text(region_scores, count) + f"\n\nThis run: {passes} UNet pass{'es' if passes > 1 else ''} per step."
+def sources_from(values: list[Any]) -> list[PersonSource]:
+    """PersonSources from the widgets' values: (kind label, file) per person, flattened."""
+    return [PersonSource(SOURCES.get(values[i], str(values[i])), values[i + 1] or None) for i in range(0, len(values), 2)]
 
-    @spaces.GPU(duration=GPU_DURATION_S)
-    def on_compose(kind0, file0, kind1, file1, text, layout_label, seed_, n_steps, mode_, request: gr.Request,
-                   progress=gr.Progress()):
-        engine = engine_for(request)
+
+def rendered(result, region_scores, count: int) -> list[Any]:
+    """The tab's outputs (images, overlays, scores, cost) for a finished composition."""
+    items = [(image, caption) for image, caption in zip(result.images, result.captions)]
+    regions = [(overlay, f"seed {s['seed']}") for overlay, s in zip(result.overlays, result.settings)]
+    return [items, regions, score_text(region_scores, count), run_cost_text(result.settings[0]["unet_passes_per_step"])]
+
+
+def interrupted(exc: GenerationInterrupted) -> list[Any]:
+    """The tab's outputs after Interrupt: the last images stay, the scores say what happened."""
+    gr.Warning(f"Interrupted: {exc}")
+    return [gr.skip(), gr.skip(), f"⏹ Interrupted after {exc.step} of {exc.total} steps: nothing new was made.", gr.skip()]
+
+
+class ComposeHandlers:
+    """The tab's handlers; ``engine_for`` gives a request's engine."""
+
+    def __init__(self, engine_for: Callable[[gr.Request], Engine]) -> None:
+        self.engine_for = engine_for
+        # ZeroGPU: these run in a GPU-attached process (decorated once, at start).
+        self.on_compose = spaces.GPU(duration=GPU_DURATION_S)(self._compose)
+        self.on_instant = spaces.GPU(duration=GPU_DURATION_S)(self._instant)
+
+    def _compose(self, kind0, file0, kind1, file1, text, layout_label, seed, n_steps, mode, request: gr.Request,
+                 progress=gr.Progress()) -> list[Any]:
         sources = sources_from([kind0, file0, kind1, file1])
         boxes = side_boxes(len(sources)) if LAYOUTS.get(layout_label) == "left-right" else None
         try:
-            result, region_scores = engine.compose(
-                sources, text, mode=mode_, boxes=boxes,
-                seeds=[views.as_number(seed_, "The seed", whole=True)],
+            result, region_scores = self.engine_for(request).compose(
+                sources, text, mode=mode, boxes=boxes, seeds=[views.as_number(seed, "The seed", whole=True)],
                 num_inference_steps=views.as_number(n_steps, "The number of steps", whole=True),
                 progress=lambda done, total: progress((done, total), desc="Composing"),
             )
+        except GenerationInterrupted as exc:
+            return interrupted(exc)
         except (ValueError, RuntimeError) as exc:
             raise views.user_error(exc) from None
         return rendered(result, region_scores, len(sources))
 
-    @spaces.GPU(duration=GPU_DURATION_S)
-    def on_instant(seed_, n_steps, request: gr.Request, progress=gr.Progress()):
-        engine = engine_for(request)
+    def _instant(self, seed, n_steps, request: gr.Request, progress=gr.Progress()) -> list[Any]:
         try:
-            result, region_scores = engine.instant_preview(
-                seeds=[views.as_number(seed_, "The seed", whole=True)],
+            result, region_scores = self.engine_for(request).instant_preview(
+                seeds=[views.as_number(seed, "The seed", whole=True)],
                 num_inference_steps=views.as_number(n_steps, "The number of steps", whole=True),
                 progress=lambda done, total: progress((done, total), desc="Instant preview"),
             )
+        except GenerationInterrupted as exc:
+            return interrupted(exc)
         except (ValueError, RuntimeError) as exc:
             raise views.user_error(exc) from None
         return rendered(result, region_scores, 1)
 
-    inputs = [people[0][0], people[0][1], people[1][0], people[1][1]]
-    compose_btn.click(on_compose, [*inputs, prompt, layout, seed, steps, mode], [images, overlays, scores])
-    instant_btn.click(on_instant, [seed, steps], [images, overlays, scores])
-    for kind, _ in people:
-        kind.change(lambda a, b: cost_text([a, b], cfg.compose.rsa_weight), [people[0][0], people[1][0]], cost)
+    def on_interrupt(self, request: gr.Request) -> None:
+        self.engine_for(request).interrupt_generation()
+
+
+def build_compose_tab(engine_for: Callable[[gr.Request], Engine], cfg: StudioConfig) -> None:
+    """The tab's widgets and handlers; call inside ``with gr.Tab("Compose"):``."""
+    tab = _compose_layout(cfg)
+    on = ComposeHandlers(engine_for)
+    kinds = [kind for kind, _ in tab.people]
+    people = [widget for person in tab.people for widget in person]
+    tab.compose_btn.click(on.on_compose, [*people, tab.prompt, tab.layout, tab.seed, tab.steps, tab.mode], tab.outputs)
+    tab.instant_btn.click(on.on_instant, [tab.seed, tab.steps], tab.outputs)
+    tab.interrupt_btn.click(on.on_interrupt, None, None, api_name="compose_interrupt", concurrency_limit=None)
+    for kind in kinds:
+        kind.change(lambda a, b: cost_text([a, b], cfg.compose.rsa_weight), kinds, tab.cost)

@@ -6,10 +6,10 @@ above it from ``studio.sweep.SweepPoint``s, so it can be tested without a browse
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
@@ -134,10 +134,11 @@ def parse_setting_key(key: str) -> tuple[tuple[int, int], float]:
     return (int(lo), int(hi)), float(balance)
 
 
-def sweep_files(sweep: SweepSnapshot) -> list[tuple[str, str]]:
+def sweep_files(sweep: SweepSnapshot, session_folder: Path) -> list[tuple[str, str]]:
     """(image file, caption) per image of ``sweep`` so far, each written once (in a folder named
-    by the sweep's uid), so that each frame sends paths instead of re-encoding every image."""
-    folder = _folder(sweep)
+    by the sweep's uid inside the session's folder, so it goes with the session), so that each
+    frame sends paths instead of re-encoding every image."""
+    folder = _folder(sweep, session_folder)
     items = []
     for index, point in enumerate(sweep.points):
         for n, (image, text) in enumerate(gallery_items([point], sweep.prompts, sweep.seeds)):
@@ -148,17 +149,17 @@ def sweep_files(sweep: SweepSnapshot) -> list[tuple[str, str]]:
     return items
 
 
-def sweep_grid_path(sweep: SweepSnapshot) -> str:
+def sweep_grid_path(sweep: SweepSnapshot, session_folder: Path) -> str:
     """The labelled grid PNG of a finished sweep, written once."""
-    path = _folder(sweep) / "sweep-grid.png"
+    path = _folder(sweep, session_folder) / "sweep-grid.png"
     if not path.exists():
         grid_image(list(sweep.points), list(sweep.prompts), list(sweep.seeds)).save(path)
     return str(path)
 
 
-def _folder(sweep: SweepSnapshot) -> Path:
-    folder = Path(tempfile.gettempdir()) / f"studio-sweep-{sweep.uid}"
-    folder.mkdir(exist_ok=True)
+def _folder(sweep: SweepSnapshot, session_folder: Path) -> Path:
+    folder = Path(session_folder) / f"sweep-{sweep.uid}"
+    folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
@@ -381,82 +382,95 @@ def plot_value_frame(value: Any) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- the tab
-def build_explore_tab(
-    engine_for: Callable[[gr.Request], Engine],
-    band_lo: gr.Slider,
-    band_hi: gr.Slider,
-    balance: gr.Slider,
-    *,
-    default_steps: int = 20,
-) -> None:
-    """The Explore panel; call inside ``with gr.Tab("Explore")``. Adopting a setting sets the three sliders."""
+def _explore_layout(default_steps: int) -> SimpleNamespace:
+    """Every component of the tab, by name."""
+    tab = SimpleNamespace()
     gr.Markdown(EXPLAIN, elem_id="explore-help")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=340):
-            bands = gr.CheckboxGroup(
+            tab.bands = gr.CheckboxGroup(
                 [band_choice(b) for b in BAND_CHOICES], value=[band_choice(b)[1] for b in BANDS_PRESELECTED],
                 label="Identity intervals to try", elem_id="explore-bands",
             )
-            balances = gr.CheckboxGroup(
+            tab.balances = gr.CheckboxGroup(
                 [(f"γ {g:g}", g) for g in BALANCE_CHOICES], value=BALANCES_PRESELECTED,
                 label="Tandem balances γ to try", elem_id="explore-balances",
             )
-            prompts = gr.Textbox(
+            tab.prompts = gr.Textbox(
                 default_prompts(), lines=3, max_lines=MAX_PROMPTS, label="Prompts, one per line ({} = the person)",
                 elem_id="explore-prompts",
             )
             with gr.Row():
-                seeds = gr.Textbox("0 1", label="Seeds", elem_id="explore-seeds", min_width=100)
-                steps = gr.Slider(1, 100, value=default_steps, step=1, label="Denoising steps", elem_id="explore-steps")
+                tab.seeds = gr.Textbox("0 1", label="Seeds", elem_id="explore-seeds", min_width=100)
+                tab.steps = gr.Slider(1, 100, value=default_steps, step=1, label="Denoising steps", elem_id="explore-steps")
             with gr.Row():
-                run_btn = gr.Button("Run sweep", variant="primary", elem_id="explore-run")
-                stop_btn = gr.Button("Stop", variant="stop", elem_id="explore-stop")
-            progress = gr.Markdown(elem_id="explore-progress")
+                tab.run_btn = gr.Button("Run sweep", variant="primary", elem_id="explore-run")
+                tab.stop_btn = gr.Button("Stop", variant="stop", elem_id="explore-stop")
+            tab.progress = gr.Markdown(elem_id="explore-progress")
         with gr.Column(scale=3, min_width=420):
-            plot = gr.ScatterPlot(
+            tab.plot = gr.ScatterPlot(
                 scatter_frame([]), x="prompt", y="identity", color="series", tooltip=["setting", "faces"],
                 title="Identity vs prompt fidelity, one point per setting",
                 x_title="prompt score (CLIPScore, 0–100)", y_title="identity similarity (0–1)", color_title="outcome",
                 color_map=SERIES_COLORS, y_lim=[-0.05, 1.05], x_axis_format=".1f", height=320, elem_id="explore-plot",
             )
             gr.Markdown(PLOT_HELP, elem_classes=["help"])
-            summary = gr.Markdown(elem_id="explore-summary")
+            tab.summary = gr.Markdown(elem_id="explore-summary")
             with gr.Row(equal_height=True):
-                pick = gr.Dropdown(
-                    [], label="Setting to adopt", elem_id="explore-pick", scale=3, interactive=True,
-                )
-                adopt_btn = gr.Button("Use these slider values", elem_id="explore-adopt", scale=1)
-            adopted = gr.Markdown(elem_id="explore-adopted")
-    table = gr.Dataframe(
+                tab.pick = gr.Dropdown([], label="Setting to adopt", elem_id="explore-pick", scale=3, interactive=True)
+                tab.adopt_btn = gr.Button("Use these slider values", elem_id="explore-adopt", scale=1)
+            tab.adopted = gr.Markdown(elem_id="explore-adopted")
+    tab.table = gr.Dataframe(
         headers=TABLE_HEADERS, label="Results per setting", interactive=False, elem_id="explore-table", wrap=True,
     )
-    gallery = gr.Gallery(
+    tab.gallery = gr.Gallery(
         label="Images (setting · scores · seed · prompt)", columns=4, fit_columns=False, object_fit="contain",
         interactive=False, elem_id="explore-gallery",
     )
-    grid_file = gr.File(label="Labelled grid (PNG)", interactive=False, elem_id="explore-grid-file")
+    tab.grid_file = gr.File(label="Labelled grid (PNG)", interactive=False, elem_id="explore-grid-file")
+    tab.outputs = [tab.progress, tab.plot, tab.summary, tab.table, tab.gallery, tab.pick, tab.grid_file, tab.adopted]
+    return tab
 
-    outputs = [progress, plot, summary, table, gallery, pick, grid_file, adopted]
 
-    def frame(run: SweepSnapshot, *, final: bool, first: bool = False) -> list[Any]:
-        """Every output for the sweep's current points (the engine's snapshot); the grid file
-        only once it has ended; the last adoption's note is cleared when a sweep starts."""
-        points = list(run.points)
-        best = best_of(points)
-        return [
-            progress_markdown(run),
-            scatter_frame(points, best),
-            summary_markdown(run, best),
-            results_table(points, best),
-            gr.Gallery(value=sweep_files(run), columns=gallery_columns(run.images_per_setting)),
-            gr.Dropdown(choices=setting_choices(points, best), value=best and setting_key(best.band, best.balance)),
-            sweep_grid_path(run) if final and points else gr.skip(),
-            "" if first else gr.skip(),
-        ]
+def sweep_frame(run: SweepSnapshot, folder: Path, *, final: bool, first: bool = False) -> list[Any]:
+    """Every output of the tab for the sweep's current points (the engine's snapshot), in
+    ``tab.outputs`` order; the grid file only once it has ended; the last adoption's note is
+    cleared when a sweep starts. Image files go to ``folder`` (the session's)."""
+    points = list(run.points)
+    best = best_of(points)
+    return [
+        progress_markdown(run),
+        scatter_frame(points, best),
+        summary_markdown(run, best),
+        results_table(points, best),
+        gr.Gallery(value=sweep_files(run, folder), columns=gallery_columns(run.images_per_setting)),
+        gr.Dropdown(choices=setting_choices(points, best), value=best and setting_key(best.band, best.balance)),
+        sweep_grid_path(run, folder) if final and points else gr.skip(),
+        "" if first else gr.skip(),
+    ]
 
-    @spaces.GPU(duration=GPU_DURATION_S)
-    def on_run(band_values, balance_values, prompt_text, seed_text, n_steps, request: gr.Request):
-        engine = engine_for(request)
+
+def adopt_setting(key: str | None) -> list[Any]:
+    """The three slider values of a setting key and a note saying so (band start, end, γ, note)."""
+    if not key:
+        gr.Warning("Run a sweep first, then choose one of its settings.")
+        return [gr.skip()] * 4
+    (lo, hi), gamma = parse_setting_key(key)
+    note = f"✓ Sliders set to **{setting_label((lo, hi), gamma)}**. Press *Preview now* or *Generate* to use them."
+    return [lo, hi, gamma, note]
+
+
+class ExploreHandlers:
+    """The tab's handlers, for one server: ``engine_for`` and ``folder_for`` give a request's
+    engine and session folder (deleted with the session)."""
+
+    def __init__(self, engine_for: Callable[[gr.Request], Engine], folder_for: Callable[[gr.Request], Path],
+                 outputs: int) -> None:
+        self.engine_for, self.folder_for, self.outputs = engine_for, folder_for, outputs
+        self.on_run = spaces.GPU(duration=GPU_DURATION_S)(self._run)  # ZeroGPU: a GPU-attached process
+
+    def _run(self, band_values, balance_values, prompt_text, seed_text, n_steps, request: gr.Request):
+        engine, folder = self.engine_for(request), self.folder_for(request)
         try:
             points = engine.sweep(
                 parse_prompts(prompt_text), parse_seeds(seed_text), parse_bands(band_values),
@@ -464,58 +478,56 @@ def build_explore_tab(
             )
         except (ValueError, RuntimeError) as exc:  # a StudioError is said; anything else: one generic sentence
             raise views.user_error(exc) from None
-        yield frame(engine.snapshot().sweep, final=False, first=True)
+        yield sweep_frame(engine.snapshot().sweep, folder, final=False, first=True)
         try:
             for _ in points:
                 sweep = engine.snapshot().sweep
                 if len(sweep.points) < sweep.total:
-                    yield frame(sweep, final=False)
+                    yield sweep_frame(sweep, folder, final=False)
         except Exception:  # the engine has logged it and put its sentence in the sweep's snapshot
             gr.Warning(engine.snapshot().sweep.error)
         finally:
-            # Runs on normal end, on error and when Stop cancels this stream (Gradio closes it).
-            points.close()
-        yield frame(engine.snapshot().sweep, final=True)
+            points.close()  # runs on normal end, on error and when Stop cancels this stream (Gradio closes it)
+        yield sweep_frame(engine.snapshot().sweep, folder, final=True)
 
-    def on_stop(request: gr.Request):
-        engine = engine_for(request)
+    def on_stop(self, request: gr.Request) -> list[Any]:
+        engine = self.engine_for(request)
         if engine.snapshot().sweep is None:
-            return [gr.skip()] * len(outputs)
+            return [gr.skip()] * self.outputs
         engine.cancel_sweep()  # the sweep was armed when it was called, so one cancel suffices
         try:
             engine.wait_until(lambda snap: snap.sweep is None or snap.sweep.finished, timeout=STOP_TIMEOUT_S)
         except TimeoutError:
             pass  # a hung sweep: show what there is
-        return frame(engine.snapshot().sweep, final=True)
+        return sweep_frame(engine.snapshot().sweep, self.folder_for(request), final=True)
 
-    def adopt(key: str | None) -> list[Any]:
-        if not key:
-            gr.Warning("Run a sweep first, then choose one of its settings.")
-            return [gr.skip()] * 4
-        (lo, hi), gamma = parse_setting_key(key)
-        note = (
-            f"✓ Sliders set to **{setting_label((lo, hi), gamma)}**. "
-            "Press *Preview now* or *Generate* to use them."
-        )
-        return [lo, hi, gamma, note]
-
-    def on_select(plot_value, evt: gr.SelectData, request: gr.Request):
+    def on_select(self, plot_value, evt: gr.SelectData, request: gr.Request) -> list[Any]:
+        """A drag across the plot adopts the best setting under it (pick, band start, end, γ, note)."""
         x_range = evt.value if isinstance(evt.value, list) else []
         keys = keys_in_range(plot_value_frame(plot_value), x_range)
-        sweep = engine_for(request).snapshot().sweep
+        sweep = self.engine_for(request).snapshot().sweep
         key = choose_setting(keys, list(sweep.points) if sweep is not None else [])
         if key is None:
             if is_range(x_range):  # a drag over empty space, not a cleared one
                 gr.Info("No setting lies in that range: drag across a point.")
             return [gr.skip()] * 5
-        lo, hi, gamma, note = adopt(key)
+        lo, hi, gamma, note = adopt_setting(key)
         if len(keys) > 1:
             note += f" ({len(keys)} settings lie in the range you dragged: this is the best balance among them.)"
         return [key, lo, hi, gamma, note]
 
-    run_event = run_btn.click(
-        on_run, [bands, balances, prompts, seeds, steps], outputs, api_name="explore_sweep", concurrency_limit=None,
+
+def build_explore_tab(engine_for: Callable[[gr.Request], Engine], folder_for: Callable[[gr.Request], Path],
+                      band_lo: gr.Slider, band_hi: gr.Slider, balance: gr.Slider, *, default_steps: int = 20) -> None:
+    """The Explore panel; call inside ``with gr.Tab("Explore")``. Adopting a setting sets the three sliders."""
+    tab = _explore_layout(default_steps)
+    on = ExploreHandlers(engine_for, folder_for, len(tab.outputs))
+    sliders = [band_lo, band_hi, balance]
+    run_event = tab.run_btn.click(
+        on.on_run, [tab.bands, tab.balances, tab.prompts, tab.seeds, tab.steps], tab.outputs, api_name="explore_sweep",
+        concurrency_limit=None,
     )
-    stop_btn.click(on_stop, None, outputs, cancels=[run_event], api_name="explore_stop", concurrency_limit=None)
-    adopt_btn.click(adopt, [pick], [band_lo, band_hi, balance, adopted], api_name="explore_adopt", concurrency_limit=None)
-    plot.select(on_select, [plot], [pick, band_lo, band_hi, balance, adopted], api_visibility="private", concurrency_limit=None)
+    tab.stop_btn.click(on.on_stop, None, tab.outputs, cancels=[run_event], api_name="explore_stop", concurrency_limit=None)
+    tab.adopt_btn.click(adopt_setting, [tab.pick], [*sliders, tab.adopted], api_name="explore_adopt", concurrency_limit=None)
+    tab.plot.select(on.on_select, [tab.plot], [tab.pick, *sliders, tab.adopted], api_visibility="private",
+                    concurrency_limit=None)

@@ -3,13 +3,14 @@ concept on one seed, and pick style LoRAs for this session (docs/EXPORT.md)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
 
 from studio.engine import Engine, NoConceptYet
 from studio.errors import FormError
-from studio.export import FORMATS, MAX_SEGMENTS, ExportSettings, compare_full_and_exported, export_for_tools
+from studio.export import FORMATS, MAX_SEGMENTS, ExportSettings, compare_full_and_exported, export_for_tools, static_export
 from studio.lora import MAX_LORAS, STRENGTH_RANGE, LoraUse, load_lora
 from studio.sampler import SCHEDULERS
 from studio.ui import views
@@ -27,84 +28,102 @@ LORA_HELP = (
 )
 
 
-def build_export_tab(engine_for: Callable[[gr.Request], Engine], sessions: Any, band_lo: gr.Slider, band_hi: gr.Slider,
-                     balance: gr.Slider, *, default_steps: int = 30) -> None:
-    """Call inside ``with gr.Tab(...)``. ``sessions``: the SessionRegistry (folders and uploads of a session)."""
+def _export_layout(default_steps: int) -> SimpleNamespace:
+    """Every component of the tab, by name."""
+    tab = SimpleNamespace()
     gr.Markdown(EXPLAIN, elem_classes=["help"])
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=340):
             with gr.Row():
-                name = gr.Textbox("my-face", label="Trigger word", elem_id="export-name")
-                segments = gr.Slider(1, MAX_SEGMENTS, value=2, step=1, label="Segments", elem_id="export-segments")
-                formats = gr.Dropdown(list(FORMATS), value="all", label="For", elem_id="export-format")
-            prompt = gr.Textbox("a photo of {}", label="Prompt ({} = the person)", elem_id="export-prompt")
+                tab.name = gr.Textbox("my-face", label="Trigger word", elem_id="export-name")
+                tab.segments = gr.Slider(1, MAX_SEGMENTS, value=2, step=1, label="Segments", elem_id="export-segments")
+                tab.formats = gr.Dropdown(list(FORMATS), value="all", label="For", elem_id="export-format")
+            tab.prompt = gr.Textbox("a photo of {}", label="Prompt ({} = the person)", elem_id="export-prompt")
             with gr.Row():
-                scheduler = gr.Dropdown(list(SCHEDULERS), value="dpmsolver++", label="Sampler", elem_id="export-scheduler")
-                steps = gr.Slider(1, 100, value=default_steps, step=1, label="Steps", elem_id="export-steps")
-                seed = gr.Number(0, precision=0, label="Seed", elem_id="export-seed")
+                tab.scheduler = gr.Dropdown(list(SCHEDULERS), value="dpmsolver++", label="Sampler", elem_id="export-scheduler")
+                tab.steps = gr.Slider(1, 100, value=default_steps, step=1, label="Steps", elem_id="export-steps")
+                tab.seed = gr.Number(0, precision=0, label="Seed", elem_id="export-seed")
             with gr.Row():
-                export_btn = gr.Button("Export for other tools", variant="primary", elem_id="export-tools")
-                compare_btn = gr.Button("Compare full vs exported", elem_id="export-compare")
-            bundle = gr.File(label="Bundle (.zip)", interactive=False, elem_id="export-bundle", height=100)
-            a1111 = gr.Markdown(elem_id="export-a1111")
+                tab.export_btn = gr.Button("Export for other tools", variant="primary", elem_id="export-tools")
+                tab.compare_btn = gr.Button("Compare full vs exported", elem_id="export-compare")
+            tab.bundle = gr.File(label="Bundle (.zip)", interactive=False, elem_id="export-bundle", height=100)
+            tab.a1111 = gr.Markdown(elem_id="export-a1111")
         with gr.Column(scale=3, min_width=420):
-            compared = gr.Gallery(label="Full concept | exported approximation (same seed)", columns=2, height=320,
-                                  elem_id="export-gallery", interactive=False, object_fit="contain")
+            tab.compared = gr.Gallery(label="Full concept | exported approximation (same seed)", columns=2, height=320,
+                                      elem_id="export-gallery", interactive=False, object_fit="contain")
             gr.Markdown("### Style LoRAs")
             gr.Markdown(LORA_HELP, elem_classes=["help"])
-            lora_files = gr.File(file_count="multiple", file_types=[".safetensors"], label=f"LoRA files (up to {MAX_LORAS})",
-                                 elem_id="lora-files", height=100)
-            strengths = [gr.Slider(*STRENGTH_RANGE, value=1.0, step=0.05, label=f"Strength {i + 1}", elem_id=f"lora-strength-{i}")
-                         for i in range(MAX_LORAS)]
-            lora_btn = gr.Button("Use these LoRAs", elem_id="lora-use")
-            lora_msg = gr.Markdown(elem_id="lora-msg")
+            tab.lora_files = gr.File(file_count="multiple", file_types=[".safetensors"],
+                                     label=f"LoRA files (up to {MAX_LORAS})", elem_id="lora-files", height=100)
+            tab.strengths = [gr.Slider(*STRENGTH_RANGE, value=1.0, step=0.05, label=f"Strength {i + 1}",
+                                       elem_id=f"lora-strength-{i}") for i in range(MAX_LORAS)]
+            tab.lora_btn = gr.Button("Use these LoRAs", elem_id="lora-use")
+            tab.lora_msg = gr.Markdown(elem_id="lora-msg")
+    return tab
 
-    def settings_from(text: str, sched: str, n_steps: Any, seed_: Any) -> ExportSettings:
-        return ExportSettings(prompt=text, scheduler=sched, num_inference_steps=views.as_number(n_steps, "The number of steps", whole=True),
-                              seed=views.as_number(seed_, "The seed", whole=True))
 
-    def on_export(word, count, fmt, text, sched, n_steps, seed_, lo, hi, request: gr.Request):
-        engine = engine_for(request)
-        folder = sessions.folder(request.session_hash or "anonymous")  # deleted with the session
+def _whole(value: Any, what: str) -> int:
+    return views.as_number(value, what, whole=True)
+
+
+def _band(lo: Any, hi: Any) -> tuple[int, int]:
+    return _whole(lo, "The interval start"), _whole(hi, "The interval end")
+
+
+def _settings(text: str, sched: str, n_steps: Any, seed: Any) -> ExportSettings:
+    return ExportSettings(prompt=text, scheduler=sched, num_inference_steps=_whole(n_steps, "The number of steps"),
+                          seed=_whole(seed, "The seed"))
+
+
+class ExportHandlers:
+    """The tab's handlers; ``sessions`` is the SessionRegistry (a session's folder and uploads)."""
+
+    def __init__(self, engine_for: Callable[[gr.Request], Engine], sessions: Any) -> None:
+        self.engine_for, self.sessions = engine_for, sessions
+
+    @staticmethod
+    def key(request: gr.Request) -> str:
+        return request.session_hash or "anonymous"
+
+    def on_export(self, word, count, fmt, text, sched, n_steps, seed, lo, hi, request: gr.Request):
+        """The bundle's path, and the A1111 prompt to paste."""
+        engine = self.engine_for(request)
+        folder = self.sessions.folder(self.key(request))  # deleted with the session
         try:
-            path, export, files = export_for_tools(
-                engine, folder, word, views.as_number(count, "The number of segments", whole=True),
-                settings_from(text, sched, n_steps, seed_), fmt, (views.as_number(lo, "The interval start", whole=True),
-                                                                  views.as_number(hi, "The interval end", whole=True)),
-            )
+            path, _export, files = export_for_tools(engine, folder, word, _whole(count, "The number of segments"),
+                                                    _settings(text, sched, n_steps, seed), fmt, _band(lo, hi))
         except (ValueError, OSError) as exc:
             raise views.user_error(exc) from None
         note = files.get("a1111/prompt.txt", b"").decode()
         return str(path), (f"**A1111/Forge prompt** ({n_steps} steps):\n\n```\n{note.strip()}\n```" if note else "✓ Exported.")
 
-    def on_compare(word, count, text, sched, n_steps, seed_, lo, hi, gamma, request: gr.Request):
-        engine = engine_for(request)
-        from studio.export import static_export
-
+    def on_compare(self, word, count, text, sched, n_steps, seed, lo, hi, gamma, request: gr.Request):
+        """The full concept and its export, one image each on the same seed."""
+        engine = self.engine_for(request)
         try:
             concept = engine.current_concept()
             if concept is None:
                 raise NoConceptYet("There is no concept yet: train one or import a concept file first.")
-            band = (views.as_number(lo, "The interval start", whole=True), views.as_number(hi, "The interval end", whole=True))
-            export = static_export(concept, word, views.as_number(count, "The number of segments", whole=True), band)
+            band = _band(lo, hi)
+            export = static_export(concept, word, _whole(count, "The number of segments"), band)
             full, exported = compare_full_and_exported(
-                engine, export, text, views.as_number(seed_, "The seed", whole=True), scheduler=sched, band=band,
-                num_inference_steps=views.as_number(n_steps, "The number of steps", whole=True),
-                balance=views.as_number(gamma, "The tandem balance"),
+                engine, export, text, _whole(seed, "The seed"), scheduler=sched, band=band,
+                num_inference_steps=_whole(n_steps, "The number of steps"), balance=views.as_number(gamma, "The tandem balance"),
             )
         except (ValueError, RuntimeError) as exc:
             raise views.user_error(exc) from None
         return [(full.images[0], f"full · {full.captions[0]}"), (exported.images[0], f"exported · {exported.captions[0]}")]
 
-    def on_loras(files, s1, s2, s3, s4, request: gr.Request):  # one strength per slider (MAX_LORAS = 4)
-        values = (s1, s2, s3, s4)
-        engine = engine_for(request)
+    def on_loras(self, files, s1, s2, s3, s4, request: gr.Request):
+        """Style LoRAs for this session, one strength slider per file, in order (MAX_LORAS = 4)."""
+        strengths = (s1, s2, s3, s4)
+        engine = self.engine_for(request)
         files = list(files or [])
         if len(files) > MAX_LORAS:
             raise views.user_error(FormError(f"Pick at most {MAX_LORAS} LoRA files, got {len(files)}."))
-        sessions.own(request.session_hash or "anonymous", *files)
+        self.sessions.own(self.key(request), *files)
         uses = []
-        for path, strength in zip(files, values):
+        for path, strength in zip(files, strengths):
             try:
                 uses.append(LoraUse(load_lora(path, engine.backbone()), views.as_number(strength, "A LoRA strength")))
             except ValueError as exc:
@@ -114,8 +133,16 @@ def build_export_tab(engine_for: Callable[[gr.Request], Engine], sessions: Any, 
             return "No style LoRA: images use the base model as it is."
         return "✓ " + ", ".join(f"`{u.weights.name}` × {u.strength:g}" for u in uses)
 
-    export_btn.click(on_export, [name, segments, formats, prompt, scheduler, steps, seed, band_lo, band_hi],
-                     [bundle, a1111], api_name="export_tools", concurrency_limit=None)
-    compare_btn.click(on_compare, [name, segments, prompt, scheduler, steps, seed, band_lo, band_hi, balance],
-                      [compared], api_name="export_compare")
-    lora_btn.click(on_loras, [lora_files, *strengths], [lora_msg], api_name="loras", concurrency_limit=None)
+
+def build_export_tab(engine_for: Callable[[gr.Request], Engine], sessions: Any, band_lo: gr.Slider, band_hi: gr.Slider,
+                     balance: gr.Slider, *, default_steps: int = 30) -> None:
+    """Call inside ``with gr.Tab(...)``. ``sessions``: the SessionRegistry (folders and uploads of a session)."""
+    tab = _export_layout(default_steps)
+    on = ExportHandlers(engine_for, sessions)
+    tab.export_btn.click(on.on_export, [tab.name, tab.segments, tab.formats, tab.prompt, tab.scheduler, tab.steps, tab.seed,
+                                        band_lo, band_hi], [tab.bundle, tab.a1111], api_name="export_tools",
+                         concurrency_limit=None)
+    tab.compare_btn.click(on.on_compare, [tab.name, tab.segments, tab.prompt, tab.scheduler, tab.steps, tab.seed,
+                                          band_lo, band_hi, balance], [tab.compared], api_name="export_compare")
+    tab.lora_btn.click(on.on_loras, [tab.lora_files, *tab.strengths], [tab.lora_msg], api_name="loras",
+                       concurrency_limit=None)
