@@ -90,9 +90,12 @@ def _compose_layout(cfg: StudioConfig) -> SimpleNamespace:
     tab.cost = gr.Markdown(cost_text(["This session's concept", "A concept file"], cfg.compose.rsa_weight),
                            elem_id="compose-cost")
     with gr.Row():
-        tab.compose_btn = gr.Button("Compose", variant="primary", elem_id="compose")
-        tab.instant_btn = gr.Button("Instant preview (my photo, no training)", elem_id="instant-preview")
-        tab.interrupt_btn = gr.Button("Interrupt", variant="stop", elem_id="compose-interrupt")
+        tab.compose_btn = gr.Button("Compose", variant="primary", elem_id="compose", scale=2,
+                                    elem_classes=["busy-toggle"])
+        tab.instant_btn = gr.Button("Instant preview (my photo, no training)", elem_id="instant-preview", scale=2,
+                                    elem_classes=["busy-toggle"])
+        tab.interrupt_btn = gr.Button("Interrupt", variant="stop", elem_id="compose-interrupt", interactive=False,
+                                      scale=1, elem_classes=["busy-toggle"])
     with gr.Row():
         tab.images = gr.Gallery(label="Composed", columns=2, height=320, elem_id="composed", interactive=False,
                                 object_fit="contain")
@@ -163,14 +166,25 @@ class ComposeHandlers:
         self.engine_for(request).interrupt_generation()
 
 
+def _running(running: bool) -> Callable[[], list[Any]]:
+    """The Compose, Instant preview and Interrupt buttons' states while a run is (not) in flight."""
+    return lambda: [gr.update(interactive=not running), gr.update(interactive=not running), gr.update(interactive=running)]
+
+
 def build_compose_tab(engine_for: Callable[[gr.Request], Engine], cfg: StudioConfig) -> None:
     """The tab's widgets and handlers; call inside ``with gr.Tab("Compose"):``."""
     tab = _compose_layout(cfg)
     on = ComposeHandlers(engine_for)
     kinds = [kind for kind, _ in tab.people]
     people = [widget for person in tab.people for widget in person]
-    tab.compose_btn.click(on.on_compose, [*people, tab.prompt, tab.layout, tab.seed, tab.steps, tab.mode], tab.outputs)
-    tab.instant_btn.click(on.on_instant, [tab.seed, tab.steps], tab.outputs)
+    buttons = [tab.compose_btn, tab.instant_btn, tab.interrupt_btn]  # while one runs, only Interrupt is usable
+    for button, handler, inputs in (
+        (tab.compose_btn, on.on_compose, [*people, tab.prompt, tab.layout, tab.seed, tab.steps, tab.mode]),
+        (tab.instant_btn, on.on_instant, [tab.seed, tab.steps]),
+    ):
+        button.click(_running(True), None, buttons, api_visibility="private", queue=False).then(
+            handler, inputs, tab.outputs, api_name="compose" if button is tab.compose_btn else "instant_preview",
+        ).then(_running(False), None, buttons, api_visibility="private", queue=False)
     tab.interrupt_btn.click(on.on_interrupt, None, None, api_name="compose_interrupt", concurrency_limit=None)
     for kind in kinds:
         kind.change(lambda a, b: cost_text([a, b], cfg.compose.rsa_weight), kinds, tab.cost)
