@@ -59,6 +59,8 @@ def add_compose_parser(subparsers: Any) -> None:
                         help="'left-right' (people side by side), or one 'x0,y0,x1,y1' (fractions) per person, in order")
     parser.add_argument("--rsa-weight", type=float, help="weight of the photos' face pixels (0 = no reference attention)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset setting, e.g. compose.layout_fraction=0.4")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                        help="a style LoRA (.safetensors) and its strength, e.g. ink.safetensors:0.7 (repeatable)")
     parser.set_defaults(func=run_compose)
 
 
@@ -139,12 +141,14 @@ def run_compose(args: argparse.Namespace) -> int:
 
     from studio.compose import Composer, Person
     from studio.concept_file import load_concept, read_concept_info
+    from studio.lora import applied, uses_from_arguments
     from studio.sampler import Sampler
 
     for kind, path in people_args:
         if kind == "concept":
             check_model(cfg, read_concept_info(path).get("backbone"))
     backbone = _backbone(cfg)
+    loras = uses_from_arguments(args.lora, backbone)  # checked before any denoising
     people = []
     for index, (kind, path) in enumerate(people_args):
         if kind == "concept":
@@ -166,7 +170,7 @@ def run_compose(args: argparse.Namespace) -> int:
     )
     composer = Composer(Sampler(backbone), cfg.compose)
     composer.check_inputs(people, args.prompt, args.mode, boxes, **settings)
-    with _progress(None, "composing") as bar:
+    with _progress(None, "composing") as bar, applied(backbone, loras):
         def on_step(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)

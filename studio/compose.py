@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from studio import attention
+from studio import attention, lora
 from studio.concept import Concept
 from studio.conditioning import PromptError, encode_text, super_category_id, tokenize
 from studio.config import NUM_TRAIN_TIMESTEPS, ComposeConfig
@@ -378,6 +378,7 @@ class Composer:
             rsa_context_weight=cfg.rsa_context_weight, band=list(checked.band),
             boxes=[list(map(float, b)) for b in boxes] if boxes is not None else None,
             unet_passes_per_step=1 + (len(with_reference) if use_rsa else 0),
+            loras=lora.active_records(),  # the style LoRAs this composition ran with (studio/lora.py)
         )
         settings_out = [dict(seed=s, **common) for s in seeds]
         captions = [f"{plain.prompt} (seed {s})" for s in seeds]

@@ -57,3 +57,24 @@ def test_compose_without_people_or_with_a_bad_box_is_refused(concepts, tmp_path,
     assert main(["compose", "--preset", "tiny", "--concept", str(concepts["a"]), "--prompt", "{0}",
                  "--boxes", "0,0,1", "--out", str(tmp_path / "x.png")]) == 2
     assert "four numbers" in capsys.readouterr().err
+
+
+def test_compose_takes_style_loras_and_records_them(concepts, backbone, tmp_path, capsys):
+    from test_lora import kohya_lora
+
+    from safetensors.torch import save_file
+
+    style = tmp_path / "ink.safetensors"
+    save_file(kohya_lora(backbone, seed=3), str(style))
+    args = ["compose", "--preset", "tiny", "--concept", str(concepts["a"]), "--concept", str(concepts["b"]),
+            "--prompt", "{0} and {1} at a cafe", "--steps", "2", "--boxes", "left-right"]
+    assert main([*args, "--out", str(tmp_path / "plain.png")]) == 0
+    assert main([*args, "--lora", f"{style}:0.8", "--out", str(tmp_path / "styled.png")]) == 0
+    plain, styled = Image.open(tmp_path / "plain.png"), Image.open(tmp_path / "styled.png")
+    assert json.loads(plain.text["personamagic"])["loras"] == []
+    records = json.loads(styled.text["personamagic"])["loras"]
+    assert [(r["name"], r["strength"]) for r in records] == [("ink.safetensors", 0.8)]
+    assert list(plain.getdata()) != list(styled.getdata())  # the LoRA changed the picture
+    capsys.readouterr()
+    assert main([*args, "--lora", str(tmp_path / "plain.png"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "error: " in capsys.readouterr().err and not (tmp_path / "x.png").exists()
