@@ -44,7 +44,7 @@ def cost_text(sources: list[str], rsa_weight: float) -> str:
     passes = 1 + (photos if rsa_weight > 0 else 0)
     note = f"{passes} UNet pass{'es' if passes > 1 else ''} per step"
     if photos and rsa_weight > 0:
-        note += f" (1 + {photos} for the photo{'s' if photos > 1 else ''}: about {passes}× a plain generation)"
+        note += f" (1 + {photos} for the photo{'s' if photos > 1 else ''}: up to {passes}× a plain generation's time)"
     return f"Cost: {note}."
 
 
@@ -64,7 +64,7 @@ def score_text(scores: list[list[float | None]] | tuple, count: int) -> str:
 def run_cost_text(passes: int) -> str:
     """What a finished composition cost, from its settings."""
     return f"This run: {passes} UNet pass{'es' if passes > 1 else ''} per step" + (
-        f" (about {passes}× a plain generation)." if passes > 1 else " (as much as a plain generation).")
+        f" (up to {passes}× a plain generation's time)." if passes > 1 else " (about a plain generation's time).")
 
 
 def _compose_layout(cfg: StudioConfig) -> SimpleNamespace:
