@@ -1,0 +1,119 @@
+"""Toy world: where the identity signal is lost on the way from a render to a generated image.
+
+    python bench/toy_caps.py --identities 8 [--run DIR]    # DIR: a pretraining run's folder (default: assets/toy)
+
+For unseen identities (>= 100 000), each with its one toy selfie, the ground-truth renders of the
+8 toy prompts x 2 seeds are scored for identity (toy encoder, to the selfie) as they are, blurred,
+through the VAE (encode + decode), and as the UNet's one-step estimate of the clean image from
+the render's latent noised to t (x0 = (z_t - sqrt(1 - a_t) eps) / sqrt(a_t), prompt with the class
+word): the gap between two rows is what that stage costs. Renders of other identities give the
+baseline. If the VAE row is already near the baseline, no UNet and no concept can show a likeness.
+Prints a markdown section; nothing is copied in.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from toy_world import FIRST, PROMPTS, SEEDS, World, cpu_name, identity_values  # noqa: E402
+
+
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> [N, 3, H, W] in [-1, 1]."""
+    array = np.stack([np.asarray(image.convert("RGB"), np.float32) / 127.5 - 1.0 for image in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2)
+
+
+def to_images(pixels: torch.Tensor) -> list[Image.Image]:
+    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+@torch.no_grad()
+def through_vae(world: World, images: list[Image.Image]) -> list[Image.Image]:
+    vae = world.backbone.vae
+    latents = vae.encode(to_tensor(images)).latent_dist.mean
+    return to_images(vae.decode(latents).sample)
+
+
+@torch.no_grad()
+def unet_estimate(world: World, images: list[Image.Image], prompts: list[str], t: int, seed: int) -> list[Image.Image]:
+    """The UNet's one-step x0 estimate from each render's latent noised to timestep ``t``."""
+    bb = world.backbone
+    scale = bb.vae.config.scaling_factor
+    z0 = bb.vae.encode(to_tensor(images)).latent_dist.mean * scale
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(z0.shape, generator=generator)
+    alpha = bb.noise_scheduler.alphas_cumprod[t]
+    zt = alpha.sqrt() * z0 + (1 - alpha).sqrt() * noise
+    word = world.cfg.concept.super_category
+    ids = bb.tokenizer([p.replace("{}", f"a {word}") for p in prompts], padding="max_length",
+                       max_length=bb.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    text = bb.text_encoder(ids)[0]
+    eps = bb.unet(zt, torch.full((len(images),), t), encoder_hidden_states=text).sample
+    x0 = (zt - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+    return to_images(bb.vae.decode(x0 / scale).sample)
+
+
+def mean_identity(world: World, images, prompts, refs) -> float:
+    values = identity_values(world.score(images, prompts, refs))
+    return float(np.mean(values)) if values else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--identities", type=int, default=8)
+    parser.add_argument("--timesteps", default="100,300,500,700")
+    parser.add_argument("--run", type=Path, help="a pretraining run folder whose export to use (default: shipped)")
+    parser.add_argument("--out", type=Path, default=Path("bench/out/toy-caps"))
+    args = parser.parse_args()
+    from studio.toy.world import render_prompt
+
+    started = time.perf_counter()
+    world = World({"model.source": str(args.run)} if args.run else None)
+    args.out.mkdir(parents=True, exist_ok=True)
+    timesteps = [int(t) for t in args.timesteps.split(",")]
+    cells = [(p, s) for p in PROMPTS for s in SEEDS]
+    prompts = [p for p, _ in cells]
+    rows: dict[str, list[float]] = {}
+    for k in range(args.identities):
+        identity = FIRST + 400 + k  # unseen, and not the identities the other toy benches use
+        refs = world.scorer.embed_references([str(world.selfie(identity, args.out))])
+        renders = [render_prompt(identity, p, seed=100 + s) for p, s in cells]
+        others = [render_prompt(identity + 1000 + j, p, seed=100 + s) for j, (p, s) in enumerate(cells)]
+        stages = {
+            "ground-truth renders": renders,
+            "blurred (Gaussian, radius 1 px)": [r.filter(ImageFilter.GaussianBlur(1)) for r in renders],
+            "blurred (Gaussian, radius 2 px)": [r.filter(ImageFilter.GaussianBlur(2)) for r in renders],
+            "through the VAE (encode + decode)": through_vae(world, renders),
+            **{f"UNet's one-step estimate from t = {t}": unet_estimate(world, renders, prompts, t, seed=k)
+               for t in timesteps},
+            "other identities' renders (baseline)": others,
+        }
+        for label, images in stages.items():
+            rows.setdefault(label, []).append(mean_identity(world, images, prompts, refs))
+        print(f"identity {identity} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    lines = [
+        "Command: `python bench/toy_caps.py --identities %d%s` (%s; %.0f s). Identity of %d unseen identities "
+        "(from %d) to their selfie, 8 prompts x 2 seeds each; mean ± std over identities."
+        % (args.identities, f" --run {args.run}" if args.run else "", cpu_name(), time.perf_counter() - started,
+           args.identities, FIRST + 400),
+        "", "| images | identity to the selfie |", "|---|---|",
+    ]
+    for label, values in rows.items():
+        lines.append(f"| {label} | {np.nanmean(values):.3f} ± {np.nanstd(values):.3f} |")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
