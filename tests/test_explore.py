@@ -10,6 +10,7 @@ import re
 
 import pytest
 from gradio_client import Client
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from PIL import Image
 
 from test_browser import CHROMIUM, CHROMIUM_ARGS, SHOTS, TIMEOUT_MS, set_number, shot, upload_photo, wait_for_status
@@ -19,6 +20,7 @@ from studio.sweep import SweepPoint, SweepSnapshot, summarise
 from studio.ui.explore import (
     BEST,
     NO_FACE,
+    NO_REFERENCE,
     SCORED,
     SERIES_COLORS,
     choose_setting,
@@ -357,3 +359,100 @@ def test_a_stopped_sweep_keeps_its_finished_settings_and_the_page_stays_usable(t
     page.wait_for_selector("#generated img")
     _assert_no_error_toast(page)
     page.get_by_role("tab", name="Explore").click()
+
+
+LEGEND = [SCORED, BEST, NO_FACE, NO_REFERENCE]
+
+
+def _legend(page) -> dict:
+    """The scatter's legend as drawn (Gradio renders its Vega-Lite plot as SVG): each entry's label
+    and the box around its symbol and label (Vega draws the n-th symbol and the n-th label of
+    the legend for the n-th outcome), with the plot block's box and the SVG's own box (an SVG
+    clips what lies outside it)."""
+    return page.evaluate("""() => {
+        const block = document.querySelector('#explore-plot');
+        const svg = block.querySelector('svg');
+        const rect = (el) => { const r = el.getBoundingClientRect(); return {x: r.x, y: r.y, right: r.right, bottom: r.bottom}; };
+        const union = (a, b) => ({x: Math.min(a.x, b.x), y: Math.min(a.y, b.y),
+                                  right: Math.max(a.right, b.right), bottom: Math.max(a.bottom, b.bottom)});
+        const labels = [...svg.querySelectorAll('g.role-legend-label text')];
+        const symbols = [...svg.querySelectorAll('g.role-legend-symbol path')];
+        const entries = labels.map((text, i) => ({
+            label: text.textContent, box: symbols[i] ? union(rect(text), rect(symbols[i])) : rect(text),
+        }));
+        return {canvas: block.querySelectorAll('canvas').length, symbols: symbols.length,
+                plot: rect(block), svg: rect(svg), entries};
+    }""")
+
+
+def _inside(box: dict, outer: dict) -> bool:
+    return (box["x"] >= outer["x"] - 0.5 and box["y"] >= outer["y"] - 0.5
+            and box["right"] <= outer["right"] + 0.5 and box["bottom"] <= outer["bottom"] + 0.5)
+
+
+LEGEND_WHOLE = """n => {
+    const block = document.querySelector('#explore-plot'), svg = block?.querySelector('svg');
+    if (!svg) return false;
+    const inside = (r, o) => r.x >= o.x - 0.5 && r.y >= o.y - 0.5 && r.right <= o.right + 0.5 && r.bottom <= o.bottom + 0.5;
+    const boxes = [...svg.querySelectorAll('g.role-legend-label text, g.role-legend-symbol path')].map(e => e.getBoundingClientRect());
+    return boxes.length === 2 * n && boxes.every(r => inside(r, block.getBoundingClientRect()) && inside(r, svg.getBoundingClientRect()));
+}"""
+
+
+def _assert_legend_whole(page, when: str) -> None:
+    # Vega lays the legend out again after the plot's box has changed size: give it a few seconds
+    # to get there; a legend that stays cut off is then reported below with its boxes.
+    try:
+        page.wait_for_function(LEGEND_WHOLE, arg=len(LEGEND), timeout=10_000)
+    except PlaywrightTimeout:
+        pass
+    legend = _legend(page)
+    assert legend["canvas"] == 0, "the plot is SVG, so its legend can be read from the DOM"
+    labels = [entry["label"] for entry in legend["entries"]]
+    assert sorted(labels) == sorted(LEGEND), f"{when}: the legend names every outcome: {labels}"
+    assert legend["symbols"] == len(LEGEND), f"{when}: one symbol per outcome"
+    for entry in legend["entries"]:
+        for outer, name in ((legend["plot"], "plot block"), (legend["svg"], "plot's SVG")):
+            assert _inside(entry["box"], outer), f"{when}: legend entry {entry['label']!r} cut off by the {name}: {entry['box']} vs {outer}"
+
+
+def _wait_sweep_done(page, settings: list[str]) -> None:
+    """Until the progress says Done and the table holds exactly ``settings`` (not an earlier sweep's)."""
+    page.wait_for_function(
+        """wanted => {
+            const rows = [...document.querySelectorAll('#explore-table .virtual-row')].map(r => r.innerText);
+            const done = (document.querySelector('#explore-progress')?.innerText || '').includes('Done');
+            return done && rows.length === wanted.length && wanted.every(w => rows.some(r => r.includes(w)));
+        }""",
+        arg=settings,
+    )
+
+
+@pytest.mark.browser
+def test_the_legend_names_every_outcome_and_is_not_cut_off_after_a_second_sweep(trained_page):
+    page = trained_page
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    try:
+        _set_sweep(page, ["t 400–800"], ["γ 1"], steps=2)
+        page.click("#explore-run")
+        _wait_sweep_done(page, ["t 400–800 · γ 1.00"])
+        _wait_plot_marks(page, 1)
+        page.locator("#explore-plot").scroll_into_view_if_needed()
+        try:
+            _assert_legend_whole(page, "first sweep")
+        finally:
+            page.screenshot(path=str(SHOTS / "explore-legend-1-first-sweep.png"))
+
+        # a second sweep with other settings: more settings, other bands, balances and steps
+        _set_sweep(page, ["t 200–800", "t 600–900"], ["γ 0.5", "γ 2"], steps=3)
+        page.click("#explore-run")
+        _wait_sweep_done(page, ["t 200–800 · γ 0.50", "t 200–800 · γ 2.00", "t 600–900 · γ 0.50", "t 600–900 · γ 2.00"])
+        page.locator("#explore-plot").scroll_into_view_if_needed()
+        try:
+            _assert_legend_whole(page, "second sweep")
+        finally:
+            page.screenshot(path=str(SHOTS / "explore-legend-2-second-sweep.png"))
+            page.locator("#explore-plot").screenshot(path=str(SHOTS / "explore-legend-3-plot.png"))
+        _assert_no_error_toast(page)
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1100})
