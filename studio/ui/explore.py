@@ -55,6 +55,7 @@ BEST = "★ best balance"
 NO_FACE = "no face found"
 NO_REFERENCE = "face, no photo to compare"
 SERIES_COLORS = {SCORED: "#2563eb", BEST: "#dc2626", NO_FACE: "#9ca3af", NO_REFERENCE: "#d97706"}
+PLOT_HEIGHT = 320  # pixels; one more while the plot has points (see plot_update)
 PLOT_HELP = "Hover a point for its setting. Drag across points (left to right) to adopt that setting's slider values."
 TABLE_HEADERS = ["", "setting", "identity (mean ± std)", "face found", "prompt score (mean ± std)"]
 
@@ -211,6 +212,18 @@ def scatter_frame(points: Sequence[SweepPoint], best: SweepPoint | None = None) 
     drawn.sort(key=lambda row: row["series"] == BEST)
     frame = pd.DataFrame(rows + drawn)
     return frame.astype({"prompt": float, "identity": float})
+
+
+def plot_update(points: Sequence[SweepPoint], best: SweepPoint | None = None) -> gr.ScatterPlot:
+    """The scatter for ``points``, one pixel taller while it has points.
+
+    Gradio 6.31 lays its Vega-Lite view out when it builds it and afterwards only swaps the
+    data, unless the plot's box changes size. A plot without points has no x tick labels; when
+    points arrive the axis grows and pushes the legend (below the plot) out of the box. The
+    pixel makes the box change size exactly when the tick labels come or go, so the view is
+    laid out again with them and the legend stays whole.
+    """
+    return gr.ScatterPlot(value=scatter_frame(points, best), height=PLOT_HEIGHT + (1 if points else 0))
 
 
 def _merge_overlaps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -412,7 +425,7 @@ def _explore_layout(default_steps: int) -> SimpleNamespace:
                 scatter_frame([]), x="prompt", y="identity", color="series", tooltip=["setting", "faces"],
                 title="Identity vs prompt fidelity, one point per setting",
                 x_title="prompt score (CLIPScore, 0–100)", y_title="identity similarity (0–1)", color_title="outcome",
-                color_map=SERIES_COLORS, y_lim=[-0.05, 1.05], x_axis_format=".1f", height=320, elem_id="explore-plot",
+                color_map=SERIES_COLORS, y_lim=[-0.05, 1.05], x_axis_format=".1f", height=PLOT_HEIGHT, elem_id="explore-plot",
             )
             gr.Markdown(PLOT_HELP, elem_classes=["help"])
             tab.summary = gr.Markdown(elem_id="explore-summary")
@@ -440,7 +453,7 @@ def sweep_frame(run: SweepSnapshot, folder: Path, *, final: bool, first: bool = 
     best = best_of(points)
     return [
         progress_markdown(run),
-        scatter_frame(points, best),
+        plot_update(points, best),
         summary_markdown(run, best),
         results_table(points, best),
         gr.Gallery(value=sweep_files(run, folder), columns=gallery_columns(run.images_per_setting)),
