@@ -6,7 +6,8 @@ For unseen identities (>= 100 000), each with its one toy selfie, the ground-tru
 8 toy prompts x 2 seeds are scored for identity (toy encoder, to the selfie) as they are, blurred,
 through the VAE (encode + decode), and as the UNet's one-step estimate of the clean image from
 the render's latent noised to t (x0 = (z_t - sqrt(1 - a_t) eps) / sqrt(a_t), prompt with the class
-word): the gap between two rows is what that stage costs. Renders of other identities give the
+word), beside images the base model draws from pure noise for the same prompts (a plain DDIM loop):
+the gap between two rows is what that stage costs. Renders of other identities give the
 baseline. If the VAE row is already near the baseline, no UNet and no concept can show a likeness.
 Prints a markdown section; nothing is copied in.
 """
@@ -64,6 +65,28 @@ def unet_estimate(world: World, images: list[Image.Image], prompts: list[str], t
     return to_images(bb.vae.decode(x0 / scale).sample)
 
 
+@torch.no_grad()
+def sampled_from_noise(world: World, prompts: list[str], seed: int, steps: int = 50, guidance: float = 3.0):
+    """Images drawn from pure noise by a plain DDIM loop (diffusers' scheduler, no studio code),
+    prompt with the class word: what the base model draws, independent of the studio's sampler."""
+    from diffusers import DDIMScheduler
+
+    bb = world.backbone
+    scheduler = DDIMScheduler.from_config(bb.noise_scheduler.config)
+    scheduler.set_timesteps(steps)
+    word = world.cfg.concept.super_category
+    texts = [p.replace("{}", f"a {word}") for p in prompts] + [""] * len(prompts)
+    ids = bb.tokenizer(texts, padding="max_length", max_length=bb.tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids
+    cond, uncond = bb.text_encoder(ids)[0].chunk(2)
+    side = bb.native_resolution // bb.vae_scale_factor
+    z = torch.randn((len(prompts), bb.unet.config.in_channels, side, side), generator=torch.Generator().manual_seed(seed))
+    for t in scheduler.timesteps:
+        eps_uncond, eps_cond = bb.unet(torch.cat([z, z]), t, torch.cat([uncond, cond])).sample.chunk(2)
+        z = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, z).prev_sample
+    return to_images(bb.vae.decode(z / bb.vae.config.scaling_factor).sample)
+
+
 def mean_identity(world: World, images, prompts, refs) -> float:
     values = identity_values(world.score(images, prompts, refs))
     return float(np.mean(values)) if values else float("nan")
@@ -72,7 +95,7 @@ def mean_identity(world: World, images, prompts, refs) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--identities", type=int, default=8)
-    parser.add_argument("--timesteps", default="100,300,500,700")
+    parser.add_argument("--timesteps", default="100,300,500,700,900")
     parser.add_argument("--run", type=Path, help="a pretraining run folder whose export to use (default: shipped)")
     parser.add_argument("--out", type=Path, default=Path("bench/out/toy-caps"))
     args = parser.parse_args()
@@ -97,6 +120,7 @@ def main() -> int:
             "through the VAE (encode + decode)": through_vae(world, renders),
             **{f"UNet's one-step estimate from t = {t}": unet_estimate(world, renders, prompts, t, seed=k)
                for t in timesteps},
+            "sampled from pure noise (plain DDIM 50 loop, guidance 3, class word)": sampled_from_noise(world, prompts, k),
             "other identities' renders (baseline)": others,
         }
         for label, images in stages.items():
