@@ -27,7 +27,7 @@ studio: $(VENV)/.runtime
 	$(PY) app.py $(ARGS)
 
 test: $(VENV)/.dev chromium
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 bench: $(VENV)/.dev
 	$(PY) bench/run.py --suite quick

@@ -135,7 +135,8 @@ def _generate_tab(page: SimpleNamespace, cfg: StudioConfig) -> None:
         page.negative = gr.Textbox(cfg.sample.negative_prompt, label="Negative prompt", scale=2, elem_id="negative")
     with gr.Row(equal_height=True):
         page.gen_seed = gr.Number(RANDOM_SEED, precision=0, label="Seed (-1 = random)", elem_id="gen-seed", min_width=120)
-        page.dice_btn = gr.Button("🎲", elem_id="random-seed", min_width=40, scale=0)
+        # a word, not the dice emoji: fonts without emoji (common on Linux) drew it as a box
+        page.dice_btn = gr.Button("Random", elem_id="random-seed", min_width=80, scale=0)
         page.gen_steps = gr.Slider(1, 100, value=cfg.sample.steps, step=1, label="Steps", elem_id="gen-steps")
         page.guidance = gr.Slider(0.0, 15.0, value=cfg.sample.guidance_scale, step=0.5, label="Guidance")
         page.scheduler = gr.Dropdown(list(SCHEDULERS), value=cfg.sample.scheduler, label="Scheduler")
