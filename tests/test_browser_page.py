@@ -313,6 +313,8 @@ def test_a_failed_import_is_not_still_shown_after_a_good_one(page, backbone, tmp
     wait_for_text(page, "concept-msg", "✗")
     error = page.locator("#concept-msg").inner_text().strip()
     page.locator("#import button[aria-label*='lear' i]").first.click()  # the box's ✕, to choose another file
+    # the error was about the file just removed: it goes with it, before the next file is chosen
+    page.wait_for_function("() => !(document.getElementById('concept-msg')?.innerText || '').includes('✗')")
     page.set_input_files("#import input[type=file]", str(good))
     wait_for_text(page, "concept-msg", "Loaded")
     message = page.locator("#concept-msg").inner_text()
