@@ -10,7 +10,9 @@ import zipfile
 import pytest
 from PIL import Image
 
+from studio.concept_file import save_concept
 from test_browser import CHROMIUM_ARGS, SHOTS, TIMEOUT_MS, browser, set_number, upload_photo, wait_for_status  # noqa: F401
+from test_sampler import make_concept
 
 pytestmark = pytest.mark.browser
 
@@ -114,7 +116,25 @@ def test_the_buttons_follow_the_phase_and_the_text_is_never_stale(page, faces_di
     assert "Train more goes on from here" not in status(page)
 
 
+def slider_events(page) -> list[dict]:
+    """The events the page's config wires to the trade-off sliders' moves: for each, the triggers
+    and the elem_ids of the components it sends back (what Gradio marks pending and updates)."""
+    config = page.request.get(page.url.split("?")[0].rstrip("/") + "/config").json()
+    elem_ids = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+    sliders = {i for i, name in elem_ids.items() if name in ("band-lo", "band-hi", "balance")}
+    moves = ("input", "change", "release")
+    return [{"triggers": [(elem_ids[t], event) for t, event in dep["targets"]],
+             "outputs": [elem_ids.get(o) for o in dep["outputs"]]}
+            for dep in config["dependencies"]
+            if any(t in sliders and event in moves for t, event in dep["targets"])]
+
+
 def test_keyboard_slider_changes_rerender_the_previews(page, faces_dir):
+    # what a slider move may send back: the previews alone, never the loss plot or the status
+    events = slider_events(page)
+    assert events, "the sliders' moves are wired"
+    for event in events:
+        assert event["outputs"] == ["previews"], f"a slider move resends more than the previews: {event}"
     train_briefly(page, faces_dir)
     # watch the live view: the plot's drawing must stay (not be resent) and no progress overlay may cover it
     page.evaluate("""() => {
@@ -282,3 +302,89 @@ def test_words_names_and_focus_are_for_people(page, faces_dir):
     wait_for_page_text(page, "must start before it ends")
     assert "<=" not in page.locator("body").inner_text()
     shot(page, "band-error")
+
+
+def test_a_failed_import_is_not_still_shown_after_a_good_one(page, backbone, tmp_path):
+    good = save_concept(make_concept(backbone, seed=31), tmp_path / "good.safetensors")
+    corrupt = tmp_path / "broken.safetensors"
+    corrupt.write_bytes(b"\x00" * 8 + b"not json at all")
+    page.get_by_role("tab", name="Concept file").click()
+    page.set_input_files("#import input[type=file]", str(corrupt))
+    wait_for_text(page, "concept-msg", "✗")
+    error = page.locator("#concept-msg").inner_text().strip()
+    page.locator("#import button[aria-label*='lear' i]").first.click()  # the box's ✕, to choose another file
+    # the error was about the file just removed: it goes with it, before the next file is chosen
+    page.wait_for_function("() => !(document.getElementById('concept-msg')?.innerText || '').includes('✗')")
+    page.set_input_files("#import input[type=file]", str(good))
+    wait_for_text(page, "concept-msg", "Loaded")
+    message = page.locator("#concept-msg").inner_text()
+    assert "✗" not in message and error.lstrip("✗ ")[:40] not in message, f"the earlier error is still shown: {message}"
+    shot(page, "import-after-error")
+
+
+def test_several_warnings_read_as_sentences(page, faces_dir, tmp_path):
+    # one black-and-white photo with two people: two warnings for the same photo
+    woman = Image.open(faces_dir / "scarletthead_woman" / "scarlett_0.jpg").convert("RGB")
+    man = Image.open(faces_dir / "newton_man" / "newton_0.jpg").convert("RGB")
+    man = man.resize((man.width * 2 // 3, man.height * 2 // 3))
+    canvas = Image.new("RGB", (woman.width + man.width, max(woman.height, man.height)), (128, 128, 128))
+    canvas.paste(woman, (0, 0))
+    canvas.paste(man, (woman.width, 0))
+    canvas.convert("L").save(tmp_path / "two-people-bw.png")
+    upload_photo(page, str(tmp_path / "two-people-bw.png"))
+    wait_for_text(page, "photo-report", "two-people-bw.png")
+    line = next(text for text in page.locator("#photo-report").inner_text().splitlines() if "two-people-bw.png" in text)
+    assert "black-and-white" in line and "Found 2 faces" in line, line
+    assert ".;" not in line and "; Found" not in line, line
+    # each warning is its own sentence: one ends with a full stop, the next begins after a space
+    first, second = sorted((line.index("This is a black-and-white"), line.index("Found 2 faces")))
+    between = line[first:second]
+    assert between.rstrip().endswith(".") and between[len(between.rstrip()):] == " ", line
+
+
+def test_a_cpu_server_never_says_it_waits_for_the_gpu(browser, studio_app, faces_dir):
+    # one session holds the accelerator gate with a long generation; another asks to train meanwhile
+    busy, waiting = open_page(browser, studio_app), open_page(browser, studio_app)
+    try:
+        train_briefly(busy, faces_dir)
+        upload_photo(waiting, str(faces_dir / "single" / "f2d_3.jpg"))
+        wait_enabled(waiting, "train")
+        set_number(waiting, "steps", 2)
+        busy.get_by_role("tab", name="Create images").click()
+        set_number(busy, "gen-steps", 100)
+        set_number(busy, "num-images", 8)
+        set_number(busy, "gen-width", 256)
+        set_number(busy, "gen-height", 256)
+        busy.click("#generate")
+        wait_enabled(busy, "interrupt")
+        waiting.click("#train")
+        wait_for_text(waiting, "status", "ahead in line")
+        said = status(waiting)
+        shot(waiting, "waiting-in-line")
+        assert "GPU" not in said, f"a CPU server says: {said}"
+        busy.click("#interrupt")
+        wait_for_text(waiting, "status", "Finished")
+    finally:
+        busy.context.close()
+        waiting.context.close()
+
+
+def test_the_best_step_button_goes_back_to_the_best_balanced_step(page, faces_dir):
+    upload_photo(page, str(faces_dir / "single" / "f2d_2.jpg"))
+    wait_enabled(page, "train")
+    set_number(page, "steps", 3000)
+    page.click("#train")
+    wait_for_text(page, "status", "Best balance so far: step")  # a scored training preview (tiny: every 25 steps)
+    wait_enabled(page, "best-step", False)  # not while training
+    page.click("#stop")
+    wait_for_text(page, "status", "Stopped")
+    wait_enabled(page, "best-step")
+    best = int(status(page).split("Best balance so far: step ")[1].split(" ")[0])
+    stopped_at = int(status(page).split("step ")[1].split(" /")[0])
+    page.click("#best-step")
+    wait_for_text(page, "status", f"Using the concept of step {best}")
+    wait_for_text(page, "previews", f"step {best} ·")
+    captions = page.locator("#previews").inner_text()
+    assert all(line.startswith(f"step {best} ·") for line in captions.splitlines() if line.startswith("step ")), captions
+    assert "Train more still goes on from the end of the run" in status(page), status(page)
+    shot(page, f"best-step-{best}-of-{stopped_at}")

@@ -456,3 +456,20 @@ def test_the_legend_names_every_outcome_and_is_not_cut_off_after_a_second_sweep(
         _assert_no_error_toast(page)
     finally:
         page.set_viewport_size({"width": 1400, "height": 1100})
+
+
+@pytest.mark.browser
+def test_settings_that_score_the_same_are_called_a_tie(trained_page):
+    page = trained_page
+    # tiny draws the same noise for these settings, so their scores coincide
+    _set_sweep(page, ["t 200–800", "t 600–900"], ["γ 1"], steps=2)
+    page.click("#explore-run")
+    _wait_sweep_done(page, ["t 200–800 · γ 1.00", "t 600–900 · γ 1.00"])
+    rows = page.locator("#explore-table .virtual-row").all_inner_texts()
+    scores = [SETTING_LABEL.sub("", row).replace("★", "").split() for row in rows]  # what is left: the scores
+    summary = page.locator("#explore-summary").inner_text()
+    first = summary.splitlines()[0]
+    shot(page, "explore-tie")
+    assert scores[0] == scores[1], f"the precondition, equal scores, holds on tiny: {rows}"
+    assert "tie" in first.lower(), f"equal scores, yet one is named the best: {first}"
+    assert "t 200–800 · γ 1.00" in first and "t 600–900 · γ 1.00" in first, first
