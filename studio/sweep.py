@@ -194,10 +194,14 @@ class BestStep:
 
     @property
     def step(self) -> int | None:
-        if not self.points:
+        """The best-balanced trained step. Step 0 (the untrained start, the class word alone)
+        is never the pick once a trained step is scored: going back to it is never what
+        *Best step* is for, though on a backbone that finds no faces it can score best."""
+        trained = [(s, p) for s, p in self.points if s > 0] or list(self.points)
+        if not trained:
             return None
-        best = pick_balanced([p for _, p in self.points])
-        return next(s for s, p in self.points if p is best)
+        best = pick_balanced([p for _, p in trained])
+        return next(s for s, p in trained if p is best)
 
     @property
     def note(self) -> str:

@@ -175,3 +175,20 @@ def test_an_exported_concept_carries_the_trade_off_slider_values(engine, faces_d
     path = engine.export_concept(tmp_path / "c.safetensors")
     sample = load_concept(path).config["sample"]
     assert sample["band"] == [250, 700] and sample["balance"] == 1.75
+
+
+def _preview_at(step: int, prompt: float, identity: float | None = None):
+    from studio.events import PreviewReady
+
+    score = ImageScores(IdentityScore(identity, identity is not None, "toy"), PromptScore(prompt, "toy"))
+    return PreviewReady(step, (Image.new("RGB", (8, 8)),), ("",), (400, 800), 1.0, (score,))
+
+
+def test_the_best_step_is_a_trained_one_even_when_the_untrained_start_scores_best():
+    from studio.sweep import BestStep
+
+    best = BestStep().with_preview(_preview_at(0, 30.0))
+    assert best.step == 0  # alone, the start is all there is
+    best = best.with_preview(_preview_at(25, 20.0)).with_preview(_preview_at(50, 25.0))
+    assert best.step == 50 and "step 50" in best.note  # not step 0, although its prompt score is highest
+    assert BestStep().with_preview(_preview_at(0, 9.0, 0.1)).with_preview(_preview_at(25, 5.0, 0.6)).step == 25
