@@ -30,6 +30,8 @@ def add_toy_parser(subparsers: Any) -> None:
     pretrain.add_argument("--minutes", type=float, help="time budget of the UNet + text encoder stage")
     pretrain.add_argument("--decoder-minutes", type=float, help="time budget of the decoder fine-tuning stage")
     pretrain.add_argument("--threads", type=int, default=2, help="torch threads (and render workers)")
+    pretrain.add_argument("--device", default="cpu", help="where the UNet + text encoder stage runs, e.g. cuda (default cpu)")
+    pretrain.add_argument("--batch", type=int, help="UNet batch size (default 64)")
     pretrain.set_defaults(func=run_pretrain)
 
 
@@ -54,9 +56,20 @@ def run_render(args: argparse.Namespace) -> int:
 def run_pretrain(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    import torch
+
+    from studio.cli import CliError
     from studio.toy.pretrain import STAGES, PretrainPlan, pretrain
 
-    plan = PretrainPlan()
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise CliError(f"--device must be a torch device such as cpu or cuda, got {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda was asked for, but torch sees no CUDA GPU here")
+    if args.batch is not None and not 1 <= args.batch <= 4096:
+        raise CliError(f"--batch must be between 1 and 4096, got {args.batch}")
+    plan = replace(PretrainPlan(), device=str(device), **({"unet_batch": args.batch} if args.batch else {}))
     if args.minutes is not None:
         plan = replace(plan, unet_minutes=args.minutes)
     if args.decoder_minutes is not None:

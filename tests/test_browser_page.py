@@ -69,6 +69,16 @@ def train_briefly(page, faces_dir) -> None:
     page.wait_for_selector("#previews img")
 
 
+def start_long_generation(page) -> None:
+    """Start 8 images of 100 steps at 256 px on the Create images tab (long on tiny), until it runs."""
+    set_number(page, "gen-steps", 100)
+    set_number(page, "num-images", 8)
+    set_number(page, "gen-width", 256)
+    set_number(page, "gen-height", 256)
+    page.click("#generate")
+    wait_enabled(page, "interrupt")
+
+
 def test_clearing_the_photo_box_forgets_the_photos(page, faces_dir, studio_app):
     upload_photo(page, str(faces_dir / "single" / "f2d_2.jpg"))
     page.wait_for_selector("#crops img")
@@ -255,12 +265,7 @@ def test_generate_like_a1111(page, faces_dir, tmp_path):
     shot(page, "generated")
 
     # a long generation can be interrupted; Generate is off while it runs
-    set_number(page, "gen-steps", 100)
-    set_number(page, "num-images", 8)
-    set_number(page, "gen-width", 256)
-    set_number(page, "gen-height", 256)
-    page.click("#generate")
-    wait_enabled(page, "interrupt")
+    start_long_generation(page)
     assert not enabled(page, "generate")
     page.click("#interrupt")
     page.wait_for_function("t => document.body.innerText.includes(t)", arg="Interrupted", timeout=TIMEOUT_MS)
@@ -351,12 +356,7 @@ def test_a_cpu_server_never_says_it_waits_for_the_gpu(browser, studio_app, faces
         wait_enabled(waiting, "train")
         set_number(waiting, "steps", 2)
         busy.get_by_role("tab", name="Create images").click()
-        set_number(busy, "gen-steps", 100)
-        set_number(busy, "num-images", 8)
-        set_number(busy, "gen-width", 256)
-        set_number(busy, "gen-height", 256)
-        busy.click("#generate")
-        wait_enabled(busy, "interrupt")
+        start_long_generation(busy)
         waiting.click("#train")
         wait_for_text(waiting, "status", "ahead in line")
         said = status(waiting)

@@ -58,6 +58,7 @@ class PretrainPlan:
     decoder_minutes: float = 20.0
     decoder_batch: int = 32
     seed: int = 0
+    device: str = "cpu"  # where the UNet + text encoder stage runs ("cuda" on a lent GPU)
 
 
 def _log(msg: str) -> None:
@@ -421,11 +422,13 @@ def stage_decoder(out: Path, plan: PretrainPlan) -> None:
                                   "final_loss": loss.item()}, indent=2))
 
 
-def _encode_all(vae, images: np.ndarray) -> torch.Tensor:
+def _encode_all(vae, images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Latent means (N, 4, 16, 16) of all ``images``, on the CPU (encoded on ``device``)."""
     out = []
     with torch.no_grad():
         for i in range(0, len(images), 256):
-            out.append(vae.encode(toy_models.to_input(images[i : i + 256])).latent_dist.mean * vae.config.scaling_factor)
+            x = toy_models.to_input(images[i : i + 256]).to(device)
+            out.append((vae.encode(x).latent_dist.mean * vae.config.scaling_factor).cpu())
     return torch.cat(out)
 
 
@@ -457,28 +460,34 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
     _write_folder_files(out)
     if not (out / "vae" / "diffusion_pytorch_model.safetensors").exists():
         _train_vae(train, plan, out / "vae")
-    vae = AutoencoderKL.from_pretrained(str(out / "vae")).eval()
-    latents = _encode_all(vae, train["images"])
-    _log(f"[backbone] latents {tuple(latents.shape)}, std {latents.std():.3f}")
+    device = torch.device(plan.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    vae = AutoencoderKL.from_pretrained(str(out / "vae")).eval().to(device)
+    latents = _encode_all(vae, train["images"], device)
+    _log(f"[backbone] latents {tuple(latents.shape)}, std {latents.std():.3f}, on {device}")
     del vae
 
     tokenizer = load_tokenizer()
     torch.manual_seed(plan.seed + 5)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
     unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size))
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, 3e-4, weight_decay=1e-2)
-    ema = [p.detach().clone() for p in params]
     ckpt = out / "checkpoint"
-    step, elapsed = 0, 0.0
-    if (ckpt / "state.json").exists():
+    step, elapsed, resumed = 0, 0.0, (ckpt / "state.json").exists()
+    if resumed:  # weights are loaded on the CPU, then everything moves to the device together
         state = json.loads((ckpt / "state.json").read_text())
         step, elapsed = state["step"], state["elapsed"]
         unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
         text_encoder.load_state_dict(load_file(str(ckpt / "text_encoder.safetensors")))
-        ema_tensors = load_file(str(ckpt / "ema.safetensors"))
+    unet.to(device)
+    text_encoder.to(device)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, 3e-4, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
+    if resumed:
+        ema_tensors = load_file(str(ckpt / "ema.safetensors"), device=str(device))
         ema = [ema_tensors[str(i)] for i in range(len(params))]
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=device))
         _log(f"[backbone] resumed at step {step} ({elapsed / 60:.1f} min done)")
     scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
     idents = {}
@@ -492,9 +501,9 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
 
     def save_checkpoint() -> None:
         ckpt.mkdir(exist_ok=True)
-        save_file(unet.state_dict(), str(ckpt / "unet.safetensors"))
-        save_file(text_encoder.state_dict(), str(ckpt / "text_encoder.safetensors"))
-        save_file({str(i): e.contiguous() for i, e in enumerate(ema)}, str(ckpt / "ema.safetensors"))
+        save_file({k: v.cpu() for k, v in unet.state_dict().items()}, str(ckpt / "unet.safetensors"))
+        save_file({k: v.cpu() for k, v in text_encoder.state_dict().items()}, str(ckpt / "text_encoder.safetensors"))
+        save_file({str(i): e.contiguous().cpu() for i, e in enumerate(ema)}, str(ckpt / "ema.safetensors"))
         torch.save(opt.state_dict(), ckpt / "optimizer.pt")
         (ckpt / "state.json").write_text(json.dumps({"step": step, "elapsed": time.time() - started}))
 
@@ -511,13 +520,14 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
             scene = Scene(**{a: list(ATTRIBUTES[a])[int(train["attributes"][i, k])] for k, a in enumerate(attr_names)})
             texts.append("" if rng.uniform() < 0.1 else caption(ident, scene, rng))
         ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
+                        return_tensors="pt").input_ids.to(device)
         z0 = latents[idx]
-        noise = torch.randn(z0.shape, generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)  # drawn on the CPU: the same run on any device
         # half the batch from the noisiest 40 %: those steps set the layout and are learned last
         t = torch.where(torch.rand(len(idx), generator=gen) < 0.5, torch.randint(0, 1000, (len(idx),), generator=gen),
                         torch.randint(600, 1000, (len(idx),), generator=gen))
-        zt = scheduler.add_noise(z0, noise, t)
+        zt = scheduler.add_noise(z0, noise, t).to(device)
+        noise, t = noise.to(device), t.to(device)
         hidden = text_encoder(ids).last_hidden_state
         pred = unet(zt, t, hidden).sample
         loss = F.mse_loss(pred, noise)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Toy pretraining on a lent GPU (docs/TOY.md): the UNet + text encoder stage, from scratch, on the
+# shipped VAE, for MINUTES minutes at batch BATCH; the EMA weights come back under $OUT.
+#
+# The shipped backbone is limited by this stage (bench/RESULTS-toy.md, 1b-1c): on the 2-core CPU it
+# got 1 550 steps of batch 64 in an hour. The device image has torch and transformers but no
+# diffusers / omegaconf; bring those as wheels, once, here in the repo root (the tracked tree is
+# ~57 MB of the 64 MiB that travel, so only the small ones; /.whl-toy/ is ignored):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl-toy diffusers==0.42.1 omegaconf==2.4.0 antlr4-python3-runtime==4.9.3
+# then call the device tool with
+#   run(command="bash bench/gpu_toy.sh", carry=[".whl-toy"], timeout_s=600)
+# (defaults: MINUTES=6, BATCH=256; the data stage renders first, about a minute on 16 cores).
+# What comes back: unet/ (fp16 on disk: the fp32 file is over the 16 MiB a returned file may
+# have), text_encoder/, pretrain.json and the logs. To use it, copy both folders over
+# assets/toy/unet and assets/toy/text_encoder, then look (bench/toy_look.py) and measure
+# (bench/toy_caps.py, bench/toy_world.py) before shipping.
+# A CPU dry run of the same steps: DEVICE=cpu MINUTES=0.2 BATCH=8 OUT=/tmp/gt bash bench/gpu_toy.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/out/gpu-toy}"
+RUN="${RUN:-/tmp/toy-pretrain}"
+MINUTES="${MINUTES:-6}"
+BATCH="${BATCH:-256}"
+DEVICE="${DEVICE:-cuda}"
+THREADS="${THREADS:-$(nproc)}"
+PY="${PY:-python3}"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl-toy/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-toy/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+mkdir -p "$OUT" "$RUN"
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1 || true
+[[ -d "$RUN/vae" ]] || cp -r assets/toy/vae "$RUN/vae"  # the shipped VAE: the backbone stage trains none
+"$PY" -m studio toy pretrain --out "$RUN" --stage data --threads "$THREADS" 2>&1 | tee "$OUT/data.log"
+"$PY" -m studio toy pretrain --out "$RUN" --stage backbone --minutes "$MINUTES" --device "$DEVICE" \
+  --batch "$BATCH" --threads "$THREADS" 2>&1 | grep --line-buffered -v "Writing model shards" | tee "$OUT/backbone.log"
+mkdir -p "$OUT/unet" "$OUT/text_encoder"
+cp "$RUN/unet/config.json" "$OUT/unet/"
+cp "$RUN/text_encoder/"* "$OUT/text_encoder/"
+cp "$RUN/pretrain.json" "$OUT/"
+"$PY" - "$RUN/unet/diffusion_pytorch_model.safetensors" "$OUT/unet/diffusion_pytorch_model.fp16.safetensors" <<'PY'
+import sys
+from safetensors.torch import load_file, save_file
+save_file({k: v.half() for k, v in load_file(sys.argv[1]).items()}, sys.argv[2])
+PY
+ls -l "$OUT" "$OUT/unet" "$OUT/text_encoder"
