@@ -7,7 +7,10 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl diffusers==0.42.1 omegaconf==2.4.0 antlr4-python3-runtime==4.9.3 transformers==5.23.0 \
 #     huggingface_hub==2.4.0 tokenizers==0.23.3
-# (pin what `.venv/bin/python -m pip list` shows here), then call the device tool with
+# (pin what `.venv/bin/python -m pip list` shows here). Since assets/toy was added the tracked tree
+# is ~57 MB of the 64 MiB that travel, and those wheels are ~20 MB: leave out transformers,
+# huggingface_hub and tokenizers (use the image's transformers 5.17) unless the call says the
+# tree is too large no more. Then call the device tool with
 #   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=600)
 # and, as a second call, the channels_last A/B behind assemble_backbone's choice (finding 5):
 #   run(command="bash bench/gpu.sh memory-format", carry=[".whl"], timeout_s=600)

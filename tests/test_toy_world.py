@@ -106,3 +106,19 @@ def test_render_command_writes_the_ground_truth_and_refuses_unknown_words(tmp_pa
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "does not know 'moon'" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "y.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "sentence"),
+    [
+        (["--device", "gpu0"], "--device must be a torch device such as cpu or cuda, got 'gpu0'"),
+        (["--batch", "0"], "--batch must be between 1 and 4096, got 0"),
+    ],
+)
+def test_pretrain_refuses_a_bad_device_or_batch_before_any_work(tmp_path, capsys, flags, sentence):
+    from studio.cli import main
+
+    out = tmp_path / "run"
+    assert main(["toy", "pretrain", "--out", str(out), "--stage", "backbone", *flags]) == 2
+    assert sentence in capsys.readouterr().err
+    assert not out.exists()  # nothing was started
