@@ -9,8 +9,8 @@
 #     huggingface_hub==2.4.0 tokenizers==0.23.3
 # (pin what `.venv/bin/python -m pip list` shows here). Since assets/toy was added the tracked tree
 # is ~57 MB of the 64 MiB that travel, and those wheels are ~20 MB: leave out transformers,
-# huggingface_hub and tokenizers (use the image's transformers 5.17) unless the call says the
-# tree is too large no more. Then call the device tool with
+# huggingface_hub and tokenizers and use the image's transformers 5.17 (the call refuses a
+# tree over the limit). Then call the device tool with
 #   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=600)
 # and, as a second call, the channels_last A/B behind assemble_backbone's choice (finding 5):
 #   run(command="bash bench/gpu.sh memory-format", carry=[".whl"], timeout_s=600)
