@@ -36,3 +36,29 @@ def test_compose_two_concept_files_left_and_right_then_a_prompt_that_names_one(p
     page.locator("#compose").click()
     page.get_by_text("must name each of the 2 people once").first.wait_for(timeout=TIMEOUT_MS)
     shot(page, "compose-3-bad-prompt")
+
+
+def test_a_long_composition_can_be_interrupted_and_the_tab_stays_usable(page, backbone, tmp_path):
+    files = [save_concept(make_concept(backbone, seed=s), tmp_path / f"p{s}.safetensors") for s in (23, 24)]
+    page.get_by_role("tab", name="Compose").click()
+    assert not page.locator("#compose-interrupt").is_enabled()  # nothing to interrupt yet
+    for index, path in enumerate(files):
+        page.locator(f"#compose-kind-{index}").get_by_label("A concept file").check()
+        page.set_input_files(f"#compose-file-{index} input[type=file]", str(path))
+    steps = page.locator("#compose-steps input[type=number]")
+    steps.fill("100")
+    steps.press("Enter")
+    page.locator("#compose").click()
+    page.wait_for_function("() => document.getElementById('compose-interrupt')?.disabled === false")
+    assert not page.locator("#compose").is_enabled()  # one composition at a time
+    page.locator("#compose-interrupt").click()
+    page.wait_for_function("() => (document.getElementById('compose-scores')?.innerText || '').includes('Interrupted after')")
+    page.wait_for_function("() => document.getElementById('compose')?.disabled === false")
+    assert not page.locator("#compose-interrupt").is_enabled()
+    shot(page, "compose-4-interrupted")
+
+    steps.fill("2")
+    steps.press("Enter")
+    page.locator("#compose").click()  # a past interrupt does not stop the next composition
+    page.wait_for_function("() => (document.getElementById('compose-cost')?.innerText || '').includes('This run')")
+    page.wait_for_selector("#composed img", timeout=TIMEOUT_MS)

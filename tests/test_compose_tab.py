@@ -56,9 +56,9 @@ def test_an_interrupted_composition_is_a_message_and_keeps_the_last_images(monke
     on = ComposeHandlers(lambda request: engine)
     outputs = on.on_compose("This session's concept", None, "A concept file", None, "{0} and {1}", "Left / right",
                             0, 5, "regions", request=None, progress=lambda *a, **k: None)
-    assert outputs[2] == "⏹ Interrupted after 2 of 5 steps: nothing new was made."
+    assert outputs[2] == "Interrupted after 2 of 5 steps: nothing new was made."
     assert [type(o) for o in (outputs[0], outputs[1], outputs[3])] == [type(gr.skip())] * 3
     assert warned == ["Interrupted: Generation stopped after 2 of 5 steps."]
-    assert on.on_instant(0, 5, request=None, progress=lambda *a, **k: None)[2].startswith("⏹ Interrupted")
+    assert on.on_instant(0, 5, request=None, progress=lambda *a, **k: None)[2].startswith("Interrupted after")
     on.on_interrupt(None)
     assert engine.interrupts == 1

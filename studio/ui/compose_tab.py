@@ -121,7 +121,7 @@ def rendered(result, region_scores, count: int) -> list[Any]:
 def interrupted(exc: GenerationInterrupted) -> list[Any]:
     """The tab's outputs after Interrupt: the last images stay, the scores say what happened."""
     gr.Warning(f"Interrupted: {exc}")
-    return [gr.skip(), gr.skip(), f"⏹ Interrupted after {exc.step} of {exc.total} steps: nothing new was made.", gr.skip()]
+    return [gr.skip(), gr.skip(), f"Interrupted after {exc.step} of {exc.total} steps: nothing new was made.", gr.skip()]
 
 
 class ComposeHandlers:

@@ -335,14 +335,14 @@ def _count(n: int, noun: str) -> str:
 
 
 def progress_markdown(run: SweepSnapshot) -> str:
-    """"⏳ setting 2 of 4 …" while running; done / stopped / failed afterwards."""
+    """"Running: setting 2 of 4 …" while running; done / stopped / failed afterwards."""
     done, total = len(run.points), run.total
     shape = f"{_count(run.images_per_setting, 'image')} each, {_count(run.steps, 'step')}"
     if run.error:
         return f"✗ {run.error}"
     if not run.finished:
         band, balance = run.settings[min(done, total - 1)]
-        return f"⏳ **setting {done + 1} of {total}** … ({setting_label(band, balance)}; {shape})"
+        return f"Running: **setting {done + 1} of {total}** … ({setting_label(band, balance)}; {shape})"
     seconds = (run.finished_at or time.monotonic()) - run.started
     if run.stopped or done < total:
         return f"■ **Stopped** after {done} of {total} settings ({seconds:.0f} s); the finished ones are shown."
