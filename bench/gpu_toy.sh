@@ -12,11 +12,15 @@
 # then call the device tool with
 #   run(command="bash bench/gpu_toy.sh", carry=[".whl-toy"], timeout_s=600)
 # (defaults: MINUTES=6, BATCH=256; the data stage renders first, about a minute on 16 cores).
-# What comes back: unet/ (fp16 on disk: the fp32 file is over the 16 MiB a returned file may
-# have), text_encoder/, pretrain.json and the logs. To use it, copy both folders over
-# assets/toy/unet and assets/toy/text_encoder, then look (bench/toy_look.py) and measure
-# (bench/toy_caps.py, bench/toy_world.py) before shipping.
-# A CPU dry run of the same steps: DEVICE=cpu MINUTES=0.2 BATCH=8 OUT=/tmp/gt bash bench/gpu_toy.sh
+# What comes back (7 files; the device tool returns at most 8): unet/ (fp16 tensors on disk: the
+# fp32 file is over the 16 MiB a returned file may have; it loads as the preset's dtype),
+# text_encoder/, pretrain.json and the logs, copied on exit, so a run cut short at its time limit
+# still returns its last export. To use them, replace the files of assets/toy/unet and
+# assets/toy/text_encoder with them, then look (bench/toy_look.py) and measure (bench/toy_caps.py,
+# bench/toy_world.py) before shipping. Keep MINUTES well inside the 10-minute command limit (data
+# rendering and latent encoding come first).
+# A CPU dry run of the same steps (renders the data for about 8 minutes on 2 cores):
+#   DEVICE=cpu MINUTES=0.2 BATCH=8 OUT=/tmp/gt RUN=/tmp/gt-run bash bench/gpu_toy.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out/gpu-toy}"
@@ -25,7 +29,7 @@ MINUTES="${MINUTES:-6}"
 BATCH="${BATCH:-256}"
 DEVICE="${DEVICE:-cuda}"
 THREADS="${THREADS:-$(nproc)}"
-PY="${PY:-python3}"
+PY="${PY:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl-toy/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-toy/*.whl
@@ -34,16 +38,21 @@ fi
 mkdir -p "$OUT" "$RUN"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1 || true
 [[ -d "$RUN/vae" ]] || cp -r assets/toy/vae "$RUN/vae"  # the shipped VAE: the backbone stage trains none
-"$PY" -m studio toy pretrain --out "$RUN" --stage data --threads "$THREADS" 2>&1 | tee "$OUT/data.log"
-"$PY" -m studio toy pretrain --out "$RUN" --stage backbone --minutes "$MINUTES" --device "$DEVICE" \
-  --batch "$BATCH" --threads "$THREADS" 2>&1 | grep --line-buffered -v "Writing model shards" | tee "$OUT/backbone.log"
-mkdir -p "$OUT/unet" "$OUT/text_encoder"
-cp "$RUN/unet/config.json" "$OUT/unet/"
-cp "$RUN/text_encoder/"* "$OUT/text_encoder/"
-cp "$RUN/pretrain.json" "$OUT/"
-"$PY" - "$RUN/unet/diffusion_pytorch_model.safetensors" "$OUT/unet/diffusion_pytorch_model.fp16.safetensors" <<'PY'
+
+send_back() {  # the newest export, whatever ended the run
+  [[ -f "$RUN/unet/diffusion_pytorch_model.safetensors" ]] || return 0
+  mkdir -p "$OUT/unet" "$OUT/text_encoder"
+  cp "$RUN/unet/config.json" "$OUT/unet/"
+  cp "$RUN/text_encoder/"* "$OUT/text_encoder/"
+  cp "$RUN/pretrain.json" "$OUT/" 2>/dev/null || true
+  "$PY" - "$RUN/unet/diffusion_pytorch_model.safetensors" "$OUT/unet/diffusion_pytorch_model.safetensors" <<'PY'
 import sys
 from safetensors.torch import load_file, save_file
 save_file({k: v.half() for k, v in load_file(sys.argv[1]).items()}, sys.argv[2])
 PY
-ls -l "$OUT" "$OUT/unet" "$OUT/text_encoder"
+  ls -l "$OUT" "$OUT/unet" "$OUT/text_encoder"
+}
+trap send_back EXIT
+"$PY" -m studio toy pretrain --out "$RUN" --stage data --threads "$THREADS" 2>&1 | tee "$OUT/data.log"
+"$PY" -m studio toy pretrain --out "$RUN" --stage backbone --minutes "$MINUTES" --device "$DEVICE" \
+  --batch "$BATCH" --threads "$THREADS" 2>&1 | grep --line-buffered -v "Writing model shards" | tee "$OUT/backbone.log"

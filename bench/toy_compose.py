@@ -141,10 +141,12 @@ def main() -> int:
         values = [v for v in values if v is not None]
         return (float(np.mean(values)) if values else float("nan")), len(values)
 
+    moved = float(np.mean([np.abs(np.asarray(p, np.float64) - np.asarray(b, np.float64)).mean()
+                           for p, b in zip(previews, base)]))  # what reference attention changed, 0-255
     to_a, n_a = mean_identity(previews, IDENTITY_A)
     to_c, n_c = mean_identity(previews, IDENTITY_C)
     base_a, n_base = mean_identity(base, IDENTITY_A)
-    raw["instant"] = dict(to_a=to_a, to_c=to_c, base_to_a=base_a)
+    raw["instant"] = dict(to_a=to_a, to_c=to_c, base_to_a=base_a, pixel_change=moved)
     (args.out / "toy_compose.json").write_text(json.dumps(raw, indent=2, default=float))
 
     n = len(prompts) * len(seeds)
@@ -172,6 +174,8 @@ def main() -> int:
         f"| base model with the class word, to A's selfie | {base_a:.3f} | {n_base} |",
         "",
         f"- RSA previews above the unrelated-identity baseline: **{to_a > to_c}**",
+        f"- mean pixel change of the RSA previews against the base model's images (same prompts and seeds): "
+        f"{moved:.2f} of 255",
     ]
     text = "\n".join(lines)
     (args.out / "toy_compose.md").write_text(text)

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from studio.events import ConceptUpdated, PreviewReady, RolledBack, TrainingEven
 from studio.gate import GATE, TRAINING_SLOTS, AcceleratorGate, GateCancelled, TrainingSlots
 from studio.lora import applied as loras_applied
 from studio.metrics import score_quietly
-from studio.sampler import GenerationSettings, SamplerInputError, render_preview, shared_sampler
+from studio.sampler import GenerationInterrupted, GenerationSettings, SamplerInputError, render_preview, shared_sampler
 from studio.sweep import BestStep, SweepSnapshot
 from studio.training import EndedRun, TrainingRun
 
@@ -599,6 +600,18 @@ class Engine:
 
         return on_step
 
+    @contextmanager
+    def _generation_gate(self, settings: GenerationSettings):
+        """This session's turn on the accelerator for a generation or composition; an Interrupt
+        while it waits in line ends it as GenerationInterrupted after 0 steps."""
+        turn = ExitStack()
+        try:
+            turn.enter_context(self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set))
+        except GateCancelled:
+            raise GenerationInterrupted(0, settings.num_inference_steps) from None
+        with turn:
+            yield
+
     def generate(self, prompt: str | list[str], *, progress: Callable[[int, int], None] | None = None,
                  concept: Concept | None = None, **kwargs: Any):
         """Generate with ``concept`` (default: the newest). kwargs as ``Sampler.__call__`` (seeds, band, balance, ...)."""
@@ -607,7 +620,7 @@ class Engine:
         sampler = shared_sampler(self.backbone())
         on_step = self._generation_steps(progress)
         settings = GenerationSettings.from_config(self.cfg, **kwargs)
-        with self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set), loras_applied(sampler.backbone, self.loras):
+        with self._generation_gate(settings), loras_applied(sampler.backbone, self.loras):
             result = sampler(concept, prompt, callback_on_step_end=on_step, **settings.kwargs())
             per_image = [settings["prompt"] for settings in result.settings]
             scores = self._score(result.images, per_image, concept.super_category, self.cfg)
@@ -623,15 +636,15 @@ class Engine:
         self._check_open()
         from studio.compose import Composer, resolve_people, score_regions
 
+        on_step = self._generation_steps(progress)  # armed first: an Interrupt while the files load counts
         backbone = self.backbone()
         people, references = resolve_people(
             sources, concept=self.current_concept(), prepared=self._snapshot.prepared, backbone=backbone,
             face=self.cfg.face, class_word=self.cfg.concept.super_category,
         )
         composer = Composer(shared_sampler(backbone), self.cfg.compose)
-        on_step = self._generation_steps(progress)
         settings = GenerationSettings.from_config(self.cfg, **kwargs)
-        with self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set), loras_applied(backbone, self.loras):
+        with self._generation_gate(settings), loras_applied(backbone, self.loras):
             result = composer(people, prompt, mode=mode, boxes=boxes, callback_on_step_end=on_step, **settings.kwargs())
             scores = ()
             if self.cfg.metrics.score_images:

@@ -30,7 +30,7 @@ def test_the_tab_builds_with_every_source_offered(tiny_cfg):
 
 
 def test_the_cost_of_a_finished_run_replaces_the_estimate():
-    assert run_cost_text(1) == "This run: 1 UNet pass per step (about a plain generation's time)."
+    assert run_cost_text(1) == "This run: 1 UNet pass per step (as in a plain generation; finding the regions adds a little)."
     assert run_cost_text(3) == "This run: 3 UNet passes per step (up to 3× a plain generation's time)."
 
 

@@ -357,6 +357,37 @@ def test_a_session_waiting_for_the_accelerator_shows_its_place_in_line(engine):
     assert done.phase is Phase.FINISHED and done.queue_position is None
 
 
+def test_an_interrupt_while_waiting_in_line_ends_a_generation_or_composition_after_0_steps(engine):
+    from studio.compose import PersonSource
+    from studio.gate import GATE
+    from studio.sampler import GenerationInterrupted
+
+    engine.start()
+    engine.wait_until(lambda s: not s.active, timeout=TIMEOUT)
+    calls = {
+        "generate": lambda: engine.generate("a photo of {}", seeds=[0], num_inference_steps=3),
+        "compose": lambda: engine.compose([PersonSource("session")], "a photo of {0}", seeds=[0], num_inference_steps=3),
+    }
+    for name, call in calls.items():
+        raised: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                call()
+            except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
+                raised.append(exc)
+
+        with GATE.hold("another-session"):  # the accelerator is busy: this session waits in line
+            thread = threading.Thread(target=run)
+            thread.start()
+            assert GATE.wait_until_queued(engine.session_id, timeout=TIMEOUT)
+            engine.interrupt_generation()
+            thread.join(TIMEOUT)
+        assert len(raised) == 1 and isinstance(raised[0], GenerationInterrupted), (name, raised)
+        assert (raised[0].step, raised[0].total) == (0, 3), name
+    assert len(engine.generate("a photo of {}", seeds=[0], num_inference_steps=2).images) == 1  # the next one runs
+
+
 def test_asking_for_images_without_a_concept_fails_at_once_with_what_it_was_for(engine_cfg):
     from studio.engine import NoConceptYet
 

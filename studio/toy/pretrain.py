@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -422,6 +423,17 @@ def stage_decoder(out: Path, plan: PretrainPlan) -> None:
                                   "final_loss": loss.item()}, indent=2))
 
 
+def _to_cpu(value: Any) -> Any:
+    """``value`` (nested dicts / lists of tensors, e.g. an optimizer state) with every tensor on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
 def _encode_all(vae, images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """Latent means (N, 4, 16, 16) of all ``images``, on the CPU (encoded on ``device``)."""
     out = []
@@ -487,7 +499,9 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
     if resumed:
         ema_tensors = load_file(str(ckpt / "ema.safetensors"), device=str(device))
         ema = [ema_tensors[str(i)] for i in range(len(params))]
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=device))
+        # loaded on the CPU: load_state_dict moves the moments to the parameters' device and keeps
+        # Adam's step counters on the CPU, where torch wants them
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
         _log(f"[backbone] resumed at step {step} ({elapsed / 60:.1f} min done)")
     scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
     idents = {}
@@ -504,7 +518,7 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         save_file({k: v.cpu() for k, v in unet.state_dict().items()}, str(ckpt / "unet.safetensors"))
         save_file({k: v.cpu() for k, v in text_encoder.state_dict().items()}, str(ckpt / "text_encoder.safetensors"))
         save_file({str(i): e.contiguous().cpu() for i, e in enumerate(ema)}, str(ckpt / "ema.safetensors"))
-        torch.save(opt.state_dict(), ckpt / "optimizer.pt")
+        torch.save(_to_cpu(opt.state_dict()), ckpt / "optimizer.pt")
         (ckpt / "state.json").write_text(json.dumps({"step": step, "elapsed": time.time() - started}))
 
     losses: list[float] = []

@@ -63,8 +63,9 @@ def score_text(scores: list[list[float | None]] | tuple, count: int) -> str:
 
 def run_cost_text(passes: int) -> str:
     """What a finished composition cost, from its settings."""
-    return f"This run: {passes} UNet pass{'es' if passes > 1 else ''} per step" + (
-        f" (up to {passes}× a plain generation's time)." if passes > 1 else " (about a plain generation's time).")
+    if passes == 1:
+        return "This run: 1 UNet pass per step (as in a plain generation; finding the regions adds a little)."
+    return f"This run: {passes} UNet passes per step (up to {passes}× a plain generation's time)."
 
 
 def _compose_layout(cfg: StudioConfig) -> SimpleNamespace:

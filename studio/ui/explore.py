@@ -160,7 +160,7 @@ def sweep_grid_path(sweep: SweepSnapshot, session_folder: Path) -> str:
 
 def _folder(sweep: SweepSnapshot, session_folder: Path) -> Path:
     folder = Path(session_folder) / f"sweep-{sweep.uid}"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(exist_ok=True)  # inside the session's folder, which the registry made
     return folder
 
 
@@ -478,8 +478,8 @@ class ExploreHandlers:
     engine and session folder (deleted with the session)."""
 
     def __init__(self, engine_for: Callable[[gr.Request], Engine], folder_for: Callable[[gr.Request], Path],
-                 outputs: int) -> None:
-        self.engine_for, self.folder_for, self.outputs = engine_for, folder_for, outputs
+                 output_count: int) -> None:
+        self.engine_for, self.folder_for, self.output_count = engine_for, folder_for, output_count
         self.on_run = spaces.GPU(duration=GPU_DURATION_S)(self._run)  # ZeroGPU: a GPU-attached process
 
     def _run(self, band_values, balance_values, prompt_text, seed_text, n_steps, request: gr.Request):
@@ -506,7 +506,7 @@ class ExploreHandlers:
     def on_stop(self, request: gr.Request) -> list[Any]:
         engine = self.engine_for(request)
         if engine.snapshot().sweep is None:
-            return [gr.skip()] * self.outputs
+            return [gr.skip()] * self.output_count
         engine.cancel_sweep()  # the sweep was armed when it was called, so one cancel suffices
         try:
             engine.wait_until(lambda snap: snap.sweep is None or snap.sweep.finished, timeout=STOP_TIMEOUT_S)
