@@ -14,11 +14,11 @@
 # (defaults: MINUTES=6, BATCH=256; the data stage renders first, about a minute on 16 cores).
 # What comes back (7 files; the device tool returns at most 8): unet/ (fp16 tensors on disk: the
 # fp32 file is over the 16 MiB a returned file may have; it loads as the preset's dtype),
-# text_encoder/, pretrain.json and the logs, copied on exit, so a run cut short at its time limit
-# still returns its last export. To use them, replace the files of assets/toy/unet and
-# assets/toy/text_encoder with them, then look (bench/toy_look.py) and measure (bench/toy_caps.py,
-# bench/toy_world.py) before shipping. Keep MINUTES well inside the 10-minute command limit (data
-# rendering and latent encoding come first).
+# text_encoder/, pretrain.json and the logs, copied on exit. The backbone stage exports only when
+# its time budget is over, so a command killed at the device tool's limit returns no weights: keep
+# MINUTES well inside the 10-minute command limit (data rendering and latent encoding come first).
+# To use them, replace the files of assets/toy/unet and assets/toy/text_encoder with them, then
+# look (bench/toy_look.py) and measure (bench/toy_caps.py, bench/toy_world.py) before shipping.
 # A CPU dry run of the same steps (renders the data for about 8 minutes on 2 cores):
 #   DEVICE=cpu MINUTES=0.2 BATCH=8 OUT=/tmp/gt RUN=/tmp/gt-run bash bench/gpu_toy.sh
 set -euo pipefail
@@ -39,7 +39,7 @@ mkdir -p "$OUT" "$RUN"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1 || true
 [[ -d "$RUN/vae" ]] || cp -r assets/toy/vae "$RUN/vae"  # the shipped VAE: the backbone stage trains none
 
-send_back() {  # the newest export, whatever ended the run
+send_back() {  # the export, if the backbone stage got to write one
   [[ -f "$RUN/unet/diffusion_pytorch_model.safetensors" ]] || return 0
   mkdir -p "$OUT/unet" "$OUT/text_encoder"
   cp "$RUN/unet/config.json" "$OUT/unet/"
