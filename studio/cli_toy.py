@@ -54,8 +54,6 @@ def run_render(args: argparse.Namespace) -> int:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     import torch
 
     from studio.cli import CliError
@@ -69,10 +67,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
         raise CliError("--device cuda was asked for, but torch sees no CUDA GPU here")
     if args.batch is not None and not 1 <= args.batch <= 4096:
         raise CliError(f"--batch must be between 1 and 4096, got {args.batch}")
-    plan = replace(PretrainPlan(), device=str(device), **({"unet_batch": args.batch} if args.batch else {}))
-    if args.minutes is not None:
-        plan = replace(plan, unet_minutes=args.minutes)
-    if args.decoder_minutes is not None:
-        plan = replace(plan, decoder_minutes=args.decoder_minutes)
+    flags = {"unet_batch": args.batch, "unet_minutes": args.minutes, "decoder_minutes": args.decoder_minutes}
+    plan = PretrainPlan(device=str(device), **{key: value for key, value in flags.items() if value is not None})
     pretrain(args.out, tuple(args.stage or STAGES), plan, threads=args.threads)
     return 0

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -604,13 +604,11 @@ class Engine:
     def _generation_gate(self, settings: GenerationSettings):
         """This session's turn on the accelerator for a generation or composition; an Interrupt
         while it waits in line ends it as GenerationInterrupted after 0 steps."""
-        turn = ExitStack()
         try:
-            turn.enter_context(self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set))
-        except GateCancelled:
+            with self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set):
+                yield
+        except GateCancelled:  # only the wait raises it: the gate is not held
             raise GenerationInterrupted(0, settings.num_inference_steps) from None
-        with turn:
-            yield
 
     def generate(self, prompt: str | list[str], *, progress: Callable[[int, int], None] | None = None,
                  concept: Concept | None = None, **kwargs: Any):

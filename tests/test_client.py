@@ -172,3 +172,24 @@ def test_the_class_guided_regularization_slider_reaches_the_trained_concept(stud
         assert "Finished" in client.predict(*args, api_name="/train")[0]
         path, _message = client.predict(api_name="/export")
         assert load_concept(path).config["train"]["cgdr_weight"] == 0.5
+
+
+def test_a_style_lora_and_an_export_bundle_go_through_the_launched_app_and_stay_with_the_session(studio_app, photo, backbone,
+                                                                                                  tmp_path):
+    from safetensors.torch import save_file
+    from test_lora import kohya_lora
+
+    demo, url = studio_app
+    style = tmp_path / "ink.safetensors"
+    save_file(kohya_lora(backbone), str(style))
+    before = set(demo.sessions.sessions())
+    with _client_with_photo(url, photo) as client:
+        session = _session_of(demo, before)
+        message = client.predict([handle_file(str(style))], 0.7, 1.0, 1.0, 1.0, api_name="/loras")
+        assert message.startswith("✓ ") and "× 0.7" in message
+        assert any(p.name == "ink.safetensors" for p in demo.sessions._files[session])  # the upload is the session's
+        client.predict(*_train_args(steps=2, seed=3, preview_every=0), api_name="/train")
+        bundle, note = client.predict("my-face", 2, "all", "a photo of {}", "dpmsolver++", 4, 0, 400, 800,
+                                      api_name="/export_tools")
+        assert "A1111" in note and bundle.endswith(".zip")
+

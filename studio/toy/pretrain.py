@@ -515,9 +515,9 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
 
     def save_checkpoint() -> None:
         ckpt.mkdir(exist_ok=True)
-        save_file({k: v.cpu() for k, v in unet.state_dict().items()}, str(ckpt / "unet.safetensors"))
-        save_file({k: v.cpu() for k, v in text_encoder.state_dict().items()}, str(ckpt / "text_encoder.safetensors"))
-        save_file({str(i): e.contiguous().cpu() for i, e in enumerate(ema)}, str(ckpt / "ema.safetensors"))
+        save_file(_to_cpu(unet.state_dict()), str(ckpt / "unet.safetensors"))
+        save_file(_to_cpu(text_encoder.state_dict()), str(ckpt / "text_encoder.safetensors"))
+        save_file(_to_cpu({str(i): e.contiguous() for i, e in enumerate(ema)}), str(ckpt / "ema.safetensors"))
         torch.save(_to_cpu(opt.state_dict()), ckpt / "optimizer.pt")
         (ckpt / "state.json").write_text(json.dumps({"step": step, "elapsed": time.time() - started}))
 

@@ -185,7 +185,7 @@ def layout(cfg: StudioConfig, on: Handlers) -> SimpleNamespace:
         with gr.Tab("Compose", elem_id="tab-compose"):
             build_compose_tab(on.engine, cfg)
         with gr.Tab("Export & LoRAs", elem_id="tab-export-tools"):
-            build_export_tab(on.engine, on.sessions, page.band_lo, page.band_hi, page.balance, default_steps=cfg.sample.steps)
+            build_export_tab(on.engine, on.folder, on.own, page.band_lo, page.band_hi, page.balance, default_steps=cfg.sample.steps)
         with gr.Tab("Concept file", elem_id="tab-concept"):
             _concept_tab(page)
     page.buttons = [page.train_btn, page.continue_btn, page.pause_btn, page.resume_btn, page.stop_btn, page.preview_btn,
@@ -238,6 +238,10 @@ class Handlers:
         """The session's own folder: everything written there goes when the session closes."""
         return self.sessions.folder(self.key(request))
 
+    def own(self, request: gr.Request, *paths: str | Path | None) -> None:
+        """Uploaded files of this session: deleted when it closes."""
+        self.sessions.own(self.key(request), *paths)
+
     def engine(self, request: gr.Request) -> Engine:
         try:
             return self.sessions.get(self.key(request))
@@ -254,7 +258,7 @@ class Handlers:
         if not files:
             engine.clear_photos()
         else:
-            self.sessions.own(self.key(request), *files)  # deleted when the session closes
+            self.own(request, *files)
             try:
                 engine.prepare_photos(files)
             except PhotoError as exc:
@@ -434,7 +438,7 @@ class Handlers:
         engine = self.engine(request)
         if not file:
             return ["", *[gr.skip()] * 3, *render_state(engine.snapshot())]
-        self.sessions.own(self.key(request), file)
+        self.own(request, file)
         try:
             concept = engine.import_concept(file)
         except (ValueError, OSError, RuntimeError) as exc:
@@ -544,14 +548,12 @@ def _wire_generate(page: SimpleNamespace, on: Handlers) -> None:
     running = [page.generate_btn, page.interrupt_btn]
     page.dice_btn.click(lambda: RANDOM_SEED, None, [page.gen_seed], api_visibility="private", queue=False)
     page.generate_btn.click(
-        lambda: [gr.update(interactive=False), gr.update(interactive=True)], None, running,
-        api_visibility="private", queue=False,
+        views.while_running(True, starts=1), None, running, api_visibility="private", queue=False,
     ).then(
         on.on_generate, [page.prompt, page.negative, page.gen_seed, page.gen_steps, page.guidance, page.scheduler,
                          page.num_images, *page.sliders, page.width, page.height],
         [page.generated, page.download_all], api_name="generate", concurrency_limit=None,
-    ).then(lambda: [gr.update(interactive=True), gr.update(interactive=False)], None, running,
-           api_visibility="private", queue=False)
+    ).then(views.while_running(False, starts=1), None, running, api_visibility="private", queue=False)
     page.interrupt_btn.click(on.on_interrupt, None, None, api_name="interrupt", concurrency_limit=None)
 
 

@@ -167,11 +167,6 @@ class ComposeHandlers:
         self.engine_for(request).interrupt_generation()
 
 
-def _running(running: bool) -> Callable[[], list[Any]]:
-    """The Compose, Instant preview and Interrupt buttons' states while a run is (not) in flight."""
-    return lambda: [gr.update(interactive=not running), gr.update(interactive=not running), gr.update(interactive=running)]
-
-
 def build_compose_tab(engine_for: Callable[[gr.Request], Engine], cfg: StudioConfig) -> None:
     """The tab's widgets and handlers; call inside ``with gr.Tab("Compose"):``."""
     tab = _compose_layout(cfg)
@@ -183,9 +178,9 @@ def build_compose_tab(engine_for: Callable[[gr.Request], Engine], cfg: StudioCon
         (tab.compose_btn, on.on_compose, [*people, tab.prompt, tab.layout, tab.seed, tab.steps, tab.mode]),
         (tab.instant_btn, on.on_instant, [tab.seed, tab.steps]),
     ):
-        button.click(_running(True), None, buttons, api_visibility="private", queue=False).then(
+        button.click(views.while_running(True, starts=2), None, buttons, api_visibility="private", queue=False).then(
             handler, inputs, tab.outputs, api_name="compose" if button is tab.compose_btn else "instant_preview",
-        ).then(_running(False), None, buttons, api_visibility="private", queue=False)
+        ).then(views.while_running(False, starts=2), None, buttons, api_visibility="private", queue=False)
     tab.interrupt_btn.click(on.on_interrupt, None, None, api_name="compose_interrupt", concurrency_limit=None)
     for kind in kinds:
         kind.change(lambda a, b: cost_text([a, b], cfg.compose.rsa_weight), kinds, tab.cost)

@@ -3,6 +3,7 @@ concept on one seed, and pick style LoRAs for this session (docs/EXPORT.md)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -76,19 +77,17 @@ def _settings(text: str, sched: str, n_steps: Any, seed: Any) -> ExportSettings:
 
 
 class ExportHandlers:
-    """The tab's handlers; ``sessions`` is the SessionRegistry (a session's folder and uploads)."""
+    """The tab's handlers: ``folder_for`` gives a request's session folder (deleted with the
+    session), ``own_for(request, *paths)`` hands uploads to the session."""
 
-    def __init__(self, engine_for: Callable[[gr.Request], Engine], sessions: Any) -> None:
-        self.engine_for, self.sessions = engine_for, sessions
-
-    @staticmethod
-    def key(request: gr.Request) -> str:
-        return request.session_hash or "anonymous"
+    def __init__(self, engine_for: Callable[[gr.Request], Engine], folder_for: Callable[[gr.Request], Path],
+                 own_for: Callable[..., None]) -> None:
+        self.engine_for, self.folder_for, self.own_for = engine_for, folder_for, own_for
 
     def on_export(self, word, count, fmt, text, sched, n_steps, seed, lo, hi, request: gr.Request):
         """The bundle's path, and the A1111 prompt to paste."""
         engine = self.engine_for(request)
-        folder = self.sessions.folder(self.key(request))  # deleted with the session
+        folder = self.folder_for(request)  # deleted with the session
         try:
             path, _export, files = export_for_tools(engine, folder, word, _whole(count, "The number of segments"),
                                                     _settings(text, sched, n_steps, seed), fmt, _band(lo, hi))
@@ -121,7 +120,7 @@ class ExportHandlers:
         files = list(files or [])
         if len(files) > MAX_LORAS:
             raise views.user_error(FormError(f"Pick at most {MAX_LORAS} LoRA files, got {len(files)}."))
-        self.sessions.own(self.key(request), *files)
+        self.own_for(request, *files)
         uses = []
         for path, strength in zip(files, strengths):
             try:
@@ -134,11 +133,12 @@ class ExportHandlers:
         return "✓ " + ", ".join(f"`{u.weights.name}` × {u.strength:g}" for u in uses)
 
 
-def build_export_tab(engine_for: Callable[[gr.Request], Engine], sessions: Any, band_lo: gr.Slider, band_hi: gr.Slider,
-                     balance: gr.Slider, *, default_steps: int = 30) -> None:
-    """Call inside ``with gr.Tab(...)``. ``sessions``: the SessionRegistry (folders and uploads of a session)."""
+def build_export_tab(engine_for: Callable[[gr.Request], Engine], folder_for: Callable[[gr.Request], Path],
+                     own_for: Callable[..., None], band_lo: gr.Slider, band_hi: gr.Slider, balance: gr.Slider, *,
+                     default_steps: int = 30) -> None:
+    """Call inside ``with gr.Tab(...)``; ``folder_for`` and ``own_for`` as for ExportHandlers."""
     tab = _export_layout(default_steps)
-    on = ExportHandlers(engine_for, sessions)
+    on = ExportHandlers(engine_for, folder_for, own_for)
     tab.export_btn.click(on.on_export, [tab.name, tab.segments, tab.formats, tab.prompt, tab.scheduler, tab.steps, tab.seed,
                                         band_lo, band_hi], [tab.bundle, tab.a1111], api_name="export_tools",
                          concurrency_limit=None)

@@ -5,6 +5,7 @@ import math
 import uuid
 import zipfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
@@ -58,6 +59,12 @@ def error_text(exc: BaseException) -> str:
 def user_error(exc: BaseException) -> gr.Error:
     """An expected error as a plain sentence in the page (no traceback in the server log)."""
     return gr.Error(error_text(exc), print_exception=False)
+
+
+def while_running(running: bool, starts: int) -> Callable[[], list[Any]]:
+    """Button states around a run: the first ``starts`` buttons start one (off while it runs),
+    the last one interrupts it (on only while it runs)."""
+    return lambda: [gr.update(interactive=not running)] * starts + [gr.update(interactive=running)]
 
 
 # The command buttons whose state follows the session's phase, in the order the page lists them.
