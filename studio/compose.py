@@ -622,6 +622,42 @@ def side_boxes(count: int) -> list[tuple[float, float, float, float]]:
     return [(i / count, 0.0, (i + 1) / count, 1.0) for i in range(count)]
 
 
+COLOUR_NAMES = ["grey", "red", "blue", "green", "yellow"]
+
+
+def boxes_from_strokes(layers: Sequence[np.ndarray], count: int, tolerance: float = 60.0) -> list[tuple[float, float, float, float]]:
+    """One box per person from painted strokes: person p's box bounds the pixels painted in
+    their overlay colour (``REGION_COLOURS[p + 1]``), as fractions of the canvas.
+
+    layers: RGBA uint8 arrays (H, W, 4), transparent where nothing is painted; the later layer
+    wins where they overlap. A pixel counts when it is mostly opaque and its colour is within
+    ``tolerance`` (RGB distance) of a person's colour, so anti-aliased edges do not stretch a box.
+    """
+    if not layers:
+        raise ComposeInputError(f"Nothing is drawn: paint where each of the {count} people goes.")
+    height, width = layers[0].shape[:2]
+    painted = np.zeros((height, width, 3), np.float32)
+    opaque = np.zeros((height, width), bool)
+    for layer in layers:
+        layer = np.asarray(layer)
+        if layer.ndim != 3 or layer.shape[:2] != (height, width) or layer.shape[2] != 4:
+            raise ComposeInputError("The drawing must be one canvas of RGBA layers of the same size.")
+        solid = layer[..., 3] > 127
+        painted[solid] = layer[..., :3][solid]
+        opaque |= solid
+    boxes = []
+    for person in range(count):
+        colour = np.asarray(REGION_COLOURS[person + 1], np.float32)
+        ys, xs = np.nonzero(opaque & (np.linalg.norm(painted - colour, axis=-1) < tolerance))
+        if len(xs) == 0:
+            raise ComposeInputError(
+                f"Nothing is drawn in {COLOUR_NAMES[person + 1]} for person {{{person}}}: pick the brush's "
+                f"{COLOUR_NAMES[person + 1]} colour and paint over where {{{person}}} goes."
+            )
+        boxes.append((xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height))
+    return boxes
+
+
 def _check_boxes(boxes: Sequence[Sequence[float]], count: int) -> None:
     if len(boxes) != count:
         raise ComposeInputError(f"Give one box per person: {count} people, {len(boxes)} boxes.")

@@ -1,10 +1,15 @@
-"""The Compose tab in a browser (headless chromium): two concept files side by side, then a bad prompt.
+"""The Compose tab in a browser (headless chromium): two concept files side by side, then a bad prompt;
+regions drawn by hand; an interrupted composition.
 
 Screenshots go to test-output/browser/ (compose-*.png) — look at them after a change to the tab.
 """
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pytest
+from PIL import Image
 
 from studio.concept_file import save_concept
 from test_browser import TIMEOUT_MS, browser, page, shot  # noqa: F401  (fixtures)
@@ -35,6 +40,8 @@ def test_compose_two_concept_files_left_and_right_then_a_prompt_that_names_one(p
     page.locator("#compose-prompt textarea").fill("a photo of {0} on a beach")
     page.locator("#compose").click()
     page.get_by_text("must name each of the 2 people once").first.wait_for(timeout=TIMEOUT_MS)
+    page.wait_for_function("() => document.getElementById('compose')?.disabled === false")  # buttons come back
+    assert not page.locator("#compose-interrupt").is_enabled()
     shot(page, "compose-3-bad-prompt")
 
 
@@ -62,3 +69,48 @@ def test_a_long_composition_can_be_interrupted_and_the_tab_stays_usable(page, ba
     page.locator("#compose").click()  # a past interrupt does not stop the next composition
     page.wait_for_function("() => (document.getElementById('compose-cost')?.innerText || '').includes('This run')")
     page.wait_for_selector("#composed img", timeout=TIMEOUT_MS)
+
+
+def _stroke(page, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """Drag the brush across the drawing canvas, from and to fractions of the white square."""
+    box = page.locator("#compose-canvas .pixi-target canvas").bounding_box()
+    # the square canvas sits in the middle of the editor, at the editor's zoom; measure it from the screen
+    side = min(box["width"], box["height"]) * 0.82
+    left, top = box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2
+    page.mouse.move(left + start[0] * side, top + start[1] * side)
+    page.mouse.down()
+    page.mouse.move(left + end[0] * side, top + end[1] * side, steps=10)
+    page.mouse.up()
+
+
+def test_regions_drawn_by_hand_place_each_person_where_their_colour_was_painted(page, backbone, tmp_path):
+    files = [save_concept(make_concept(backbone, seed=s), tmp_path / f"p{s}.safetensors") for s in (25, 26)]
+    page.get_by_role("tab", name="Compose").click()
+    for index, path in enumerate(files):
+        page.locator(f"#compose-kind-{index}").get_by_label("A concept file").check()
+        page.set_input_files(f"#compose-file-{index} input[type=file]", str(path))
+    assert not page.locator("#compose-canvas").is_visible()  # only for drawn regions
+    page.get_by_label("Drawn by me").check()
+    page.wait_for_selector("#compose-canvas canvas")
+    steps = page.locator("#compose-steps input[type=number]")
+    steps.fill("2")
+    steps.press("Enter")
+    _stroke(page, (0.2, 0.3), (0.25, 0.7))  # the brush starts red: person {0}, on the left
+    page.locator("#compose").click()
+    page.get_by_text("Nothing is drawn in blue for person {1}").first.wait_for(timeout=TIMEOUT_MS)
+    shot(page, "compose-5-drawn-one-missing")
+
+    page.locator("#compose-canvas button[aria-label=Color]").click()
+    page.locator("#compose-canvas .swatch button.color").nth(1).click()  # blue: person {1}, on the right
+    _stroke(page, (0.75, 0.3), (0.8, 0.7))
+    page.locator("#compose").click()
+    page.wait_for_selector("#compose-regions img", timeout=TIMEOUT_MS)
+    shot(page, "compose-6-drawn")
+    src = page.locator("#compose-regions img").first.get_attribute("src")
+    overlay = np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB"), np.float32)
+    width = overlay.shape[1]
+    strips = {name: overlay[:, int(a * width):int(b * width)].reshape(-1, 3).mean(0)
+              for name, (a, b) in {"left": (0.15, 0.28), "middle": (0.45, 0.55), "right": (0.72, 0.85)}.items()}
+    red_minus_blue = {name: float(c[0] - c[2]) for name, c in strips.items()}
+    # the overlay tints person {0} red, person {1} blue and the background grey
+    assert red_minus_blue["left"] > red_minus_blue["middle"] + 30 > red_minus_blue["right"] + 60, red_minus_blue

@@ -275,6 +275,8 @@ def test_generate_like_a1111(page, faces_dir, tmp_path):
     page.locator("#prompt textarea").fill("a photo of a woman on the beach")
     page.click("#generate")
     page.wait_for_function("t => document.body.innerText.includes(t)", arg="in place of words", timeout=TIMEOUT_MS)
+    wait_enabled(page, "generate")  # a refused generation gives the buttons back
+    assert not enabled(page, "interrupt")
 
 
 def wait_for_page_text(page, text: str) -> None:

@@ -7,7 +7,16 @@ import torch
 from PIL import Image
 
 from studio import attention
-from studio.compose import ComposeInputError, Composer, Person, Reference, locate_regions, side_boxes
+from studio.compose import (
+    REGION_COLOURS,
+    ComposeInputError,
+    Composer,
+    Person,
+    Reference,
+    boxes_from_strokes,
+    locate_regions,
+    side_boxes,
+)
 from studio.conditioning import PromptError
 from studio.config import ComposeConfig, ConfigError, load_preset
 from studio.sampler import Sampler
@@ -95,6 +104,41 @@ def test_boxes_give_left_and_right_regions(composer):
     result = composer(people, "{0} and {1}", seeds=[0], boxes=side_boxes(2), **STEPS)
     labels = result.regions[0]
     assert np.all(labels[:, :16] == 1) and np.all(labels[:, 16:] == 2)
+
+
+def _strokes(height: int = 100, width: int = 100) -> np.ndarray:
+    """A painted RGBA layer: a red block (x 10-39, y 20-79) with a soft edge, a blue one (x 60-89, y 20-79)
+    and a stray faint red dot."""
+    layer = np.zeros((height, width, 4), np.uint8)
+    layer[20:80, 10:40] = (*REGION_COLOURS[1], 255)
+    layer[20:80, 9] = (*REGION_COLOURS[1], 90)  # anti-aliased edge: mostly transparent
+    layer[20:80, 60:90] = (*REGION_COLOURS[2], 255)
+    layer[95, 95] = (*REGION_COLOURS[1], 40)
+    return layer
+
+
+def test_drawn_strokes_give_each_person_the_box_around_their_colour(composer):
+    boxes = boxes_from_strokes([_strokes()], 2)
+    assert boxes == [(0.1, 0.2, 0.4, 0.8), (0.6, 0.2, 0.9, 0.8)]
+    people = [Person(reference=photo((220, 60, 60))), Person(reference=photo((60, 60, 220)))]
+    labels = composer(people, "{0} and {1}", seeds=[0], boxes=boxes, **STEPS).regions[0]  # 32 x 32 latent
+    assert np.all(labels[6:26, 3:13] == 1) and np.all(labels[6:26, 19:29] == 2)
+    assert np.all(labels[:, 14:19] == 0) and np.all(labels[:5] == 0)
+
+
+def test_a_drawing_that_misses_a_person_names_the_colour_to_paint():
+    only_red = _strokes()
+    only_red[..., 3][np.all(only_red[..., :3] == REGION_COLOURS[2], axis=-1)] = 0
+    with pytest.raises(ComposeInputError, match=r"Nothing is drawn in blue for person \{1\}"):
+        boxes_from_strokes([only_red], 2)
+    with pytest.raises(ComposeInputError, match="Nothing is drawn: paint where each of the 2 people goes"):
+        boxes_from_strokes([], 2)
+    later = np.zeros_like(only_red)
+    later[20:80, 10:25] = (*REGION_COLOURS[2], 255)  # a later layer paints blue over half the red block
+    assert boxes_from_strokes([only_red, later], 2) == [(0.25, 0.2, 0.4, 0.8), (0.1, 0.2, 0.25, 0.8)]
+    later[20:80, 10:40] = (*REGION_COLOURS[2], 255)  # ... and then over all of it
+    with pytest.raises(ComposeInputError, match=r"Nothing is drawn in red for person \{0\}"):
+        boxes_from_strokes([only_red, later], 2)
 
 
 def test_locate_regions_follows_the_persons_attention():

@@ -4,7 +4,21 @@ from __future__ import annotations
 import gradio as gr
 
 from studio.sampler import GenerationInterrupted
-from studio.ui.compose_tab import SOURCES, ComposeHandlers, build_compose_tab, cost_text, run_cost_text, score_text
+import numpy as np
+import pytest
+
+from studio.compose import REGION_COLOURS, ComposeInputError
+from studio.ui.compose_tab import (
+    LAYOUTS,
+    SOURCES,
+    ComposeHandlers,
+    blank_canvas,
+    build_compose_tab,
+    chosen_boxes,
+    cost_text,
+    run_cost_text,
+    score_text,
+)
 
 
 def test_the_cost_counts_one_unet_pass_per_photo():
@@ -55,10 +69,34 @@ def test_an_interrupted_composition_is_a_message_and_keeps_the_last_images(monke
     engine = _InterruptedEngine()
     on = ComposeHandlers(lambda request: engine)
     outputs = on.on_compose("This session's concept", None, "A concept file", None, "{0} and {1}", "Left / right",
-                            0, 5, "regions", request=None, progress=lambda *a, **k: None)
+                            None, 0, 5, "regions", request=None, progress=lambda *a, **k: None)
     assert outputs[2] == "Interrupted after 2 of 5 steps: nothing new was made."
     assert [type(o) for o in (outputs[0], outputs[1], outputs[3])] == [type(gr.skip())] * 3
     assert warned == ["Interrupted: Generation stopped after 2 of 5 steps."]
     assert on.on_instant(0, 5, request=None, progress=lambda *a, **k: None)[2].startswith("Interrupted after")
     on.on_interrupt(None)
     assert engine.interrupts == 1
+
+
+def test_the_regions_choice_gives_no_boxes_side_boxes_or_the_drawn_ones():
+    assert chosen_boxes("Found from the picture's attention", None, 2) is None
+    assert chosen_boxes("Left / right", None, 2) == [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]
+    drawing = blank_canvas()
+    layer = np.zeros_like(drawing["background"])
+    layer[0:128, 0:64] = (*REGION_COLOURS[1], 255)
+    layer[128:256, 192:256] = (*REGION_COLOURS[2], 255)
+    drawing["layers"] = [layer]
+    assert chosen_boxes("Drawn by me", drawing, 2) == [(0.0, 0.0, 0.25, 0.5), (0.75, 0.5, 1.0, 1.0)]
+    with pytest.raises(ComposeInputError, match="Nothing is drawn: paint where each of the 2 people goes"):
+        chosen_boxes("Drawn by me", blank_canvas(), 2)  # the canvas as it starts
+
+
+def test_the_drawing_canvas_shows_only_when_drawn_regions_are_chosen(tiny_cfg):
+    with gr.Blocks() as demo:
+        build_compose_tab(lambda request: None, tiny_cfg)
+    canvas = next(c for c in demo.blocks.values() if c.elem_id == "compose-canvas")
+    layout = next(c for c in demo.blocks.values() if c.elem_id == "compose-layout")
+    assert not canvas.visible
+    toggle = next(fn for fn in demo.fns.values() if fn.inputs == [layout] and fn.outputs == [canvas]).fn
+    assert toggle("Drawn by me")["visible"] is True
+    assert all(toggle(label)["visible"] is False for label in LAYOUTS if label != "Drawn by me")

@@ -547,13 +547,14 @@ def _wire_generate(page: SimpleNamespace, on: Handlers) -> None:
     """Generate disables itself and enables Interrupt while it runs; the dice asks for a random seed."""
     running = [page.generate_btn, page.interrupt_btn]
     page.dice_btn.click(lambda: RANDOM_SEED, None, [page.gen_seed], api_visibility="private", queue=False)
-    page.generate_btn.click(
+    generate = page.generate_btn.click(
         views.while_running(True, starts=1), None, running, api_visibility="private", queue=False,
     ).then(
         on.on_generate, [page.prompt, page.negative, page.gen_seed, page.gen_steps, page.guidance, page.scheduler,
                          page.num_images, *page.sliders, page.width, page.height],
         [page.generated, page.download_all], api_name="generate", concurrency_limit=None,
-    ).then(views.while_running(False, starts=1), None, running, api_visibility="private", queue=False)
+    )
+    views.afterwards(generate, views.while_running(False, starts=1), None, running, api_visibility="private", queue=False)
     page.interrupt_btn.click(on.on_interrupt, None, None, api_name="interrupt", concurrency_limit=None)
 
 

@@ -10,9 +10,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
+import numpy as np
 import spaces
 
-from studio.compose import PersonSource, side_boxes
+from studio.compose import REGION_COLOURS, PersonSource, boxes_from_strokes, side_boxes
 from studio.config import StudioConfig
 from studio.engine import Engine
 from studio.sampler import GenerationInterrupted
@@ -28,7 +29,8 @@ SOURCES = {
     "A concept file": "file",
     "A photo": "photo",
 }
-LAYOUTS = {"Found from the picture's attention": None, "Left / right": "left-right"}
+LAYOUTS = {"Found from the picture's attention": None, "Left / right": "left-right", "Drawn by me": "drawn"}
+CANVAS_SIDE = 256  # the drawing canvas, in canvas pixels (boxes are fractions of it)
 
 EXPLAIN = (
     "Put **two people** in one picture: each is a trained concept (this session's or a file) and/or a photo. "
@@ -36,6 +38,33 @@ EXPLAIN = (
     "person's region (shown as a coloured overlay) sees only their own tokens and photo. "
     "**Instant preview** shows a likeness from this session's photo before any training."
 )
+
+
+def _hex(rgb: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
+
+
+def blank_canvas() -> dict[str, Any]:
+    """The drawing canvas's empty value: a white square, nothing painted."""
+    white = np.full((CANVAS_SIDE, CANVAS_SIDE, 4), 255, np.uint8)
+    return {"background": white, "layers": [], "composite": white}
+
+
+def drawn_layers(value: Any) -> list[Any]:
+    """The painted layers (RGBA arrays) of an ImageEditor value; none when nothing was painted."""
+    if not isinstance(value, dict):
+        return []
+    return [layer for layer in value.get("layers") or [] if layer is not None]
+
+
+def chosen_boxes(layout_label: str, canvas: Any, count: int) -> list[tuple[float, ...]] | None:
+    """The boxes of the Regions choice: None (found from attention), side by side, or drawn."""
+    layout = LAYOUTS.get(layout_label)
+    if layout == "left-right":
+        return side_boxes(count)
+    if layout == "drawn":
+        return boxes_from_strokes(drawn_layers(canvas), count)
+    return None
 
 
 def cost_text(sources: list[str], rsa_weight: float) -> str:
@@ -82,7 +111,15 @@ def _compose_layout(cfg: StudioConfig) -> SimpleNamespace:
     with gr.Row():
         tab.prompt = gr.Textbox("a photo of {0} and {1} on a beach", label="Prompt ({0}, {1} = the people)",
                                 elem_id="compose-prompt", scale=3)
-        tab.layout = gr.Radio(list(LAYOUTS), value="Found from the picture's attention", label="Regions", scale=2)
+        tab.layout = gr.Radio(list(LAYOUTS), value="Found from the picture's attention", label="Regions", scale=2,
+                              elem_id="compose-layout")
+    tab.canvas = gr.ImageEditor(
+        value=blank_canvas(), type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False,
+        brush=gr.Brush(colors=[_hex(c) for c in REGION_COLOURS[1:3]], default_color=_hex(REGION_COLOURS[1]),
+                       color_mode="fixed", default_size=24),
+        canvas_size=(CANVAS_SIDE, CANVAS_SIDE), fixed_canvas=True, visible=False, elem_id="compose-canvas",
+        label="Where each person goes: paint red over {0}'s place, blue over {1}'s (each box bounds its colour)",
+    )
     with gr.Row():
         tab.seed = gr.Number(0, precision=0, label="Seed")
         tab.steps = gr.Slider(1, 100, value=cfg.sample.steps, step=1, label="Steps", elem_id="compose-steps")
@@ -134,11 +171,11 @@ class ComposeHandlers:
         self.on_compose = spaces.GPU(duration=GPU_DURATION_S)(self._compose)
         self.on_instant = spaces.GPU(duration=GPU_DURATION_S)(self._instant)
 
-    def _compose(self, kind0, file0, kind1, file1, text, layout_label, seed, n_steps, mode, request: gr.Request,
-                 progress=gr.Progress()) -> list[Any]:
+    def _compose(self, kind0, file0, kind1, file1, text, layout_label, canvas, seed, n_steps, mode,
+                 request: gr.Request, progress=gr.Progress()) -> list[Any]:
         sources = sources_from([kind0, file0, kind1, file1])
-        boxes = side_boxes(len(sources)) if LAYOUTS.get(layout_label) == "left-right" else None
         try:
+            boxes = chosen_boxes(layout_label, canvas, len(sources))
             result, region_scores = self.engine_for(request).compose(
                 sources, text, mode=mode, boxes=boxes, seeds=[views.as_number(seed, "The seed", whole=True)],
                 num_inference_steps=views.as_number(n_steps, "The number of steps", whole=True),
@@ -175,12 +212,15 @@ def build_compose_tab(engine_for: Callable[[gr.Request], Engine], cfg: StudioCon
     people = [widget for person in tab.people for widget in person]
     buttons = [tab.compose_btn, tab.instant_btn, tab.interrupt_btn]  # while one runs, only Interrupt is usable
     for button, handler, inputs in (
-        (tab.compose_btn, on.on_compose, [*people, tab.prompt, tab.layout, tab.seed, tab.steps, tab.mode]),
+        (tab.compose_btn, on.on_compose, [*people, tab.prompt, tab.layout, tab.canvas, tab.seed, tab.steps, tab.mode]),
         (tab.instant_btn, on.on_instant, [tab.seed, tab.steps]),
     ):
-        button.click(views.while_running(True, starts=2), None, buttons, api_visibility="private", queue=False).then(
+        run = button.click(views.while_running(True, starts=2), None, buttons, api_visibility="private", queue=False).then(
             handler, inputs, tab.outputs, api_name="compose" if button is tab.compose_btn else "instant_preview",
-        ).then(views.while_running(False, starts=2), None, buttons, api_visibility="private", queue=False)
+        )
+        views.afterwards(run, views.while_running(False, starts=2), None, buttons, api_visibility="private", queue=False)
     tab.interrupt_btn.click(on.on_interrupt, None, None, api_name="compose_interrupt", concurrency_limit=None)
+    tab.layout.change(lambda label: gr.update(visible=LAYOUTS.get(label) == "drawn"), tab.layout, tab.canvas,
+                      api_visibility="private", queue=False)
     for kind in kinds:
         kind.change(lambda a, b: cost_text([a, b], cfg.compose.rsa_weight), kinds, tab.cost)

@@ -67,6 +67,17 @@ def while_running(running: bool, starts: int) -> Callable[[], list[Any]]:
     return lambda: [gr.update(interactive=not running)] * starts + [gr.update(interactive=running)]
 
 
+def afterwards(event: Any, fn: Callable[..., Any], inputs: Any, outputs: Any, **kwargs: Any) -> None:
+    """Run ``fn`` after ``event`` whether its handler returned or raised.
+
+    Gradio 6's page runs a ``.then`` step only after a handler that returned (an error skips
+    it) and a ``.failure`` step only after one that raised; registering both makes ``fn`` a
+    ``finally``: a refused run gives its buttons back too.
+    """
+    event.then(fn, inputs, outputs, **kwargs)
+    event.failure(fn, inputs, outputs, **kwargs)
+
+
 # The command buttons whose state follows the session's phase, in the order the page lists them.
 CONTROLS = ("train", "continue", "pause", "resume", "stop", "preview", "best")
 
