@@ -18,12 +18,17 @@ from test_sampler import make_concept
 pytestmark = pytest.mark.browser
 
 
-def test_compose_two_concept_files_left_and_right_then_a_prompt_that_names_one(page, backbone, tmp_path):
-    files = [save_concept(make_concept(backbone, seed=s), tmp_path / f"p{s}.safetensors") for s in (21, 22)]
+def _open_with_two_concept_files(page, backbone, tmp_path, seeds: tuple[int, int]) -> None:
+    """Open the Compose tab with a concept file (random, on the test backbone) for each person."""
+    files = [save_concept(make_concept(backbone, seed=s), tmp_path / f"p{s}.safetensors") for s in seeds]
     page.get_by_role("tab", name="Compose").click()
     for index, path in enumerate(files):
         page.locator(f"#compose-kind-{index}").get_by_label("A concept file").check()
         page.set_input_files(f"#compose-file-{index} input[type=file]", str(path))
+
+
+def test_compose_two_concept_files_left_and_right_then_a_prompt_that_names_one(page, backbone, tmp_path):
+    _open_with_two_concept_files(page, backbone, tmp_path, (21, 22))
     page.get_by_label("Left / right").check()
     steps = page.locator("#compose-steps input[type=number]")
     steps.fill("2")
@@ -46,12 +51,8 @@ def test_compose_two_concept_files_left_and_right_then_a_prompt_that_names_one(p
 
 
 def test_a_long_composition_can_be_interrupted_and_the_tab_stays_usable(page, backbone, tmp_path):
-    files = [save_concept(make_concept(backbone, seed=s), tmp_path / f"p{s}.safetensors") for s in (23, 24)]
-    page.get_by_role("tab", name="Compose").click()
+    _open_with_two_concept_files(page, backbone, tmp_path, (23, 24))
     assert not page.locator("#compose-interrupt").is_enabled()  # nothing to interrupt yet
-    for index, path in enumerate(files):
-        page.locator(f"#compose-kind-{index}").get_by_label("A concept file").check()
-        page.set_input_files(f"#compose-file-{index} input[type=file]", str(path))
     steps = page.locator("#compose-steps input[type=number]")
     steps.fill("100")
     steps.press("Enter")
@@ -84,11 +85,7 @@ def _stroke(page, start: tuple[float, float], end: tuple[float, float]) -> None:
 
 
 def test_regions_drawn_by_hand_place_each_person_where_their_colour_was_painted(page, backbone, tmp_path):
-    files = [save_concept(make_concept(backbone, seed=s), tmp_path / f"p{s}.safetensors") for s in (25, 26)]
-    page.get_by_role("tab", name="Compose").click()
-    for index, path in enumerate(files):
-        page.locator(f"#compose-kind-{index}").get_by_label("A concept file").check()
-        page.set_input_files(f"#compose-file-{index} input[type=file]", str(path))
+    _open_with_two_concept_files(page, backbone, tmp_path, (25, 26))
     assert not page.locator("#compose-canvas").is_visible()  # only for drawn regions
     page.get_by_label("Drawn by me").check()
     page.wait_for_selector("#compose-canvas canvas")
