@@ -156,7 +156,8 @@ class Engine:
         self._resume = threading.Event()
         self._resume.set()
         self._closed = False
-        self._cancel_generation = threading.Event()
+        # one Interrupt per kind of run: Create images and Compose each have their own button
+        self._cancel = {kind: threading.Event() for kind in ("generation", "composition")}
         self._best_concept = None  # (step, Concept) of the best-balanced training preview
         self._cancel_sweep = threading.Event()
         self._best = BestStep()  # scored training previews of the current run
@@ -586,26 +587,28 @@ class Engine:
         self._publish(preview=preview)
         return preview
 
-    def _generation_steps(self, progress: Callable[[int, int], None] | None) -> Callable[[int, int], bool]:
-        """The per-step callback of a generation or composition: reports progress and says whether
-        to stop (interrupt_generation). A past interrupt does not stop this one."""
+    def _generation_steps(self, progress: Callable[[int, int], None] | None, kind: str) -> Callable[[int, int], bool]:
+        """The per-step callback of a ``kind`` run ("generation" or "composition"): reports progress
+        and says whether to stop (interrupt_generation / interrupt_composition). A past interrupt
+        does not stop this one."""
+        cancel = self._cancel[kind]
         with self._lock:
             if not self._closed:
-                self._cancel_generation.clear()
+                cancel.clear()
 
         def on_step(i: int, total: int) -> bool:
             if progress is not None:
                 progress(i, total)
-            return self._cancel_generation.is_set()
+            return cancel.is_set()
 
         return on_step
 
     @contextmanager
-    def _generation_gate(self, settings: GenerationSettings):
-        """This session's turn on the accelerator for a generation or composition; an Interrupt
-        while it waits in line ends it as GenerationInterrupted after 0 steps."""
+    def _generation_gate(self, settings: GenerationSettings, kind: str):
+        """This session's turn on the accelerator for a ``kind`` run; its Interrupt while it waits
+        in line ends it as GenerationInterrupted after 0 steps."""
         try:
-            with self._gate.hold(self.session_id, cancelled=self._cancel_generation.is_set):
+            with self._gate.hold(self.session_id, cancelled=self._cancel[kind].is_set):
                 yield
         except GateCancelled:  # only the wait raises it: the gate is not held
             raise GenerationInterrupted(0, settings.num_inference_steps) from None
@@ -616,9 +619,9 @@ class Engine:
         self._check_open()
         concept = concept or self._require_concept("generating")
         sampler = shared_sampler(self.backbone())
-        on_step = self._generation_steps(progress)
+        on_step = self._generation_steps(progress, "generation")
         settings = GenerationSettings.from_config(self.cfg, **kwargs)
-        with self._generation_gate(settings), loras_applied(sampler.backbone, self.loras):
+        with self._generation_gate(settings, "generation"), loras_applied(sampler.backbone, self.loras):
             result = sampler(concept, prompt, callback_on_step_end=on_step, **settings.kwargs())
             per_image = [settings["prompt"] for settings in result.settings]
             scores = self._score(result.images, per_image, concept.super_category, self.cfg)
@@ -634,7 +637,7 @@ class Engine:
         self._check_open()
         from studio.compose import Composer, resolve_people, score_regions
 
-        on_step = self._generation_steps(progress)  # armed first: an Interrupt while the files load counts
+        on_step = self._generation_steps(progress, "composition")  # armed first: an Interrupt while the files load counts
         backbone = self.backbone()
         people, references = resolve_people(
             sources, concept=self.current_concept(), prepared=self._snapshot.prepared, backbone=backbone,
@@ -642,7 +645,7 @@ class Engine:
         )
         composer = Composer(shared_sampler(backbone), self.cfg.compose)
         settings = GenerationSettings.from_config(self.cfg, **kwargs)
-        with self._generation_gate(settings), loras_applied(backbone, self.loras):
+        with self._generation_gate(settings, "composition"), loras_applied(backbone, self.loras):
             result = composer(people, prompt, mode=mode, boxes=boxes, callback_on_step_end=on_step, **settings.kwargs())
             scores = ()
             if self.cfg.metrics.score_images:
@@ -660,7 +663,12 @@ class Engine:
 
     def interrupt_generation(self) -> None:
         """Stop this session's generation after the denoising step in flight (GenerationInterrupted)."""
-        self._cancel_generation.set()
+        self._cancel["generation"].set()
+
+    def interrupt_composition(self) -> None:
+        """Stop this session's composition or instant preview after the step in flight; a
+        generation running beside it goes on."""
+        self._cancel["composition"].set()
 
     # ------------------------------------------------------------------ scores and sweeps
     def _scorer(self, cfg: StudioConfig):
@@ -801,7 +809,8 @@ class Engine:
                 return
             self._closed = True
         self.stop()
-        self._cancel_generation.set()
+        for cancel in self._cancel.values():
+            cancel.set()
         self._cancel_sweep.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():

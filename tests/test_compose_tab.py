@@ -59,7 +59,7 @@ class _InterruptedEngine:
 
     instant_preview = compose
 
-    def interrupt_generation(self) -> None:
+    def interrupt_composition(self) -> None:
         self.interrupts += 1
 
 

@@ -381,11 +381,42 @@ def test_an_interrupt_while_waiting_in_line_ends_a_generation_or_composition_aft
             thread = threading.Thread(target=run)
             thread.start()
             assert GATE.wait_until_queued(engine.session_id, timeout=TIMEOUT)
-            engine.interrupt_generation()
+            {"generate": engine.interrupt_generation, "compose": engine.interrupt_composition}[name]()
             thread.join(TIMEOUT)
         assert len(raised) == 1 and isinstance(raised[0], GenerationInterrupted), (name, raised)
         assert (raised[0].step, raised[0].total) == (0, 3), name
     assert len(engine.generate("a photo of {}", seeds=[0], num_inference_steps=2).images) == 1  # the next one runs
+
+
+def test_the_interrupt_of_one_kind_of_run_leaves_the_other_kind_running(engine):
+    """Create images and Compose have their own Interrupt: each stops only its own run."""
+    from studio.compose import PersonSource
+    from studio.gate import GATE
+
+    engine.start()
+    engine.wait_until(lambda s: not s.active, timeout=TIMEOUT)
+    runs = {
+        "generate": (lambda: engine.generate("a photo of {}", seeds=[0], num_inference_steps=2),
+                     engine.interrupt_composition),
+        "compose": (lambda: engine.compose([PersonSource("session")], "a photo of {0}", seeds=[0], num_inference_steps=2),
+                    engine.interrupt_generation),
+    }
+    for name, (call, other_interrupt) in runs.items():
+        outcome: list = []
+
+        def run() -> None:
+            try:
+                outcome.append(call())
+            except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
+                outcome.append(exc)
+
+        with GATE.hold("another-session"):  # this session's run waits in line while the other Interrupt comes
+            thread = threading.Thread(target=run)
+            thread.start()
+            assert GATE.wait_until_queued(engine.session_id, timeout=TIMEOUT)
+            other_interrupt()
+        thread.join(TIMEOUT)
+        assert len(outcome) == 1 and not isinstance(outcome[0], BaseException), (name, outcome)
 
 
 def test_asking_for_images_without_a_concept_fails_at_once_with_what_it_was_for(engine_cfg):

@@ -201,7 +201,7 @@ class ComposeHandlers:
         return rendered(result, region_scores, 1)
 
     def on_interrupt(self, request: gr.Request) -> None:
-        self.engine_for(request).interrupt_generation()
+        self.engine_for(request).interrupt_composition()
 
 
 def build_compose_tab(engine_for: Callable[[gr.Request], Engine], cfg: StudioConfig) -> None:
