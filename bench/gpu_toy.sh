@@ -11,7 +11,9 @@
 #     -d .whl-toy diffusers==0.42.1 omegaconf==2.4.0 antlr4-python3-runtime==4.9.3
 # then call the device tool with
 #   run(command="bash bench/gpu_toy.sh", carry=[".whl-toy"], timeout_s=600)
-# (defaults: MINUTES=6, BATCH=256; the data stage renders first, about a minute on 16 cores).
+# (defaults: MINUTES=6, BATCH=256, IDENTITY_TOKENS=0; the data stage renders first, about a minute
+# on 16 cores). IDENTITY_TOKENS=0.5 trains with identity-bearing class words in half the captions
+# (docs/TOY.md, "Identity tokens"); bench/toy_reach.py then says whether a token can carry a face.
 # What comes back (7 files; the device tool returns at most 8): unet/ (fp16 tensors on disk: the
 # fp32 file is over the 16 MiB a returned file may have; it loads as the preset's dtype),
 # text_encoder/, pretrain.json and the logs, copied on exit. The backbone stage exports only when
@@ -27,6 +29,7 @@ OUT="${OUT:-bench/out/gpu-toy}"
 RUN="${RUN:-/tmp/toy-pretrain}"
 MINUTES="${MINUTES:-6}"
 BATCH="${BATCH:-256}"
+IDENTITY_TOKENS="${IDENTITY_TOKENS:-0}"  # share of captions with an identity-bearing class word (docs/TOY.md)
 DEVICE="${DEVICE:-cuda}"
 THREADS="${THREADS:-$(nproc)}"
 PY="${PY:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}"
@@ -38,6 +41,7 @@ fi
 mkdir -p "$OUT" "$RUN"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1 || true
 [[ -d "$RUN/vae" ]] || cp -r assets/toy/vae "$RUN/vae"  # the shipped VAE: the backbone stage trains none
+[[ -d "$RUN/image_encoder" ]] || cp -r assets/toy/image_encoder "$RUN/image_encoder"  # for identity tokens
 
 send_back() {  # the export, if the backbone stage got to write one
   [[ -f "$RUN/unet/diffusion_pytorch_model.safetensors" ]] || return 0
@@ -55,4 +59,4 @@ PY
 trap send_back EXIT
 "$PY" -m studio toy pretrain --out "$RUN" --stage data --threads "$THREADS" 2>&1 | tee "$OUT/data.log"
 "$PY" -m studio toy pretrain --out "$RUN" --stage backbone --minutes "$MINUTES" --device "$DEVICE" \
-  --batch "$BATCH" --threads "$THREADS" 2>&1 | grep --line-buffered -v "Writing model shards" | tee "$OUT/backbone.log"
+  --batch "$BATCH" --identity-tokens "$IDENTITY_TOKENS" --threads "$THREADS" 2>&1 | grep --line-buffered -v "Writing model shards" | tee "$OUT/backbone.log"

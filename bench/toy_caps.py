@@ -25,7 +25,7 @@ from PIL import Image, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from toy_world import FIRST, PROMPTS, SEEDS, World, cpu_name, identity_values  # noqa: E402
+from toy_world import FIRST, PROMPTS, SEEDS, World, cpu_name, identity_values, model_source  # noqa: E402
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
@@ -99,14 +99,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--identities", type=int, default=8)
     parser.add_argument("--timesteps", default="100,300,500,700,900")
-    parser.add_argument("--run", type=Path, help="a pretraining run folder whose export to use (default: shipped)")
+    parser.add_argument("--run", type=Path, help="a pretraining run folder: its last checkpoint and VAE (default: the shipped assets/toy)")
     parser.add_argument("--out", type=Path, default=Path("bench/out/toy-caps"))
     args = parser.parse_args()
     from studio.toy.world import render_prompt
 
     started = time.perf_counter()
-    world = World({"model.source": str(args.run)} if args.run else None)
     args.out.mkdir(parents=True, exist_ok=True)
+    world = World({"model.source": model_source(args.run, args.out)})
     timesteps = [int(t) for t in args.timesteps.split(",")]
     cells = [(p, s) for p in PROMPTS for s in SEEDS]
     prompts = [p for p, _ in cells]

@@ -8,32 +8,19 @@ samples from three samplers, one row each, in one PNG (bench/RESULTS-toy.md, sec
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from toy_world import model_source  # noqa: E402
 
 PROMPTS = ["a photo of {} wearing a red hat on a beach", "an oil painting of {} in a forest",
            "a photo of {} wearing sunglasses in a city at night", "a pencil sketch of {} wearing a crown"]
 SAMPLERS = [("ddim", 50, 3.0), ("euler", 30, 5.0), ("dpmsolver++", 20, 1.0)]  # (scheduler, steps, guidance)
-
-
-def model_folder(run: Path | None, scratch: Path) -> str:
-    """The shipped toy folder, or a copy of it carrying ``run``'s last checkpoint and VAE."""
-    if run is None:
-        return "toy"
-    from studio.toy.pretrain import export_checkpoint
-    from studio.weights import TOY_DIR
-
-    folder = scratch / "toy"
-    shutil.copytree(TOY_DIR, folder)
-    export_checkpoint(run, folder)
-    shutil.rmtree(folder / "vae")
-    shutil.copytree(run / "vae", folder / "vae")
-    return str(folder)
 
 
 def main() -> int:
@@ -54,7 +41,7 @@ def main() -> int:
 
     renders = [render_prompt(100001 + i, p, seed=0, size=64) for i, p in enumerate(PROMPTS)]
     with tempfile.TemporaryDirectory() as scratch:
-        backbone = get_backbone(load_preset("toy", **{"model.source": model_folder(args.run, Path(scratch))}).model)
+        backbone = get_backbone(load_preset("toy", **{"model.source": model_source(args.run, Path(scratch))}).model)
         x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), np.float32) / 127.5 - 1).permute(2, 0, 1) for im in renders])
         with torch.no_grad():
             decoded = backbone.vae.decode(backbone.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from toy_caps import mean_identity, to_images, to_tensor  # noqa: E402
-from toy_world import FIRST, World, cpu_name  # noqa: E402
+from toy_world import FIRST, World, cpu_name, model_source  # noqa: E402
 
 PROMPT = "a photo of {} on a beach"
 
@@ -83,7 +83,7 @@ def draw(world: World, vector: torch.Tensor | None, seeds: list[int], steps: int
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, help="a pretraining run folder whose export to use (default: shipped)")
+    parser.add_argument("--run", type=Path, help="a pretraining run folder: its last checkpoint and VAE (default: the shipped assets/toy)")
     parser.add_argument("--identities", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=60)
     parser.add_argument("--steps", type=int, default=8, help="DDIM steps of the differentiable loop")
@@ -94,13 +94,13 @@ def main() -> int:
     from studio.toy.world import render_prompt
 
     started = time.perf_counter()
-    world = World({"model.source": str(args.run)} if args.run else None)
+    args.out.mkdir(parents=True, exist_ok=True)
+    world = World({"model.source": model_source(args.run, args.out)})
     bb = world.backbone
     bb.unet.requires_grad_(False)
     bb.text_encoder.requires_grad_(False)
     bb.vae.requires_grad_(False)
     instruments = load_instruments()
-    args.out.mkdir(parents=True, exist_ok=True)
     train_seeds, test_seeds = [0, 1], [10, 11, 12, 13]
     prompts = [PROMPT] * len(test_seeds)
     rows: dict[str, list[float]] = {}

@@ -64,6 +64,25 @@ def ci95(values) -> tuple[float, float]:
     return float(v.mean()), float(1.96 * v.std(ddof=1) / np.sqrt(len(v)))
 
 
+def model_source(run: Path | None, scratch: Path) -> str:
+    """The toy preset's ``model.source`` for a bench: "toy" (the shipped assets/toy), or a copy of
+    it in ``scratch`` carrying pretraining run ``run``'s last checkpoint (EMA weights) and its VAE."""
+    import shutil
+
+    if run is None:
+        return "toy"
+    from studio.toy.pretrain import export_checkpoint
+    from studio.weights import TOY_DIR
+
+    folder = scratch / "toy-model"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(TOY_DIR, folder)
+    export_checkpoint(run, folder)
+    shutil.rmtree(folder / "vae")
+    shutil.copytree(run / "vae", folder / "vae")
+    return str(folder)
+
+
 class World:
     """The toy backbone, sampler and scorer, loaded once."""
 

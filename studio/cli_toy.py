@@ -32,6 +32,9 @@ def add_toy_parser(subparsers: Any) -> None:
     pretrain.add_argument("--threads", type=int, default=2, help="torch threads (and render workers)")
     pretrain.add_argument("--device", default="cpu", help="where the UNet + text encoder stage runs, e.g. cuda (default cpu)")
     pretrain.add_argument("--batch", type=int, help="UNet batch size (default 64)")
+    pretrain.add_argument("--steps", type=int, help="also stop the UNet stage at this step (a budget that reproduces exactly)")
+    pretrain.add_argument("--identity-tokens", type=float, metavar="SHARE",
+                          help="share of the captions whose class word carries the identity (0-1; default 0, docs/TOY.md)")
     pretrain.set_defaults(func=run_pretrain)
 
 
@@ -67,7 +70,12 @@ def run_pretrain(args: argparse.Namespace) -> int:
         raise CliError("--device cuda was asked for, but torch sees no CUDA GPU here")
     if args.batch is not None and not 1 <= args.batch <= 4096:
         raise CliError(f"--batch must be between 1 and 4096, got {args.batch}")
-    flags = {"unet_batch": args.batch, "unet_minutes": args.minutes, "decoder_minutes": args.decoder_minutes}
+    if args.steps is not None and args.steps < 1:
+        raise CliError(f"--steps must be at least 1, got {args.steps}")
+    if args.identity_tokens is not None and not 0 <= args.identity_tokens <= 1:
+        raise CliError(f"--identity-tokens is a share from 0 to 1, got {args.identity_tokens}")
+    flags = {"unet_batch": args.batch, "unet_minutes": args.minutes, "decoder_minutes": args.decoder_minutes,
+             "unet_steps": args.steps, "identity_token_share": args.identity_tokens}
     plan = PretrainPlan(device=str(device), **{key: value for key, value in flags.items() if value is not None})
     pretrain(args.out, tuple(args.stage or STAGES), plan, threads=args.threads)
     return 0

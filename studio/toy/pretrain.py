@@ -55,7 +55,10 @@ class PretrainPlan:
     vision_steps: int = 400
     vae_steps: int = 250
     unet_minutes: float = 55.0
+    unet_steps: int | None = None  # also stop the UNet stage at this step (a budget that reproduces exactly)
     unet_batch: int = 64
+    # share of the captions whose class word carries an identity (IdentityTokens); 0 = off
+    identity_token_share: float = 0.0
     decoder_minutes: float = 20.0
     decoder_batch: int = 32
     seed: int = 0
@@ -462,6 +465,72 @@ def _write_folder_files(out: Path) -> None:
     }, indent=2))
 
 
+class IdentityTokens:
+    """Identity-bearing class words for the UNet stage (docs/TOY.md, "Identity tokens").
+
+    In a share of the captions, the class word's input embedding (D,) gets ``W e`` added: e (E,)
+    the frozen bypass image encoder's embedding of *another* render of the same identity, W (D, E)
+    learned from zero. The model so learns, as SD did from the people its captions name, that a
+    token can carry a face, without any caption naming the face's features. W is a pretraining
+    device only: it is checkpointed for resuming, never exported.
+    """
+
+    CLASS_WORDS = ("person", "face", "man", "woman")
+
+    def __init__(self, out: Path, plan: PretrainPlan, train: dict, tokenizer, width: int, device: torch.device) -> None:
+        from transformers import CLIPVisionModelWithProjection
+
+        encoder = CLIPVisionModelWithProjection.from_pretrained(str(out / "image_encoder")).eval()
+        with torch.no_grad():
+            self.embeddings = torch.cat([_vision_embed(encoder, toy_models.to_input(train["images"][i : i + 256]))
+                                         for i in range(0, len(train["images"]), 256)])  # (N, E) on the CPU
+        by_identity: dict[int, list[int]] = {}
+        for index, number in enumerate(train["identity"].tolist()):
+            by_identity.setdefault(number, []).append(index)
+        self.views = [by_identity[number] for number in train["identity"].tolist()]
+        self.class_ids = torch.tensor([tokenizer(w, add_special_tokens=False).input_ids[0] for w in self.CLASS_WORDS])
+        self.share, self.device = plan.identity_token_share, device
+        self.projection = torch.nn.Linear(self.embeddings.shape[1], width, bias=False)
+        torch.nn.init.zeros_(self.projection.weight)
+        self.projection.to(device)
+        self.opt = torch.optim.AdamW(self.projection.parameters(), 3e-4, weight_decay=0)
+        self.pending: torch.Tensor | None = None  # (B, L, D) added to the next text-encoder input embeddings
+
+    def hook(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook of the text encoder's token embedding: adds (and consumes) the pending residual."""
+        residual, self.pending = self.pending, None
+        return output if residual is None else output + residual
+
+    def prepare(self, ids: torch.Tensor, idx: np.ndarray, rng: np.random.Generator) -> int:
+        """Set the residual for the batch ``ids`` (B, L) of training samples ``idx``; returns how many
+        rows carry an identity."""
+        ids = ids.cpu()
+        is_class = torch.isin(ids, self.class_ids)
+        rows = [b for b in range(len(idx)) if is_class[b].any() and rng.uniform() < self.share]
+        if not rows:
+            return 0
+        others = [int(rng.choice(self.views[idx[b]])) for b in rows]  # another view (or the same, if alone)
+        vectors = self.projection(self.embeddings[others].to(self.device))  # (R, D)
+        residual = torch.zeros(*ids.shape, vectors.shape[1], device=self.device)
+        positions = torch.tensor([int(is_class[b].nonzero()[0]) for b in rows])
+        residual = residual.index_put((torch.tensor(rows), positions), vectors)
+        self.pending = residual
+        return len(rows)
+
+    def save(self, ckpt: Path) -> None:
+        save_file(_to_cpu(self.projection.state_dict()), str(ckpt / "identity_tokens.safetensors"))
+        torch.save(_to_cpu(self.opt.state_dict()), ckpt / "identity_tokens_optimizer.pt")
+
+    def load(self, ckpt: Path) -> bool:
+        """Resume W and its optimiser from ``ckpt``; False when the checkpoint has none (W starts at zero)."""
+        if not (ckpt / "identity_tokens.safetensors").exists():
+            return False
+        self.projection.load_state_dict(load_file(str(ckpt / "identity_tokens.safetensors")))
+        self.projection.to(self.device)
+        self.opt.load_state_dict(torch.load(ckpt / "identity_tokens_optimizer.pt", weights_only=True, map_location="cpu"))
+        return True
+
+
 def stage_backbone(out: Path, plan: PretrainPlan) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -503,6 +572,13 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         # Adam's step counters on the CPU, where torch wants them
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
         _log(f"[backbone] resumed at step {step} ({elapsed / 60:.1f} min done)")
+    identity_tokens = None
+    if plan.identity_token_share > 0:
+        identity_tokens = IdentityTokens(out, plan, train, tokenizer, text_encoder.config.hidden_size, device)
+        resumed_tokens = resumed and identity_tokens.load(ckpt)
+        text_encoder.get_input_embeddings().register_forward_hook(identity_tokens.hook)
+        _log(f"[backbone] identity tokens in {plan.identity_token_share:.0%} of the captions"
+             f" ({'resumed' if resumed_tokens else 'W from zero'})")
     scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
     idents = {}
     rng = np.random.default_rng([plan.seed, step, 6])
@@ -519,12 +595,14 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         save_file(_to_cpu(text_encoder.state_dict()), str(ckpt / "text_encoder.safetensors"))
         save_file(_to_cpu({str(i): e.contiguous() for i, e in enumerate(ema)}), str(ckpt / "ema.safetensors"))
         torch.save(_to_cpu(opt.state_dict()), ckpt / "optimizer.pt")
+        if identity_tokens is not None:
+            identity_tokens.save(ckpt)
         (ckpt / "state.json").write_text(json.dumps({"step": step, "elapsed": time.time() - started}))
 
     losses: list[float] = []
     unet.train()
     text_encoder.train()
-    while time.time() - started < budget:
+    while time.time() - started < budget and (plan.unet_steps is None or step < plan.unet_steps):
         step += 1
         idx = rng.integers(0, n, plan.unet_batch)
         texts = []
@@ -535,6 +613,8 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
             texts.append("" if rng.uniform() < 0.1 else caption(ident, scene, rng))
         ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(device)
+        if identity_tokens is not None:
+            identity_tokens.prepare(ids, idx, rng)
         z0 = latents[idx]
         noise = torch.randn(z0.shape, generator=gen)  # drawn on the CPU: the same run on any device
         # half the batch from the noisiest 40 %: those steps set the layout and are learned last
@@ -546,8 +626,12 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         pred = unet(zt, t, hidden).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
+        if identity_tokens is not None:
+            identity_tokens.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if identity_tokens is not None:
+            identity_tokens.opt.step()
         for group in opt.param_groups:
             group["lr"] = 3e-4 * min(1.0, step / 200)
         opt.step()
