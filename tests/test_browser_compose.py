@@ -86,7 +86,7 @@ def _stroke(page, start: tuple[float, float], end: tuple[float, float]) -> None:
 
 def test_regions_drawn_by_hand_place_each_person_where_their_colour_was_painted(page, backbone, tmp_path):
     _open_with_two_concept_files(page, backbone, tmp_path, (25, 26))
-    assert not page.locator("#compose-canvas").is_visible()  # only for drawn regions
+    assert not page.locator("#compose-drawing").is_visible()  # only for drawn regions
     page.get_by_label("Drawn by me").check()
     page.wait_for_selector("#compose-canvas canvas")
     steps = page.locator("#compose-steps input[type=number]")
@@ -111,3 +111,27 @@ def test_regions_drawn_by_hand_place_each_person_where_their_colour_was_painted(
     red_minus_blue = {name: float(c[0] - c[2]) for name, c in strips.items()}
     # the overlay tints person {0} red, person {1} blue and the background grey
     assert red_minus_blue["left"] > red_minus_blue["middle"] + 30 > red_minus_blue["right"] + 60, red_minus_blue
+
+
+def test_regions_can_be_drawn_on_a_phone(browser, studio_app):
+    """At 390 x 844 the Compose tab is behind "More tabs"; the canvas fits the width and takes a stroke."""
+    from test_browser_page import open_page
+
+    page = open_page(browser, studio_app, 390, 844)
+    try:
+        page.wait_for_selector("#generate", state="attached")  # the tabs render after the top of the page
+        assert not page.get_by_role("tab", name="Compose").is_visible()
+        page.get_by_role("button", name="More tabs").click()
+        page.locator(".overflow-dropdown button", has_text="Compose").click()
+        page.get_by_label("Drawn by me").check()
+        page.wait_for_selector("#compose-canvas canvas")
+        page.locator("#compose-canvas").scroll_into_view_if_needed()
+        box = page.locator("#compose-canvas").bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 390, box
+        _stroke(page, (0.3, 0.3), (0.35, 0.7))
+        shot(page, "compose-7-drawn-on-a-phone")
+        page.locator("#compose").click()
+        # the red stroke arrived (no "Nothing is drawn:" for the whole canvas): only blue is missing
+        page.get_by_text("Nothing is drawn in blue for person {1}").first.wait_for(timeout=TIMEOUT_MS)
+    finally:
+        page.context.close()

@@ -94,9 +94,9 @@ def test_the_regions_choice_gives_no_boxes_side_boxes_or_the_drawn_ones():
 def test_the_drawing_canvas_shows_only_when_drawn_regions_are_chosen(tiny_cfg):
     with gr.Blocks() as demo:
         build_compose_tab(lambda request: None, tiny_cfg)
-    canvas = next(c for c in demo.blocks.values() if c.elem_id == "compose-canvas")
+    drawing = next(c for c in demo.blocks.values() if c.elem_id == "compose-drawing")  # the canvas and its help
     layout = next(c for c in demo.blocks.values() if c.elem_id == "compose-layout")
-    assert not canvas.visible
-    toggle = next(fn for fn in demo.fns.values() if fn.inputs == [layout] and fn.outputs == [canvas]).fn
+    assert not drawing.visible
+    toggle = next(fn for fn in demo.fns.values() if fn.inputs == [layout] and fn.outputs == [drawing]).fn
     assert toggle("Drawn by me")["visible"] is True
     assert all(toggle(label)["visible"] is False for label in LAYOUTS if label != "Drawn by me")

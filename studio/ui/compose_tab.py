@@ -113,13 +113,15 @@ def _compose_layout(cfg: StudioConfig) -> SimpleNamespace:
                                 elem_id="compose-prompt", scale=3)
         tab.layout = gr.Radio(list(LAYOUTS), value="Found from the picture's attention", label="Regions", scale=2,
                               elem_id="compose-layout")
-    tab.canvas = gr.ImageEditor(
-        value=blank_canvas(), type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False,
-        brush=gr.Brush(colors=[_hex(c) for c in REGION_COLOURS[1:3]], default_color=_hex(REGION_COLOURS[1]),
-                       color_mode="fixed", default_size=24),
-        canvas_size=(CANVAS_SIDE, CANVAS_SIDE), fixed_canvas=True, visible=False, elem_id="compose-canvas",
-        label="Where each person goes: paint red over {0}'s place, blue over {1}'s (each box bounds its colour)",
-    )
+    with gr.Column(visible=False, elem_id="compose-drawing") as tab.drawing:
+        gr.Markdown("Paint **red** over where `{0}` goes and **blue** over `{1}` (the brush's two colours); "
+                    "each person's region is the box around their colour.", elem_classes=["help"])
+        tab.canvas = gr.ImageEditor(
+            value=blank_canvas(), type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False,
+            brush=gr.Brush(colors=[_hex(c) for c in REGION_COLOURS[1:3]], default_color=_hex(REGION_COLOURS[1]),
+                           color_mode="fixed", default_size=24),
+            canvas_size=(CANVAS_SIDE, CANVAS_SIDE), fixed_canvas=True, elem_id="compose-canvas", label="Regions",
+        )
     with gr.Row():
         tab.seed = gr.Number(0, precision=0, label="Seed")
         tab.steps = gr.Slider(1, 100, value=cfg.sample.steps, step=1, label="Steps", elem_id="compose-steps")
@@ -220,7 +222,7 @@ def build_compose_tab(engine_for: Callable[[gr.Request], Engine], cfg: StudioCon
         )
         views.afterwards(run, views.while_running(False, starts=2), None, buttons, api_visibility="private", queue=False)
     tab.interrupt_btn.click(on.on_interrupt, None, None, api_name="compose_interrupt", concurrency_limit=None)
-    tab.layout.change(lambda label: gr.update(visible=LAYOUTS.get(label) == "drawn"), tab.layout, tab.canvas,
+    tab.layout.change(lambda label: gr.update(visible=LAYOUTS.get(label) == "drawn"), tab.layout, tab.drawing,
                       api_visibility="private", queue=False)
     for kind in kinds:
         kind.change(lambda a, b: cost_text([a, b], cfg.compose.rsa_weight), kinds, tab.cost)
