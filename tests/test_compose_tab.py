@@ -1,17 +1,20 @@
 """The Compose tab without a browser: its texts, and that it builds inside a Blocks."""
 from __future__ import annotations
 
-import gradio as gr
+import io
 
-from studio.sampler import GenerationInterrupted
+import gradio as gr
 import numpy as np
 import pytest
+from PIL import Image
 
 from studio.compose import REGION_COLOURS, ComposeInputError
+from studio.sampler import GenerationInterrupted
 from studio.ui.compose_tab import (
     LAYOUTS,
     SOURCES,
     ComposeHandlers,
+    RegionCanvas,
     blank_canvas,
     build_compose_tab,
     chosen_boxes,
@@ -100,3 +103,25 @@ def test_the_drawing_canvas_shows_only_when_drawn_regions_are_chosen(tiny_cfg):
     toggle = next(fn for fn in demo.fns.values() if fn.inputs == [layout] and fn.outputs == [drawing]).fn
     assert toggle("Drawn by me")["visible"] is True
     assert all(toggle(label)["visible"] is False for label in LAYOUTS if label != "Drawn by me")
+
+
+def _png(side: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGBA", (side, side), (0, 0, 0, 0)).save(buffer, "PNG")  # compresses to a few kB at any size
+    return buffer.getvalue()
+
+
+def test_the_canvas_refuses_a_huge_drawing_by_its_header_before_decoding_it(monkeypatch):
+    with gr.Blocks():
+        canvas = RegionCanvas(type="numpy", image_mode="RGBA")
+    assert canvas.get_block_name() == "imageeditor"  # the page draws the stock editor
+    assert canvas.convert_and_format_image(_png(256)).shape == (256, 256, 4)
+    huge = _png(8000)
+    assert len(huge) < 2_000_000  # small on the wire, 256 MB once decoded
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size))
+    with pytest.raises(gr.Error, match="8000 x 8000 pixels, larger than a canvas can be"):
+        canvas.convert_and_format_image(huge)
+    assert decoded == [], "nothing was decoded"
+    with pytest.raises(gr.Error, match="not an image the studio can read"):
+        canvas.convert_and_format_image(b"<script>")

@@ -5,6 +5,7 @@ One builder (``build_compose_tab``) over a layout and its handlers; the handlers
 """
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 import spaces
+from PIL import Image, UnidentifiedImageError
 
 from studio.compose import REGION_COLOURS, PersonSource, boxes_from_strokes, side_boxes
 from studio.config import StudioConfig
@@ -31,6 +33,7 @@ SOURCES = {
 }
 LAYOUTS = {"Found from the picture's attention": None, "Left / right": "left-right", "Drawn by me": "drawn"}
 CANVAS_SIDE = 256  # the drawing canvas, in canvas pixels (boxes are fractions of it)
+MAX_CANVAS_PIXELS = 1024 * 1024  # a drawing layer larger than this is refused before it is decoded
 
 EXPLAIN = (
     "Put **two people** in one picture: each is a trained concept (this session's or a file) and/or a photo. "
@@ -38,6 +41,26 @@ EXPLAIN = (
     "person's region (shown as a coloured overlay) sees only their own tokens and photo. "
     "**Instant preview** shows a likeness from this session's photo before any training."
 )
+
+
+class RegionCanvas(gr.ImageEditor):
+    """The canvas of drawn regions: a ``gr.ImageEditor`` whose server side refuses a layer by the
+    size in its header, before any pixel is decoded (a client of the shared server may send any
+    file; the page sends ``CANVAS_SIDE``-square layers)."""
+
+    is_template = True  # the page draws it as the ImageEditor it is
+
+    def convert_and_format_image(self, file: Any, flatten_on_white: bool = False) -> Any:
+        if file is not None:
+            try:
+                with Image.open(file.path if hasattr(file, "path") else io.BytesIO(file)) as header:
+                    width, height = header.size  # Image.open reads the header only
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+                raise gr.Error("The drawing is not an image the studio can read; clear the canvas and draw again.") from None
+            if width * height > MAX_CANVAS_PIXELS:
+                raise gr.Error(f"The drawing is {width} x {height} pixels, larger than a canvas can be "
+                               f"({MAX_CANVAS_PIXELS:,} pixels); the canvas here is {CANVAS_SIDE} x {CANVAS_SIDE}.")
+        return super().convert_and_format_image(file, flatten_on_white)
 
 
 def _hex(rgb: tuple[int, int, int]) -> str:
@@ -116,7 +139,7 @@ def _compose_layout(cfg: StudioConfig) -> SimpleNamespace:
     with gr.Column(visible=False, elem_id="compose-drawing") as tab.drawing:
         gr.Markdown("Paint **red** over where `{0}` goes and **blue** over `{1}` (the brush's two colours); "
                     "each person's region is the box around their colour.", elem_classes=["help"])
-        tab.canvas = gr.ImageEditor(
+        tab.canvas = RegionCanvas(
             value=blank_canvas(), type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False,
             brush=gr.Brush(colors=[_hex(c) for c in REGION_COLOURS[1:3]], default_color=_hex(REGION_COLOURS[1]),
                            color_mode="fixed", default_size=24),

@@ -1,0 +1,257 @@
+"""The Compose tab: two people in one picture, and an instant likeness from the photos (docs/COMPOSE.md).
+
+One builder (``build_compose_tab``) over a layout and its handlers; the handlers only turn widget values into
+``studio.compose.PersonSource``s and render what ``Engine.compose`` returns.
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import spaces
+from PIL import Image, UnidentifiedImageError
+
+from studio.compose import REGION_COLOURS, PersonSource, boxes_from_strokes, side_boxes
+from studio.config import StudioConfig
+from studio.engine import Engine
+from studio.sampler import GenerationInterrupted
+from studio.ui import views
+
+GPU_DURATION_S = 180  # ZeroGPU: the most one composition may hold the GPU
+
+# shown label -> PersonSource kind
+SOURCES = {
+    "This session's concept": "session",
+    "This session's concept + its photo": "session+photo",
+    "This session's photo only (no training)": "photos",
+    "A concept file": "file",
+    "A photo": "photo",
+}
+LAYOUTS = {"Found from the picture's attention": None, "Left / right": "left-right", "Drawn by me": "drawn"}
+CANVAS_SIDE = 256  # the drawing canvas, in canvas pixels (boxes are fractions of it)
+MAX_CANVAS_PIXELS = 1024 * 1024  # a drawing layer larger than this is refused before it is decoded
+
+EXPLAIN = (
+    "Put **two people** in one picture: each is a trained concept (this session's or a file) and/or a photo. "
+    "Write `{0}` and `{1}` in the prompt where they go. After a short layout stage with class words only, each "
+    "person's region (shown as a coloured overlay) sees only their own tokens and photo. "
+    "**Instant preview** shows a likeness from this session's photo before any training."
+)
+
+from gradio.events import Dependency
+
+class RegionCanvas(gr.ImageEditor):
+    """The canvas of drawn regions: a ``gr.ImageEditor`` whose server side refuses a layer by the
+    size in its header, before any pixel is decoded (a client of the shared server may send any
+    file; the page sends ``CANVAS_SIDE``-square layers)."""
+
+    is_template = True  # the page draws it as the ImageEditor it is
+
+    def convert_and_format_image(self, file: Any, flatten_on_white: bool = False) -> Any:
+        if file is not None:
+            try:
+                with Image.open(file.path if hasattr(file, "path") else io.BytesIO(file)) as header:
+                    width, height = header.size  # Image.open reads the header only
+            except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+                raise gr.Error("The drawing is not an image the studio can read; clear the canvas and draw again.") from None
+            if width * height > MAX_CANVAS_PIXELS:
+                raise gr.Error(f"The drawing is {width} x {height} pixels, larger than a canvas can be "
+                               f"({MAX_CANVAS_PIXELS:,} pixels); the canvas here is {CANVAS_SIDE} x {CANVAS_SIDE}.")
+        return super().convert_and_format_image(file, flatten_on_white)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def _hex(rgb: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
+
+
+def blank_canvas() -> dict[str, Any]:
+    """The drawing canvas's empty value: a white square, nothing painted."""
+    white = np.full((CANVAS_SIDE, CANVAS_SIDE, 4), 255, np.uint8)
+    return {"background": white, "layers": [], "composite": white}
+
+
+def drawn_layers(value: Any) -> list[Any]:
+    """The painted layers (RGBA arrays) of an ImageEditor value; none when nothing was painted."""
+    if not isinstance(value, dict):
+        return []
+    return [layer for layer in value.get("layers") or [] if layer is not None]
+
+
+def chosen_boxes(layout_label: str, canvas: Any, count: int) -> list[tuple[float, ...]] | None:
+    """The boxes of the Regions choice: None (found from attention), side by side, or drawn."""
+    layout = LAYOUTS.get(layout_label)
+    if layout == "left-right":
+        return side_boxes(count)
+    if layout == "drawn":
+        return boxes_from_strokes(drawn_layers(canvas), count)
+    return None
+
+
+def cost_text(sources: list[str], rsa_weight: float) -> str:
+    """What a composition costs, in UNet passes per denoising step."""
+    photos = sum(SOURCES.get(label, "") in ("session+photo", "photos", "photo") for label in sources)
+    passes = 1 + (photos if rsa_weight > 0 else 0)
+    note = f"{passes} UNet pass{'es' if passes > 1 else ''} per step"
+    if photos and rsa_weight > 0:
+        note += f" (1 + {photos} for the photo{'s' if photos > 1 else ''}: up to {passes}× a plain generation's time)"
+    return f"Cost: {note}."
+
+
+def score_text(scores: list[list[float | None]] | tuple, count: int) -> str:
+    """Markdown: identity similarity of each person's region, per image."""
+    if not scores:
+        return "Region scores are off in this preset."
+    head = "| image | " + " | ".join(f"{{{p}}}" for p in range(count)) + " |"
+    lines = [head, "|---" * (count + 1) + "|"]
+    for index, row in enumerate(scores):
+        cells = ["–" if s is None else f"{s:.3f}" for s in row]
+        lines.append(f"| {index + 1} | " + " | ".join(cells) + " |")
+    lines.append("\nIdentity of each person's region to that person's photos (– : no photos to compare or no face found).")
+    return "\n".join(lines)
+
+
+def run_cost_text(passes: int) -> str:
+    """What a finished composition cost, from its settings."""
+    if passes == 1:
+        return "This run: 1 UNet pass per step (as in a plain generation; finding the regions adds a little)."
+    return f"This run: {passes} UNet passes per step (up to {passes}× a plain generation's time)."
+
+
+def _compose_layout(cfg: StudioConfig) -> SimpleNamespace:
+    """Every component of the tab, by name."""
+    tab = SimpleNamespace(people=[])
+    gr.Markdown(EXPLAIN, elem_classes=["help"])
+    with gr.Row():
+        for index, default in enumerate(("This session's concept", "A concept file")):
+            with gr.Column():
+                kind = gr.Radio(list(SOURCES), value=default, label=f"Person {{{index}}}", elem_id=f"compose-kind-{index}")
+                file = gr.File(label=f"Concept file or photo for {{{index}}}", file_types=[".safetensors", "image"],
+                               type="filepath", elem_id=f"compose-file-{index}")
+                tab.people.append((kind, file))
+    with gr.Row():
+        tab.prompt = gr.Textbox("a photo of {0} and {1} on a beach", label="Prompt ({0}, {1} = the people)",
+                                elem_id="compose-prompt", scale=3)
+        tab.layout = gr.Radio(list(LAYOUTS), value="Found from the picture's attention", label="Regions", scale=2,
+                              elem_id="compose-layout")
+    with gr.Column(visible=False, elem_id="compose-drawing") as tab.drawing:
+        gr.Markdown("Paint **red** over where `{0}` goes and **blue** over `{1}` (the brush's two colours); "
+                    "each person's region is the box around their colour.", elem_classes=["help"])
+        tab.canvas = RegionCanvas(
+            value=blank_canvas(), type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False,
+            brush=gr.Brush(colors=[_hex(c) for c in REGION_COLOURS[1:3]], default_color=_hex(REGION_COLOURS[1]),
+                           color_mode="fixed", default_size=24),
+            canvas_size=(CANVAS_SIDE, CANVAS_SIDE), fixed_canvas=True, elem_id="compose-canvas", label="Regions",
+        )
+    with gr.Row():
+        tab.seed = gr.Number(0, precision=0, label="Seed")
+        tab.steps = gr.Slider(1, 100, value=cfg.sample.steps, step=1, label="Steps", elem_id="compose-steps")
+        tab.mode = gr.Radio(["regions", "naive"], value="regions",
+                            label="Mode (naive = all tokens in one prompt, for comparison)")
+    tab.cost = gr.Markdown(cost_text(["This session's concept", "A concept file"], cfg.compose.rsa_weight),
+                           elem_id="compose-cost")
+    with gr.Row():
+        tab.compose_btn = gr.Button("Compose", variant="primary", elem_id="compose", scale=2,
+                                    elem_classes=["busy-toggle"])
+        tab.instant_btn = gr.Button("Instant preview (my photo, no training)", elem_id="instant-preview", scale=2,
+                                    elem_classes=["busy-toggle"])
+        tab.interrupt_btn = gr.Button("Interrupt", variant="stop", elem_id="compose-interrupt", interactive=False,
+                                      scale=1, elem_classes=["busy-toggle"])
+    with gr.Row():
+        tab.images = gr.Gallery(label="Composed", columns=2, height=320, elem_id="composed", interactive=False,
+                                object_fit="contain")
+        tab.overlays = gr.Gallery(label="Regions used", columns=2, height=320, elem_id="compose-regions",
+                                  interactive=False, object_fit="contain")
+    tab.scores = gr.Markdown(elem_id="compose-scores")
+    tab.outputs = [tab.images, tab.overlays, tab.scores, tab.cost]
+    return tab
+
+
+def sources_from(values: list[Any]) -> list[PersonSource]:
+    """PersonSources from the widgets' values: (kind label, file) per person, flattened."""
+    return [PersonSource(SOURCES.get(values[i], str(values[i])), values[i + 1] or None) for i in range(0, len(values), 2)]
+
+
+def rendered(result, region_scores, count: int) -> list[Any]:
+    """The tab's outputs (images, overlays, scores, cost) for a finished composition."""
+    items = [(image, caption) for image, caption in zip(result.images, result.captions)]
+    regions = [(overlay, f"seed {s['seed']}") for overlay, s in zip(result.overlays, result.settings)]
+    return [items, regions, score_text(region_scores, count), run_cost_text(result.settings[0]["unet_passes_per_step"])]
+
+
+def interrupted(exc: GenerationInterrupted) -> list[Any]:
+    """The tab's outputs after Interrupt: the last images stay, the scores say what happened."""
+    gr.Warning(f"Interrupted: {exc}")
+    return [gr.skip(), gr.skip(), f"Interrupted after {exc.step} of {exc.total} steps: nothing new was made.", gr.skip()]
+
+
+class ComposeHandlers:
+    """The tab's handlers; ``engine_for`` gives a request's engine."""
+
+    def __init__(self, engine_for: Callable[[gr.Request], Engine]) -> None:
+        self.engine_for = engine_for
+        # ZeroGPU: these run in a GPU-attached process (decorated once, at start).
+        self.on_compose = spaces.GPU(duration=GPU_DURATION_S)(self._compose)
+        self.on_instant = spaces.GPU(duration=GPU_DURATION_S)(self._instant)
+
+    def _compose(self, kind0, file0, kind1, file1, text, layout_label, canvas, seed, n_steps, mode,
+                 request: gr.Request, progress=gr.Progress()) -> list[Any]:
+        sources = sources_from([kind0, file0, kind1, file1])
+        try:
+            boxes = chosen_boxes(layout_label, canvas, len(sources))
+            result, region_scores = self.engine_for(request).compose(
+                sources, text, mode=mode, boxes=boxes, seeds=[views.as_number(seed, "The seed", whole=True)],
+                num_inference_steps=views.as_number(n_steps, "The number of steps", whole=True),
+                progress=lambda done, total: progress((done, total), desc="Composing"),
+            )
+        except GenerationInterrupted as exc:
+            return interrupted(exc)
+        except (ValueError, RuntimeError) as exc:
+            raise views.user_error(exc) from None
+        return rendered(result, region_scores, len(sources))
+
+    def _instant(self, seed, n_steps, request: gr.Request, progress=gr.Progress()) -> list[Any]:
+        try:
+            result, region_scores = self.engine_for(request).instant_preview(
+                seeds=[views.as_number(seed, "The seed", whole=True)],
+                num_inference_steps=views.as_number(n_steps, "The number of steps", whole=True),
+                progress=lambda done, total: progress((done, total), desc="Instant preview"),
+            )
+        except GenerationInterrupted as exc:
+            return interrupted(exc)
+        except (ValueError, RuntimeError) as exc:
+            raise views.user_error(exc) from None
+        return rendered(result, region_scores, 1)
+
+    def on_interrupt(self, request: gr.Request) -> None:
+        self.engine_for(request).interrupt_composition()
+
+
+def build_compose_tab(engine_for: Callable[[gr.Request], Engine], cfg: StudioConfig) -> None:
+    """The tab's widgets and handlers; call inside ``with gr.Tab("Compose"):``."""
+    tab = _compose_layout(cfg)
+    on = ComposeHandlers(engine_for)
+    kinds = [kind for kind, _ in tab.people]
+    people = [widget for person in tab.people for widget in person]
+    buttons = [tab.compose_btn, tab.instant_btn, tab.interrupt_btn]  # while one runs, only Interrupt is usable
+    for button, handler, inputs in (
+        (tab.compose_btn, on.on_compose, [*people, tab.prompt, tab.layout, tab.canvas, tab.seed, tab.steps, tab.mode]),
+        (tab.instant_btn, on.on_instant, [tab.seed, tab.steps]),
+    ):
+        run = button.click(views.while_running(True, starts=2), None, buttons, api_visibility="private", queue=False).then(
+            handler, inputs, tab.outputs, api_name="compose" if button is tab.compose_btn else "instant_preview",
+        )
+        views.afterwards(run, views.while_running(False, starts=2), None, buttons, api_visibility="private", queue=False)
+    tab.interrupt_btn.click(on.on_interrupt, None, None, api_name="compose_interrupt", concurrency_limit=None)
+    tab.layout.change(lambda label: gr.update(visible=LAYOUTS.get(label) == "drawn"), tab.layout, tab.drawing,
+                      api_visibility="private", queue=False)
+    for kind in kinds:
+        kind.change(lambda a, b: cost_text([a, b], cfg.compose.rsa_weight), kinds, tab.cost)
