@@ -23,11 +23,11 @@ step() {  # NAME COMMAND...: markdown to $OUT/NAME.md, stderr to $OUT/NAME.log
   echo "[$(date +%H:%M:%S)] $name: $*" >&2
   "$@" > "$OUT/$name.md" 2> "$OUT/$name.log"
 }
-step look "$PY" bench/toy_look.py "${RUN_ARGS[@]}" --out "$OUT/look.png"
-step caps "$PY" bench/toy_caps.py "${RUN_ARGS[@]}" "${CAPS[@]}" --out "$OUT/caps"
-step reach "$PY" bench/toy_reach.py "${RUN_ARGS[@]}" "${REACH[@]}" --out "$OUT/reach"
+step look "$PY" bench/toy_look.py ${RUN_ARGS[@]+"${RUN_ARGS[@]}"} --out "$OUT/look.png"
+step caps "$PY" bench/toy_caps.py ${RUN_ARGS[@]+"${RUN_ARGS[@]}"} "${CAPS[@]}" --out "$OUT/caps"
+step reach "$PY" bench/toy_reach.py ${RUN_ARGS[@]+"${RUN_ARGS[@]}"} "${REACH[@]}" --out "$OUT/reach"
 if [[ -z "${RUN:-}" ]]; then  # these train concepts with the toy preset: the shipped weights only
   step world "$PY" bench/toy_world.py "${WORLD[@]}" --out "$OUT/world"
-  step compose "$PY" bench/toy_compose.py "${COMPOSE[@]}" --out "$OUT/compose"
+  step compose "$PY" bench/toy_compose.py ${COMPOSE[@]+"${COMPOSE[@]}"} --out "$OUT/compose"
 fi
 echo "[$(date +%H:%M:%S)] done: $OUT/*.md" >&2

@@ -90,6 +90,7 @@ def main() -> int:
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=Path("bench/out/toy-reach"))
     args = parser.parse_args()
+    from studio.conditioning import super_category_id
     from studio.toy.instruments import load_instruments
     from studio.toy.world import render_prompt
 
@@ -110,8 +111,7 @@ def main() -> int:
         refs = world.scorer.embed_references([str(selfie)])
         with torch.no_grad():
             target = embed_differentiably(instruments, to_tensor([render_prompt(identity, "a photo of {}", seed=7)]))[0]
-        slot = bb.text_encoder.get_input_embeddings().weight[
-            bb.tokenizer(world.cfg.concept.super_category, add_special_tokens=False).input_ids[0]]
+        slot = bb.text_encoder.get_input_embeddings().weight[super_category_id(bb.tokenizer, world.cfg.concept.super_category)]
         vector = slot.detach().clone().requires_grad_(True)
         optimiser = torch.optim.Adam([vector], lr=5e-2)
         first = last = None

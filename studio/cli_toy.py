@@ -32,7 +32,7 @@ def add_toy_parser(subparsers: Any) -> None:
     pretrain.add_argument("--threads", type=int, default=2, help="torch threads (and render workers)")
     pretrain.add_argument("--device", default="cpu", help="where the UNet + text encoder stage runs, e.g. cuda (default cpu)")
     pretrain.add_argument("--batch", type=int, help="UNet batch size (default 64)")
-    pretrain.add_argument("--steps", type=int, help="also stop the UNet stage at this step (a budget that reproduces exactly)")
+    pretrain.add_argument("--steps", type=int, help="also stop the UNet stage at this step (unlike --minutes, the same on any machine)")
     pretrain.add_argument("--identity-tokens", type=float, metavar="SHARE",
                           help="share of the captions whose class word carries the identity (0-1; default 0, docs/TOY.md)")
     pretrain.set_defaults(func=run_pretrain)

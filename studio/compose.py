@@ -35,8 +35,10 @@ from studio.config import NUM_TRAIN_TIMESTEPS, ComposeConfig
 from studio.sampler import SCHEDULERS, GenerationInterrupted, Sampler, SamplerInputError, stage_plan
 
 PERSON_RE = re.compile(r"\{(\d*)\}")
-# Overlay colours: background, person 0, person 1, ...
-REGION_COLOURS = [(90, 90, 90), (230, 60, 60), (60, 110, 235), (60, 190, 90), (235, 180, 40)]
+# Overlay colours and their names: background, person 0, person 1, ...
+REGION_PALETTE = [("grey", (90, 90, 90)), ("red", (230, 60, 60)), ("blue", (60, 110, 235)), ("green", (60, 190, 90)),
+                  ("yellow", (235, 180, 40))]
+REGION_COLOURS = [rgb for _, rgb in REGION_PALETTE]
 MODES = ("regions", "naive")
 
 
@@ -622,9 +624,6 @@ def side_boxes(count: int) -> list[tuple[float, float, float, float]]:
     return [(i / count, 0.0, (i + 1) / count, 1.0) for i in range(count)]
 
 
-COLOUR_NAMES = ["grey", "red", "blue", "green", "yellow"]
-
-
 def boxes_from_strokes(layers: Sequence[np.ndarray], count: int, tolerance: float = 60.0) -> list[tuple[float, float, float, float]]:
     """One box per person from painted strokes: person p's box bounds the pixels painted in
     their overlay colour (``REGION_COLOURS[p + 1]``), as fractions of the canvas.
@@ -633,6 +632,8 @@ def boxes_from_strokes(layers: Sequence[np.ndarray], count: int, tolerance: floa
     wins where they overlap. A pixel counts when it is mostly opaque and its colour is within
     ``tolerance`` (RGB distance) of a person's colour, so anti-aliased edges do not stretch a box.
     """
+    if count >= len(REGION_PALETTE):
+        raise ComposeInputError(f"Drawn regions have colours for {len(REGION_PALETTE) - 1} people, not {count}.")
     if not layers:
         raise ComposeInputError(f"Nothing is drawn: paint where each of the {count} people goes.")
     height, width = layers[0].shape[:2]
@@ -647,12 +648,13 @@ def boxes_from_strokes(layers: Sequence[np.ndarray], count: int, tolerance: floa
         opaque |= solid
     boxes = []
     for person in range(count):
-        colour = np.asarray(REGION_COLOURS[person + 1], np.float32)
+        name, rgb = REGION_PALETTE[person + 1]
+        colour = np.asarray(rgb, np.float32)
         ys, xs = np.nonzero(opaque & (np.linalg.norm(painted - colour, axis=-1) < tolerance))
         if len(xs) == 0:
             raise ComposeInputError(
-                f"Nothing is drawn in {COLOUR_NAMES[person + 1]} for person {{{person}}}: pick the brush's "
-                f"{COLOUR_NAMES[person + 1]} colour and paint over where {{{person}}} goes."
+                f"Nothing is drawn in {name} for person {{{person}}}: pick the brush's {name} colour and "
+                f"paint over where {{{person}}} goes."
             )
         boxes.append((xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height))
     return boxes

@@ -133,6 +133,8 @@ def test_a_drawing_that_misses_a_person_names_the_colour_to_paint():
         boxes_from_strokes([only_red], 2)
     with pytest.raises(ComposeInputError, match="Nothing is drawn: paint where each of the 2 people goes"):
         boxes_from_strokes([], 2)
+    with pytest.raises(ComposeInputError, match="colours for 4 people, not 5"):
+        boxes_from_strokes([only_red], 5)
     later = np.zeros_like(only_red)
     later[20:80, 10:25] = (*REGION_COLOURS[2], 255)  # a later layer paints blue over half the red block
     assert boxes_from_strokes([only_red, later], 2) == [(0.25, 0.2, 0.4, 0.8), (0.1, 0.2, 0.25, 0.8)]

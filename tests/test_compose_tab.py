@@ -14,10 +14,10 @@ from studio.ui.compose_tab import (
     LAYOUTS,
     SOURCES,
     ComposeHandlers,
-    RegionCanvas,
     blank_canvas,
     build_compose_tab,
     chosen_boxes,
+    guard_canvas,
     cost_text,
     run_cost_text,
     score_text,
@@ -72,7 +72,7 @@ def test_an_interrupted_composition_is_a_message_and_keeps_the_last_images(monke
     engine = _InterruptedEngine()
     on = ComposeHandlers(lambda request: engine)
     outputs = on.on_compose("This session's concept", None, "A concept file", None, "{0} and {1}", "Left / right",
-                            None, 0, 5, "regions", request=None, progress=lambda *a, **k: None)
+                            0, 5, "regions", request=None, progress=lambda *a, **k: None)
     assert outputs[2] == "Interrupted after 2 of 5 steps: nothing new was made."
     assert [type(o) for o in (outputs[0], outputs[1], outputs[3])] == [type(gr.skip())] * 3
     assert warned == ["Interrupted: Generation stopped after 2 of 5 steps."]
@@ -111,17 +111,65 @@ def _png(side: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_the_canvas_refuses_a_huge_drawing_by_its_header_before_decoding_it(monkeypatch):
+def _blobs(kind: str, index, content: bytes, drawing: str = "d1"):
+    from gradio.components.image_editor import AcceptBlobs
+
+    return AcceptBlobs(data={"type": kind, "index": index, "id": drawing, "file": b""}, files=[("blob", content)])
+
+
+def test_the_canvas_refuses_a_huge_or_foreign_drawing_by_its_header_before_decoding_it(monkeypatch, tmp_path):
+    from gradio.data_classes import FileData
+
     with gr.Blocks():
-        canvas = RegionCanvas(type="numpy", image_mode="RGBA")
-    assert canvas.get_block_name() == "imageeditor"  # the page draws the stock editor
-    assert canvas.convert_and_format_image(_png(256)).shape == (256, 256, 4)
+        canvas = guard_canvas(gr.ImageEditor(type="numpy", image_mode="RGBA"))
+    assert canvas.convert_and_format_image(_png(256)).shape == (256, 256, 4)  # what the page sends
     huge = _png(8000)
     assert len(huge) < 2_000_000  # small on the wire, 256 MB once decoded
+    (tmp_path / "huge.png").write_bytes(huge)
+    (tmp_path / "page.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")
     decoded = []
     monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size))
-    with pytest.raises(gr.Error, match="8000 x 8000 pixels, larger than a canvas can be"):
-        canvas.convert_and_format_image(huge)
+    for sent in (huge, FileData(path=str(tmp_path / "huge.png"))):  # the page's blobs, and an API client's file
+        with pytest.raises(gr.Error, match="8000 x 8000 pixels, larger than a canvas can be"):
+            canvas.convert_and_format_image(sent)
+    for foreign in (b"<script>", FileData(path=str(tmp_path / "page.eps"))):  # EPS would run Ghostscript on load
+        with pytest.raises(gr.Error, match="not a PNG the studio can read"):
+            canvas.convert_and_format_image(foreign)
     assert decoded == [], "nothing was decoded"
-    with pytest.raises(gr.Error, match="not an image the studio can read"):
-        canvas.convert_and_format_image(b"<script>")
+
+
+def test_the_canvas_bounds_what_clients_may_upload_and_keep_waiting(tmp_path):
+    from gradio.components.image_editor import EditorData
+    from gradio.data_classes import FileData
+
+    with gr.Blocks():
+        canvas = guard_canvas(gr.ImageEditor(type="numpy", image_mode="RGBA"))
+    assert getattr(canvas.accept_blobs, "_is_server_fn", False)  # still the endpoint the page calls
+    canvas.accept_blobs(_blobs("layer", "1", _png(256)))
+    assert len(canvas.blob_storage["d1"].layers) == 2  # layers 0 and 1: what a drawing may have
+    with pytest.raises(gr.Error, match="at most 2 layers"):
+        canvas.accept_blobs(_blobs("layer", str(10**9), b"x"))  # would allocate a list of 10^9 entries
+    with pytest.raises(gr.Error, match="at most 2 layers"):
+        canvas.accept_blobs(_blobs("layer", "-1", b"x"))
+    with pytest.raises(gr.Error, match="at most 2000 kB"):
+        canvas.accept_blobs(_blobs("background", None, b"x" * 2_000_001))
+    for n in range(40):  # drawings uploaded and never used
+        canvas.accept_blobs(_blobs("composite", None, _png(16), drawing=f"w{n}"))
+    assert len(canvas.blob_storage) == 32 and "w39" in canvas.blob_storage and "d1" not in canvas.blob_storage
+    with pytest.raises(gr.Error, match="at most 2 layers"):
+        (tmp_path / "layer.png").write_bytes(_png(16))
+        canvas.preprocess(EditorData(layers=[FileData(path=str(tmp_path / "layer.png"))] * 3))
+
+
+def test_a_refused_composition_gives_its_buttons_back_too(tiny_cfg):
+    """The step that turns Compose / Instant preview back on runs after a handler that returned (.then)
+    and after one that raised (.failure): Gradio 6's page skips a .then step after an error."""
+    with gr.Blocks() as demo:
+        build_compose_tab(lambda request: None, tiny_cfg)
+    for api_name in ("compose", "instant_preview"):
+        run = next(fn for fn in demo.fns.values() if fn.api_name == api_name)
+        after = [fn for fn in demo.fns.values() if fn.trigger_after == run._id]
+        assert sorted((fn.trigger_only_on_success, fn.trigger_only_on_failure) for fn in after) == [(False, False), (False, True)]
+        buttons = [c.elem_id for c in after[0].outputs]
+        assert buttons == ["compose", "instant-preview", "compose-interrupt"] and all(
+            [c.elem_id for c in fn.outputs] == buttons and fn.fn() == after[0].fn() for fn in after)

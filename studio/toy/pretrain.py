@@ -26,11 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from studio.toy import models as toy_models
 from studio.toy.world import (
     ATTRIBUTES,
+    CLASS_WORDS,
     FIRST_UNSEEN_IDENTITY,
     Identity,
     Scene,
@@ -55,7 +57,9 @@ class PretrainPlan:
     vision_steps: int = 400
     vae_steps: int = 250
     unet_minutes: float = 55.0
-    unet_steps: int | None = None  # also stop the UNet stage at this step (a budget that reproduces exactly)
+    # also stop the UNet stage at this step: unlike the time budget, the same on any machine (a run that is
+    # stopped and resumed on the way draws other batches after the resume than one that is not)
+    unet_steps: int | None = None
     unet_batch: int = 64
     # share of the captions whose class word carries an identity (IdentityTokens); 0 = off
     identity_token_share: float = 0.0
@@ -475,8 +479,6 @@ class IdentityTokens:
     device only: it is checkpointed for resuming, never exported.
     """
 
-    CLASS_WORDS = ("person", "face", "man", "woman")
-
     def __init__(self, out: Path, plan: PretrainPlan, train: dict, tokenizer, width: int, device: torch.device) -> None:
         from transformers import CLIPVisionModelWithProjection
 
@@ -488,7 +490,7 @@ class IdentityTokens:
         for index, number in enumerate(train["identity"].tolist()):
             by_identity.setdefault(number, []).append(index)
         self.views = [by_identity[number] for number in train["identity"].tolist()]
-        self.class_ids = torch.tensor([tokenizer(w, add_special_tokens=False).input_ids[0] for w in self.CLASS_WORDS])
+        self.class_ids = torch.tensor([tokenizer(w, add_special_tokens=False).input_ids[0] for w in CLASS_WORDS])
         self.share, self.device = plan.identity_token_share, device
         self.projection = torch.nn.Linear(self.embeddings.shape[1], width, bias=False)
         torch.nn.init.zeros_(self.projection.weight)
@@ -509,7 +511,7 @@ class IdentityTokens:
         rows = [b for b in range(len(idx)) if is_class[b].any() and rng.uniform() < self.share]
         if not rows:
             return 0
-        others = [int(rng.choice(self.views[idx[b]])) for b in rows]  # another view (or the same, if alone)
+        others = [self._other_view(int(idx[b]), rng) for b in rows]
         vectors = self.projection(self.embeddings[others].to(self.device))  # (R, D)
         residual = torch.zeros(*ids.shape, vectors.shape[1], device=self.device)
         positions = torch.tensor([int(is_class[b].nonzero()[0]) for b in rows])
@@ -517,14 +519,25 @@ class IdentityTokens:
         self.pending = residual
         return len(rows)
 
-    def save(self, ckpt: Path) -> None:
-        save_file(_to_cpu(self.projection.state_dict()), str(ckpt / "identity_tokens.safetensors"))
+    def _other_view(self, index: int, rng: np.random.Generator) -> int:
+        """Another training render of sample ``index``'s identity (itself only when it is the only one)."""
+        others = [i for i in self.views[index] if i != index]
+        return int(rng.choice(others)) if others else index
+
+    def save(self, ckpt: Path, step: int) -> None:
+        save_file(_to_cpu(self.projection.state_dict()), str(ckpt / "identity_tokens.safetensors"),
+                  metadata={"step": str(step)})
         torch.save(_to_cpu(self.opt.state_dict()), ckpt / "identity_tokens_optimizer.pt")
 
-    def load(self, ckpt: Path) -> bool:
-        """Resume W and its optimiser from ``ckpt``; False when the checkpoint has none (W starts at zero)."""
-        if not (ckpt / "identity_tokens.safetensors").exists():
+    def load(self, ckpt: Path, step: int) -> bool:
+        """Resume W and its optimiser from ``ckpt`` if they were saved at ``step`` (the checkpoint's);
+        False otherwise: none there, or left from an earlier stretch run without identity tokens."""
+        path = ckpt / "identity_tokens.safetensors"
+        if not path.exists():
             return False
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("step") != str(step):
+                return False
         self.projection.load_state_dict(load_file(str(ckpt / "identity_tokens.safetensors")))
         self.projection.to(self.device)
         self.opt.load_state_dict(torch.load(ckpt / "identity_tokens_optimizer.pt", weights_only=True, map_location="cpu"))
@@ -575,10 +588,11 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
     identity_tokens = None
     if plan.identity_token_share > 0:
         identity_tokens = IdentityTokens(out, plan, train, tokenizer, text_encoder.config.hidden_size, device)
-        resumed_tokens = resumed and identity_tokens.load(ckpt)
+        resumed_tokens = resumed and identity_tokens.load(ckpt, step)
         text_encoder.get_input_embeddings().register_forward_hook(identity_tokens.hook)
         _log(f"[backbone] identity tokens in {plan.identity_token_share:.0%} of the captions"
              f" ({'resumed' if resumed_tokens else 'W from zero'})")
+    trained_apart = list(identity_tokens.projection.parameters()) if identity_tokens is not None else []
     scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
     idents = {}
     rng = np.random.default_rng([plan.seed, step, 6])
@@ -596,7 +610,7 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         save_file(_to_cpu({str(i): e.contiguous() for i, e in enumerate(ema)}), str(ckpt / "ema.safetensors"))
         torch.save(_to_cpu(opt.state_dict()), ckpt / "optimizer.pt")
         if identity_tokens is not None:
-            identity_tokens.save(ckpt)
+            identity_tokens.save(ckpt, step)
         (ckpt / "state.json").write_text(json.dumps({"step": step, "elapsed": time.time() - started}))
 
     losses: list[float] = []
@@ -629,11 +643,11 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         if identity_tokens is not None:
             identity_tokens.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params + trained_apart, 1.0)
+        for group in opt.param_groups + (identity_tokens.opt.param_groups if identity_tokens is not None else []):
+            group["lr"] = 3e-4 * min(1.0, step / 200)
         if identity_tokens is not None:
             identity_tokens.opt.step()
-        for group in opt.param_groups:
-            group["lr"] = 3e-4 * min(1.0, step / 200)
         opt.step()
         decay = min(0.998, (1 + step) / (10 + step))
         with torch.no_grad():

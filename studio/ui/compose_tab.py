@@ -13,6 +13,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 import spaces
+from gradio.components.base import server
 from PIL import Image, UnidentifiedImageError
 
 from studio.compose import REGION_COLOURS, PersonSource, boxes_from_strokes, side_boxes
@@ -33,7 +34,11 @@ SOURCES = {
 }
 LAYOUTS = {"Found from the picture's attention": None, "Left / right": "left-right", "Drawn by me": "drawn"}
 CANVAS_SIDE = 256  # the drawing canvas, in canvas pixels (boxes are fractions of it)
-MAX_CANVAS_PIXELS = 1024 * 1024  # a drawing layer larger than this is refused before it is decoded
+# What a drawing may be (guard_canvas): pixels by the header, bytes per file, layers, drawings in waiting
+MAX_CANVAS_PIXELS = 1024 * 1024
+MAX_CANVAS_BYTES = 2_000_000
+MAX_CANVAS_LAYERS = 2
+MAX_PENDING_DRAWINGS = 32
 
 EXPLAIN = (
     "Put **two people** in one picture: each is a trained concept (this session's or a file) and/or a photo. "
@@ -43,24 +48,53 @@ EXPLAIN = (
 )
 
 
-class RegionCanvas(gr.ImageEditor):
-    """The canvas of drawn regions: a ``gr.ImageEditor`` whose server side refuses a layer by the
-    size in its header, before any pixel is decoded (a client of the shared server may send any
-    file; the page sends ``CANVAS_SIDE``-square layers)."""
+def guard_canvas(editor: gr.ImageEditor) -> gr.ImageEditor:
+    """``editor`` hardened for a server shared by strangers (any client may call its endpoints
+    with any data; the page sends one ``CANVAS_SIDE``-square PNG layer):
 
-    is_template = True  # the page draws it as the ImageEditor it is
+    - an uploaded layer must be a PNG or WebP of at most ``MAX_CANVAS_PIXELS`` by its header,
+      checked before any pixel is decoded, and its file at most ``MAX_CANVAS_BYTES``;
+    - a drawing has at most ``MAX_CANVAS_LAYERS`` layers (the layer index is the client's);
+    - at most ``MAX_PENDING_DRAWINGS`` uploaded drawings wait to be used, over all sessions
+      (the oldest is dropped first).
 
-    def convert_and_format_image(self, file: Any, flatten_on_white: bool = False) -> Any:
+    Installed on the instance, not as a subclass: Gradio writes a ``.pyi`` beside the module of
+    every Component subclass it imports, which a read-only deployment cannot.
+    """
+    stock_accept, stock_convert, stock_preprocess = editor.accept_blobs, editor.convert_and_format_image, editor.preprocess
+
+    @server
+    def accept_blobs(data: Any) -> Any:
+        index = data.data.get("index")
+        if data.data.get("type") == "layer" and index not in (None, "", "null"):
+            if not str(index).isdigit() or int(index) >= MAX_CANVAS_LAYERS:
+                raise gr.Error(f"A drawing has at most {MAX_CANVAS_LAYERS} layers.")
+        if any(len(content) > MAX_CANVAS_BYTES for _, content in data.files):
+            raise gr.Error(f"A drawing's layer is at most {MAX_CANVAS_BYTES // 1000} kB.")
+        while len(editor.blob_storage) >= MAX_PENDING_DRAWINGS:
+            editor.blob_storage.pop(next(iter(editor.blob_storage)), None)
+        return stock_accept(data)
+
+    def preprocess(payload: Any) -> Any:
+        if payload is not None and len(payload.layers or ()) > MAX_CANVAS_LAYERS:
+            raise gr.Error(f"A drawing has at most {MAX_CANVAS_LAYERS} layers.")
+        return stock_preprocess(payload)
+
+    def convert_and_format_image(file: Any, flatten_on_white: bool = False) -> Any:
         if file is not None:
             try:
-                with Image.open(file.path if hasattr(file, "path") else io.BytesIO(file)) as header:
-                    width, height = header.size  # Image.open reads the header only
+                source = file.path if hasattr(file, "path") else io.BytesIO(file)
+                with Image.open(source, formats=("PNG", "WEBP")) as header:  # reads the header only
+                    width, height = header.size
             except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
-                raise gr.Error("The drawing is not an image the studio can read; clear the canvas and draw again.") from None
+                raise gr.Error("The drawing is not a PNG the studio can read; clear the canvas and draw again.") from None
             if width * height > MAX_CANVAS_PIXELS:
                 raise gr.Error(f"The drawing is {width} x {height} pixels, larger than a canvas can be "
                                f"({MAX_CANVAS_PIXELS:,} pixels); the canvas here is {CANVAS_SIDE} x {CANVAS_SIDE}.")
-        return super().convert_and_format_image(file, flatten_on_white)
+        return stock_convert(file, flatten_on_white)
+
+    editor.accept_blobs, editor.preprocess, editor.convert_and_format_image = accept_blobs, preprocess, convert_and_format_image
+    return editor
 
 
 def _hex(rgb: tuple[int, int, int]) -> str:
@@ -139,12 +173,12 @@ def _compose_layout(cfg: StudioConfig) -> SimpleNamespace:
     with gr.Column(visible=False, elem_id="compose-drawing") as tab.drawing:
         gr.Markdown("Paint **red** over where `{0}` goes and **blue** over `{1}` (the brush's two colours); "
                     "each person's region is the box around their colour.", elem_classes=["help"])
-        tab.canvas = RegionCanvas(
+        tab.canvas = guard_canvas(gr.ImageEditor(
             value=blank_canvas(), type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False,
             brush=gr.Brush(colors=[_hex(c) for c in REGION_COLOURS[1:3]], default_color=_hex(REGION_COLOURS[1]),
                            color_mode="fixed", default_size=24),
             canvas_size=(CANVAS_SIDE, CANVAS_SIDE), fixed_canvas=True, elem_id="compose-canvas", label="Regions",
-        )
+        ))
     with gr.Row():
         tab.seed = gr.Number(0, precision=0, label="Seed")
         tab.steps = gr.Slider(1, 100, value=cfg.sample.steps, step=1, label="Steps", elem_id="compose-steps")
@@ -196,8 +230,8 @@ class ComposeHandlers:
         self.on_compose = spaces.GPU(duration=GPU_DURATION_S)(self._compose)
         self.on_instant = spaces.GPU(duration=GPU_DURATION_S)(self._instant)
 
-    def _compose(self, kind0, file0, kind1, file1, text, layout_label, canvas, seed, n_steps, mode,
-                 request: gr.Request, progress=gr.Progress()) -> list[Any]:
+    def _compose(self, kind0, file0, kind1, file1, text, layout_label, seed, n_steps, mode, canvas=None,
+                 request: gr.Request = None, progress=gr.Progress()) -> list[Any]:
         sources = sources_from([kind0, file0, kind1, file1])
         try:
             boxes = chosen_boxes(layout_label, canvas, len(sources))
@@ -237,7 +271,7 @@ def build_compose_tab(engine_for: Callable[[gr.Request], Engine], cfg: StudioCon
     people = [widget for person in tab.people for widget in person]
     buttons = [tab.compose_btn, tab.instant_btn, tab.interrupt_btn]  # while one runs, only Interrupt is usable
     for button, handler, inputs in (
-        (tab.compose_btn, on.on_compose, [*people, tab.prompt, tab.layout, tab.canvas, tab.seed, tab.steps, tab.mode]),
+        (tab.compose_btn, on.on_compose, [*people, tab.prompt, tab.layout, tab.seed, tab.steps, tab.mode, tab.canvas]),
         (tab.instant_btn, on.on_instant, [tab.seed, tab.steps]),
     ):
         run = button.click(views.while_running(True, starts=2), None, buttons, api_visibility="private", queue=False).then(
