@@ -133,11 +133,14 @@ def main() -> int:
             "other identities' renders (baseline)": others,
         }.items():
             rows.setdefault(label, []).append(mean_identity(world, images, prompts, refs)[0])
+        base_row, tuned_row = rows["class word (the base model)"], rows["v optimised for likeness (other seeds than optimised on)"]
+        rows.setdefault("v optimised minus the class word, paired per identity", []).append(tuned_row[-1] - base_row[-1])
         rows.setdefault("likeness on the optimised seeds: first → last iteration (encoder's own crop)", []).append(
             (first, last))
         for j, image in enumerate(tuned):
             image.save(args.out / f"reach-{identity}-{j}.png")
-        print(f"identity {identity}: {first:.3f} -> {last:.3f} on the optimised seeds "
+        print(f"identity {identity}: {first:.3f} -> {last:.3f} on the optimised seeds, held-out "
+              f"{base_row[-1]:.3f} (class word) -> {tuned_row[-1]:.3f} (v) "
               f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     lines = [
         f"Command: `python bench/toy_reach.py --identities {args.identities} --iterations {args.iterations}"
