@@ -26,8 +26,8 @@ step() {  # NAME COMMAND...: markdown to $OUT/NAME.md, stderr to $OUT/NAME.log
 step look "$PY" bench/toy_look.py ${RUN_ARGS[@]+"${RUN_ARGS[@]}"} --out "$OUT/look.png"
 step caps "$PY" bench/toy_caps.py ${RUN_ARGS[@]+"${RUN_ARGS[@]}"} "${CAPS[@]}" --out "$OUT/caps"
 step reach "$PY" bench/toy_reach.py ${RUN_ARGS[@]+"${RUN_ARGS[@]}"} "${REACH[@]}" --out "$OUT/reach"
-if [[ -z "${RUN:-}" ]]; then  # these train concepts with the toy preset: the shipped weights only
-  step world "$PY" bench/toy_world.py "${WORLD[@]}" --out "$OUT/world"
+step world "$PY" bench/toy_world.py ${RUN_ARGS[@]+"${RUN_ARGS[@]}"} "${WORLD[@]}" --out "$OUT/world"
+if [[ -z "${RUN:-}" ]]; then  # composition runs on the shipped weights only
   step compose "$PY" bench/toy_compose.py ${COMPOSE[@]+"${COMPOSE[@]}"} --out "$OUT/compose"
 fi
 echo "[$(date +%H:%M:%S)] done: $OUT/*.md" >&2

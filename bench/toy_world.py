@@ -329,10 +329,12 @@ def main() -> int:
     parser.add_argument("--identities", type=int, default=6)
     parser.add_argument("--steps", type=int, help="training steps (default: the toy preset's)")
     parser.add_argument("--variants", help="comma-separated subset of the ablation variants (by position, 0-based)")
+    parser.add_argument("--run", type=Path, help="a pretraining run folder: its last checkpoint and VAE (default: the shipped assets/toy)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sections = args.sections.split(",")
-    world = World({"train.steps": args.steps} if args.steps else None)
+    overrides = {"model.source": model_source(args.run, args.out), **({"train.steps": args.steps} if args.steps else {})}
+    world = World(overrides)
     started = time.perf_counter()
     report = [f"Machine: {cpu_name()}; torch threads {__import__('torch').get_num_threads()}.\n"]
     if "base" in sections:
