@@ -43,13 +43,14 @@ def embed_differentiably(instruments, pixels: torch.Tensor) -> torch.Tensor:
     size = pixels.shape[-1]
     with torch.no_grad():
         landmarks, _ = instruments.locator(pixels)
+    def to_norm(n: int) -> np.ndarray:  # pixels -> normalised coordinates of an n-pixel side (align_corners=False)
+        return np.array([[2 / n, 0, 1 / n - 1], [0, 2 / n, 1 / n - 1], [0, 0, 1]])
+
     thetas = []
     for marks in landmarks.numpy() * size:
         photo_to_crop = np.vstack([alignment_matrix(marks[0], marks[1], CROP_SIZE), [0, 0, 1]])
-        # affine_grid maps crop -> photo in normalised coordinates (align_corners=False)
-        to_norm = lambda n: np.array([[2 / n, 0, 1 / n - 1], [0, 2 / n, 1 / n - 1], [0, 0, 1]])  # noqa: E731
-        theta = to_norm(size) @ np.linalg.inv(photo_to_crop) @ np.linalg.inv(to_norm(CROP_SIZE))
-        thetas.append(theta[:2])
+        # affine_grid maps crop -> photo
+        thetas.append((to_norm(size) @ np.linalg.inv(photo_to_crop) @ np.linalg.inv(to_norm(CROP_SIZE)))[:2])
     grid = F.affine_grid(torch.tensor(np.stack(thetas), dtype=pixels.dtype), [len(pixels), 3, CROP_SIZE, CROP_SIZE],
                          align_corners=False)
     crops = F.grid_sample(pixels, grid, padding_mode="border", align_corners=False)

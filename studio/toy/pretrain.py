@@ -503,21 +503,19 @@ class IdentityTokens:
         residual, self.pending = self.pending, None
         return output if residual is None else output + residual
 
-    def prepare(self, ids: torch.Tensor, idx: np.ndarray, rng: np.random.Generator) -> int:
-        """Set the residual for the batch ``ids`` (B, L) of training samples ``idx``; returns how many
-        rows carry an identity."""
+    def prepare(self, ids: torch.Tensor, idx: np.ndarray, rng: np.random.Generator) -> None:
+        """Set the residual for the batch ``ids`` (B, L) of training samples ``idx``."""
         ids = ids.cpu()
         is_class = torch.isin(ids, self.class_ids)
         rows = [b for b in range(len(idx)) if is_class[b].any() and rng.uniform() < self.share]
         if not rows:
-            return 0
+            return
         others = [self._other_view(int(idx[b]), rng) for b in rows]
         vectors = self.projection(self.embeddings[others].to(self.device))  # (R, D)
         residual = torch.zeros(*ids.shape, vectors.shape[1], device=self.device)
         positions = torch.tensor([int(is_class[b].nonzero()[0]) for b in rows])
         residual = residual.index_put((torch.tensor(rows), positions), vectors)
         self.pending = residual
-        return len(rows)
 
     def _other_view(self, index: int, rng: np.random.Generator) -> int:
         """Another training render of sample ``index``'s identity (itself only when it is the only one)."""
@@ -538,7 +536,7 @@ class IdentityTokens:
         with safe_open(str(path), "pt") as f:
             if (f.metadata() or {}).get("step") != str(step):
                 return False
-        self.projection.load_state_dict(load_file(str(ckpt / "identity_tokens.safetensors")))
+        self.projection.load_state_dict(load_file(str(path)))
         self.projection.to(self.device)
         self.opt.load_state_dict(torch.load(ckpt / "identity_tokens_optimizer.pt", weights_only=True, map_location="cpu"))
         return True
@@ -593,6 +591,7 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         _log(f"[backbone] identity tokens in {plan.identity_token_share:.0%} of the captions"
              f" ({'resumed' if resumed_tokens else 'W from zero'})")
     trained_apart = list(identity_tokens.projection.parameters()) if identity_tokens is not None else []
+    optimisers = [opt] + ([identity_tokens.opt] if identity_tokens is not None else [])
     scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
     idents = {}
     rng = np.random.default_rng([plan.seed, step, 6])
@@ -639,16 +638,14 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         hidden = text_encoder(ids).last_hidden_state
         pred = unet(zt, t, hidden).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        if identity_tokens is not None:
-            identity_tokens.opt.zero_grad(set_to_none=True)
+        for optimiser in optimisers:
+            optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params + trained_apart, 1.0)
-        for group in opt.param_groups + (identity_tokens.opt.param_groups if identity_tokens is not None else []):
-            group["lr"] = 3e-4 * min(1.0, step / 200)
-        if identity_tokens is not None:
-            identity_tokens.opt.step()
-        opt.step()
+        for optimiser in optimisers:
+            for group in optimiser.param_groups:
+                group["lr"] = 3e-4 * min(1.0, step / 200)
+            optimiser.step()
         decay = min(0.998, (1 + step) / (10 + step))
         with torch.no_grad():
             for e, p in zip(ema, params):

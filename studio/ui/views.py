@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 import uuid
 import zipfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
