@@ -35,6 +35,8 @@ def add_toy_parser(subparsers: Any) -> None:
     pretrain.add_argument("--steps", type=int, help="also stop the UNet stage at this step (unlike --minutes, the same on any machine)")
     pretrain.add_argument("--identity-tokens", type=float, metavar="SHARE",
                           help="share of the captions whose class word carries the identity (0-1; default 0, docs/TOY.md)")
+    pretrain.add_argument("--continue-from", type=Path, metavar="FOLDER",
+                          help="start the UNet stage from a trained toy folder, e.g. assets/toy (its steps and minutes count)")
     pretrain.set_defaults(func=run_pretrain)
 
 
@@ -74,7 +76,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
         raise CliError(f"--steps must be at least 1, got {args.steps}")
     if args.identity_tokens is not None and not 0 <= args.identity_tokens <= 1:
         raise CliError(f"--identity-tokens is a share from 0 to 1, got {args.identity_tokens}")
-    flags = {"unet_batch": args.batch, "unet_minutes": args.minutes, "decoder_minutes": args.decoder_minutes,
+    if args.continue_from is not None and not args.continue_from.is_dir():
+        raise CliError(f"--continue-from must be a toy model folder, got {args.continue_from}")
+    flags = {"continue_from": str(args.continue_from) if args.continue_from else None, "unet_batch": args.batch, "unet_minutes": args.minutes, "decoder_minutes": args.decoder_minutes,
              "unet_steps": args.steps, "identity_token_share": args.identity_tokens}
     plan = PretrainPlan(device=str(device), **{key: value for key, value in flags.items() if value is not None})
     pretrain(args.out, tuple(args.stage or STAGES), plan, threads=args.threads)

@@ -115,6 +115,7 @@ def test_render_command_writes_the_ground_truth_and_refuses_unknown_words(tmp_pa
         (["--batch", "0"], "--batch must be between 1 and 4096, got 0"),
         (["--steps", "0"], "--steps must be at least 1, got 0"),
         (["--identity-tokens", "1.5"], "--identity-tokens is a share from 0 to 1, got 1.5"),
+        (["--continue-from", "no-such-folder"], "--continue-from must be a toy model folder, got no-such-folder"),
     ],
 )
 def test_pretrain_refuses_a_bad_device_batch_or_budget_before_any_work(tmp_path, capsys, flags, sentence):
@@ -137,7 +138,7 @@ def test_the_backbone_stage_trains_checkpoints_resumes_and_exports_at_a_tiny_siz
     from safetensors.torch import load_file
     from transformers import CLIPTextModel
 
-    from studio.toy.pretrain import PretrainPlan, stage_backbone, stage_data
+    from studio.toy.pretrain import PretrainPlan, continue_from_folder, stage_backbone, stage_data
     from studio.weights import TOY_DIR
 
     out = tmp_path / "run"
@@ -168,3 +169,17 @@ def test_the_backbone_stage_trains_checkpoints_resumes_and_exports_at_a_tiny_siz
     assert unet.config.cross_attention_dim == text_encoder.config.hidden_size == 128
     exported = {f.name for f in (out / "unet").iterdir()} | {f.name for f in (out / "text_encoder").iterdir()}
     assert not any("identity" in name for name in exported), "W is never exported"
+
+    # a new run continues from the exported folder: its weights, its step count, a fresh warm-up
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copytree(out / "data", again / "data")
+    continue_from_folder(again, out)
+    state = json.loads((again / "checkpoint" / "state.json").read_text())
+    assert state["step"] == state["warmup_from"] == 3 and not (again / "checkpoint" / "optimizer.pt").exists()
+    seeded = load_file(str(again / "checkpoint" / "unet.safetensors"))
+    assert all(torch.equal(seeded[k], v) for k, v in unet.state_dict().items())
+    stage_backbone(again, replace(plan, unet_steps=4, identity_token_share=0.0, continue_from=str(out)))
+    assert json.loads((again / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert (again / "checkpoint" / "optimizer.pt").exists()
+    assert (again / "vae" / "decoder.json").exists(), "the folder's fine-tuned VAE came with it"

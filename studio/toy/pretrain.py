@@ -67,6 +67,8 @@ class PretrainPlan:
     decoder_batch: int = 32
     seed: int = 0
     device: str = "cpu"  # where the UNet + text encoder stage runs ("cuda" on a lent GPU)
+    # a toy diffusers folder (e.g. assets/toy) whose weights a new run's UNet stage starts from
+    continue_from: str | None = None
 
 
 def _log(msg: str) -> None:
@@ -79,13 +81,16 @@ class Progress:
     def __init__(self, name: str, total: int | None = None, deadline: float | None = None) -> None:
         self.name, self.total, self.deadline = name, total, deadline
         self.start = self.last = time.time()
+        self.first_step: int | None = None  # a resumed stage's steps count from where it went on
 
     def update(self, step: int, **values: float) -> None:
         now = time.time()
+        if self.first_step is None:
+            self.first_step = step - 1
         if now - self.last < 10 and step != self.total:
             return
         self.last = now
-        rate = step / max(now - self.start, 1e-6)
+        rate = (step - self.first_step) / max(now - self.start, 1e-6)
         if self.total:
             eta = (self.total - step) / max(rate, 1e-9)
         else:
@@ -542,6 +547,41 @@ class IdentityTokens:
         return True
 
 
+def continue_from_folder(out: Path, folder: Path) -> None:
+    """Start ``out``'s UNet stage from a trained toy folder (e.g. ``assets/toy``): its UNet and text
+    encoder become the checkpoint's weights and EMA, its step count (``pretrain.json``) the step
+    and its minutes the time already spent, and its VAE (latent space and decoder) and image
+    encoder are copied in. Adam's moments are not in such a folder: they start fresh, with the
+    learning rate warmed up again from that step. Does nothing once ``out`` has a checkpoint."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from studio.errors import StudioError
+
+    ckpt = out / "checkpoint"
+    if (ckpt / "state.json").exists():
+        return
+    record = folder / "pretrain.json"
+    if not record.is_file() or not (folder / "unet").is_dir() or not (folder / "text_encoder").is_dir():
+        raise StudioError(f"{folder} is not a trained toy model folder: it needs unet/, text_encoder/ and "
+                          "pretrain.json (the step count it was trained to)")
+    info = json.loads(record.read_text())
+    for part in ("vae", "image_encoder"):
+        if not (out / part).exists():
+            shutil.copytree(folder / part, out / part)
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"))
+    text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), torch_dtype=torch.float32)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    save_file(_to_cpu(unet.state_dict()), str(ckpt / "unet.safetensors"))
+    save_file(_to_cpu(text_encoder.state_dict()), str(ckpt / "text_encoder.safetensors"))
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    save_file({str(i): p.detach().contiguous() for i, p in enumerate(params)}, str(ckpt / "ema.safetensors"))
+    step = int(info["unet_steps"])
+    (ckpt / "state.json").write_text(json.dumps({"step": step, "elapsed": float(info["minutes"]) * 60,
+                                                 "warmup_from": step, "continued_from": str(folder)}))
+    _log(f"[backbone] continuing {folder} from its step {step}")
+
+
 def stage_backbone(out: Path, plan: PretrainPlan) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -550,6 +590,8 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
 
     train = load_set(out, "train")
     _write_folder_files(out)
+    if plan.continue_from:
+        continue_from_folder(out, Path(plan.continue_from))
     if not (out / "vae" / "diffusion_pytorch_model.safetensors").exists():
         _train_vae(train, plan, out / "vae")
     device = torch.device(plan.device)
@@ -566,6 +608,7 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
     unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size))
     ckpt = out / "checkpoint"
     step, elapsed, resumed = 0, 0.0, (ckpt / "state.json").exists()
+    state: dict[str, Any] = {}
     if resumed:  # weights are loaded on the CPU, then everything moves to the device together
         state = json.loads((ckpt / "state.json").read_text())
         step, elapsed = state["step"], state["elapsed"]
@@ -581,8 +624,10 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         ema = [ema_tensors[str(i)] for i in range(len(params))]
         # loaded on the CPU: load_state_dict moves the moments to the parameters' device and keeps
         # Adam's step counters on the CPU, where torch wants them
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
+        if (ckpt / "optimizer.pt").exists():
+            opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
         _log(f"[backbone] resumed at step {step} ({elapsed / 60:.1f} min done)")
+    warmup_from = state.get("warmup_from", 0)  # the step Adam's moments started from (fresh after continue_from)
     identity_tokens = None
     if plan.identity_token_share > 0:
         identity_tokens = IdentityTokens(out, plan, train, tokenizer, text_encoder.config.hidden_size, device)
@@ -610,7 +655,7 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         torch.save(_to_cpu(opt.state_dict()), ckpt / "optimizer.pt")
         if identity_tokens is not None:
             identity_tokens.save(ckpt, step)
-        (ckpt / "state.json").write_text(json.dumps({"step": step, "elapsed": time.time() - started}))
+        (ckpt / "state.json").write_text(json.dumps({**state, "step": step, "elapsed": time.time() - started}))
 
     losses: list[float] = []
     unet.train()
@@ -644,7 +689,7 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         torch.nn.utils.clip_grad_norm_(params + trained_apart, 1.0)
         for optimiser in optimisers:
             for group in optimiser.param_groups:
-                group["lr"] = 3e-4 * min(1.0, step / 200)
+                group["lr"] = 3e-4 * min(1.0, (step - warmup_from) / 200)
             optimiser.step()
         decay = min(0.998, (1 + step) / (10 + step))
         with torch.no_grad():
