@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Toy pretraining on a lent GPU (docs/TOY.md): the UNet + text encoder stage, from scratch, on the
-# shipped VAE, for MINUTES minutes at batch BATCH; the EMA weights come back under $OUT.
+# Toy pretraining on a lent GPU (docs/TOY.md): the UNet + text encoder stage, from scratch (or on from the
+# shipped weights, CONTINUE=1), on the shipped VAE, for MINUTES minutes at batch BATCH; the EMA weights come back under $OUT.
 #
 # The shipped backbone is limited by this stage (bench/RESULTS-toy.md, 1b-1c): on the 2-core CPU it
 # got 1 550 steps of batch 64 in an hour. The device image has torch and transformers but no
@@ -14,6 +14,8 @@
 # (defaults: MINUTES=6, BATCH=256, IDENTITY_TOKENS=0; the data stage renders first, about a minute
 # on 16 cores). IDENTITY_TOKENS=0.5 trains with identity-bearing class words in half the captions
 # (docs/TOY.md, "Identity tokens"); bench/toy_reach.py then says whether a token can carry a face.
+# CONTINUE=1 starts from the shipped assets/toy weights (`--continue-from assets/toy`) instead of
+# from scratch: MINUTES more on top of the steps already shipped.
 # What comes back (7 files; the device tool returns at most 8): unet/ (fp16 tensors on disk: the
 # fp32 file is over the 16 MiB a returned file may have; it loads as the preset's dtype),
 # text_encoder/, pretrain.json and the logs, copied on exit. The backbone stage exports only when
@@ -30,6 +32,8 @@ RUN="${RUN:-/tmp/toy-pretrain}"
 MINUTES="${MINUTES:-6}"
 BATCH="${BATCH:-256}"
 IDENTITY_TOKENS="${IDENTITY_TOKENS:-0}"  # share of captions with an identity-bearing class word (docs/TOY.md)
+CONTINUE_ARGS=()
+[[ -n "${CONTINUE:-}" ]] && CONTINUE_ARGS=(--continue-from assets/toy)
 DEVICE="${DEVICE:-cuda}"
 THREADS="${THREADS:-$(nproc)}"
 PY="${PY:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}"
@@ -59,4 +63,4 @@ PY
 trap send_back EXIT
 "$PY" -m studio toy pretrain --out "$RUN" --stage data --threads "$THREADS" 2>&1 | tee "$OUT/data.log"
 "$PY" -m studio toy pretrain --out "$RUN" --stage backbone --minutes "$MINUTES" --device "$DEVICE" \
-  --batch "$BATCH" --identity-tokens "$IDENTITY_TOKENS" --threads "$THREADS" 2>&1 | grep --line-buffered -v "Writing model shards" | tee "$OUT/backbone.log"
+  --batch "$BATCH" --identity-tokens "$IDENTITY_TOKENS" --threads "$THREADS" ${CONTINUE_ARGS[@]+"${CONTINUE_ARGS[@]}"} 2>&1 | grep --line-buffered -v "Writing model shards" | tee "$OUT/backbone.log"

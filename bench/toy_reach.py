@@ -30,6 +30,7 @@ from toy_caps import mean_identity, to_images, to_tensor  # noqa: E402
 from toy_world import FIRST, World, cpu_name, model_source  # noqa: E402
 
 PROMPT = "a photo of {} on a beach"
+TOKEN_ROW = "class word + the pretraining's identity token W e of the selfie (nothing optimised)"
 
 
 def embed_differentiably(instruments, pixels: torch.Tensor) -> torch.Tensor:
@@ -82,6 +83,29 @@ def draw(world: World, vector: torch.Tensor | None, seeds: list[int], steps: int
     return bb.vae.decode(z / bb.vae.config.scaling_factor).sample.clamp(-1, 1)
 
 
+def pretraining_token(run: Path | None, world: World, selfie: Path) -> torch.Tensor | None:
+    """(D,) the class word's embedding + W e: what a run pretrained with identity tokens
+    (``--identity-tokens``) put in a caption for this person, e the image encoder's embedding of
+    the selfie; None for a run without them (or the shipped folder, which never holds W)."""
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionModelWithProjection
+
+    from studio.conditioning import super_category_id
+    from studio.toy.models import to_input
+    from studio.toy.pretrain import _vision_embed
+
+    path = run / "checkpoint" / "identity_tokens.safetensors" if run is not None else None
+    if path is None or not path.exists():
+        return None
+    encoder = CLIPVisionModelWithProjection.from_pretrained(str(run / "image_encoder")).eval()
+    pixels = to_input(np.asarray(Image.open(selfie).convert("RGB").resize((64, 64)))[None])
+    bb = world.backbone
+    slot = bb.text_encoder.get_input_embeddings().weight[super_category_id(bb.tokenizer, world.cfg.concept.super_category)]
+    with torch.no_grad():
+        return slot.float() + _vision_embed(encoder, pixels)[0] @ load_file(str(path))["weight"].T
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="a pretraining run folder: its last checkpoint and VAE (default: the shipped assets/toy)")
@@ -124,22 +148,28 @@ def main() -> int:
             optimiser.step()
             first = likeness.item() if first is None else first
             last = likeness.item()
+        token = pretraining_token(args.run, world, selfie)
         with torch.no_grad():
             tuned = to_images(draw(world, vector, test_seeds, 20, args.guidance))
             plain = to_images(draw(world, None, test_seeds, 20, args.guidance))
+            given = to_images(draw(world, token, test_seeds, 20, args.guidance)) if token is not None else None
         others = [render_prompt(identity + 1000 + j, PROMPT, seed=100 + j) for j in range(len(test_seeds))]
-        for label, images in {
-            "class word (the base model)": plain,
-            "v optimised for likeness (other seeds than optimised on)": tuned,
-            "other identities' renders (baseline)": others,
-        }.items():
+        drawn = {"class word (the base model)": plain, "v optimised for likeness (other seeds than optimised on)": tuned}
+        if given is not None:
+            drawn[TOKEN_ROW] = given
+        for label, images in {**drawn, "other identities' renders (baseline)": others}.items():
             rows.setdefault(label, []).append(mean_identity(world, images, prompts, refs)[0])
         base_row, tuned_row = rows["class word (the base model)"], rows["v optimised for likeness (other seeds than optimised on)"]
         rows.setdefault("v optimised minus the class word, paired per identity", []).append(tuned_row[-1] - base_row[-1])
+        if given is not None:
+            rows.setdefault("the pretraining's identity token minus the class word, paired", []).append(
+                rows[TOKEN_ROW][-1] - base_row[-1])
         rows.setdefault("likeness on the optimised seeds: first → last iteration (encoder's own crop)", []).append(
             (first, last))
         for j, image in enumerate(tuned):
             image.save(args.out / f"reach-{identity}-{j}.png")
+        for j, image in enumerate(given or []):
+            image.save(args.out / f"reach-token-{identity}-{j}.png")
         print(f"identity {identity}: {first:.3f} -> {last:.3f} on the optimised seeds, held-out "
               f"{base_row[-1]:.3f} (class word) -> {tuned_row[-1]:.3f} (v) "
               f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)

@@ -36,7 +36,7 @@ def add_toy_parser(subparsers: Any) -> None:
     pretrain.add_argument("--identity-tokens", type=float, metavar="SHARE",
                           help="share of the captions whose class word carries the identity (0-1; default 0, docs/TOY.md)")
     pretrain.add_argument("--continue-from", type=Path, metavar="FOLDER",
-                          help="start the UNet stage from a trained toy folder, e.g. assets/toy (its steps and minutes count)")
+                          help="start the UNet stage from a trained toy folder, e.g. assets/toy (it goes on from its step; --minutes is the new run's own time)")
     pretrain.set_defaults(func=run_pretrain)
 
 

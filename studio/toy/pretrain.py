@@ -550,9 +550,10 @@ class IdentityTokens:
 def continue_from_folder(out: Path, folder: Path) -> None:
     """Start ``out``'s UNet stage from a trained toy folder (e.g. ``assets/toy``): its UNet and text
     encoder become the checkpoint's weights and EMA, its step count (``pretrain.json``) the step
-    and its minutes the time already spent, and its VAE (latent space and decoder) and image
-    encoder are copied in. Adam's moments are not in such a folder: they start fresh, with the
-    learning rate warmed up again from that step. Does nothing once ``out`` has a checkpoint."""
+    the new run goes on from (``--steps`` still names the step to stop at; ``--minutes`` is the new
+    run's own time), and its VAE (latent space and decoder) and image encoder are copied in.
+    Adam's moments are not in such a folder: they start fresh, with the learning rate warmed up
+    again from that step. Does nothing once ``out`` has a checkpoint."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -577,8 +578,8 @@ def continue_from_folder(out: Path, folder: Path) -> None:
     params = list(unet.parameters()) + list(text_encoder.parameters())
     save_file({str(i): p.detach().contiguous() for i, p in enumerate(params)}, str(ckpt / "ema.safetensors"))
     step = int(info["unet_steps"])
-    (ckpt / "state.json").write_text(json.dumps({"step": step, "elapsed": float(info["minutes"]) * 60,
-                                                 "warmup_from": step, "continued_from": str(folder)}))
+    (ckpt / "state.json").write_text(json.dumps({"step": step, "elapsed": 0.0, "warmup_from": step, "continued_from": {
+        "folder": str(folder), "unet_steps": step, "minutes": info.get("minutes")}}))
     _log(f"[backbone] continuing {folder} from its step {step}")
 
 
@@ -701,10 +702,11 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
             save_checkpoint()
     save_checkpoint()
     export_checkpoint(out)
-    (out / "pretrain.json").write_text(json.dumps({"unet_steps": step, "unet_batch": plan.unet_batch,
-                                                   "minutes": (time.time() - started) / 60,
-                                                   "final_loss": float(np.mean(losses[-200:])) if losses else None,
-                                                   "plan": plan.__dict__}, indent=2))
+    record = {"unet_steps": step, "unet_batch": plan.unet_batch, "minutes": (time.time() - started) / 60,
+              "final_loss": float(np.mean(losses[-200:])) if losses else None, "plan": plan.__dict__}
+    if "continued_from" in state:  # this run's minutes are its own; the folder's came before
+        record["continued_from"] = state["continued_from"]
+    (out / "pretrain.json").write_text(json.dumps(record, indent=2))
     _log(f"[backbone] done: {step} steps")
 
 
