@@ -210,6 +210,10 @@ class Composer:
                 f"compose people trained on the same model."
             )
         if boxes is not None:
+            if mode == "naive":
+                raise ComposeInputError(
+                    "Naive composition has no regions to place: every pixel sees everyone's tokens. "
+                    "Use the regions mode to place people in boxes, or give no boxes.")
             _check_boxes(boxes, len(people))
         plain = _layout(tokenizer, template, words, None, 0).prompt
         _, checked = self.sampler.check_inputs(None, [plain], **settings)

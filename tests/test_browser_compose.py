@@ -49,6 +49,15 @@ def test_compose_two_concept_files_left_and_right_then_a_prompt_that_names_one(p
     assert not page.locator("#compose-interrupt").is_enabled()
     shot(page, "compose-3-bad-prompt")
 
+    # naive composition places no one: the Regions choice greys out, and comes back with its choice
+    page.locator("#compose-mode").get_by_label("naive").check()
+    page.wait_for_function("() => document.querySelector('#compose-layout input[type=radio]')?.disabled === true")
+    assert "no regions" in page.locator("#compose-layout").inner_text()
+    shot(page, "compose-3b-naive")
+    page.locator("#compose-mode").get_by_label("regions").check()
+    page.wait_for_function("() => document.querySelector('#compose-layout input[type=radio]')?.disabled === false")
+    assert page.get_by_label("Left / right").is_checked()
+
 
 def test_a_long_composition_can_be_interrupted_and_the_tab_stays_usable(page, backbone, tmp_path):
     _open_with_two_concept_files(page, backbone, tmp_path, (23, 24))

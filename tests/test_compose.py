@@ -192,6 +192,13 @@ def test_a_person_needs_a_concept_or_a_photo(composer):
         composer.check_inputs([Person(), Person(reference=photo((1, 2, 3)))], "{0} and {1}", **STEPS)
 
 
+def test_boxes_for_a_naive_composition_are_refused_not_ignored(composer):
+    people = [Person(reference=photo((200, 200, 200)))] * 2
+    with pytest.raises(ComposeInputError, match="Naive composition has no regions to place"):
+        composer.check_inputs(people, "{0} and {1}", mode="naive", boxes=side_boxes(2), **STEPS)
+    composer.check_inputs(people, "{0} and {1}", mode="regions", boxes=side_boxes(2), **STEPS)
+
+
 def test_bad_boxes_are_refused(composer):
     people = [Person(reference=photo((200, 200, 200)))] * 2
     with pytest.raises(ComposeInputError, match="0 <= x0 < x1 <= 1"):

@@ -100,9 +100,24 @@ def test_the_drawing_canvas_shows_only_when_drawn_regions_are_chosen(tiny_cfg):
     drawing = next(c for c in demo.blocks.values() if c.elem_id == "compose-drawing")  # the canvas and its help
     layout = next(c for c in demo.blocks.values() if c.elem_id == "compose-layout")
     assert not drawing.visible
-    toggle = next(fn for fn in demo.fns.values() if fn.inputs == [layout] and fn.outputs == [drawing]).fn
-    assert toggle("Drawn by me")["visible"] is True
-    assert all(toggle(label)["visible"] is False for label in LAYOUTS if label != "Drawn by me")
+    mode = next(c for c in demo.blocks.values() if c.elem_id == "compose-mode")
+    toggle = next(fn for fn in demo.fns.values() if fn.inputs == [layout, mode] and fn.outputs == [drawing]).fn
+    assert toggle("Drawn by me", "regions")["visible"] is True
+    assert all(toggle(label, "regions")["visible"] is False for label in LAYOUTS if label != "Drawn by me")
+    assert toggle("Drawn by me", "naive")["visible"] is False, "naive composition has no regions to draw"
+
+
+def test_naive_mode_greys_the_regions_out_and_keeps_the_choice(tiny_cfg):
+    with gr.Blocks() as demo:
+        build_compose_tab(lambda request: None, tiny_cfg)
+    layout = next(c for c in demo.blocks.values() if c.elem_id == "compose-layout")
+    mode = next(c for c in demo.blocks.values() if c.elem_id == "compose-mode")
+    switch = next(fn for fn in demo.fns.values() if fn.inputs == [layout, mode] and len(fn.outputs) == 2).fn
+    regions, drawing = switch("Drawn by me", "naive")
+    assert regions["interactive"] is False and "value" not in regions and "no regions" in regions["info"]
+    assert drawing["visible"] is False
+    regions, drawing = switch("Drawn by me", "regions")
+    assert regions["interactive"] is True and drawing["visible"] is True
 
 
 def _png(side: int) -> bytes:

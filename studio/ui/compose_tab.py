@@ -124,6 +124,18 @@ def chosen_boxes(layout_label: str, canvas: Any, count: int) -> list[tuple[float
     return None
 
 
+def drawing_visible(layout_label: str, mode: str) -> Any:
+    """The canvas shows while regions are to be drawn (and the mode has regions at all)."""
+    return gr.update(visible=LAYOUTS.get(layout_label) == "drawn" and mode == "regions")
+
+
+def regions_for_mode(layout_label: str, mode: str) -> list[Any]:
+    """Naive composition places no one: the Regions choice greys out (keeping what was chosen,
+    for a switch back) and the canvas hides."""
+    info = None if mode == "regions" else "Naive composition has no regions: every pixel sees everyone."
+    return [gr.update(interactive=mode == "regions", info=info), drawing_visible(layout_label, mode)]
+
+
 def cost_text(sources: list[str], rsa_weight: float) -> str:
     """What a composition costs, in UNet passes per denoising step."""
     photos = sum(SOURCES.get(label, "") in ("session+photo", "photos", "photo") for label in sources)
@@ -182,7 +194,7 @@ def _compose_layout(cfg: StudioConfig) -> SimpleNamespace:
     with gr.Row():
         tab.seed = gr.Number(0, precision=0, label="Seed")
         tab.steps = gr.Slider(1, 100, value=cfg.sample.steps, step=1, label="Steps", elem_id="compose-steps")
-        tab.mode = gr.Radio(["regions", "naive"], value="regions",
+        tab.mode = gr.Radio(["regions", "naive"], value="regions", elem_id="compose-mode",
                             label="Mode (naive = all tokens in one prompt, for comparison)")
     tab.cost = gr.Markdown(cost_text(["This session's concept", "A concept file"], cfg.compose.rsa_weight),
                            elem_id="compose-cost")
@@ -234,7 +246,8 @@ class ComposeHandlers:
                  request: gr.Request = None, progress=gr.Progress()) -> list[Any]:
         sources = sources_from([kind0, file0, kind1, file1])
         try:
-            boxes = chosen_boxes(layout_label, canvas, len(sources))
+            # naive mode greys the Regions choice out (regions_for_mode): it places no one
+            boxes = chosen_boxes(layout_label, canvas, len(sources)) if mode == "regions" else None
             result, region_scores = self.engine_for(request).compose(
                 sources, text, mode=mode, boxes=boxes, seeds=[views.as_number(seed, "The seed", whole=True)],
                 num_inference_steps=views.as_number(n_steps, "The number of steps", whole=True),
@@ -279,7 +292,8 @@ def build_compose_tab(engine_for: Callable[[gr.Request], Engine], cfg: StudioCon
         )
         views.afterwards(run, views.while_running(False, starts=2), None, buttons, api_visibility="private", queue=False)
     tab.interrupt_btn.click(on.on_interrupt, None, None, api_name="compose_interrupt", concurrency_limit=None)
-    tab.layout.change(lambda label: gr.update(visible=LAYOUTS.get(label) == "drawn"), tab.layout, tab.drawing,
-                      api_visibility="private", queue=False)
+    tab.layout.change(drawing_visible, [tab.layout, tab.mode], tab.drawing, api_visibility="private", queue=False)
+    tab.mode.change(regions_for_mode, [tab.layout, tab.mode], [tab.layout, tab.drawing], api_visibility="private",
+                    queue=False)
     for kind in kinds:
         kind.change(lambda a, b: cost_text([a, b], cfg.compose.rsa_weight), kinds, tab.cost)
