@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Toy pretraining on a lent GPU (docs/TOY.md): the UNet + text encoder stage, from scratch (or on from the
-# shipped weights, CONTINUE=1), on the shipped VAE, for MINUTES minutes at batch BATCH; the EMA weights come back under $OUT.
+# Toy pretraining on a lent GPU (docs/TOY.md): the UNet + text encoder stage, from scratch (or on from
+# the shipped weights, CONTINUE=1), on the shipped VAE, for MINUTES minutes at batch BATCH; the EMA
+# weights come back under $OUT.
 #
 # The shipped backbone is limited by this stage (bench/RESULTS-toy.md, 1b-1c): on the 2-core CPU it
 # got 1 550 steps of batch 64 in an hour. The device image has torch and transformers but no
