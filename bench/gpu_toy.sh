@@ -34,7 +34,7 @@ MINUTES="${MINUTES:-6}"
 BATCH="${BATCH:-256}"
 IDENTITY_TOKENS="${IDENTITY_TOKENS:-0}"  # share of captions with an identity-bearing class word (docs/TOY.md)
 CONTINUE_ARGS=()
-[[ -n "${CONTINUE:-}" ]] && CONTINUE_ARGS=(--continue-from assets/toy)
+[[ "${CONTINUE:-0}" == 1 ]] && CONTINUE_ARGS=(--continue-from assets/toy)
 DEVICE="${DEVICE:-cuda}"
 THREADS="${THREADS:-$(nproc)}"
 PY="${PY:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}"

@@ -98,6 +98,13 @@ def pretraining_token(run: Path | None, world: World, selfie: Path) -> torch.Ten
     path = run / "checkpoint" / "identity_tokens.safetensors" if run is not None else None
     if path is None or not path.exists():
         return None
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:  # a W left from an earlier stretch is not this checkpoint's
+        if (f.metadata() or {}).get("step") != str(json.loads((run / "checkpoint" / "state.json").read_text())["step"]):
+            return None
     encoder = CLIPVisionModelWithProjection.from_pretrained(str(run / "image_encoder")).eval()
     pixels = to_input(np.asarray(Image.open(selfie).convert("RGB").resize((64, 64)))[None])
     bb = world.backbone

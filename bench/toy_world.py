@@ -53,7 +53,7 @@ def cpu_name() -> str:
         name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
         flags = next((line for line in out.splitlines() if line.startswith("Flags")), "")
         extra = "AMX" if "amx" in flags else "AVX-512" if "avx512f" in flags else "AVX2"
-        return f"{name} ({extra}, {os.cpu_count()} cores)"  # not nproc: it counts OMP_NUM_THREADS
+        return f"{name} ({extra}, {len(os.sched_getaffinity(0))} cores)"  # not nproc: it counts OMP_NUM_THREADS
     except Exception:
         return platform.processor() or "unknown CPU"
 

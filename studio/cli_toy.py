@@ -62,7 +62,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     import torch
 
     from studio.cli import CliError
-    from studio.toy.pretrain import STAGES, PretrainPlan, pretrain
+    from studio.toy.pretrain import STAGES, PretrainPlan, check_continue_folder, pretrain
 
     try:
         device = torch.device(args.device)
@@ -76,8 +76,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
         raise CliError(f"--steps must be at least 1, got {args.steps}")
     if args.identity_tokens is not None and not 0 <= args.identity_tokens <= 1:
         raise CliError(f"--identity-tokens is a share from 0 to 1, got {args.identity_tokens}")
-    if args.continue_from is not None and not args.continue_from.is_dir():
-        raise CliError(f"--continue-from must be a toy model folder, got {args.continue_from}")
+    if args.continue_from is not None:
+        if not args.continue_from.is_dir():
+            raise CliError(f"--continue-from must be a toy model folder, got {args.continue_from}")
+        check_continue_folder(args.continue_from)  # before any stage runs
     flags = {"continue_from": str(args.continue_from) if args.continue_from else None, "unet_batch": args.batch, "unet_minutes": args.minutes, "decoder_minutes": args.decoder_minutes,
              "unet_steps": args.steps, "identity_token_share": args.identity_tokens}
     plan = PretrainPlan(device=str(device), **{key: value for key, value in flags.items() if value is not None})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,6 +117,7 @@ def test_render_command_writes_the_ground_truth_and_refuses_unknown_words(tmp_pa
         (["--steps", "0"], "--steps must be at least 1, got 0"),
         (["--identity-tokens", "1.5"], "--identity-tokens is a share from 0 to 1, got 1.5"),
         (["--continue-from", "no-such-folder"], "--continue-from must be a toy model folder, got no-such-folder"),
+        (["--continue-from", str(Path(__file__).parent)], "is not a trained toy model folder to continue from: it lacks unet"),
     ],
 )
 def test_pretrain_refuses_a_bad_device_batch_or_budget_before_any_work(tmp_path, capsys, flags, sentence):

@@ -547,6 +547,19 @@ class IdentityTokens:
         return True
 
 
+CONTINUE_FOLDER_PARTS = ("unet", "text_encoder", "vae", "image_encoder", "pretrain.json")
+
+
+def check_continue_folder(folder: Path) -> None:
+    """Refuse, in a sentence, a folder the UNet stage cannot continue from."""
+    from studio.errors import StudioError
+
+    missing = [part for part in CONTINUE_FOLDER_PARTS if not (folder / part).exists()]
+    if missing:
+        raise StudioError(f"{folder} is not a trained toy model folder to continue from: it lacks "
+                          f"{', '.join(missing)} (it needs {', '.join(CONTINUE_FOLDER_PARTS)}, as assets/toy has)")
+
+
 def continue_from_folder(out: Path, folder: Path) -> None:
     """Start ``out``'s UNet stage from a trained toy folder (e.g. ``assets/toy``): its UNet and text
     encoder become the checkpoint's weights and EMA, its step count (``pretrain.json``) the step
@@ -557,19 +570,14 @@ def continue_from_folder(out: Path, folder: Path) -> None:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from studio.errors import StudioError
-
     ckpt = out / "checkpoint"
     if (ckpt / "state.json").exists():
         return
-    record = folder / "pretrain.json"
-    if not record.is_file() or not (folder / "unet").is_dir() or not (folder / "text_encoder").is_dir():
-        raise StudioError(f"{folder} is not a trained toy model folder: it needs unet/, text_encoder/ and "
-                          "pretrain.json (the step count it was trained to)")
-    info = json.loads(record.read_text())
-    for part in ("vae", "image_encoder"):
-        if not (out / part).exists():
-            shutil.copytree(folder / part, out / part)
+    check_continue_folder(folder)
+    info = json.loads((folder / "pretrain.json").read_text())
+    for part in ("vae", "image_encoder"):  # the UNet's latent space comes with it, replacing any other
+        shutil.rmtree(out / part, ignore_errors=True)
+        shutil.copytree(folder / part, out / part)
     unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"))
     text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), torch_dtype=torch.float32)
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -627,6 +635,8 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         # Adam's step counters on the CPU, where torch wants them
         if (ckpt / "optimizer.pt").exists():
             opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
+        else:  # a continued run's first stretch: Adam's moments start fresh, so the warm-up does too
+            state["warmup_from"] = step
         _log(f"[backbone] resumed at step {step} ({elapsed / 60:.1f} min done)")
     warmup_from = state.get("warmup_from", 0)  # the step Adam's moments started from (fresh after continue_from)
     identity_tokens = None
