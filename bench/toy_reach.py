@@ -15,6 +15,7 @@ the training objective. Prints a markdown section; nothing is copied in.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -83,34 +84,42 @@ def draw(world: World, vector: torch.Tensor | None, seeds: list[int], steps: int
     return bb.vae.decode(z / bb.vae.config.scaling_factor).sample.clamp(-1, 1)
 
 
-def pretraining_token(run: Path | None, world: World, selfie: Path) -> torch.Tensor | None:
-    """(D,) the class word's embedding + W e: what a run pretrained with identity tokens
-    (``--identity-tokens``) put in a caption for this person, e the image encoder's embedding of
-    the selfie; None for a run without them (or the shipped folder, which never holds W)."""
-    from PIL import Image
-    from safetensors.torch import load_file
-    from transformers import CLIPVisionModelWithProjection
+class PretrainingToken:
+    """The token a run pretrained with identity tokens (``--identity-tokens``) put in a caption
+    for a person: the class word's embedding + W e, e the run's image encoder's embedding of a
+    photo. ``of_run`` gives None for a run without them (the shipped folder never holds W)."""
 
-    from studio.conditioning import super_category_id
-    from studio.toy.models import to_input
-    from studio.toy.pretrain import _vision_embed
+    def __init__(self, encoder, projection: torch.Tensor, slot: torch.Tensor) -> None:
+        self.encoder, self.projection, self.slot = encoder, projection, slot  # W (D, E), slot (D,)
 
-    path = run / "checkpoint" / "identity_tokens.safetensors" if run is not None else None
-    if path is None or not path.exists():
-        return None
-    import json
+    @classmethod
+    def of_run(cls, run: Path | None, world: World) -> PretrainingToken | None:
+        from transformers import CLIPVisionModelWithProjection
 
-    from safetensors import safe_open
+        from studio.conditioning import super_category_id
+        from studio.toy.pretrain import saved_projection
 
-    with safe_open(str(path), "pt") as f:  # a W left from an earlier stretch is not this checkpoint's
-        if (f.metadata() or {}).get("step") != str(json.loads((run / "checkpoint" / "state.json").read_text())["step"]):
+        if run is None:
             return None
-    encoder = CLIPVisionModelWithProjection.from_pretrained(str(run / "image_encoder")).eval()
-    pixels = to_input(np.asarray(Image.open(selfie).convert("RGB").resize((64, 64)))[None])
-    bb = world.backbone
-    slot = bb.text_encoder.get_input_embeddings().weight[super_category_id(bb.tokenizer, world.cfg.concept.super_category)]
-    with torch.no_grad():
-        return slot.float() + _vision_embed(encoder, pixels)[0] @ load_file(str(path))["weight"].T
+        step = json.loads((run / "checkpoint" / "state.json").read_text())["step"]
+        weights = saved_projection(run / "checkpoint", step)
+        if weights is None:
+            return None
+        bb = world.backbone
+        slot = bb.text_encoder.get_input_embeddings().weight[super_category_id(bb.tokenizer, world.cfg.concept.super_category)]
+        encoder = CLIPVisionModelWithProjection.from_pretrained(str(run / "image_encoder")).eval()
+        return cls(encoder, weights["weight"], slot.detach().float())
+
+    @torch.no_grad()
+    def of(self, photo: Path) -> torch.Tensor:
+        """(D,) the token for the person in ``photo``."""
+        from PIL import Image
+
+        from studio.toy.models import to_input
+        from studio.toy.pretrain import vision_embed
+
+        pixels = to_input(np.asarray(Image.open(photo).convert("RGB").resize((64, 64)))[None])
+        return self.slot + vision_embed(self.encoder, pixels)[0] @ self.projection.T
 
 
 def main() -> int:
@@ -134,6 +143,7 @@ def main() -> int:
     bb.text_encoder.requires_grad_(False)
     bb.vae.requires_grad_(False)
     instruments = load_instruments()
+    pretraining_token = PretrainingToken.of_run(args.run, world)
     train_seeds, test_seeds = [0, 1], [10, 11, 12, 13]
     prompts = [PROMPT] * len(test_seeds)
     rows: dict[str, list[float]] = {}
@@ -155,7 +165,7 @@ def main() -> int:
             optimiser.step()
             first = likeness.item() if first is None else first
             last = likeness.item()
-        token = pretraining_token(args.run, world, selfie)
+        token = pretraining_token.of(selfie) if pretraining_token is not None else None
         with torch.no_grad():
             tuned = to_images(draw(world, vector, test_seeds, 20, args.guidance))
             plain = to_images(draw(world, None, test_seeds, 20, args.guidance))

@@ -140,7 +140,7 @@ def test_the_backbone_stage_trains_checkpoints_resumes_and_exports_at_a_tiny_siz
     from safetensors.torch import load_file
     from transformers import CLIPTextModel
 
-    from studio.toy.pretrain import PretrainPlan, continue_from_folder, stage_backbone, stage_data
+    from studio.toy.pretrain import PretrainPlan, stage_backbone, stage_data
     from studio.weights import TOY_DIR
 
     out = tmp_path / "run"
@@ -176,12 +176,14 @@ def test_the_backbone_stage_trains_checkpoints_resumes_and_exports_at_a_tiny_siz
     again = tmp_path / "again"
     again.mkdir()
     shutil.copytree(out / "data", again / "data")
-    continue_from_folder(again, out)
+    continued = replace(plan, unet_steps=3, identity_token_share=0.0, continue_from=str(out))
+    stage_backbone(again, continued)  # stops at once: the folder is at step 3 already
     state = json.loads((again / "checkpoint" / "state.json").read_text())
-    assert state["step"] == state["warmup_from"] == 3 and not (again / "checkpoint" / "optimizer.pt").exists()
+    assert state["step"] == state["warmup_from"] == 3 and state["continued_from"]["unet_steps"] == 3
     seeded = load_file(str(again / "checkpoint" / "unet.safetensors"))
     assert all(torch.equal(seeded[k], v) for k, v in unet.state_dict().items())
-    stage_backbone(again, replace(plan, unet_steps=4, identity_token_share=0.0, continue_from=str(out)))
-    assert json.loads((again / "checkpoint" / "state.json").read_text())["step"] == 4
-    assert (again / "checkpoint" / "optimizer.pt").exists()
     assert (again / "vae" / "decoder.json").exists(), "the folder's fine-tuned VAE came with it"
+    stage_backbone(again, replace(continued, unet_steps=4))
+    state = json.loads((again / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4 and state["warmup_from"] == 3, "the warm-up counts from where the run continued"
+    assert json.loads((again / "pretrain.json").read_text())["continued_from"]["folder"] == str(out)

@@ -277,7 +277,7 @@ def vision_config() -> dict:
                 image_size=64, patch_size=8, projection_dim=128)
 
 
-def _vision_embed(model, x: torch.Tensor) -> torch.Tensor:
+def vision_embed(model, x: torch.Tensor) -> torch.Tensor:
     # CLIP normalisation: the processor maps [0, 1] pixels with CLIP's mean/std
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
@@ -340,9 +340,9 @@ def stage_instruments(out: Path, plan: PretrainPlan) -> None:
     if not (enc_dir / "model.safetensors").exists():
         torch.manual_seed(plan.seed + 3)
         vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision_config()))
-        vision = _train_identity(train, plan, gen, rng, plan.vision_steps, vision, _vision_embed, "image-encoder")
+        vision = _train_identity(train, plan, gen, rng, plan.vision_steps, vision, vision_embed, "image-encoder")
         with torch.no_grad():
-            credentials["image_encoder"] = verification(lambda c: _vision_embed(vision, toy_models.to_input(c)), heldout, rng)
+            credentials["image_encoder"] = verification(lambda c: vision_embed(vision, toy_models.to_input(c)), heldout, rng)
         vision.save_pretrained(str(enc_dir), safe_serialization=True)
         CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(str(enc_dir))
         (inst / "credentials.json").write_text(json.dumps(credentials, indent=2))
@@ -474,6 +474,18 @@ def _write_folder_files(out: Path) -> None:
     }, indent=2))
 
 
+def saved_projection(ckpt: Path, step: int) -> dict[str, torch.Tensor] | None:
+    """W of :class:`IdentityTokens` as saved in checkpoint ``ckpt`` at ``step``; None when there is
+    none, or when it was left there by an earlier stretch (the file says the step it was saved at)."""
+    path = ckpt / "identity_tokens.safetensors"
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        if (f.metadata() or {}).get("step") != str(step):
+            return None
+    return load_file(str(path))
+
+
 class IdentityTokens:
     """Identity-bearing class words for the UNet stage (docs/TOY.md, "Identity tokens").
 
@@ -489,7 +501,7 @@ class IdentityTokens:
 
         encoder = CLIPVisionModelWithProjection.from_pretrained(str(out / "image_encoder")).eval()
         with torch.no_grad():
-            self.embeddings = torch.cat([_vision_embed(encoder, toy_models.to_input(train["images"][i : i + 256]))
+            self.embeddings = torch.cat([vision_embed(encoder, toy_models.to_input(train["images"][i : i + 256]))
                                          for i in range(0, len(train["images"]), 256)])  # (N, E) on the CPU
         by_identity: dict[int, list[int]] = {}
         for index, number in enumerate(train["identity"].tolist()):
@@ -535,13 +547,10 @@ class IdentityTokens:
     def load(self, ckpt: Path, step: int) -> bool:
         """Resume W and its optimiser from ``ckpt`` if they were saved at ``step`` (the checkpoint's);
         False otherwise: none there, or left from an earlier stretch run without identity tokens."""
-        path = ckpt / "identity_tokens.safetensors"
-        if not path.exists():
+        weights = saved_projection(ckpt, step)
+        if weights is None:
             return False
-        with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("step") != str(step):
-                return False
-        self.projection.load_state_dict(load_file(str(path)))
+        self.projection.load_state_dict(weights)
         self.projection.to(self.device)
         self.opt.load_state_dict(torch.load(ckpt / "identity_tokens_optimizer.pt", weights_only=True, map_location="cpu"))
         return True
@@ -560,35 +569,15 @@ def check_continue_folder(folder: Path) -> None:
                           f"{', '.join(missing)} (it needs {', '.join(CONTINUE_FOLDER_PARTS)}, as assets/toy has)")
 
 
-def continue_from_folder(out: Path, folder: Path) -> None:
-    """Start ``out``'s UNet stage from a trained toy folder (e.g. ``assets/toy``): its UNet and text
-    encoder become the checkpoint's weights and EMA, its step count (``pretrain.json``) the step
-    the new run goes on from (``--steps`` still names the step to stop at; ``--minutes`` is the new
-    run's own time), and its VAE (latent space and decoder) and image encoder are copied in.
-    Adam's moments are not in such a folder: they start fresh, with the learning rate warmed up
-    again from that step. Does nothing once ``out`` has a checkpoint."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    ckpt = out / "checkpoint"
-    if (ckpt / "state.json").exists():
-        return
+def take_folder_latent_space(out: Path, folder: Path) -> dict[str, Any]:
+    """Copy a trained toy folder's VAE and image encoder into ``out`` (replacing any there: the
+    UNet's latent space comes with them) for a run continued from it; returns its
+    ``pretrain.json`` record."""
     check_continue_folder(folder)
-    info = json.loads((folder / "pretrain.json").read_text())
-    for part in ("vae", "image_encoder"):  # the UNet's latent space comes with it, replacing any other
+    for part in ("vae", "image_encoder"):
         shutil.rmtree(out / part, ignore_errors=True)
         shutil.copytree(folder / part, out / part)
-    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"))
-    text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), torch_dtype=torch.float32)
-    ckpt.mkdir(parents=True, exist_ok=True)
-    save_file(_to_cpu(unet.state_dict()), str(ckpt / "unet.safetensors"))
-    save_file(_to_cpu(text_encoder.state_dict()), str(ckpt / "text_encoder.safetensors"))
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    save_file({str(i): p.detach().contiguous() for i, p in enumerate(params)}, str(ckpt / "ema.safetensors"))
-    step = int(info["unet_steps"])
-    (ckpt / "state.json").write_text(json.dumps({"step": step, "elapsed": 0.0, "warmup_from": step, "continued_from": {
-        "folder": str(folder), "unet_steps": step, "minutes": info.get("minutes")}}))
-    _log(f"[backbone] continuing {folder} from its step {step}")
+    return json.loads((folder / "pretrain.json").read_text())
 
 
 def stage_backbone(out: Path, plan: PretrainPlan) -> None:
@@ -599,8 +588,10 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
 
     train = load_set(out, "train")
     _write_folder_files(out)
-    if plan.continue_from:
-        continue_from_folder(out, Path(plan.continue_from))
+    ckpt = out / "checkpoint"
+    resumed = (ckpt / "state.json").exists()
+    folder = Path(plan.continue_from) if plan.continue_from and not resumed else None
+    continued = take_folder_latent_space(out, folder) if folder is not None else None
     if not (out / "vae" / "diffusion_pytorch_model.safetensors").exists():
         _train_vae(train, plan, out / "vae")
     device = torch.device(plan.device)
@@ -615,14 +606,20 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
     torch.manual_seed(plan.seed + 5)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
     unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size))
-    ckpt = out / "checkpoint"
-    step, elapsed, resumed = 0, 0.0, (ckpt / "state.json").exists()
+    step, elapsed = 0, 0.0
     state: dict[str, Any] = {}
     if resumed:  # weights are loaded on the CPU, then everything moves to the device together
         state = json.loads((ckpt / "state.json").read_text())
         step, elapsed = state["step"], state["elapsed"]
         unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
         text_encoder.load_state_dict(load_file(str(ckpt / "text_encoder.safetensors")))
+    elif continued is not None:  # its weights (and so the EMA) and its step; Adam's moments start fresh
+        step = int(continued["unet_steps"])
+        state = {"warmup_from": step, "continued_from": {"folder": str(folder), "unet_steps": step,
+                                                         "minutes": continued.get("minutes")}}
+        unet.load_state_dict(load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")))
+        text_encoder.load_state_dict(load_file(str(folder / "text_encoder" / "model.safetensors")))
+        _log(f"[backbone] continuing {folder} from its step {step}")
     unet.to(device)
     text_encoder.to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -633,12 +630,9 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         ema = [ema_tensors[str(i)] for i in range(len(params))]
         # loaded on the CPU: load_state_dict moves the moments to the parameters' device and keeps
         # Adam's step counters on the CPU, where torch wants them
-        if (ckpt / "optimizer.pt").exists():
-            opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
-        else:  # a continued run's first stretch: Adam's moments start fresh, so the warm-up does too
-            state["warmup_from"] = step
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
         _log(f"[backbone] resumed at step {step} ({elapsed / 60:.1f} min done)")
-    warmup_from = state.get("warmup_from", 0)  # the step Adam's moments started from (fresh after continue_from)
+    warmup_from = state.get("warmup_from", 0)  # the step Adam's moments started from (later for a continued run)
     identity_tokens = None
     if plan.identity_token_share > 0:
         identity_tokens = IdentityTokens(out, plan, train, tokenizer, text_encoder.config.hidden_size, device)
