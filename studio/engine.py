@@ -385,8 +385,11 @@ class Engine:
     def stop(self) -> None:
         """Stop training after the current step; the concept so far is kept. Generations and
         sweeps of this session go on (they end with the session, see close())."""
-        self._stop.set()
-        self._resume.set()
+        with self._lock:
+            if self._snapshot.active and not self._stop.is_set():  # the page shows it at once
+                self._publish(message="Stopping after this step…")
+            self._stop.set()
+            self._resume.set()
 
     def set_preview_settings(self, band: tuple[int, int], balance: float) -> None:
         """Band and balance used by the trainer's next periodic previews."""

@@ -73,14 +73,16 @@ def test_stop_ends_the_stream_and_reports_the_true_final_state(studio_app, photo
     before = set(demo.sessions.sessions())
     with _client_with_photo(url, photo) as client:
         engine = demo.sessions.get(_session_of(demo, before))
-        client.submit(*_train_args(steps=2000, seed=0, preview_every=0), api_name="/train")
+        job = client.submit(*_train_args(steps=2000, seed=0, preview_every=0), api_name="/train")
         engine.wait_until(lambda s: s.step >= 2, timeout=TIMEOUT)
-        status, *_ = client.predict(api_name="/stop")
+        status = client.predict(api_name="/stop")
         assert "Stopped" in status
         stopped_at = _step_of(status)
         assert stopped_at is not None and 2 <= stopped_at < 2000
         assert engine.snapshot().step == stopped_at
         assert not engine.snapshot().active
+        job.result(timeout=TIMEOUT)  # the training stream ends by itself (Stop does not cancel it) ...
+        assert "Stopped" in job.outputs()[-1][0]  # ... and its last frame is the true end
 
 
 def test_continue_training_adds_steps_to_the_last_run(studio_app, photo):

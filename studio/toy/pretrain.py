@@ -63,6 +63,9 @@ class PretrainPlan:
     unet_batch: int = 64
     # share of the captions whose class word carries an identity (IdentityTokens); 0 = off
     identity_token_share: float = 0.0
+    # Min-SNR-gamma loss weighting (Hang et al., 2023): each sample's epsilon loss is weighted by
+    # min(SNR(t), gamma) / SNR(t), so the easy, nearly clean steps stop dominating the gradient; None = off
+    min_snr_gamma: float | None = None
     decoder_minutes: float = 20.0
     decoder_batch: int = 32
     seed: int = 0
@@ -643,6 +646,8 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
     trained_apart = list(identity_tokens.projection.parameters()) if identity_tokens is not None else []
     optimisers = [opt] + ([identity_tokens.opt] if identity_tokens is not None else [])
     scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
+    alphas = scheduler.alphas_cumprod.to(device)
+    snr = alphas / (1 - alphas) if plan.min_snr_gamma is not None else None  # (1000,) signal-to-noise per timestep
     idents = {}
     rng = np.random.default_rng([plan.seed, step, 6])
     gen = torch.Generator().manual_seed(plan.seed * 7919 + step)
@@ -687,10 +692,12 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         noise, t = noise.to(device), t.to(device)
         hidden = text_encoder(ids).last_hidden_state
         pred = unet(zt, t, hidden).sample
-        loss = F.mse_loss(pred, noise)
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        loss = per_sample.mean()  # the plain loss, logged whatever the weighting
+        objective = loss if snr is None else (per_sample * (snr[t].clamp(max=plan.min_snr_gamma) / snr[t])).mean()
         for optimiser in optimisers:
             optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(params + trained_apart, 1.0)
         for optimiser in optimisers:
             for group in optimiser.param_groups:

@@ -35,6 +35,7 @@ EXAMPLE_PHOTOS = sorted(str(p) for p in (ASSETS / "examples").glob("*.png"))
 # toy selfies of one identity never seen in pretraining (the toy world's own photos)
 TOY_EXAMPLE_PHOTOS = sorted(str(p) for p in (ASSETS / "examples" / "toy").glob("*.png"))
 STREAM_MIN_INTERVAL_S = 0.3  # at most ~3 page updates per second while training
+STOP_TIMEOUT_S = 120  # the /stop endpoint's wait for the run to end
 SLIDER_DEBOUNCE_S = 0.35  # a burst of slider changes (keys, typing, a drag) renders once, after it
 # On ZeroGPU these run in a GPU-attached process; everywhere else spaces.GPU returns fn unchanged.
 GPU_TRAINING_CHUNK = spaces.GPU(duration=CHUNK_DURATION_S)(training_chunk)
@@ -327,14 +328,20 @@ class Handlers:
             if driven is None and not snapshot.active:
                 return
 
-    def on_stop(self, request: gr.Request) -> list[Any]:
+    def on_stop_click(self, request: gr.Request) -> None:
+        """The page's Stop: ask the run to stop after its step. The page's training stream is the
+        one writer of the live view: it sees the end and sends it as its last frame."""
+        self.engine(request).stop()
+
+    def on_stop(self, request: gr.Request) -> str:
+        """The ``/stop`` endpoint for API clients: stop, wait for the end, return the status text."""
         engine = self.engine(request)
         engine.stop()
         try:
-            snapshot = engine.wait_until(lambda s: not s.active, timeout=120)
+            snapshot = engine.wait_until(lambda s: not s.active, timeout=STOP_TIMEOUT_S)
         except TimeoutError:
             snapshot = engine.snapshot()
-        return render_live(snapshot)
+        return views.status_markdown(snapshot)
 
     def on_pause(self, request: gr.Request) -> list[Any]:
         self.engine(request).pause()
@@ -523,7 +530,11 @@ def wire(page: SimpleNamespace, on: Handlers) -> None:
     live_inputs = [*page.training, *page.sliders]
     train = page.train_btn.click(on.on_train, live_inputs, page.live, api_name="train", **always)
     more = page.continue_btn.click(on.on_continue, [page.training[0], *page.sliders], page.live, api_name="continue", **always)
-    page.stop_btn.click(on.on_stop, None, page.live, cancels=[train, more], api_name="stop", **always)
+    # Stop neither cancels the training stream nor writes the live view: a second writer's frame
+    # could land after the stream's last one and leave the page saying "Training"
+    # (docs/ARCHITECTURE.md, "From upload to preview")
+    page.stop_btn.click(on.on_stop_click, None, None, api_visibility="private", **always)
+    gr.api(on.on_stop, api_name="stop", **always)
     page.pause_btn.click(on.on_pause, None, page.state, api_name="pause", **always)
     page.resume_btn.click(on.on_resume, None, page.state, api_name="resume", **always)
     page.best_btn.click(on.on_best_step, None, page.state, api_name="best_step", **always).then(
