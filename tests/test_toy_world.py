@@ -116,6 +116,7 @@ def test_render_command_writes_the_ground_truth_and_refuses_unknown_words(tmp_pa
         (["--batch", "0"], "--batch must be between 1 and 4096, got 0"),
         (["--steps", "0"], "--steps must be at least 1, got 0"),
         (["--identity-tokens", "1.5"], "--identity-tokens is a share from 0 to 1, got 1.5"),
+        (["--min-snr", "0"], "--min-snr is a positive signal-to-noise cap such as 5, got 0.0"),
         (["--continue-from", "no-such-folder"], "--continue-from must be a toy model folder, got no-such-folder"),
         (["--continue-from", str(Path(__file__).parent)], "is not a trained toy model folder to continue from: it lacks unet"),
     ],
@@ -176,7 +177,7 @@ def test_the_backbone_stage_trains_checkpoints_resumes_and_exports_at_a_tiny_siz
     again = tmp_path / "again"
     again.mkdir()
     shutil.copytree(out / "data", again / "data")
-    continued = replace(plan, unet_steps=3, identity_token_share=0.0, continue_from=str(out))
+    continued = replace(plan, unet_steps=3, identity_token_share=0.0, continue_from=str(out), min_snr_gamma=5.0)
     stage_backbone(again, continued)  # stops at once: the folder is at step 3 already
     state = json.loads((again / "checkpoint" / "state.json").read_text())
     assert state["step"] == state["warmup_from"] == 3 and state["continued_from"]["unet_steps"] == 3
@@ -186,4 +187,22 @@ def test_the_backbone_stage_trains_checkpoints_resumes_and_exports_at_a_tiny_siz
     stage_backbone(again, replace(continued, unet_steps=4))
     state = json.loads((again / "checkpoint" / "state.json").read_text())
     assert state["step"] == 4 and state["warmup_from"] == 3, "the warm-up counts from where the run continued"
-    assert json.loads((again / "pretrain.json").read_text())["continued_from"]["folder"] == str(out)
+    record = json.loads((again / "pretrain.json").read_text())
+    assert record["continued_from"]["folder"] == str(out) and record["plan"]["min_snr_gamma"] == 5.0
+
+
+def test_min_snr_weights_cap_the_clean_steps_and_leave_the_noisy_ones():
+    import torch
+    from diffusers import DDPMScheduler
+
+    from studio.backbone import SD15_SCHEDULER_CONFIG
+    from studio.toy.pretrain import min_snr_weights
+
+    alphas = DDPMScheduler(**SD15_SCHEDULER_CONFIG).alphas_cumprod
+    t = torch.tensor([0, 50, 500, 999])
+    weights = min_snr_weights(alphas, t, gamma=5.0)
+    snr = alphas[t] / (1 - alphas[t])
+    assert snr[0] > 5 > snr[2], "the schedule has steps on both sides of the cap"
+    assert torch.allclose(weights[snr <= 5], torch.ones(int((snr <= 5).sum())))
+    assert torch.allclose(weights[snr > 5], 5 / snr[snr > 5])
+    assert weights[0] < weights[1] < 1, "the cleaner the step, the smaller its weight"

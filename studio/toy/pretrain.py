@@ -583,6 +583,13 @@ def take_folder_latent_space(out: Path, folder: Path) -> dict[str, Any]:
     return json.loads((folder / "pretrain.json").read_text())
 
 
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights (B,) of epsilon losses at timesteps ``t`` (B,): min(SNR, gamma) / SNR,
+    SNR = alpha_bar / (1 - alpha_bar) from ``alphas_cumprod`` (T,). 1 at noisy steps, small at clean ones."""
+    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    return snr.clamp(max=gamma) / snr
+
+
 def stage_backbone(out: Path, plan: PretrainPlan) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -647,7 +654,6 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
     optimisers = [opt] + ([identity_tokens.opt] if identity_tokens is not None else [])
     scheduler = DDPMScheduler(**SD15_SCHEDULER_CONFIG)
     alphas = scheduler.alphas_cumprod.to(device)
-    snr = alphas / (1 - alphas) if plan.min_snr_gamma is not None else None  # (1000,) signal-to-noise per timestep
     idents = {}
     rng = np.random.default_rng([plan.seed, step, 6])
     gen = torch.Generator().manual_seed(plan.seed * 7919 + step)
@@ -694,7 +700,7 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         pred = unet(zt, t, hidden).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
         loss = per_sample.mean()  # the plain loss, logged whatever the weighting
-        objective = loss if snr is None else (per_sample * (snr[t].clamp(max=plan.min_snr_gamma) / snr[t])).mean()
+        objective = loss if plan.min_snr_gamma is None else (per_sample * min_snr_weights(alphas, t, plan.min_snr_gamma)).mean()
         for optimiser in optimisers:
             optimiser.zero_grad(set_to_none=True)
         objective.backward()
