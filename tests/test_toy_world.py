@@ -206,3 +206,31 @@ def test_min_snr_weights_cap_the_clean_steps_and_leave_the_noisy_ones():
     assert torch.allclose(weights[snr <= 5], torch.ones(int((snr <= 5).sum())))
     assert torch.allclose(weights[snr > 5], 5 / snr[snr > 5])
     assert weights[0] < weights[1] < 1, "the cleaner the step, the smaller its weight"
+
+
+def test_centring_the_latent_space_moves_its_means_to_zero_and_decodes_every_image_as_before():
+    import torch
+    from diffusers import AutoencoderKL
+
+    from studio.toy import models as toy_models
+    from studio.toy.pretrain import center_latent_space, vae_config
+    from studio.toy.world import render_prompt
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**vae_config()).eval()
+    with torch.no_grad():
+        vae.quant_conv.bias[:4] += torch.tensor([2.0, -1.5, 0.5, 0.0])  # a latent space far off centre
+    images = np.stack([np.asarray(render_prompt(7 + i, "a photo of {} on a beach", seed=i)) for i in range(8)])
+    x = toy_models.to_input(images)
+    with torch.no_grad():
+        before = vae.encode(x).latent_dist.mean
+        decoded_before = vae.decode(before).sample
+    moved = center_latent_space(vae, images)
+    assert moved is not None and moved.shape == (4,)
+    with torch.no_grad():
+        after = vae.encode(x).latent_dist.mean
+        decoded_after = vae.decode(after).sample
+    assert after.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert torch.allclose(after, before - moved.view(1, 4, 1, 1), atol=1e-5)
+    assert torch.allclose(decoded_after, decoded_before, atol=1e-4), "the shift is folded in exactly"
+    assert center_latent_space(vae, images) is None, "a centred space is left as it is"

@@ -397,6 +397,7 @@ def _train_vae(train: dict, plan: PretrainPlan, vae_dir: Path) -> None:
         _optimise(opt, loss, 1e-3, step, plan.vae_steps, floor=0.1)
         progress.update(step, loss=loss.item())
     vae.eval()
+    center_latent_space(vae, train["images"][:2048])
     with torch.no_grad():
         sample = toy_models.to_input(train["images"][:512])
         z = torch.cat([vae.encode(sample[i : i + 64]).latent_dist.mean for i in range(0, 512, 64)])
@@ -583,6 +584,30 @@ def take_folder_latent_space(out: Path, folder: Path) -> dict[str, Any]:
     return json.loads((folder / "pretrain.json").read_text())
 
 
+def center_latent_space(vae, images: np.ndarray, tolerance: float = 0.05) -> torch.Tensor | None:
+    """Move the VAE's latent space so that its channel means over ``images`` (N, 64, 64, 3) are
+    zero, folded exactly into the two 1x1 convolutions around it: ``quant_conv``'s mean outputs
+    shift by -mu and ``post_quant_conv`` adds it back, so every image decodes as before.
+
+    SD's noise schedule never reaches pure noise: at t = 999, sqrt(alpha_bar) = 0.068 of the
+    latent is left, so its channel means leak into what the UNet is trained on. Sampling starts
+    from noise with no such offset, and a latent space whose means are far from zero (the first
+    toy VAE's were about +-1.2, in units of its std) sends every sample off course
+    (docs/TOY.md, "The latent space is centred"). Returns the raw (unscaled) means moved, (4,),
+    or None when they were already within ``tolerance`` of the scaled latents' std."""
+    with torch.no_grad():
+        z = torch.cat([vae.encode(toy_models.to_input(images[i : i + 256]).to(vae.device)).latent_dist.mean
+                       for i in range(0, len(images), 256)])
+        mu = z.mean(dim=(0, 2, 3))  # (4,) raw latent channel means
+        if (mu.abs() / z.std()).max() <= tolerance:
+            return None
+        channels = mu.numel()
+        vae.quant_conv.bias[:channels] -= mu  # the first half of its outputs are the posterior means
+        weight = vae.post_quant_conv.weight[:, :, 0, 0]  # (4, 4)
+        vae.post_quant_conv.bias += weight @ mu
+    return mu.cpu()
+
+
 def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma weights (B,) of epsilon losses at timesteps ``t`` (B,): min(SNR, gamma) / SNR,
     SNR = alpha_bar / (1 - alpha_bar) from ``alphas_cumprod`` (T,). 1 at noisy steps, small at clean ones."""
@@ -608,6 +633,11 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     vae = AutoencoderKL.from_pretrained(str(out / "vae")).eval().to(device)
+    moved = center_latent_space(vae, train["images"][:2048])
+    if moved is not None:  # a VAE from before centring (e.g. a continued folder's): the UNet adapts from here
+        vae.to("cpu").save_pretrained(str(out / "vae"), safe_serialization=True)
+        vae.to(device)
+        _log(f"[backbone] centred the VAE's latent space (raw channel means {moved.numpy().round(3).tolist()} moved to 0)")
     latents = _encode_all(vae, train["images"], device)
     _log(f"[backbone] latents {tuple(latents.shape)}, std {latents.std():.3f}, on {device}")
     del vae
@@ -642,6 +672,9 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         # Adam's step counters on the CPU, where torch wants them
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
         _log(f"[backbone] resumed at step {step} ({elapsed / 60:.1f} min done)")
+    if moved is not None:  # weights averaged over the old latent space would only hold the new ones back
+        ema = [p.detach().clone() for p in params]
+        state["latents_centred_at"] = step
     warmup_from = state.get("warmup_from", 0)  # the step Adam's moments started from (later for a continued run)
     identity_tokens = None
     if plan.identity_token_share > 0:
