@@ -500,19 +500,26 @@ class ExploreHandlers:
         except Exception:  # the engine has logged it and put its sentence in the sweep's snapshot
             gr.Warning(engine.snapshot().sweep.error)
         finally:
-            points.close()  # runs on normal end, on error and when Stop cancels this stream (Gradio closes it)
+            points.close()  # runs on normal end, on error, and when the page goes (Gradio closes the stream)
         yield sweep_frame(engine.snapshot().sweep, folder, final=True)
 
-    def on_stop(self, request: gr.Request) -> list[Any]:
+    def on_stop_click(self, request: gr.Request) -> None:
+        """The tab's Stop: cancel the sweep. Its stream is the one writer of the tab: it sees the
+        end and sends it as its last frame (as the training stream does: docs/ARCHITECTURE.md)."""
+        self.engine_for(request).cancel_sweep()  # the sweep was armed when it was called, so one cancel suffices
+
+    def on_stop(self, request: gr.Request) -> str:
+        """The ``/explore_stop`` endpoint: cancel, wait for the end, return the progress line
+        ("" when no sweep ran)."""
         engine = self.engine_for(request)
         if engine.snapshot().sweep is None:
-            return [gr.skip()] * self.output_count
-        engine.cancel_sweep()  # the sweep was armed when it was called, so one cancel suffices
+            return ""
+        engine.cancel_sweep()
         try:
             engine.wait_until(lambda snap: snap.sweep is None or snap.sweep.finished, timeout=STOP_TIMEOUT_S)
         except TimeoutError:
-            pass  # a hung sweep: show what there is
-        return sweep_frame(engine.snapshot().sweep, self.folder_for(request), final=True)
+            pass  # a hung sweep: say where it is
+        return progress_markdown(engine.snapshot().sweep)
 
     def on_select(self, plot_value, evt: gr.SelectData, request: gr.Request) -> list[Any]:
         """A drag across the plot adopts the best setting under it (pick, band start, end, γ, note)."""
@@ -536,11 +543,12 @@ def build_explore_tab(engine_for: Callable[[gr.Request], Engine], folder_for: Ca
     tab = _explore_layout(default_steps)
     on = ExploreHandlers(engine_for, folder_for, len(tab.outputs))
     sliders = [band_lo, band_hi, balance]
-    run_event = tab.run_btn.click(
+    tab.run_btn.click(
         on.on_run, [tab.bands, tab.balances, tab.prompts, tab.seeds, tab.steps], tab.outputs, api_name="explore_sweep",
         concurrency_limit=None,
     )
-    tab.stop_btn.click(on.on_stop, None, tab.outputs, cancels=[run_event], api_name="explore_stop", concurrency_limit=None)
+    tab.stop_btn.click(on.on_stop_click, None, None, api_visibility="private", concurrency_limit=None)
+    gr.api(on.on_stop, api_name="explore_stop", concurrency_limit=None)
     tab.adopt_btn.click(adopt_setting, [tab.pick], [*sliders, tab.adopted], api_name="explore_adopt", concurrency_limit=None)
     tab.plot.select(on.on_select, [tab.plot], [tab.pick, *sliders, tab.adopted], api_visibility="private",
                     concurrency_limit=None)
