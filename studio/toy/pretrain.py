@@ -592,9 +592,9 @@ def center_latent_space(vae, images: np.ndarray, tolerance: float = 0.05) -> tor
     SD's noise schedule never reaches pure noise: at t = 999, sqrt(alpha_bar) = 0.068 of the
     latent is left, so its channel means leak into what the UNet is trained on. Sampling starts
     from noise with no such offset, and a latent space whose means are far from zero (the first
-    toy VAE's were about +-1.2, in units of its std) sends every sample off course
+    toy VAE's were -0.9 to +0.6 of the latents' std) sends every sample off course
     (docs/TOY.md, "The latent space is centred"). Returns the raw (unscaled) means moved, (4,),
-    or None when they were already within ``tolerance`` of the scaled latents' std."""
+    or None when none was more than ``tolerance`` of the latents' std from zero."""
     with torch.no_grad():
         z = torch.cat([vae.encode(toy_models.to_input(images[i : i + 256]).to(vae.device)).latent_dist.mean
                        for i in range(0, len(images), 256)])

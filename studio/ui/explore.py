@@ -477,9 +477,8 @@ class ExploreHandlers:
     """The tab's handlers, for one server: ``engine_for`` and ``folder_for`` give a request's
     engine and session folder (deleted with the session)."""
 
-    def __init__(self, engine_for: Callable[[gr.Request], Engine], folder_for: Callable[[gr.Request], Path],
-                 output_count: int) -> None:
-        self.engine_for, self.folder_for, self.output_count = engine_for, folder_for, output_count
+    def __init__(self, engine_for: Callable[[gr.Request], Engine], folder_for: Callable[[gr.Request], Path]) -> None:
+        self.engine_for, self.folder_for = engine_for, folder_for
         self.on_run = spaces.GPU(duration=GPU_DURATION_S)(self._run)  # ZeroGPU: a GPU-attached process
 
     def _run(self, band_values, balance_values, prompt_text, seed_text, n_steps, request: gr.Request):
@@ -541,7 +540,7 @@ def build_explore_tab(engine_for: Callable[[gr.Request], Engine], folder_for: Ca
                       band_lo: gr.Slider, band_hi: gr.Slider, balance: gr.Slider, *, default_steps: int = 20) -> None:
     """The Explore panel; call inside ``with gr.Tab("Explore")``. Adopting a setting sets the three sliders."""
     tab = _explore_layout(default_steps)
-    on = ExploreHandlers(engine_for, folder_for, len(tab.outputs))
+    on = ExploreHandlers(engine_for, folder_for)
     sliders = [band_lo, band_hi, balance]
     tab.run_btn.click(
         on.on_run, [tab.bands, tab.balances, tab.prompts, tab.seeds, tab.steps], tab.outputs, api_name="explore_sweep",
