@@ -147,9 +147,10 @@ def identity_values(scores):
 def section_base(world: World, out: Path, samples: int) -> str:
     from studio.toy.world import ATTRIBUTES
 
-    lines = ["| attribute | value | present | n |", "|---|---|---|---|"]
-    rows = {}
+    lines = ["| attribute | value | present | face found | n |", "|---|---|---|---|---|"]
+    rows, faces = {}, []
     model = world.scorer.clip
+    refs = world.scorer.embed_references([str(world.selfie(FIRST, out))])  # any reference: only "face found" is read
     for attribute, values in ATTRIBUTES.items():
         for value, phrases in values.items():
             if not phrases:
@@ -159,11 +160,14 @@ def section_base(world: World, out: Path, samples: int) -> str:
             images = world.generate(None, [prompt.replace("a person", "{}")], list(range(samples)))
             seen = model.present(images)
             share = float(np.mean([s[attribute] == value for s in seen]))
+            found = float(np.mean([s.identity.face_found for s in world.score(images, [prompt] * len(images), refs)]))
             rows[f"{attribute}={value}"] = share
-            lines.append(f"| {attribute} | {value} | {share:.0%} | {samples} |")
+            faces.append(found)
+            lines.append(f"| {attribute} | {value} | {share:.0%} | {found:.0%} | {samples} |")
             grid(images[:8], out / f"base-{attribute}-{value.replace(' ', '_')}.png")
     lines.append(f"\nAll values ≥ 90 %: **{all(v >= 0.9 for v in rows.values())}** "
-                 f"(lowest: {min(rows, key=rows.get)} at {min(rows.values()):.0%}).")
+                 f"(lowest: {min(rows, key=rows.get)} at {min(rows.values()):.0%}). "
+                 f"Face found (the toy face step) in {np.mean(faces):.0%} of the samples.")
     (out / "base.json").write_text(json.dumps(rows, indent=2))
     return "\n".join(lines)
 
@@ -179,6 +183,21 @@ def _reference_stats(world: World, identity: int, selfie: Path, others: int = 20
     other = world.score([render_prompt(o, p, seed=100 + s) for o in other_ids for p, s in cells],
                         [p for _ in other_ids for p, _ in cells], refs)
     return refs, identity_values(same), identity_values(other), [s.prompt.score for s in same]
+
+
+STRANGERS = 10  # unseen identities whose selfies (same studio scene) test whether a likeness is the person's
+
+
+def stranger_refs(world: World, identity: int, out: Path) -> list:
+    """References of STRANGERS other unseen identities' selfies, one list per stranger."""
+    return [world.scorer.embed_references([str(world.selfie(identity + 2000 + k, out))]) for k in range(STRANGERS)]
+
+
+def likeness_to_strangers(world: World, images, prompts, strangers) -> tuple[float, float]:
+    """Mean and std over the strangers of the images' mean identity similarity to each stranger's
+    selfie: how alike the images are to people they were not trained on."""
+    per_stranger = [float(np.mean(identity_values(world.score(images, prompts, refs)) or [0.0])) for refs in strangers]
+    return float(np.mean(per_stranger)), float(np.std(per_stranger))
 
 
 def section_oneshot(world: World, out: Path) -> tuple[str, dict]:
@@ -200,7 +219,10 @@ def section_oneshot(world: World, out: Path) -> tuple[str, dict]:
     m_prompt = float(np.mean([s.prompt.score for s in scores]))
     m_base_prompt = float(np.mean([s.prompt.score for s in base_scores]))
     base_ids = identity_values(base_scores)
+    strangers = stranger_refs(world, identity, out)
+    m_strange, s_strange = likeness_to_strangers(world, images, _expand(PROMPTS, SEEDS), strangers)
     result = dict(train_seconds=train_s, identity=m_id, face_rate=face_rate, real_render_identity=m_real,
+                  to_strangers_mean=m_strange, to_strangers_std=s_strange,
                   other_identity_mean=m_other, other_identity_std=s_other, prompt=m_prompt,
                   base_prompt=m_base_prompt, real_render_prompt=float(np.mean(real_prompt)),
                   base_identity=float(np.mean(base_ids)) if base_ids else None)
@@ -215,18 +237,21 @@ def section_oneshot(world: World, out: Path) -> tuple[str, dict]:
         f"| ground-truth renders of the same identity | {m_real:.3f} | {np.mean(real_prompt):.1f} |",
         f"| ground-truth renders of 20 other identities | {m_other:.3f} ± {s_other:.3f} | – |",
         f"| base model, class word instead of the person | {result['base_identity'] or float('nan'):.3f} | {m_base_prompt:.1f} |",
+        f"| PersonaMagic's images to {STRANGERS} *other* identities' selfies (same scene) | {m_strange:.3f} ± {s_strange:.3f} | – |",
         "",
         f"- identity ≥ 0.8 × real renders ({0.8 * m_real:.3f}): **{m_id >= 0.8 * m_real}**",
         f"- identity ≥ other identities + 3σ ({m_other + 3 * s_other:.3f}): **{m_id >= m_other + 3 * s_other}**",
         f"- prompt ≥ 0.8 × base model ({0.8 * m_base_prompt:.1f}): **{m_prompt >= 0.8 * m_base_prompt}**",
+        f"- the likeness is the person's: identity ≥ the same images to strangers' selfies + 3σ "
+        f"({m_strange + 3 * s_strange:.3f}): **{m_id >= m_strange + 3 * s_strange}**",
     ])
-    return text, dict(concept=concept, refs=refs, selfie=selfie)
+    return text, dict(concept=concept, refs=refs, selfie=selfie, strangers=strangers)
 
 
-def section_sliders(world: World, out: Path, concept, refs) -> str:
+def section_sliders(world: World, out: Path, concept, refs, strangers) -> str:
     bands = [(450, 650), (300, 800), (100, 950)]
     balances = [0.5, 1.0, 2.0]
-    lines = ["| interval | γ | identity (95 % CI) | prompt score (95 % CI) |", "|---|---|---|---|"]
+    lines = ["| interval | γ | identity (95 % CI) | to strangers' selfies | prompt score (95 % CI) |", "|---|---|---|---|---|"]
     table = {}
     for band in bands:
         for balance in balances:
@@ -234,8 +259,9 @@ def section_sliders(world: World, out: Path, concept, refs) -> str:
             scores = world.score(images, _expand(PROMPTS, SEEDS), refs)
             i_m, i_c = ci95(identity_values(scores))
             p_m, p_c = ci95([s.prompt.score for s in scores])
-            table[f"{band[0]}-{band[1]}@{balance}"] = dict(identity=(i_m, i_c), prompt=(p_m, p_c))
-            lines.append(f"| {band[0]}–{band[1]} | {balance} | {i_m:.3f} ± {i_c:.3f} | {p_m:.1f} ± {p_c:.1f} |")
+            o_m, o_s = likeness_to_strangers(world, images, _expand(PROMPTS, SEEDS), strangers)
+            table[f"{band[0]}-{band[1]}@{balance}"] = dict(identity=(i_m, i_c), prompt=(p_m, p_c), strangers=(o_m, o_s))
+            lines.append(f"| {band[0]}–{band[1]} | {balance} | {i_m:.3f} ± {i_c:.3f} | {o_m:.3f} ± {o_s:.3f} | {p_m:.1f} ± {p_c:.1f} |")
     (out / "sliders.json").write_text(json.dumps(table, indent=2))
     return "\n".join(lines)
 
@@ -331,13 +357,20 @@ def main() -> int:
     parser.add_argument("--steps", type=int, help="training steps (default: the toy preset's)")
     parser.add_argument("--variants", help="comma-separated subset of the ablation variants (by position, 0-based)")
     parser.add_argument("--run", type=Path, help="a pretraining run folder: its last checkpoint and VAE (default: the shipped assets/toy)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a toy preset setting, e.g. --set 'sample.scheduler=euler ancestral'")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sections = args.sections.split(",")
-    overrides = {"model.source": model_source(args.run, args.out), **({"train.steps": args.steps} if args.steps else {})}
+    from studio.cli import _parse_overrides
+
+    overrides = {"model.source": model_source(args.run, args.out), **({"train.steps": args.steps} if args.steps else {}),
+                 **_parse_overrides(args.set)}
     world = World(overrides)
     started = time.perf_counter()
-    report = [f"Machine: {cpu_name()}; torch threads {__import__('torch').get_num_threads()}.\n"]
+    sample = world.cfg.sample
+    report = [f"Machine: {cpu_name()}; torch threads {__import__('torch').get_num_threads()}. Sampler: {sample.scheduler}, "
+              f"{sample.steps} steps, guidance {sample.guidance_scale:g}{' (--set ' + ', '.join(args.set) + ')' if args.set else ''}.\n"]
     if "base" in sections:
         report += ["### Base model follows prompts", section_base(world, args.out, args.base_samples)]
     state = None
@@ -345,7 +378,7 @@ def main() -> int:
         text, state = section_oneshot(world, args.out)
         report += ["### One selfie, default training", text]
     if "sliders" in sections and state:
-        report += ["### Sliders", section_sliders(world, args.out, state["concept"], state["refs"])]
+        report += ["### Sliders", section_sliders(world, args.out, state["concept"], state["refs"], state["strangers"])]
     if "ablation" in sections:
         variants = VARIANTS
         if args.variants:
