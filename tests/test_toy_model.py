@@ -106,3 +106,55 @@ def test_the_studio_flow_runs_on_the_toy_preset(tmp_path, capsys):
                  "--steps", "4", "--out", str(tmp_path / "eval"), "--reference", str(TOY_SELFIES[0])]) == 0
     rows = (tmp_path / "eval" / "scores.csv").read_text().splitlines()
     assert len(rows) == 3 and "toy attribute classifiers" in rows[1] and ",toy," in rows[1]
+
+
+# -------------------------------------------------------------------------- the method's known answers
+KNOWN_PROMPTS = ["a photo of {} on a beach", "an oil painting of {}", "a photo of {} wearing a red hat in a forest",
+                 "a watercolor of {} in front of a red wall"]
+
+
+def test_a_toy_concept_draws_toward_its_selfie_and_a_wider_interval_toward_the_person_and_away_from_strangers(toy_backbone, toy_cfg, tmp_path):
+    """The toy preset's default training on one selfie of an unseen identity, then 4 prompts x 2
+    seeds. Known answers of the shipped weights (bench/RESULTS-toy.md, section 3): the images are
+    closer to the selfie than the base model's (class word instead of the concept); the widest
+    identity interval brings them closer to the person than the narrowest while taking them
+    further from five strangers' selfies (same scene); and over the widest interval they are
+    closer to the person than to the strangers. Not asserted, because it is not so at the default
+    interval: that last comparison there."""
+    from studio.events import TrainingFinished
+    from studio.faces import prepare
+    from studio.metrics import Scorer
+    from studio.sampler import GenerationSettings, Sampler
+    from studio.trainer import TrainingPhoto
+    from studio.training import TrainingRun
+
+    selfie, strangers = tmp_path / "selfie.png", [tmp_path / f"stranger-{k}.png" for k in range(5)]
+    render_prompt(100_001, "a photo of {} in a blue studio", seed=0, size=256).save(selfie)
+    for k, path in enumerate(strangers):  # unseen, unrelated identities in the same scene
+        render_prompt(102_001 + k, "a photo of {} in a blue studio", seed=0, size=256).save(path)
+    cfg = toy_cfg.replace(**{"train.preview_every": 0})
+    prepared = prepare([str(selfie)], cfg.face)
+    run = TrainingRun(toy_backbone, cfg, [TrainingPhoto.from_prepared(p) for p in prepared.photos])
+    concept = next(e.concept for e in run.events() if isinstance(e, TrainingFinished))
+    sampler, scorer = Sampler(toy_backbone), Scorer.for_backbone(toy_backbone, cfg.face, cfg.metrics.clip_model)
+    own, others = scorer.embed_references([str(selfie)]), scorer.embed_references([str(p) for p in strangers])
+
+    def drawn(with_concept: bool, band: tuple[int, int]) -> tuple[list, list[str]]:
+        images, prompts = [], []
+        for prompt in KNOWN_PROMPTS:
+            settings = GenerationSettings.from_config(cfg, seeds=[0, 1], band=band)
+            images += list(sampler(concept if with_concept else None, [prompt], **settings.kwargs()).images)
+            prompts += [prompt, prompt]
+        return images, prompts
+
+    def likeness(images_and_prompts: tuple[list, list[str]], references) -> float:
+        scores = scorer.score(*images_and_prompts, references, cfg.concept.super_category)
+        return float(np.mean([s.identity.similarity or 0.0 for s in scores]))  # no face counts as 0
+
+    default_band = tuple(cfg.sample.band)
+    assert likeness(drawn(True, default_band), own) > likeness(drawn(False, default_band), own) + 0.05, \
+        "the concept draws toward its selfie"
+    wide, narrow = drawn(True, (100, 950)), drawn(True, (450, 650))
+    assert likeness(wide, own) > likeness(narrow, own) + 0.05, "a wider interval draws closer to the person"
+    assert likeness(wide, others) < likeness(narrow, others), "... and further from strangers"
+    assert likeness(wide, own) > likeness(wide, others) + 0.05, "over the widest interval the likeness is the person's"
