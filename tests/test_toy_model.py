@@ -114,8 +114,9 @@ KNOWN_PROMPTS = ["a photo of {} on a beach", "an oil painting of {}", "a photo o
 
 
 def test_a_toy_concept_draws_toward_its_selfie_and_a_wider_interval_toward_the_person_and_away_from_strangers(toy_backbone, toy_cfg, tmp_path):
-    """The toy preset's default training on one selfie of an unseen identity, then 4 prompts x 2
-    seeds. Known answers of the shipped weights (bench/RESULTS-toy.md, section 3): the images are
+    """The toy preset's default training on one selfie of unseen identity 100 001, then 4 prompts x
+    2 seeds. Known answers of the shipped weights for this identity (bench/RESULTS-toy.md, section
+    3, which also says where other identities differ): the images are
     closer to the selfie than the base model's (class word instead of the concept); the widest
     identity interval brings them closer to the person than the narrowest while taking them
     further from five strangers' selfies (same scene); and over the widest interval they are

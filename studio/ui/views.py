@@ -43,11 +43,11 @@ def banner(model_source: str) -> str:
 
 SLIDER_HELP = {
     "band": "**Identity interval** — denoising steps with *t* in [start, end] see the person; "
-    "steps above *end* see only the word, so the prompt sets the layout. Wider = more likeness "
-    "(and less of anyone else's); it can cost prompt control.",
+    "steps above *end* see only the word, so the prompt sets the layout. Wider = more likeness, "
+    "less prompt control.",
     "balance": "**Tandem balance γ** — how strongly the prompt's words attend to the identity tokens: "
-    "< 1 favours the prompt (scene, style), > 1 favours the identity. A fine adjustment: the identity "
-    "interval moves the trade-off far more.",
+    "< 1 favours the prompt (scene, style), > 1 favours the identity. A fine adjustment; the identity "
+    "interval moves the trade-off more.",
 }
 
 
