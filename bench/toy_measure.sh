@@ -13,9 +13,10 @@ RUN_ARGS=()
 [[ -n "${RUN:-}" ]] && RUN_ARGS=(--run "$RUN")
 if [[ -n "${QUICK:-}" ]]; then
   CAPS=(--identities 4) REACH=(--identities 2 --iterations 40) WORLD=(--base-samples 16 --identities 2)
-  COMPOSE=(--prompts 4 --seeds 1)
+  COMPOSE=(--prompts 4 --seeds 1) BAND=(--identities 2) EXPORT=(--identities 2)
 else
   CAPS=(--identities 8) REACH=(--identities 3 --iterations 60) WORLD=(--base-samples 64 --identities 6) COMPOSE=()
+  BAND=(--identities 6) EXPORT=(--identities 6)
 fi
 mkdir -p "$OUT"
 step() {  # NAME COMMAND...: markdown to $OUT/NAME.md, stderr to $OUT/NAME.log
@@ -24,10 +25,13 @@ step() {  # NAME COMMAND...: markdown to $OUT/NAME.md, stderr to $OUT/NAME.log
   "$@" > "$OUT/$name.md" 2> "$OUT/$name.log"
 }
 step look "$PY" bench/toy_look.py ${RUN_ARGS[@]+"${RUN_ARGS[@]}"} --out "$OUT/look.png"
+step leak "$PY" bench/toy_mean_leak.py ${RUN_ARGS[@]+"${RUN_ARGS[@]}"} --out "$OUT/leak.png"
 step caps "$PY" bench/toy_caps.py ${RUN_ARGS[@]+"${RUN_ARGS[@]}"} "${CAPS[@]}" --out "$OUT/caps"
 step reach "$PY" bench/toy_reach.py ${RUN_ARGS[@]+"${RUN_ARGS[@]}"} "${REACH[@]}" --out "$OUT/reach"
 step world "$PY" bench/toy_world.py ${RUN_ARGS[@]+"${RUN_ARGS[@]}"} "${WORLD[@]}" --out "$OUT/world"
-if [[ -z "${RUN:-}" ]]; then  # composition runs on the shipped weights only
+step band "$PY" bench/toy_band.py ${RUN_ARGS[@]+"${RUN_ARGS[@]}"} "${BAND[@]}" --out "$OUT/band"
+if [[ -z "${RUN:-}" ]]; then  # composition and export run on the shipped weights only
   step compose "$PY" bench/toy_compose.py ${COMPOSE[@]+"${COMPOSE[@]}"} --out "$OUT/compose"
+  step export "$PY" bench/toy_export.py "${EXPORT[@]}" --out "$OUT/export"
 fi
 echo "[$(date +%H:%M:%S)] done: $OUT/*.md" >&2
