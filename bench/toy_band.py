@@ -48,7 +48,7 @@ def main() -> int:
             prompts = _expand(PROMPTS, SEEDS)
             scores = world.score(images, prompts, refs)
             rows[band]["own"].append(float(np.mean(identity_values(scores) or [0.0])))
-            rows[band]["strangers"].append(likeness_to_strangers(world, images, prompts, strangers)[0])
+            rows[band]["strangers"].append(likeness_to_strangers(world, images, strangers)[0])
             rows[band]["prompt"].append(float(np.mean([s.prompt.score for s in scores])))
         print(f"[band] identity {identity} done", file=sys.stderr, flush=True)
     print(f"Machine: {cpu_name()}. {args.identities} unseen identities from {FIRST + 100}, "

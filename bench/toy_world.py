@@ -150,7 +150,7 @@ def section_base(world: World, out: Path, samples: int) -> str:
     lines = ["| attribute | value | present | face found | n |", "|---|---|---|---|---|"]
     rows, faces = {}, []
     model = world.scorer.clip
-    refs = world.scorer.embed_references([str(world.selfie(FIRST, out))])  # any reference: only "face found" is read
+    from studio.faces import identity_embedding
     for attribute, values in ATTRIBUTES.items():
         for value, phrases in values.items():
             if not phrases:
@@ -160,7 +160,7 @@ def section_base(world: World, out: Path, samples: int) -> str:
             images = world.generate(None, [prompt.replace("a person", "{}")], list(range(samples)))
             seen = model.present(images)
             share = float(np.mean([s[attribute] == value for s in seen]))
-            found = float(np.mean([s.identity.face_found for s in world.score(images, [prompt] * len(images), refs)]))
+            found = float(np.mean([identity_embedding(np.asarray(image), world.scorer.analyzer) is not None for image in images]))
             rows[f"{attribute}={value}"] = share
             faces.append(found)
             lines.append(f"| {attribute} | {value} | {share:.0%} | {found:.0%} | {samples} |")
@@ -188,15 +188,22 @@ def _reference_stats(world: World, identity: int, selfie: Path, others: int = 20
 STRANGERS = 10  # unseen identities whose selfies (same studio scene) test whether a likeness is the person's
 
 
-def stranger_refs(world: World, identity: int, out: Path) -> list:
-    """References of STRANGERS other unseen identities' selfies, one list per stranger."""
-    return [world.scorer.embed_references([str(world.selfie(identity + 2000 + k, out))]) for k in range(STRANGERS)]
+def stranger_refs(world: World, identity: int, out: Path) -> list[np.ndarray]:
+    """Identity embeddings (D,) of STRANGERS other unseen identities' selfies."""
+    return world.scorer.embed_references([str(world.selfie(identity + 2000 + k, out)) for k in range(STRANGERS)])
 
 
-def likeness_to_strangers(world: World, images, prompts, strangers) -> tuple[float, float]:
+def likeness_to_strangers(world: World, images, strangers: list[np.ndarray]) -> tuple[float, float]:
     """Mean and std over the strangers of the images' mean identity similarity to each stranger's
-    selfie: how alike the images are to people they were not trained on."""
-    per_stranger = [float(np.mean(identity_values(world.score(images, prompts, refs)) or [0.0])) for refs in strangers]
+    selfie: how alike the images are to people they were not trained on. Each image is embedded
+    once; images without a face are left out, as in the identity column."""
+    from studio.faces import identity_embedding
+
+    analyzer = world.scorer.analyzer
+    faces = [e for e in (identity_embedding(np.asarray(image), analyzer) for image in images) if e is not None]
+    if not faces:
+        return 0.0, 0.0
+    per_stranger = [float(np.mean([analyzer.similarity(face, ref) for face in faces])) for ref in strangers]
     return float(np.mean(per_stranger)), float(np.std(per_stranger))
 
 
@@ -220,7 +227,7 @@ def section_oneshot(world: World, out: Path) -> tuple[str, dict]:
     m_base_prompt = float(np.mean([s.prompt.score for s in base_scores]))
     base_ids = identity_values(base_scores)
     strangers = stranger_refs(world, identity, out)
-    m_strange, s_strange = likeness_to_strangers(world, images, _expand(PROMPTS, SEEDS), strangers)
+    m_strange, s_strange = likeness_to_strangers(world, images, strangers)
     result = dict(train_seconds=train_s, identity=m_id, face_rate=face_rate, real_render_identity=m_real,
                   to_strangers_mean=m_strange, to_strangers_std=s_strange,
                   other_identity_mean=m_other, other_identity_std=s_other, prompt=m_prompt,
@@ -259,7 +266,7 @@ def section_sliders(world: World, out: Path, concept, refs, strangers) -> str:
             scores = world.score(images, _expand(PROMPTS, SEEDS), refs)
             i_m, i_c = ci95(identity_values(scores))
             p_m, p_c = ci95([s.prompt.score for s in scores])
-            o_m, o_s = likeness_to_strangers(world, images, _expand(PROMPTS, SEEDS), strangers)
+            o_m, o_s = likeness_to_strangers(world, images, strangers)
             table[f"{band[0]}-{band[1]}@{balance}"] = dict(identity=(i_m, i_c), prompt=(p_m, p_c), strangers=(o_m, o_s))
             lines.append(f"| {band[0]}–{band[1]} | {balance} | {i_m:.3f} ± {i_c:.3f} | {o_m:.3f} ± {o_s:.3f} | {p_m:.1f} ± {p_c:.1f} |")
     (out / "sliders.json").write_text(json.dumps(table, indent=2))
@@ -362,10 +369,10 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sections = args.sections.split(",")
-    from studio.cli import _parse_overrides
+    from studio.cli import parse_overrides
 
     overrides = {"model.source": model_source(args.run, args.out), **({"train.steps": args.steps} if args.steps else {}),
-                 **_parse_overrides(args.set)}
+                 **parse_overrides(args.set)}
     world = World(overrides)
     started = time.perf_counter()
     sample = world.cfg.sample

@@ -38,7 +38,7 @@ class CliError(StudioError):
 
 
 # --------------------------------------------------------------------------- shared helpers
-def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``["train.lr=1e-3", "sample.band=[200, 900]"]`` -> {"train.lr": 0.001, ...} (YAML values)."""
     import yaml
 
@@ -89,7 +89,7 @@ def preset_name(args: argparse.Namespace) -> str:
 def _load_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> StudioConfig:
     from studio.config import load_preset
 
-    overrides = {**_parse_overrides(args.set or []), **model_overrides(args), **(extra or {})}
+    overrides = {**parse_overrides(args.set or []), **model_overrides(args), **(extra or {})}
     return load_preset(preset_name(args), **overrides)
 
 
