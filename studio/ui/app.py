@@ -35,7 +35,6 @@ EXAMPLE_PHOTOS = sorted(str(p) for p in (ASSETS / "examples").glob("*.png"))
 # toy selfies of one identity never seen in pretraining (the toy world's own photos)
 TOY_EXAMPLE_PHOTOS = sorted(str(p) for p in (ASSETS / "examples" / "toy").glob("*.png"))
 STREAM_MIN_INTERVAL_S = 0.3  # at most ~3 page updates per second while training
-STOP_TIMEOUT_S = 120  # the /stop endpoint's wait for the run to end
 SLIDER_DEBOUNCE_S = 0.35  # a burst of slider changes (keys, typing, a drag) renders once, after it
 # On ZeroGPU these run in a GPU-attached process; everywhere else spaces.GPU returns fn unchanged.
 GPU_TRAINING_CHUNK = spaces.GPU(duration=CHUNK_DURATION_S)(training_chunk)
@@ -338,7 +337,7 @@ class Handlers:
         engine = self.engine(request)
         engine.stop()
         try:
-            snapshot = engine.wait_until(lambda s: not s.active, timeout=STOP_TIMEOUT_S)
+            snapshot = engine.wait_until(lambda s: not s.active, timeout=views.STOP_TIMEOUT_S)
         except TimeoutError:
             snapshot = engine.snapshot()
         return views.status_markdown(snapshot)

@@ -43,7 +43,6 @@ BALANCE_CHOICES = [0.5, 0.75, 1.0, 1.5, 2.0]
 BALANCES_PRESELECTED = [1.0, 1.5]
 MAX_PROMPTS = 8
 MAX_SEEDS = 8
-STOP_TIMEOUT_S = 120.0  # a stop lands after the denoising step in flight; this only bounds a hung sweep
 GPU_DURATION_S = 120  # ZeroGPU: the most one sweep may hold the GPU
 
 # Series (colours) of the scatter plot: the outcome of each setting; the setting itself is in
@@ -515,7 +514,7 @@ class ExploreHandlers:
             return ""
         engine.cancel_sweep()
         try:
-            engine.wait_until(lambda snap: snap.sweep is None or snap.sweep.finished, timeout=STOP_TIMEOUT_S)
+            engine.wait_until(lambda snap: snap.sweep is None or snap.sweep.finished, timeout=views.STOP_TIMEOUT_S)
         except TimeoutError:
             pass  # a hung sweep: say where it is
         return progress_markdown(engine.snapshot().sweep)

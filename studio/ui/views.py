@@ -41,6 +41,8 @@ def banner(model_source: str) -> str:
     return {"tiny": TINY_BANNER, "toy": TOY_BANNER}.get(model_source, "")
 
 
+STOP_TIMEOUT_S = 120.0  # how long a Stop endpoint waits for the run to end (a stop lands after the step in flight)
+
 SLIDER_HELP = {
     "band": "**Identity interval** — denoising steps with *t* in [start, end] see the person; "
     "steps above *end* see only the word, so the prompt sets the layout. Wider = more likeness, "
