@@ -37,6 +37,8 @@ def add_toy_parser(subparsers: Any) -> None:
                           help="share of the captions whose class word carries the identity (0-1; default 0, docs/TOY.md)")
     pretrain.add_argument("--min-snr", type=float, metavar="GAMMA",
                           help="weight each sample's loss by min(SNR, GAMMA) / SNR (Min-SNR; e.g. 5; default off)")
+    pretrain.add_argument("--anneal", action="store_true",
+                          help="decay the learning rate along a cosine to a tenth by --steps (which it needs), from the step it is first given")
     pretrain.add_argument("--continue-from", type=Path, metavar="FOLDER",
                           help="start the UNet stage from a trained toy folder, e.g. assets/toy (it goes on from its step; --minutes is the new run's own time)")
     pretrain.set_defaults(func=run_pretrain)
@@ -80,13 +82,15 @@ def run_pretrain(args: argparse.Namespace) -> int:
         raise CliError(f"--identity-tokens is a share from 0 to 1, got {args.identity_tokens}")
     if args.min_snr is not None and not args.min_snr > 0:
         raise CliError(f"--min-snr is a positive signal-to-noise cap such as 5, got {args.min_snr}")
+    if args.anneal and args.steps is None:
+        raise CliError("--anneal decays the learning rate towards --steps: give --steps too")
     if args.continue_from is not None:
         if not args.continue_from.is_dir():
             raise CliError(f"--continue-from must be a toy model folder, got {args.continue_from}")
         check_continue_folder(args.continue_from)  # before any stage runs
     flags = {"continue_from": str(args.continue_from) if args.continue_from else None, "unet_batch": args.batch, "unet_minutes": args.minutes, "decoder_minutes": args.decoder_minutes,
              "unet_steps": args.steps, "identity_token_share": args.identity_tokens,
-             "min_snr_gamma": args.min_snr}
+             "min_snr_gamma": args.min_snr, "anneal": args.anneal or None}
     plan = PretrainPlan(device=str(device), **{key: value for key, value in flags.items() if value is not None})
     pretrain(args.out, tuple(args.stage or STAGES), plan, threads=args.threads)
     return 0

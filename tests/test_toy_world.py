@@ -117,6 +117,7 @@ def test_render_command_writes_the_ground_truth_and_refuses_unknown_words(tmp_pa
         (["--steps", "0"], "--steps must be at least 1, got 0"),
         (["--identity-tokens", "1.5"], "--identity-tokens is a share from 0 to 1, got 1.5"),
         (["--min-snr", "0"], "--min-snr is a positive signal-to-noise cap such as 5, got 0.0"),
+        (["--anneal"], "--anneal decays the learning rate towards --steps: give --steps too"),
         (["--continue-from", "no-such-folder"], "--continue-from must be a toy model folder, got no-such-folder"),
         (["--continue-from", str(Path(__file__).parent)], "is not a trained toy model folder to continue from: it lacks unet"),
     ],
@@ -206,6 +207,18 @@ def test_min_snr_weights_cap_the_clean_steps_and_leave_the_noisy_ones():
     assert torch.allclose(weights[snr <= 5], torch.ones(int((snr <= 5).sum())))
     assert torch.allclose(weights[snr > 5], 5 / snr[snr > 5])
     assert weights[0] < weights[1] < 1, "the cleaner the step, the smaller its weight"
+
+
+def test_the_learning_rate_warms_up_then_holds_or_anneals_along_a_cosine_to_a_tenth():
+    from studio.toy.pretrain import LEARNING_RATE, learning_rate
+
+    assert learning_rate(100, warmup_from=0) == pytest.approx(LEARNING_RATE / 2)
+    assert learning_rate(5000, warmup_from=0) == learning_rate(9000, warmup_from=0) == LEARNING_RATE
+    anneal = (4000, 8000)
+    rates = [learning_rate(step, 0, anneal) for step in (4000, 5000, 6000, 7000, 8000, 9000)]
+    assert rates[0] == pytest.approx(LEARNING_RATE) and rates[2] == pytest.approx(0.55 * LEARNING_RATE)
+    assert all(a > b for a, b in zip(rates[:5], rates[1:5])), "it falls all the way"
+    assert rates[4] == rates[5] == pytest.approx(LEARNING_RATE / 10), "and then stays at a tenth"
 
 
 def test_centring_the_latent_space_moves_its_means_to_zero_and_decodes_every_image_as_before():

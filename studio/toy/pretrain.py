@@ -66,6 +66,9 @@ class PretrainPlan:
     # Min-SNR-gamma loss weighting (Hang et al., 2023): each sample's epsilon loss is weighted by
     # min(SNR(t), gamma) / SNR(t), so the easy, nearly clean steps stop dominating the gradient; None = off
     min_snr_gamma: float | None = None
+    # decay the learning rate along a cosine to a tenth, from the step this is first switched on to
+    # unet_steps (which it needs); off = the constant rate after warm-up
+    anneal: bool = False
     decoder_minutes: float = 20.0
     decoder_batch: int = 32
     seed: int = 0
@@ -615,6 +618,21 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float)
     return snr.clamp(max=gamma) / snr
 
 
+LEARNING_RATE = 3e-4
+
+
+def learning_rate(step: int, warmup_from: int, anneal: tuple[int, int] | None = None) -> float:
+    """The UNet stage's learning rate at ``step``: a 200-step linear warm-up from ``warmup_from``,
+    then constant, or, with ``anneal = (start, end)``, a cosine from the full rate at ``start`` to a
+    tenth of it at ``end``."""
+    rate = LEARNING_RATE * min(1.0, (step - warmup_from) / 200)
+    if anneal is not None:
+        start, end = anneal
+        progress = min(1.0, max(0.0, (step - start) / max(1, end - start)))
+        rate *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return rate
+
+
 def stage_backbone(out: Path, plan: PretrainPlan) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -663,7 +681,7 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
     unet.to(device)
     text_encoder.to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, 3e-4, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, LEARNING_RATE, weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
     if resumed:
         ema_tensors = load_file(str(ckpt / "ema.safetensors"), device=str(device))
@@ -676,6 +694,10 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         ema = [p.detach().clone() for p in params]
         state["latents_centred_at"] = step
     warmup_from = state.get("warmup_from", 0)  # the step Adam's moments started from (later for a continued run)
+    anneal = None
+    if plan.anneal:
+        anneal = (state.setdefault("anneal_from", step), plan.unet_steps)  # kept across resumes
+        _log(f"[backbone] learning rate annealed from step {anneal[0]} to {anneal[1]}")
     identity_tokens = None
     if plan.identity_token_share > 0:
         identity_tokens = IdentityTokens(out, plan, train, tokenizer, text_encoder.config.hidden_size, device)
@@ -740,7 +762,7 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         torch.nn.utils.clip_grad_norm_(params + trained_apart, 1.0)
         for optimiser in optimisers:
             for group in optimiser.param_groups:
-                group["lr"] = 3e-4 * min(1.0, (step - warmup_from) / 200)
+                group["lr"] = learning_rate(step, warmup_from, anneal)
             optimiser.step()
         decay = min(0.998, (1 + step) / (10 + step))
         with torch.no_grad():
