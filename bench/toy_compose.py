@@ -74,8 +74,8 @@ def main() -> int:
     prompts, seeds = PROMPTS[: args.prompts], list(range(args.seeds))
     steps = args.steps or cfg.sample.steps
     settings = dict(num_inference_steps=steps, guidance_scale=cfg.sample.guidance_scale, scheduler=cfg.sample.scheduler,
-                    negative_prompt=cfg.sample.negative_prompt, band=tuple(cfg.sample.band),
-                    height=cfg.image_size, width=cfg.image_size)
+                    negative_prompt=cfg.sample.negative_prompt, band=tuple(cfg.sample.band))
+    height, width = composer.canvas(cfg.image_size, 2)  # the pair's picture (the Compose tab's); one person: a square
     overrides = {"train.steps": args.train_steps} if args.train_steps else {}
 
     selfies = {k: world.selfie(k, args.out) for k in (IDENTITY_A, IDENTITY_B, IDENTITY_C)}
@@ -93,14 +93,14 @@ def main() -> int:
         "naive (one prompt, no regions)": dict(mode="naive", boxes=None),
     }
     table, raw, sheets = [], {}, {}
-    side = cfg.image_size // world.backbone.vae_scale_factor
-    halves = np.ones((side, side), np.int64)  # naive images are scored on their left (A) and right (B) halves
-    halves[:, side // 2:] = 2
+    latent_hw = (height // world.backbone.vae_scale_factor, width // world.backbone.vae_scale_factor)
+    halves = np.ones(latent_hw, np.int64)  # naive images are scored on their left (A) and right (B) halves
+    halves[:, latent_hw[1] // 2:] = 2
     t1 = time.perf_counter()
     for name, variant in variants.items():
         separated, own_all, other_all, found, images = [], [], [], [], []
         for prompt in prompts:
-            result = composer(people, pair_prompt(prompt), seeds=seeds, **variant, **settings)
+            result = composer(people, pair_prompt(prompt), seeds=seeds, height=height, width=width, **variant, **settings)
             for image, labels in zip(result.images, result.regions):
                 images.append(image)
                 labels = labels if variant["mode"] == "regions" else halves
@@ -132,7 +132,8 @@ def main() -> int:
     instant = Person(reference=Reference.from_prepared(photo_a), class_word=cfg.concept.super_category)
     previews, base = [], []
     for prompt in prompts:
-        previews += composer([instant], prompt.replace("{}", "{0}"), seeds=seeds, **settings).images
+        previews += composer([instant], prompt.replace("{}", "{0}"), seeds=seeds, height=cfg.image_size,
+                             width=cfg.image_size, **settings).images
         base += world.generate(None, [prompt], seeds)
     grid(previews, args.out / "instant.png", cols=max(1, len(seeds) * 4))
 
@@ -154,7 +155,8 @@ def main() -> int:
         f"### Two people in one picture, and instant likeness (toy world)\n",
         f"Machine: {machine()}, shared. Identities A={IDENTITY_A}, B={IDENTITY_B} (unseen), one 256 px selfie each; "
         f"concepts trained with the toy preset ({args.train_steps or cfg.train.steps} steps each, {train_s:.0f} s for both); "
-        f"{len(prompts)} prompts × {len(seeds)} seeds = {n} images per row, {steps} denoising steps; compositions took {compose_s:.0f} s.",
+        f"{len(prompts)} prompts × {len(seeds)} seeds = {n} images per row, {width} × {height} px, {steps} denoising steps; "
+        f"compositions took {compose_s:.0f} s.",
         f"Command: `python bench/toy_compose.py --prompts {args.prompts} --seeds {args.seeds}"
         + (f" --train-steps {args.train_steps}" if args.train_steps else "") + (f" --steps {args.steps}" if args.steps else "") + "`.\n",
         "| composition | both regions closer to their own identity | identity to own (mean) | identity to the other (mean) | faces found in both regions | images |",

@@ -52,7 +52,8 @@ def add_compose_parser(subparsers: Any) -> None:
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     parser.add_argument("--scheduler", help="a scheduler name, as for generate")
     parser.add_argument("--negative", help="negative prompt")
-    parser.add_argument("--size", type=int, help="image side in pixels")
+    parser.add_argument("--size", type=int, help="picture height in pixels (default: the preset's image size); two or more "
+                        "people get a picture compose.aspect times as wide (--set compose.aspect=1: a square)")
     parser.add_argument("--mode", choices=("regions", "naive"), default="regions",
                         help="regions: each person's pixels see only their own tokens (default); naive: all tokens in one prompt")
     parser.add_argument("--boxes", action="append", metavar="BOX",
@@ -159,16 +160,16 @@ def run_compose(args: argparse.Namespace) -> int:
                 raise CliError(f"person {{{index}}} is already a photo; --reference adds a photo to a concept")
             people.append(Person(reference=_prepared_reference(path, cfg)))
     sample = cfg.sample
-    size = args.size or cfg.image_size
     settings = dict(
         negative_prompt=sample.negative_prompt if args.negative is None else args.negative,
         num_inference_steps=args.steps or sample.steps,
         guidance_scale=sample.guidance_scale if args.guidance is None else args.guidance,
         band=tuple(sample.band), balance=sample.balance, balance_layers=sample.balance_layers,
-        seeds=list(range(args.seed, args.seed + args.num_images)), height=size, width=size,
+        seeds=list(range(args.seed, args.seed + args.num_images)),
         scheduler=args.scheduler or sample.scheduler,
     )
     composer = Composer(Sampler(backbone), cfg.compose)
+    settings["height"], settings["width"] = composer.canvas(args.size or cfg.image_size, len(people))
     composer.check_inputs(people, args.prompt, args.mode, boxes, **settings)
     with _progress(None, "composing") as bar, applied(backbone, loras):
         def on_step(done: int, total: int) -> None:

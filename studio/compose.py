@@ -176,6 +176,15 @@ class Composer:
         self.backbone = sampler.backbone
         self.config = config or ComposeConfig()
 
+    def canvas(self, side: int, people: int) -> tuple[int, int]:
+        """(height, width) of a picture of ``people`` people: one gets a ``side`` square; more get a
+        picture ``side`` high and ``compose.aspect`` times as wide (rounded to a width this model
+        can draw), room to stand side by side."""
+        if people <= 1:
+            return side, side
+        multiple = 8 * self.backbone.vae_scale_factor
+        return side, max(multiple, round(side * self.config.aspect / multiple) * multiple)
+
     # ------------------------------------------------------------------ checks
     def check_inputs(self, people: Sequence[Person], prompt: str, mode: str = "regions",
                      boxes: Sequence[Sequence[float]] | None = None, **settings: Any):

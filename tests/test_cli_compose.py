@@ -30,6 +30,8 @@ def test_compose_writes_the_image_and_its_region_overlay(concepts, tmp_path, cap
     settings = json.loads(Image.open(out).text["personamagic"])
     assert settings["seed"] == 5 and settings["mode"] == "regions" and settings["boxes"] == [[0, 0, 0.5, 1], [0.5, 0, 1, 1]]
     assert Image.open(tmp_path / "pair_regions.png").size == Image.open(out).size
+    width, height = Image.open(out).size
+    assert height == 64 and width > height, "two people get the wide picture"
     assert "1 UNet pass per step" in capsys.readouterr().out
 
 

@@ -210,6 +210,18 @@ def test_compose_config_is_checked():
         load_preset("tiny", **{"compose.max_people": 9})
     with pytest.raises(ConfigError, match="compose.rsa_blocks"):
         load_preset("tiny", **{"compose.rsa_blocks": ["decoder"]})
+    with pytest.raises(ConfigError, match=r"compose.aspect \(width / height\) must be from 0.5 to 3, got 5"):
+        load_preset("tiny", **{"compose.aspect": 5})
+
+
+def test_two_people_get_a_wide_picture_and_one_person_a_square(backbone, sampler):
+    multiple = 8 * backbone.vae_scale_factor
+    wide = Composer(sampler, ComposeConfig(aspect=2.0))
+    assert wide.canvas(64, 1) == (64, 64)
+    assert wide.canvas(64, 2) == (64, 128)
+    assert Composer(sampler, ComposeConfig(aspect=1.5)).canvas(512, 3) == (512, 768)
+    height, width = Composer(sampler, ComposeConfig(aspect=1.3)).canvas(64, 2)  # 83.2 px: rounded to the model's multiple
+    assert height == 64 and width % multiple == 0 and abs(width - 83.2) <= multiple / 2
 
 
 def test_the_engine_composes_concept_files_and_refuses_an_instant_preview_without_photos(backbone, tiny_cfg, tmp_path):
@@ -227,6 +239,8 @@ def test_the_engine_composes_concept_files_and_refuses_an_instant_preview_withou
         result, scores = engine.compose([PersonSource("file", str(f)) for f in files], "{0} and {1} in a park",
                                         boxes=side_boxes(2), seeds=[3], num_inference_steps=2)
         assert len(result.images) == 1 and result.settings[0]["seed"] == 3
+        side, width = tiny_cfg.image_size, tiny_cfg.compose.aspect * tiny_cfg.image_size
+        assert result.images[0].size == (width, side)  # two people: the wide picture
         assert scores == [[None, None]]  # concept files carry no photos to compare with
     finally:
         engine.close()

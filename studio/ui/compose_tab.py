@@ -33,7 +33,7 @@ SOURCES = {
     "A photo": "photo",
 }
 LAYOUTS = {"Found from the picture's attention": None, "Left / right": "left-right", "Drawn by me": "drawn"}
-CANVAS_SIDE = 256  # the drawing canvas, in canvas pixels (boxes are fractions of it)
+CANVAS_HEIGHT = 256  # the drawing canvas's height in canvas pixels; its width follows compose.aspect (boxes are fractions)
 # What a drawing may be (guard_canvas): pixels by the header, bytes per file, layers, drawings in waiting
 MAX_CANVAS_PIXELS = 1024 * 1024
 MAX_CANVAS_BYTES = 2_000_000
@@ -50,7 +50,7 @@ EXPLAIN = (
 
 def guard_canvas(editor: gr.ImageEditor) -> gr.ImageEditor:
     """``editor`` hardened for a server shared by strangers (any client may call its endpoints
-    with any data; the page sends one ``CANVAS_SIDE``-square PNG layer):
+    with any data; the page sends one PNG layer the canvas's size):
 
     - an uploaded layer must be a PNG or WebP of at most ``MAX_CANVAS_PIXELS`` by its header,
       checked before any pixel is decoded, and its file at most ``MAX_CANVAS_BYTES``;
@@ -90,7 +90,7 @@ def guard_canvas(editor: gr.ImageEditor) -> gr.ImageEditor:
                 raise gr.Error("The drawing is not a PNG the studio can read; clear the canvas and draw again.") from None
             if width * height > MAX_CANVAS_PIXELS:
                 raise gr.Error(f"The drawing is {width} x {height} pixels, larger than a canvas can be "
-                               f"({MAX_CANVAS_PIXELS:,} pixels); the canvas here is {CANVAS_SIDE} x {CANVAS_SIDE}.")
+                               f"({MAX_CANVAS_PIXELS:,} pixels); the canvas here is {' x '.join(map(str, editor.canvas_size))}.")
         return stock_convert(file, flatten_on_white)
 
     editor.accept_blobs, editor.preprocess, editor.convert_and_format_image = accept_blobs, preprocess, convert_and_format_image
@@ -101,9 +101,14 @@ def _hex(rgb: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
-def blank_canvas() -> dict[str, Any]:
-    """The drawing canvas's empty value: a white square, nothing painted."""
-    white = np.full((CANVAS_SIDE, CANVAS_SIDE, 4), 255, np.uint8)
+def canvas_size(aspect: float) -> tuple[int, int]:
+    """(width, height) of the drawing canvas for pictures ``aspect`` times as wide as high."""
+    return round(CANVAS_HEIGHT * aspect), CANVAS_HEIGHT
+
+
+def blank_canvas(size: tuple[int, int] = (CANVAS_HEIGHT, CANVAS_HEIGHT)) -> dict[str, Any]:
+    """The drawing canvas's empty value: white, ``size`` (width, height), nothing painted."""
+    white = np.full((size[1], size[0], 4), 255, np.uint8)
     return {"background": white, "layers": [], "composite": white}
 
 
@@ -186,10 +191,10 @@ def _compose_layout(cfg: StudioConfig) -> SimpleNamespace:
         gr.Markdown("Paint **red** over where `{0}` goes and **blue** over `{1}` (the brush's two colours); "
                     "each person's region is the box around their colour.", elem_classes=["help"])
         tab.canvas = guard_canvas(gr.ImageEditor(
-            value=blank_canvas(), type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False,
+            value=blank_canvas(canvas_size(cfg.compose.aspect)), type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False,
             brush=gr.Brush(colors=[_hex(c) for c in REGION_COLOURS[1:3]], default_color=_hex(REGION_COLOURS[1]),
                            color_mode="fixed", default_size=24),
-            canvas_size=(CANVAS_SIDE, CANVAS_SIDE), fixed_canvas=True, elem_id="compose-canvas", label="Regions",
+            canvas_size=canvas_size(cfg.compose.aspect), fixed_canvas=True, elem_id="compose-canvas", label="Regions",
         ))
     with gr.Row():
         tab.seed = gr.Number(0, precision=0, label="Seed")
