@@ -44,9 +44,11 @@ def test_compose_two_concept_files_left_and_right_then_a_prompt_that_names_one(p
 
     page.locator("#compose-prompt textarea").fill("a photo of {0} on a beach")
     page.locator("#compose").click()
-    page.get_by_text("must name each of the 2 people once").first.wait_for(timeout=TIMEOUT_MS)
-    page.wait_for_function("() => document.getElementById('compose')?.disabled === false")  # buttons come back
-    assert not page.locator("#compose-interrupt").is_enabled()
+    # said at the prompt box before the run starts: the buttons never turn, the last result stays
+    page.locator("#compose-prompt").get_by_text("must name each of the 2 people once").wait_for(timeout=TIMEOUT_MS)
+    assert page.locator("#compose").is_enabled() and not page.locator("#compose-interrupt").is_enabled()
+    assert page.locator("#composed img").count() >= 1 and page.locator("#compose-regions img").count() >= 1
+    assert page.get_by_text("Error", exact=True).count() == 0  # no output is marked as failed
     shot(page, "compose-3-bad-prompt")
 
     # naive composition places no one: the Regions choice greys out, and comes back with its choice
@@ -57,6 +59,12 @@ def test_compose_two_concept_files_left_and_right_then_a_prompt_that_names_one(p
     page.locator("#compose-mode").get_by_label("regions").check()
     page.wait_for_function("() => document.querySelector('#compose-layout input[type=radio]')?.disabled === false")
     assert page.get_by_label("Left / right").is_checked()
+
+    # the mended prompt composes, and its sentence goes
+    page.locator("#compose-prompt textarea").fill("a photo of {0} and {1} on a beach")
+    page.locator("#compose").click()
+    page.wait_for_function("() => !(document.getElementById('compose-prompt')?.innerText || '').includes('must name each')")
+    page.wait_for_function("() => document.getElementById('compose')?.disabled === false")
 
 
 def test_a_long_composition_can_be_interrupted_and_the_tab_stays_usable(page, backbone, tmp_path):

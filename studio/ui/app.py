@@ -19,6 +19,7 @@ from typing import Any
 import gradio as gr
 import spaces
 
+from studio.conditioning import check_prompt
 from studio.config import StudioConfig, available_presets, load_preset
 from studio.engine import Engine, NoConceptYet, Snapshot
 from studio.errors import FormError
@@ -557,12 +558,12 @@ def _wire_generate(page: SimpleNamespace, on: Handlers) -> None:
     """Generate disables itself and enables Interrupt while it runs; the dice asks for a random seed."""
     running = [page.generate_btn, page.interrupt_btn]
     page.dice_btn.click(lambda: RANDOM_SEED, None, [page.gen_seed], api_visibility="private", queue=False)
-    generate = page.generate_btn.click(
-        views.while_running(True, starts=1), None, running, api_visibility="private", queue=False,
-    ).then(
-        on.on_generate, [page.prompt, page.negative, page.gen_seed, page.gen_steps, page.guidance, page.scheduler,
-                         page.num_images, *page.sliders, page.width, page.height],
-        [page.generated, page.download_all], api_name="generate", concurrency_limit=None,
+    inputs = [page.prompt, page.negative, page.gen_seed, page.gen_steps, page.guidance, page.scheduler,
+              page.num_images, *page.sliders, page.width, page.height]
+    # a prompt without its {} is said at the prompt box, and the gallery keeps its images
+    has_its_placeholder = views.field_validator(len(inputs), {0: check_prompt})
+    generate = views.start_checked(page.generate_btn, has_its_placeholder, inputs, running, starts=1).then(
+        on.on_generate, inputs, [page.generated, page.download_all], api_name="generate", concurrency_limit=None,
     )
     views.afterwards(generate, views.while_running(False, starts=1), None, running, api_visibility="private", queue=False)
     page.interrupt_btn.click(on.on_interrupt, None, None, api_name="interrupt", concurrency_limit=None)

@@ -16,7 +16,7 @@ import spaces
 from gradio.components.base import server
 from PIL import Image, UnidentifiedImageError
 
-from studio.compose import REGION_COLOURS, PersonSource, boxes_from_strokes, side_boxes
+from studio.compose import REGION_COLOURS, PersonSource, boxes_from_strokes, check_template, side_boxes
 from studio.config import StudioConfig
 from studio.engine import Engine
 from studio.sampler import GenerationInterrupted
@@ -288,11 +288,15 @@ def build_compose_tab(engine_for: Callable[[gr.Request], Engine], cfg: StudioCon
     kinds = [kind for kind, _ in tab.people]
     people = [widget for person in tab.people for widget in person]
     buttons = [tab.compose_btn, tab.instant_btn, tab.interrupt_btn]  # while one runs, only Interrupt is usable
-    for button, handler, inputs in (
-        (tab.compose_btn, on.on_compose, [*people, tab.prompt, tab.layout, tab.seed, tab.steps, tab.mode, tab.canvas]),
-        (tab.instant_btn, on.on_instant, [tab.seed, tab.steps]),
+    compose_inputs = [*people, tab.prompt, tab.layout, tab.seed, tab.steps, tab.mode, tab.canvas]
+    # a prompt that does not name the people is said at the prompt box, before the run starts
+    names_the_people = views.field_validator(len(compose_inputs), {
+        compose_inputs.index(tab.prompt): lambda prompt: check_template(prompt, len(tab.people), cfg.compose.max_people)})
+    for button, handler, inputs, validator in (
+        (tab.compose_btn, on.on_compose, compose_inputs, names_the_people),
+        (tab.instant_btn, on.on_instant, [tab.seed, tab.steps], None),
     ):
-        run = button.click(views.while_running(True, starts=2), None, buttons, api_visibility="private", queue=False).then(
+        run = views.start_checked(button, validator, inputs, buttons, starts=2).then(
             handler, inputs, tab.outputs, api_name="compose" if button is tab.compose_btn else "instant_preview",
         )
         views.afterwards(run, views.while_running(False, starts=2), None, buttons, api_visibility="private", queue=False)

@@ -13,7 +13,7 @@ import pandas as pd
 from PIL.PngImagePlugin import PngInfo
 
 from studio.engine import Phase, Snapshot
-from studio.errors import FormError, user_message
+from studio.errors import FormError, StudioError, user_message
 
 MAX_PLOT_POINTS = 400
 SMOOTHING = 0.9  # EMA factor of the smoothed loss curve
@@ -62,6 +62,37 @@ def error_text(exc: BaseException) -> str:
 def user_error(exc: BaseException) -> gr.Error:
     """An expected error as a plain sentence in the page (no traceback in the server log)."""
     return gr.Error(error_text(exc), print_exception=False)
+
+
+def field_validator(count: int, checks: dict[int, Callable[[Any], Any]]) -> Callable[..., list[dict[str, Any]]]:
+    """A Gradio ``validator=`` for an event with ``count`` inputs: ``checks[i]`` checks input i
+    and raises a StudioError, whose sentence then shows at that input. The run does not start,
+    its outputs keep what they show, and an API caller gets the same sentence."""
+    def validate(*values: Any) -> list[dict[str, Any]]:
+        verdicts = []
+        for index, value in enumerate(values[:count]):
+            try:
+                if index in checks:
+                    checks[index](value)
+                verdicts.append(gr.validate(True, ""))
+            except StudioError as exc:
+                verdicts.append(gr.validate(False, str(exc)))
+        return verdicts
+
+    return validate
+
+
+def start_checked(button: gr.Button, validator: Callable[..., Any] | None, inputs: list[Any], buttons: list[Any],
+                  starts: int) -> Any:
+    """``button``'s first step: ``validator`` (field_validator) checks ``inputs``, then the run's
+    buttons turn to running (while_running). Chain the run itself with ``.then``; a refused
+    input stops the chain before any button changes. Gradio checks inputs only on queued
+    events, so a checked first step is queued (at once: no concurrency limit)."""
+    running = while_running(True, starts)
+    if validator is None:
+        return button.click(running, None, buttons, api_visibility="private", queue=False)
+    return button.click(lambda *_values: running(), inputs, buttons, validator=validator, api_visibility="private",
+                        concurrency_limit=None, show_progress="hidden")
 
 
 def while_running(running: bool, starts: int) -> Callable[[], list[Any]]:
