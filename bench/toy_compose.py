@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from toy_world import PROMPTS, World, cpu_name, grid  # noqa: E402
+from toy_world import PROMPTS, World, cpu_name, grid, model_source  # noqa: E402
 
 IDENTITY_A, IDENTITY_B, IDENTITY_C = 100_101, 100_202, 100_303
 
@@ -62,13 +62,17 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the 8 prompts")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, help="denoising steps (default: the toy preset's)")
+    parser.add_argument("--run", type=Path, help="a pretraining run folder: its last checkpoint and VAE (default: the shipped assets/toy)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a toy preset setting, e.g. --set compose.rsa_weight=3")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
+    from studio.cli import parse_overrides
     from studio.compose import Composer, Person, Reference, region_crop, side_boxes
     from studio.faces import prepare
 
-    world = World()
+    world = World({"model.source": model_source(args.run, args.out), **parse_overrides(args.set)})
     cfg = world.cfg
     composer = Composer(world.sampler, cfg.compose)
     prompts, seeds = PROMPTS[: args.prompts], list(range(args.seeds))
@@ -158,7 +162,8 @@ def main() -> int:
         f"{len(prompts)} prompts × {len(seeds)} seeds = {n} images per row, {width} × {height} px, {steps} denoising steps; "
         f"compositions took {compose_s:.0f} s.",
         f"Command: `python bench/toy_compose.py --prompts {args.prompts} --seeds {args.seeds}"
-        + (f" --train-steps {args.train_steps}" if args.train_steps else "") + (f" --steps {args.steps}" if args.steps else "") + "`.\n",
+        + (f" --train-steps {args.train_steps}" if args.train_steps else "") + (f" --steps {args.steps}" if args.steps else "")
+        + "".join(f" --set {item}" for item in args.set) + (f" --run {args.run}" if args.run else "") + "`.\n",
         "| composition | both regions closer to their own identity | identity to own (mean) | identity to the other (mean) | faces found in both regions | images |",
         "|---|---|---|---|---|---|",
     ]
