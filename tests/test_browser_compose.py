@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 
 from studio.concept_file import save_concept
+from studio.config import load_preset
+from studio.ui.compose_tab import canvas_size
 from test_browser import TIMEOUT_MS, browser, page, shot  # noqa: F401  (fixtures)
 from test_sampler import make_concept
 
@@ -90,14 +92,17 @@ def test_a_long_composition_can_be_interrupted_and_the_tab_stays_usable(page, ba
 
 
 def _stroke(page, start: tuple[float, float], end: tuple[float, float]) -> None:
-    """Drag the brush across the drawing canvas, from and to fractions of the white square."""
+    """Drag the brush across the drawing canvas, from and to fractions of the white canvas."""
     box = page.locator("#compose-canvas .pixi-target canvas").bounding_box()
-    # the square canvas sits in the middle of the editor, at the editor's zoom; measure it from the screen
-    side = min(box["width"], box["height"]) * 0.82
-    left, top = box["x"] + (box["width"] - side) / 2, box["y"] + (box["height"] - side) / 2
-    page.mouse.move(left + start[0] * side, top + start[1] * side)
+    # the canvas (the tiny preset's compose.aspect wide) sits in the middle of the editor, fitted at
+    # the editor's zoom; measure it from the screen
+    canvas_w, canvas_h = canvas_size(load_preset("tiny").compose.aspect)
+    fit = min(box["width"] / canvas_w, box["height"] / canvas_h) * 0.82
+    width, height = canvas_w * fit, canvas_h * fit
+    left, top = box["x"] + (box["width"] - width) / 2, box["y"] + (box["height"] - height) / 2
+    page.mouse.move(left + start[0] * width, top + start[1] * height)
     page.mouse.down()
-    page.mouse.move(left + end[0] * side, top + end[1] * side, steps=10)
+    page.mouse.move(left + end[0] * width, top + end[1] * height, steps=10)
     page.mouse.up()
 
 
