@@ -30,8 +30,8 @@ step caps "$PY" bench/toy_caps.py ${RUN_ARGS[@]+"${RUN_ARGS[@]}"} "${CAPS[@]}" -
 step reach "$PY" bench/toy_reach.py ${RUN_ARGS[@]+"${RUN_ARGS[@]}"} "${REACH[@]}" --out "$OUT/reach"
 step world "$PY" bench/toy_world.py ${RUN_ARGS[@]+"${RUN_ARGS[@]}"} "${WORLD[@]}" --out "$OUT/world"
 step band "$PY" bench/toy_band.py ${RUN_ARGS[@]+"${RUN_ARGS[@]}"} "${BAND[@]}" --out "$OUT/band"
-if [[ -z "${RUN:-}" ]]; then  # composition and export run on the shipped weights only
-  step compose "$PY" bench/toy_compose.py ${COMPOSE[@]+"${COMPOSE[@]}"} --out "$OUT/compose"
+step compose "$PY" bench/toy_compose.py ${RUN_ARGS[@]+"${RUN_ARGS[@]}"} ${COMPOSE[@]+"${COMPOSE[@]}"} --out "$OUT/compose"
+if [[ -z "${RUN:-}" ]]; then  # export runs on the shipped weights only
   step export "$PY" bench/toy_export.py "${EXPORT[@]}" --out "$OUT/export"
 fi
 echo "[$(date +%H:%M:%S)] done: $OUT/*.md" >&2
