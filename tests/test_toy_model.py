@@ -159,3 +159,24 @@ def test_a_toy_concept_draws_toward_its_selfie_and_a_wider_interval_toward_the_p
     assert likeness(wide, own) > likeness(narrow, own) + 0.05, "a wider interval draws closer to the person"
     assert likeness(wide, others) < likeness(narrow, others), "... and further from strangers"
     assert likeness(wide, own) > likeness(wide, others) + 0.05, "over the widest interval the likeness is the person's"
+
+
+def test_on_the_wide_compose_canvas_the_toy_model_draws_two_people_side_by_side(toy_backbone, toy_cfg):
+    """Why two people get a wide picture (compose.aspect, docs/COMPOSE.md): asked for "a person and
+    a person", the base model draws one head in its 64 px square, and on the preset's wide canvas a
+    face in each half (known answers of the shipped weights, 4 seeds)."""
+    from studio.compose import Composer
+    from studio.faces import get_face_analyzer
+    from studio.sampler import GenerationSettings, Sampler
+
+    analyzer, sampler = get_face_analyzer(toy_cfg.face), Sampler(toy_backbone)
+    height, width = Composer(sampler, toy_cfg.compose).canvas(toy_cfg.image_size, 2)
+    assert (height, width) == (64, 128)
+    prompt = "a photo of a person and a person on a beach"
+    settings = GenerationSettings.from_config(toy_cfg, seeds=[0, 1, 2, 3])
+    square = sampler(None, [prompt], **settings.kwargs()).images
+    wide = sampler(None, [prompt], **{**settings.kwargs(), "height": height, "width": width}).images
+    assert [len(analyzer.detect(np.asarray(image))) for image in square] == [1, 1, 1, 1], "one head in the square"
+    halves = [[np.asarray(image)[:, :64], np.asarray(image)[:, 64:]] for image in wide]
+    both = [all(len(analyzer.detect(half)) == 1 for half in pair) for pair in halves]
+    assert sum(both) >= 3, f"a face in each half of the wide picture: {both}"
