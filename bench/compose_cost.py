@@ -4,7 +4,8 @@
 
 Rows: plain generation with one concept (the baseline), composition of one concept without a
 photo (should be ~1x), one concept + its photo (RSA: one more UNet pass per step), two concepts
-with regions, two concepts + two photos. Median wall time of ``--repeats`` runs after one
+with regions, two concepts + two photos (all on the model's square), and two concepts on the
+wide picture two people get (compose.aspect). Median wall time of ``--repeats`` runs after one
 warm-up; ratios against the baseline. Prints a markdown section.
 """
 from __future__ import annotations
@@ -84,6 +85,7 @@ def main() -> None:
     a, b = synthetic_concept(backbone, word, 1), synthetic_concept(backbone, word, 2)
     side = backbone.native_resolution
     ref_a, ref_b = reference(side, (200, 120, 90)), reference(side, (90, 120, 200))
+    height, width = composer.canvas(side, 2)  # two people's picture (compose.aspect); the rows above: squares
     settings = dict(num_inference_steps=args.steps, guidance_scale=cfg.sample.guidance_scale, seeds=[0],
                     scheduler=cfg.sample.scheduler, negative_prompt=cfg.sample.negative_prompt, band=tuple(cfg.sample.band))
     rows = [
@@ -93,6 +95,8 @@ def main() -> None:
         ("compose: two concepts, located regions", lambda: composer([Person(concept=a), Person(concept=b)], "a photo of {0} and {1}", **settings)),
         ("compose: two concepts + two photos", lambda: composer(
             [Person(concept=a, reference=ref_a), Person(concept=b, reference=ref_b)], "a photo of {0} and {1}", **settings)),
+        (f"compose: two concepts, located regions, on their wide picture ({width} × {height}, the Compose tab's)",
+         lambda: composer([Person(concept=a), Person(concept=b)], "a photo of {0} and {1}", height=height, width=width, **settings)),
     ]
     results = [(name, timed(fn, args.repeats)) for name, fn in rows]
     base = results[0][1]

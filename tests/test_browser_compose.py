@@ -40,7 +40,7 @@ def test_compose_two_concept_files_left_and_right_then_a_prompt_that_names_one(p
     page.wait_for_selector("#composed img", timeout=TIMEOUT_MS)
     page.wait_for_selector("#compose-regions img", timeout=TIMEOUT_MS)
     page.wait_for_function("() => (document.querySelector('#compose-cost')?.innerText || '').includes('This run')")
-    assert "This run: 1 UNet pass per step" in page.locator("#compose-cost").inner_text()
+    assert "This run: 1 UNet pass per step at 96 × 64" in page.locator("#compose-cost").inner_text()  # two people: wide
     assert "UNet pass" not in page.locator("#compose-scores").inner_text()  # the cost is said once
     shot(page, "compose-2-result")
 

@@ -29,6 +29,8 @@ def test_the_cost_counts_one_unet_pass_per_photo():
     two_photos = cost_text(["This session's concept + its photo", "A photo"], 1.0)
     assert "3 UNet passes per step" in two_photos and "1 + 2 for the photos" in two_photos
     assert "1 UNet pass per step" in cost_text(["A photo", "A photo"], 0.0)  # RSA off: no reference pass
+    assert cost_text(["A concept file", "A concept file"], 1.0, aspect=1.5) == (
+        "Cost: 1 UNet pass per step, on a picture 1.5× as wide as a portrait (room for two people side by side).")
 
 
 def test_region_scores_are_a_table_with_a_dash_where_nothing_was_compared():
@@ -47,8 +49,9 @@ def test_the_tab_builds_with_every_source_offered(tiny_cfg):
 
 
 def test_the_cost_of_a_finished_run_replaces_the_estimate():
-    assert run_cost_text(1) == "This run: 1 UNet pass per step (as in a plain generation; finding the regions adds a little)."
-    assert run_cost_text(3) == "This run: 3 UNet passes per step (up to 3× a plain generation's time)."
+    assert run_cost_text(1, (768, 512)) == ("This run: 1 UNet pass per step at 768 × 512 (as in a plain generation of "
+                                            "that size; finding the regions adds a little).")
+    assert run_cost_text(3, (64, 64)) == "This run: 3 UNet passes per step at 64 × 64 (up to 3× a plain generation's time at that size)."
 
 
 class _InterruptedEngine:

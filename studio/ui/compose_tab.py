@@ -141,13 +141,16 @@ def regions_for_mode(layout_label: str, mode: str) -> list[Any]:
     return [gr.update(interactive=mode == "regions", info=info), drawing_visible(layout_label, mode)]
 
 
-def cost_text(sources: list[str], rsa_weight: float) -> str:
-    """What a composition costs, in UNet passes per denoising step."""
+def cost_text(sources: list[str], rsa_weight: float, aspect: float = 1.0) -> str:
+    """What a composition costs, in UNet passes per denoising step, on a picture ``aspect`` times
+    as wide as a portrait."""
     photos = sum(SOURCES.get(label, "") in ("session+photo", "photos", "photo") for label in sources)
     passes = 1 + (photos if rsa_weight > 0 else 0)
     note = f"{passes} UNet pass{'es' if passes > 1 else ''} per step"
     if photos and rsa_weight > 0:
         note += f" (1 + {photos} for the photo{'s' if photos > 1 else ''}: up to {passes}× a plain generation's time)"
+    if aspect != 1.0:
+        note += f", on a picture {aspect:g}× as wide as a portrait (room for two people side by side)"
     return f"Cost: {note}."
 
 
@@ -164,11 +167,12 @@ def score_text(scores: list[list[float | None]] | tuple, count: int) -> str:
     return "\n".join(lines)
 
 
-def run_cost_text(passes: int) -> str:
-    """What a finished composition cost, from its settings."""
+def run_cost_text(passes: int, size: tuple[int, int]) -> str:
+    """What a finished composition cost, from its settings; ``size``: its pictures' (width, height)."""
+    picture = f"{size[0]} × {size[1]}"
     if passes == 1:
-        return "This run: 1 UNet pass per step (as in a plain generation; finding the regions adds a little)."
-    return f"This run: {passes} UNet passes per step (up to {passes}× a plain generation's time)."
+        return f"This run: 1 UNet pass per step at {picture} (as in a plain generation of that size; finding the regions adds a little)."
+    return f"This run: {passes} UNet passes per step at {picture} (up to {passes}× a plain generation's time at that size)."
 
 
 def _compose_layout(cfg: StudioConfig) -> SimpleNamespace:
@@ -201,7 +205,7 @@ def _compose_layout(cfg: StudioConfig) -> SimpleNamespace:
         tab.steps = gr.Slider(1, 100, value=cfg.sample.steps, step=1, label="Steps", elem_id="compose-steps")
         tab.mode = gr.Radio(["regions", "naive"], value="regions", elem_id="compose-mode",
                             label="Mode (naive = all tokens in one prompt, for comparison)")
-    tab.cost = gr.Markdown(cost_text(["This session's concept", "A concept file"], cfg.compose.rsa_weight),
+    tab.cost = gr.Markdown(cost_text(["This session's concept", "A concept file"], cfg.compose.rsa_weight, cfg.compose.aspect),
                            elem_id="compose-cost")
     with gr.Row():
         tab.compose_btn = gr.Button("Compose", variant="primary", elem_id="compose", scale=2,
@@ -229,7 +233,8 @@ def rendered(result, region_scores, count: int) -> list[Any]:
     """The tab's outputs (images, overlays, scores, cost) for a finished composition."""
     items = [(image, caption) for image, caption in zip(result.images, result.captions)]
     regions = [(overlay, f"seed {s['seed']}") for overlay, s in zip(result.overlays, result.settings)]
-    return [items, regions, score_text(region_scores, count), run_cost_text(result.settings[0]["unet_passes_per_step"])]
+    return [items, regions, score_text(region_scores, count),
+            run_cost_text(result.settings[0]["unet_passes_per_step"], result.images[0].size)]
 
 
 def interrupted(exc: GenerationInterrupted) -> list[Any]:
@@ -305,4 +310,4 @@ def build_compose_tab(engine_for: Callable[[gr.Request], Engine], cfg: StudioCon
     tab.mode.change(regions_for_mode, [tab.layout, tab.mode], [tab.layout, tab.drawing], api_visibility="private",
                     queue=False)
     for kind in kinds:
-        kind.change(lambda a, b: cost_text([a, b], cfg.compose.rsa_weight), kinds, tab.cost)
+        kind.change(lambda a, b: cost_text([a, b], cfg.compose.rsa_weight, cfg.compose.aspect), kinds, tab.cost)
