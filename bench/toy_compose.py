@@ -2,15 +2,17 @@
 
     python bench/toy_compose.py --out bench/out/toy-compose            # full size (lead)
     python bench/toy_compose.py --train-steps 20 --prompts 2 --seeds 1 --steps 8 --out /tmp/tc   # smoke size
+    python bench/toy_compose.py --run /work/toyrun --set compose.aspect=1 --out /tmp/tc   # a run's weights, a square
 
 Two identities A and B (>= 100000, never seen in pretraining) each get one toy selfie and a
 concept trained with the toy preset (``--train-steps`` overrides its steps). For every prompt x
-seed, "{0} and {1} ..." is composed three ways:
+seed, "{0} and {1} ..." is composed three ways, on the picture two people get in the studio
+(``compose.aspect`` times as wide as high; ``--set compose.aspect=1`` for the model's square):
 
 - regions, located: region-grouped attention with regions found from the attention maps;
 - regions, left/right: the same with user boxes (A left, B right);
 - naive: both concepts' tokens in one prompt, no regions, scored on the left/right halves with
-  whichever assignment of A and B suits it better (the comparison the issue asks for).
+  whichever assignment of A and B suits it better (the baseline beside the region modes).
 
 Each person's region crop is scored with the toy identity encoder against both selfies; an
 image counts as separated when both regions are closer to their own identity than to the

@@ -324,7 +324,8 @@ class ComposeConfig:
     # share of the denoising steps that lay out the picture with class words only (regions start after them)
     layout_fraction: float = 0.3
     # width / height of a picture of two or more people, its height the preset's image size: a
-    # square holds one person, a wide picture has room for two side by side (docs/COMPOSE.md)
+    # square holds one person, a wide picture has room for two side by side (docs/COMPOSE.md);
+    # a wider picture also has larger attention layers: see locate_max_tokens
     aspect: float = 1.5
     # reference-aware self-attention: weight of the reference's face pixels (0 = off, no reference pass)
     rsa_weight: float = 1.0
@@ -339,7 +340,7 @@ class ComposeConfig:
     # class word of a person given by a photo only (one CLIP token)
     photo_class_word: str = "person"
     # regions are located on the finest attention layers with at most this many pixels (SD 1.x at
-    # 768 x 512: its 48 x 32 layers)
+    # 768 x 512: its 48 x 32 layers; raise it with aspect, or the regions come from coarser layers)
     locate_max_tokens: int = 1536
     # Gaussian smoothing of the located attention maps, in pixels of that layer (0 = none)
     locate_smoothing: float = 1.0
@@ -349,8 +350,8 @@ class ComposeConfig:
             raise ConfigError(f"compose.max_people must be from 1 to 4, got {self.max_people}")
         if not 0.0 <= self.layout_fraction < 1.0:
             raise ConfigError(f"compose.layout_fraction must be in [0, 1), got {self.layout_fraction}")
-        if not 0.5 <= self.aspect <= 3.0:
-            raise ConfigError(f"compose.aspect (width / height) must be from 0.5 to 3, got {self.aspect}")
+        if not 1.0 <= self.aspect <= 3.0:
+            raise ConfigError(f"compose.aspect (width / height) must be from 1 to 3, got {self.aspect}")
         if self.rsa_weight < 0 or self.rsa_context_weight < 0:
             raise ConfigError("compose.rsa_weight and compose.rsa_context_weight must be >= 0")
         if len(self.rsa_steps) != 2 or not 0.0 <= self.rsa_steps[0] < self.rsa_steps[1] <= 1.0:

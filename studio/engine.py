@@ -647,8 +647,9 @@ class Engine:
             face=self.cfg.face, class_word=self.cfg.concept.super_category,
         )
         composer = Composer(shared_sampler(backbone), self.cfg.compose)
-        height, width = composer.canvas(self.cfg.image_size, len(people))
-        settings = GenerationSettings.from_config(self.cfg, **{"height": height, "width": width, **kwargs})
+        if kwargs.get("height") is None and kwargs.get("width") is None:  # no size asked for: the people's picture
+            kwargs["height"], kwargs["width"] = composer.canvas(self.cfg.image_size, len(people))
+        settings = GenerationSettings.from_config(self.cfg, **kwargs)
         with self._generation_gate(settings, "composition"), loras_applied(backbone, self.loras):
             result = composer(people, prompt, mode=mode, boxes=boxes, callback_on_step_end=on_step, **settings.kwargs())
             scores = ()

@@ -62,11 +62,17 @@ def test_compose_two_concept_files_left_and_right_then_a_prompt_that_names_one(p
     page.wait_for_function("() => document.querySelector('#compose-layout input[type=radio]')?.disabled === false")
     assert page.get_by_label("Left / right").is_checked()
 
-    # the mended prompt composes, and its sentence goes
+    # the mended prompt composes a new picture (3 steps: not the first one's, whose file the page
+    # would show again under the same address), and its sentence goes
+    shown = page.locator("#composed img").first.get_attribute("src")
+    steps.fill("3")
+    steps.press("Enter")
     page.locator("#compose-prompt textarea").fill("a photo of {0} and {1} on a beach")
     page.locator("#compose").click()
-    page.wait_for_function("() => !(document.getElementById('compose-prompt')?.innerText || '').includes('must name each')")
+    page.wait_for_function("src => document.querySelector('#composed img')?.getAttribute('src') !== src", arg=shown,
+                           timeout=TIMEOUT_MS)
     page.wait_for_function("() => document.getElementById('compose')?.disabled === false")
+    assert page.locator("#compose-prompt").get_by_text("must name each").count() == 0
 
 
 def test_a_long_composition_can_be_interrupted_and_the_tab_stays_usable(page, backbone, tmp_path):

@@ -147,7 +147,7 @@ def test_bad_inputs_give_messages_and_the_session_stays_usable(studio_app, photo
         assert "Finished" in status
         with pytest.raises(Exception, match="Fill in a seed"):
             client.predict("a photo of {}", "", None, 2, 5.0, "ddim", 1, 400, 800, 1.0, api_name="/generate")
-        with pytest.raises(Exception, match=re.escape("The prompt has no {} for the person")):  # said before any work
+        with pytest.raises(Exception, match=re.escape("The prompt has no {} for the person")):  # the engine's refusal
             client.predict("a photo of a cat", "", 0, 2, 5.0, "ddim", 1, 400, 800, 1.0, api_name="/generate")
     finally:
         client.close()

@@ -210,7 +210,7 @@ def test_compose_config_is_checked():
         load_preset("tiny", **{"compose.max_people": 9})
     with pytest.raises(ConfigError, match="compose.rsa_blocks"):
         load_preset("tiny", **{"compose.rsa_blocks": ["decoder"]})
-    with pytest.raises(ConfigError, match=r"compose.aspect \(width / height\) must be from 0.5 to 3, got 5"):
+    with pytest.raises(ConfigError, match=r"compose.aspect \(width / height\) must be from 1 to 3, got 5"):
         load_preset("tiny", **{"compose.aspect": 5})
 
 
@@ -239,8 +239,7 @@ def test_the_engine_composes_concept_files_and_refuses_an_instant_preview_withou
         result, scores = engine.compose([PersonSource("file", str(f)) for f in files], "{0} and {1} in a park",
                                         boxes=side_boxes(2), seeds=[3], num_inference_steps=2)
         assert len(result.images) == 1 and result.settings[0]["seed"] == 3
-        side, width = tiny_cfg.image_size, tiny_cfg.compose.aspect * tiny_cfg.image_size
-        assert result.images[0].size == (width, side)  # two people: the wide picture
+        assert result.images[0].size == (96, 64)  # two people: the wide picture (tiny: 64 px, aspect 1.5)
         assert scores == [[None, None]]  # concept files carry no photos to compare with
     finally:
         engine.close()

@@ -16,6 +16,7 @@ from studio.ui.compose_tab import (
     ComposeHandlers,
     blank_canvas,
     build_compose_tab,
+    canvas_size,
     chosen_boxes,
     guard_canvas,
     cost_text,
@@ -30,7 +31,8 @@ def test_the_cost_counts_one_unet_pass_per_photo():
     assert "3 UNet passes per step" in two_photos and "1 + 2 for the photos" in two_photos
     assert "1 UNet pass per step" in cost_text(["A photo", "A photo"], 0.0)  # RSA off: no reference pass
     assert cost_text(["A concept file", "A concept file"], 1.0, aspect=1.5) == (
-        "Cost: 1 UNet pass per step, on a picture 1.5× as wide as a portrait (room for two people side by side).")
+        "Cost: 1 UNet pass per step, on a picture 1.5× as wide as a square one (room for two people side by side; "
+        "the time grows with the pixels).")
 
 
 def test_region_scores_are_a_table_with_a_dash_where_nothing_was_compared():
@@ -87,14 +89,14 @@ def test_an_interrupted_composition_is_a_message_and_keeps_the_last_images(monke
 def test_the_regions_choice_gives_no_boxes_side_boxes_or_the_drawn_ones():
     assert chosen_boxes("Found from the picture's attention", None, 2) is None
     assert chosen_boxes("Left / right", None, 2) == [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]
-    drawing = blank_canvas()
+    drawing = blank_canvas((256, 256))
     layer = np.zeros_like(drawing["background"])
     layer[0:128, 0:64] = (*REGION_COLOURS[1], 255)
     layer[128:256, 192:256] = (*REGION_COLOURS[2], 255)
     drawing["layers"] = [layer]
     assert chosen_boxes("Drawn by me", drawing, 2) == [(0.0, 0.0, 0.25, 0.5), (0.75, 0.5, 1.0, 1.0)]
     with pytest.raises(ComposeInputError, match="Nothing is drawn: paint where each of the 2 people goes"):
-        chosen_boxes("Drawn by me", blank_canvas(), 2)  # the canvas as it starts
+        chosen_boxes("Drawn by me", blank_canvas(canvas_size(1.5)), 2)  # the canvas as it starts
 
 
 def test_the_drawing_canvas_shows_only_when_drawn_regions_are_chosen(tiny_cfg):

@@ -75,6 +75,24 @@ def test_a_paused_run_shows_no_eta_and_the_queue_is_not_called_a_gpu():
     assert "ETA 22s" in views.status_markdown(replace(paused, phase=Phase.TRAINING))
 
 
+def test_a_checked_first_step_sends_only_the_checked_input_and_says_a_refusal_at_it():
+    from studio.conditioning import check_prompt
+
+    with gr.Blocks() as demo:
+        prompt, other = gr.Textbox(), gr.Textbox()
+        run, stop = gr.Button(), gr.Button()
+        views.start_checked(run, {prompt: check_prompt}, [run, stop], starts=1)
+    step = next(fn for fn in demo.fns.values() if fn.validator is not None)
+    assert [block._id for block in step.inputs] == [prompt._id], "only the checked input is sent"
+    assert step.queue and step.concurrency_limit is None, "Gradio checks inputs on queued events only"
+    refused = step.validator("a photo of a woman")
+    assert refused == gr.validate(False, "The prompt has no {} for the person: put {} where the person goes, in place "
+                                         "of words such as 'a woman' or 'me' (e.g. 'a photo of {} on the beach').")
+    assert step.validator("a photo of {} on the beach") == gr.validate(True, "")
+    assert step.fn("ignored") == [gr.update(interactive=False), gr.update(interactive=True)]  # the run's buttons turn
+    assert other not in step.inputs
+
+
 def test_saved_images_carry_a1111_parameters_and_the_training_step(tmp_path):
     setting = dict(prompt="a photo of {} in a garden", negative_prompt="blurry", seed=42, num_inference_steps=3,
                    scheduler="ddim", guidance_scale=7.5, band=(400, 800), balance=1.5, identity_steps=2, total_steps=3)

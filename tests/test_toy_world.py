@@ -221,6 +221,21 @@ def test_the_learning_rate_warms_up_then_holds_or_anneals_along_a_cosine_to_a_te
     assert rates[4] == rates[5] == pytest.approx(LEARNING_RATE / 10), "and then stays at a tenth"
 
 
+def test_the_annealing_window_starts_where_it_was_first_asked_for_and_survives_a_resume(capsys):
+    from studio.toy.pretrain import PretrainPlan, anneal_window
+
+    state: dict = {}
+    assert anneal_window(state, PretrainPlan(anneal=True, unet_steps=8000), step=4000) == (4000, 8000)
+    assert state == {"anneal_from": 4000, "anneal_to": 8000}  # saved with the checkpoint
+    assert anneal_window(state, PretrainPlan(anneal=True, unet_steps=8000), step=6000) == (4000, 8000), "resumed"
+    assert anneal_window(state, PretrainPlan(anneal=True, unet_steps=9000), step=6000) == (4000, 9000)
+    assert "now ends at step 9000 (it was to end at 8000)" in capsys.readouterr().err
+    assert anneal_window(state, PretrainPlan(unet_steps=9000), step=7000) is None
+    assert "without --anneal the rate is constant again" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="set unet_steps too"):
+        PretrainPlan(anneal=True)
+
+
 def test_centring_the_latent_space_moves_its_means_to_zero_and_decodes_every_image_as_before():
     import torch
     from diffusers import AutoencoderKL

@@ -76,6 +76,10 @@ class PretrainPlan:
     # a toy diffusers folder (e.g. assets/toy) whose weights a new run's UNet stage starts from
     continue_from: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.anneal and self.unet_steps is None:
+            raise ValueError("anneal decays the learning rate towards unet_steps: set unet_steps too")
+
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -633,6 +637,22 @@ def learning_rate(step: int, warmup_from: int, anneal: tuple[int, int] | None = 
     return rate
 
 
+def anneal_window(state: dict[str, Any], plan: PretrainPlan, step: int) -> tuple[int, int] | None:
+    """The (start, end) steps of the learning rate's annealing, or None: it starts at the step it
+    was first asked for (kept in the checkpoint's ``state``, which this updates) and ends at
+    ``plan.unet_steps``. A changed end or a resume without it is said in the log."""
+    if not plan.anneal:
+        if "anneal_from" in state:
+            _log(f"[backbone] this run annealed from step {state['anneal_from']}; without --anneal the rate is constant again")
+        return None
+    start, end, before = state.setdefault("anneal_from", step), plan.unet_steps, state.get("anneal_to")
+    if before is not None and before != end:
+        _log(f"[backbone] the annealing now ends at step {end} (it was to end at {before})")
+    state["anneal_to"] = end
+    _log(f"[backbone] learning rate annealed from step {start} to {end}")
+    return start, end
+
+
 def stage_backbone(out: Path, plan: PretrainPlan) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -694,10 +714,7 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         ema = [p.detach().clone() for p in params]
         state["latents_centred_at"] = step
     warmup_from = state.get("warmup_from", 0)  # the step Adam's moments started from (later for a continued run)
-    anneal = None
-    if plan.anneal:
-        anneal = (state.setdefault("anneal_from", step), plan.unet_steps)  # kept across resumes
-        _log(f"[backbone] learning rate annealed from step {anneal[0]} to {anneal[1]}")
+    anneal = anneal_window(state, plan, step)
     identity_tokens = None
     if plan.identity_token_share > 0:
         identity_tokens = IdentityTokens(out, plan, train, tokenizer, text_encoder.config.hidden_size, device)

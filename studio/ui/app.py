@@ -561,8 +561,7 @@ def _wire_generate(page: SimpleNamespace, on: Handlers) -> None:
     inputs = [page.prompt, page.negative, page.gen_seed, page.gen_steps, page.guidance, page.scheduler,
               page.num_images, *page.sliders, page.width, page.height]
     # a prompt without its {} is said at the prompt box, and the gallery keeps its images
-    has_its_placeholder = views.field_validator(len(inputs), {0: check_prompt})
-    generate = views.start_checked(page.generate_btn, has_its_placeholder, inputs, running, starts=1).then(
+    generate = views.start_checked(page.generate_btn, {page.prompt: check_prompt}, running, starts=1).then(
         on.on_generate, inputs, [page.generated, page.download_all], api_name="generate", concurrency_limit=None,
     )
     views.afterwards(generate, views.while_running(False, starts=1), None, running, api_visibility="private", queue=False)

@@ -106,7 +106,7 @@ def canvas_size(aspect: float) -> tuple[int, int]:
     return round(CANVAS_HEIGHT * aspect), CANVAS_HEIGHT
 
 
-def blank_canvas(size: tuple[int, int] = (CANVAS_HEIGHT, CANVAS_HEIGHT)) -> dict[str, Any]:
+def blank_canvas(size: tuple[int, int]) -> dict[str, Any]:
     """The drawing canvas's empty value: white, ``size`` (width, height), nothing painted."""
     white = np.full((size[1], size[0], 4), 255, np.uint8)
     return {"background": white, "layers": [], "composite": white}
@@ -143,14 +143,14 @@ def regions_for_mode(layout_label: str, mode: str) -> list[Any]:
 
 def cost_text(sources: list[str], rsa_weight: float, aspect: float = 1.0) -> str:
     """What a composition costs, in UNet passes per denoising step, on a picture ``aspect`` times
-    as wide as a portrait."""
+    as wide as a square one."""
     photos = sum(SOURCES.get(label, "") in ("session+photo", "photos", "photo") for label in sources)
     passes = 1 + (photos if rsa_weight > 0 else 0)
     note = f"{passes} UNet pass{'es' if passes > 1 else ''} per step"
     if photos and rsa_weight > 0:
-        note += f" (1 + {photos} for the photo{'s' if photos > 1 else ''}: up to {passes}× a plain generation's time)"
+        note += f" (1 + {photos} for the photo{'s' if photos > 1 else ''}: up to {passes}× a plain generation's time at that size)"
     if aspect != 1.0:
-        note += f", on a picture {aspect:g}× as wide as a portrait (room for two people side by side)"
+        note += f", on a picture {aspect:g}× as wide as a square one (room for two people side by side; the time grows with the pixels)"
     return f"Cost: {note}."
 
 
@@ -293,15 +293,14 @@ def build_compose_tab(engine_for: Callable[[gr.Request], Engine], cfg: StudioCon
     kinds = [kind for kind, _ in tab.people]
     people = [widget for person in tab.people for widget in person]
     buttons = [tab.compose_btn, tab.instant_btn, tab.interrupt_btn]  # while one runs, only Interrupt is usable
-    compose_inputs = [*people, tab.prompt, tab.layout, tab.seed, tab.steps, tab.mode, tab.canvas]
     # a prompt that does not name the people is said at the prompt box, before the run starts
-    names_the_people = views.field_validator(len(compose_inputs), {
-        compose_inputs.index(tab.prompt): lambda prompt: check_template(prompt, len(tab.people), cfg.compose.max_people)})
-    for button, handler, inputs, validator in (
-        (tab.compose_btn, on.on_compose, compose_inputs, names_the_people),
-        (tab.instant_btn, on.on_instant, [tab.seed, tab.steps], None),
+    names_the_people = {tab.prompt: lambda prompt: check_template(prompt, len(tab.people), cfg.compose.max_people)}
+    for button, handler, inputs, checks in (
+        (tab.compose_btn, on.on_compose, [*people, tab.prompt, tab.layout, tab.seed, tab.steps, tab.mode, tab.canvas],
+         names_the_people),
+        (tab.instant_btn, on.on_instant, [tab.seed, tab.steps], {}),
     ):
-        run = views.start_checked(button, validator, inputs, buttons, starts=2).then(
+        run = views.start_checked(button, checks, buttons, starts=2).then(
             handler, inputs, tab.outputs, api_name="compose" if button is tab.compose_btn else "instant_preview",
         )
         views.afterwards(run, views.while_running(False, starts=2), None, buttons, api_visibility="private", queue=False)

@@ -64,35 +64,35 @@ def user_error(exc: BaseException) -> gr.Error:
     return gr.Error(error_text(exc), print_exception=False)
 
 
-def field_validator(count: int, checks: dict[int, Callable[[Any], Any]]) -> Callable[..., list[dict[str, Any]]]:
-    """A Gradio ``validator=`` for an event with ``count`` inputs: ``checks[i]`` checks input i
-    and raises a StudioError, whose sentence then shows at that input. The run does not start,
-    its outputs keep what they show, and an API caller gets the same sentence."""
-    def validate(*values: Any) -> list[dict[str, Any]]:
+def field_validator(checks: list[Callable[[Any], Any]]) -> Callable[..., Any]:
+    """A Gradio ``validator=`` whose i-th check checks the event's i-th input and raises a
+    StudioError, whose sentence (error_text) then shows at that input. One verdict per input;
+    for a single input the verdict itself (Gradio wraps a lone output's value in a list)."""
+    def validate(*values: Any) -> Any:
         verdicts = []
-        for index, value in enumerate(values[:count]):
+        for check, value in zip(checks, values):
             try:
-                if index in checks:
-                    checks[index](value)
+                check(value)
                 verdicts.append(gr.validate(True, ""))
             except StudioError as exc:
-                verdicts.append(gr.validate(False, str(exc)))
-        return verdicts
+                verdicts.append(gr.validate(False, error_text(exc)))
+        return verdicts[0] if len(verdicts) == 1 else verdicts
 
     return validate
 
 
-def start_checked(button: gr.Button, validator: Callable[..., Any] | None, inputs: list[Any], buttons: list[Any],
-                  starts: int) -> Any:
-    """``button``'s first step: ``validator`` (field_validator) checks ``inputs``, then the run's
-    buttons turn to running (while_running). Chain the run itself with ``.then``; a refused
-    input stops the chain before any button changes. Gradio checks inputs only on queued
-    events, so a checked first step is queued (at once: no concurrency limit)."""
+def start_checked(button: gr.Button, checks: dict[Any, Callable[[Any], Any]], buttons: list[Any], starts: int) -> Any:
+    """``button``'s first step: each component in ``checks`` is checked (its sentence shows at the
+    component), then the run's buttons turn to running (while_running). Chain the run with
+    ``.then``: a refused input stops the chain before any button changes or any output is
+    touched. Only the checked components are sent (an upload is read once, by the run). Gradio
+    checks inputs only on queued events, so a checked first step is queued, with no concurrency
+    limit; API callers call the run's own step, where the engine refuses the same input."""
     running = while_running(True, starts)
-    if validator is None:
+    if not checks:
         return button.click(running, None, buttons, api_visibility="private", queue=False)
-    return button.click(lambda *_values: running(), inputs, buttons, validator=validator, api_visibility="private",
-                        concurrency_limit=None, show_progress="hidden")
+    return button.click(lambda *_values: running(), list(checks), buttons, validator=field_validator(list(checks.values())),
+                        api_visibility="private", concurrency_limit=None, show_progress="hidden")
 
 
 def while_running(running: bool, starts: int) -> Callable[[], list[Any]]:
