@@ -42,6 +42,9 @@ def test_compose_two_concept_files_left_and_right_then_a_prompt_that_names_one(p
     page.wait_for_function("() => (document.querySelector('#compose-cost')?.innerText || '').includes('This run')")
     assert "This run: 1 UNet pass per step at 96 × 64" in page.locator("#compose-cost").inner_text()  # two people: wide
     assert "UNet pass" not in page.locator("#compose-scores").inner_text()  # the cost is said once
+    for gallery in ("#composed", "#compose-regions"):  # the whole picture shows, not cut by its gallery
+        picture, frame = page.locator(f"{gallery} img").first.bounding_box(), page.locator(gallery).bounding_box()
+        assert picture["y"] + picture["height"] <= frame["y"] + frame["height"], (gallery, picture, frame)
     shot(page, "compose-2-result")
 
     page.locator("#compose-prompt textarea").fill("a photo of {0} on a beach")

@@ -215,9 +215,9 @@ def _compose_layout(cfg: StudioConfig) -> SimpleNamespace:
         tab.interrupt_btn = gr.Button("Interrupt", variant="stop", elem_id="compose-interrupt", interactive=False,
                                       scale=1, elem_classes=["busy-toggle"])
     with gr.Row():
-        tab.images = gr.Gallery(label="Composed", columns=2, height=320, elem_id="composed", interactive=False,
+        tab.images = gr.Gallery(label="Composed", columns=2, height="auto", elem_id="composed", interactive=False,
                                 object_fit="contain")
-        tab.overlays = gr.Gallery(label="Regions used", columns=2, height=320, elem_id="compose-regions",
+        tab.overlays = gr.Gallery(label="Regions used", columns=2, height="auto", elem_id="compose-regions",
                                   interactive=False, object_fit="contain")
     tab.scores = gr.Markdown(elem_id="compose-scores")
     tab.outputs = [tab.images, tab.overlays, tab.scores, tab.cost]

@@ -50,7 +50,7 @@ def _export_layout(default_steps: int) -> SimpleNamespace:
             tab.bundle = gr.File(label="Bundle (.zip)", interactive=False, elem_id="export-bundle", height=100)
             tab.a1111 = gr.Markdown(elem_id="export-a1111")
         with gr.Column(scale=3, min_width=420):
-            tab.compared = gr.Gallery(label="Full concept | exported approximation (same seed)", columns=2, height=320,
+            tab.compared = gr.Gallery(label="Full concept | exported approximation (same seed)", columns=2, height="auto",
                                       elem_id="export-gallery", interactive=False, object_fit="contain")
             gr.Markdown("### Style LoRAs")
             gr.Markdown(LORA_HELP, elem_classes=["help"])
