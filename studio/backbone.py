@@ -103,6 +103,15 @@ class Backbone:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def size_multiple(self) -> int:
+        """Image sides this model draws are multiples of it (64 for SD 1.x: 8 latent cells)."""
+        return 8 * self.vae_scale_factor
+
+    def rounded_side(self, side: float) -> int:
+        """``side`` in pixels rounded to the nearest side this model draws (at least one multiple)."""
+        return max(self.size_multiple, self.size_multiple * round(side / self.size_multiple))
+
+    @property
     def native_resolution(self) -> int:
         return self.unet.config.sample_size * self.vae_scale_factor
 

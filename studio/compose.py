@@ -182,8 +182,7 @@ class Composer:
         can draw), room to stand side by side."""
         if people <= 1:
             return side, side
-        multiple = 8 * self.backbone.vae_scale_factor
-        return side, max(multiple, round(side * self.config.aspect / multiple) * multiple)
+        return side, self.backbone.rounded_side(side * self.config.aspect)
 
     # ------------------------------------------------------------------ checks
     def check_inputs(self, people: Sequence[Person], prompt: str, mode: str = "regions",

@@ -266,7 +266,7 @@ class Sampler:
             if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
                 raise SamplerInputError(f"Seeds must be whole numbers from 0 to {MAX_SEED}, got {seed!r}.")
         native = self.backbone.native_resolution
-        multiple = 8 * self.backbone.vae_scale_factor
+        multiple = self.backbone.size_multiple
         height = native if given.height is None else given.height
         width = native if given.width is None else given.width
         for name, side in (("height", height), ("width", width)):

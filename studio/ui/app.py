@@ -503,13 +503,9 @@ def _interval(lo: Any, hi: Any) -> tuple[int, int]:
 
 def _image_size(engine: Engine, width: Any, height: Any) -> dict[str, int]:
     """Width and height rounded to the model's size multiple (as the A1111 web UI rounds to 8)."""
-    multiple = 8 * engine.backbone().vae_scale_factor
-    size = {}
-    for name, value in (("width", width), ("height", height)):
-        if value is not None:
-            side = views.as_number(value, f"The image {name}", whole=True)
-            size[name] = max(multiple, multiple * round(side / multiple))
-    return size
+    backbone = engine.backbone()
+    return {name: backbone.rounded_side(views.as_number(value, f"The image {name}", whole=True))
+            for name, value in (("width", width), ("height", height)) if value is not None}
 
 
 def _images_wanted(count: Any) -> int:
