@@ -3,9 +3,10 @@
 For each of N unseen identities: the toy preset's default training on one selfie, then
 8 prompts x 2 seeds at each interval, scored against the selfie and against 10 strangers'
 selfies (same scene). Prints, per interval, mean +- std over identities of the likeness to the
-person, to the strangers, their difference (paired per identity), and the prompt score.
+person, to the strangers, their difference (paired per identity), and the prompt score; writes
+each identity's figures to OUT/per-identity.csv, for paired comparisons between runs.
 
-    python bench/toy_band.py --identities 6 --bands 300-800,100-950
+    python bench/toy_band.py --identities 6 --bands 300-800,100-950 [--set train.KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -28,13 +29,17 @@ def main() -> int:
     parser.add_argument("--bands", default="300-800,100-950")
     parser.add_argument("--run", type=Path, help="a pretraining run folder (default: the shipped assets/toy)")
     parser.add_argument("--out", type=Path, default=Path("bench/out/toy-band"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a preset override for training and sampling, e.g. train.steps=600 (repeatable)")
     args = parser.parse_args()
 
     import numpy as np
 
+    from studio.cli import parse_overrides
+
     args.out.mkdir(parents=True, exist_ok=True)
     bands = [tuple(int(x) for x in text.split("-")) for text in args.bands.split(",")]
-    world = World({"model.source": model_source(args.run, args.out)})
+    world = World({"model.source": model_source(args.run, args.out), **parse_overrides(args.set)})
     started = time.perf_counter()
     rows = {band: {"own": [], "strangers": [], "prompt": []} for band in bands}
     for k in range(args.identities):
@@ -52,7 +57,13 @@ def main() -> int:
             rows[band]["prompt"].append(float(np.mean([s.prompt.score for s in scores])))
         print(f"[band] identity {identity} done", file=sys.stderr, flush=True)
     print(f"Machine: {cpu_name()}. {args.identities} unseen identities from {FIRST + 100}, "
-          f"{len(PROMPTS)} prompts x {len(SEEDS)} seeds, toy preset training; {time.perf_counter() - started:.0f} s.\n")
+          f"{len(PROMPTS)} prompts x {len(SEEDS)} seeds, toy preset training"
+          f"{''.join(' --set ' + item for item in args.set)}; {time.perf_counter() - started:.0f} s.\n")
+    with open(args.out / "per-identity.csv", "w") as f:  # for paired comparisons between runs
+        f.write("identity,band,own,strangers,prompt\n")
+        for band, r in rows.items():
+            for k in range(args.identities):
+                f.write(f"{FIRST + 100 + 10 * k},{band[0]}-{band[1]},{r['own'][k]:.4f},{r['strangers'][k]:.4f},{r['prompt'][k]:.2f}\n")
     print("| interval | likeness to the person | to 10 strangers' selfies | person minus strangers (paired) | prompt score |")
     print("|---|---|---|---|---|")
     for band, r in rows.items():

@@ -25,6 +25,8 @@ NUM_TRAIN_TIMESTEPS = 1000
 
 # Training photos per micro-step: each is a UNet forward and backward on the shared accelerator.
 MAX_BATCH_SIZE = 8
+# Views per photo (train.views): each is one VAE latent kept for the whole run.
+MAX_VIEWS = 64
 # torch generators take a signed 64-bit seed.
 MAX_SEED = 2**63 - 1
 
@@ -179,6 +181,12 @@ class TrainConfig:
     # weight of Face2Diffusion's class-guided denoising regularization outside the face mask (0 = off;
     # one extra no-grad UNet pass per micro-step)
     cgdr_weight: float = 0.0
+    # views of each photo trained on (docs/ALGORITHM.md, "Views of the photos"): the photo plus
+    # views - 1 random zoom-in crops of up to crop_jitter of its side, mirrored half the time when
+    # flip; with crop_jitter 0 and flip off, the photo as prepared
+    views: int = 8
+    crop_jitter: float = 0.0
+    flip: bool = False
     # image side in pixels fed to the VAE
     resolution: int = 512
     # autocast dtype on GPU: auto (bf16 if supported, else fp16), no, bf16, fp16; off on CPU, where the weights' dtype rules
@@ -215,6 +223,10 @@ class TrainConfig:
             raise ConfigError(f"train.te_balance must be in [0, 1], got {self.te_balance}")
         if self.te_weight < 0:
             raise ConfigError(f"train.te_weight must be >= 0, got {self.te_weight}")
+        if not 1 <= self.views <= MAX_VIEWS:
+            raise ConfigError(f"train.views must be a whole number from 1 to {MAX_VIEWS}, got {self.views}")
+        if not 0.0 <= self.crop_jitter <= 0.5:
+            raise ConfigError(f"train.crop_jitter must be in [0, 0.5] (a share of the photo's side), got {self.crop_jitter}")
         if self.cgdr_weight < 0:
             raise ConfigError(f"train.cgdr_weight must be >= 0, got {self.cgdr_weight}")
         if self.max_grad_norm < 0:

@@ -76,6 +76,27 @@ class TrainingPhoto:
         """From a face-prepared photo: anything with ``.crop`` (PIL) and ``.mask`` (array, PIL or None)."""
         return cls(image=prepared.crop.convert("RGB"), mask=_float_mask(prepared.mask))
 
+    def jittered(self, rng: random.Random, jitter: float, flip: bool) -> TrainingPhoto:
+        """A random zoom-in view: a square of (1 - s) of the side, s uniform in [0, ``jitter``], at a
+        random place, resized back to this photo's size; mirrored left-right half the time when
+        ``flip``. The mask is cut the same way (docs/ALGORITHM.md, "Views of the photos")."""
+        side = self.image.width
+        crop = side * (1.0 - rng.uniform(0.0, jitter))
+        left, top = rng.uniform(0.0, side - crop), rng.uniform(0.0, side - crop)
+        box = (left, top, left + crop, top + crop)
+        image = self.image.resize((side, side), Image.Resampling.BICUBIC, box=box)
+        mask = None
+        if self.mask is not None:
+            full = Image.fromarray(np.asarray(self.mask, dtype=np.float32), mode="F")
+            scale = full.width / side  # a mask may be stored at another size than the image
+            mask_box = tuple(v * scale for v in box)
+            mask = np.asarray(full.resize(full.size, Image.Resampling.BILINEAR, box=mask_box), dtype=np.float32)
+            mask = np.clip(mask, 0.0, 1.0)
+        if flip and rng.random() < 0.5:
+            image = ImageOps.mirror(image)
+            mask = None if mask is None else np.ascontiguousarray(mask[:, ::-1])
+        return TrainingPhoto(image=image, mask=mask)
+
     @classmethod
     def center_crop(cls, image: Image.Image) -> TrainingPhoto:
         """Fallback without face preparation: the largest centred square, no mask."""
@@ -147,10 +168,23 @@ def run_identity(backbone: Backbone, cfg: StudioConfig, photos: Sequence[Trainin
     return identity
 
 
+def _setting_defaults() -> dict[str, Any]:
+    """Every concept and training setting's default, keyed as :func:`run_identity` keys them."""
+    from studio.config import ConceptConfig, TrainConfig
+
+    defaults: dict[str, Any] = {}
+    for section, kind in (("concept", ConceptConfig), ("train", TrainConfig)):
+        for key, value in dataclasses.asdict(kind()).items():
+            defaults[f"{section}.{key}"] = list(value) if isinstance(value, tuple) else value
+    return defaults
+
+
 def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
     """Raise :class:`StateMismatch` naming what differs between two :func:`run_identity`."""
     if saved is None:
         raise StateMismatch("the saved training state does not say which photos and settings it belongs to")
+    # A setting newer than the saved state was, in effect, at its default there.
+    saved = {**{key: value for key, value in _setting_defaults().items() if key in current}, **saved}
     differences = [
         f"{key} was {saved.get(key, 'unset')!r}, now {current.get(key, 'unset')!r}"
         for key in sorted(set(saved) | set(current))
@@ -265,15 +299,31 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.backbone.device.type, dtype=self.autocast_dtype)
 
+    def _views(self) -> tuple[TrainingPhoto, ...]:
+        """The photos as trained on: each photo itself, plus ``train.views - 1`` random zoom-in views
+        of it when ``train.crop_jitter`` or ``train.flip`` is on (drawn from their own stream, so
+        the others' draws stay those of a run without views)."""
+        train = self.cfg.train
+        if train.views <= 1 or (train.crop_jitter == 0 and not train.flip):
+            return self.photos
+        rng = random.Random(f"views {train.seed}")
+        views = []
+        for photo in self.photos:
+            views.append(photo)
+            views += [photo.jittered(rng, train.crop_jitter, train.flip) for _ in range(train.views - 1)]
+        return tuple(views)
+
     def _init_latents(self) -> None:
-        """VAE latents (N, 4, h, w) and latent-size face masks (N, 1, h, w) of the photos, once.
+        """VAE latents (V, 4, h, w) and latent-size face masks (V, 1, h, w) of the views of the
+        photos (:meth:`_views`; V = N without them), once.
 
         ``rec_weights`` weigh the reconstruction loss: the face masks, or ones for the
         textual-inversion baseline (plain MSE)."""
-        self.latents = self._encode_latents(self.photos)
+        views = self._views()
+        self.latents = self._encode_latents(views)
         side = self.latents.shape[-1]
         masks = []
-        for photo in self.photos:
+        for photo in views:
             if photo.mask is None:
                 masks.append(torch.ones(1, 1, side, side))
             else:
@@ -505,7 +555,7 @@ class Trainer:
         backbone, train, device = self.backbone, self.cfg.train, self.backbone.device
         batch = train.batch_size
         # 1. Sample photos and prompts (python RNG), timesteps, noise and bypass dropout (torch).
-        photo_idx = torch.tensor([self.rng.randrange(len(self.photos)) for _ in range(batch)], device=device)
+        photo_idx = torch.tensor([self.rng.randrange(len(self.latents)) for _ in range(batch)], device=device)
         rec_idx = torch.tensor([self.rng.randrange(len(self.rec_ids)) for _ in range(batch)], device=device)
         te_idx = torch.tensor([self.rng.randrange(len(self.te_ids)) for _ in range(batch)], device=device)
         lo, hi = self.band

@@ -98,6 +98,59 @@ def test_training_photo_from_prepared_and_validation():
         TrainingPhoto(crop, np.zeros((32, 32), np.float32))
 
 
+def test_a_jittered_view_cuts_the_mask_with_its_photo_and_stays_inside_it():
+    """The pixels encode the mask, so a view whose mask were cut elsewhere than its image would
+    show it; a zoom-in view never reaches outside the photo (no fill at its edges)."""
+    import random
+
+    mask = np.zeros((64, 64), np.float32)
+    mask[16:48, 8:40] = 1.0  # off-centre, so a mirror image differs
+    photo = TrainingPhoto(Image.fromarray((mask * 255).astype(np.uint8)).convert("RGB"), mask)
+    rng = random.Random(0)
+    views = [photo.jittered(rng, 0.3, flip=True) for _ in range(12)]
+    for view in views:
+        pixels = np.asarray(view.image.convert("L"), np.float32) / 255.0
+        assert view.image.size == (64, 64) and view.mask.shape == (64, 64)
+        assert np.abs(pixels - view.mask).mean() < 0.02
+    # The views differ from each other and from the photo, and some are mirrored: the face's
+    # centre of mass lands right of the photo's (x 23.5) only in a mirrored view.
+    centres = [float((view.mask * np.arange(64)).sum() / view.mask.sum()) for view in views]
+    assert len({round(c, 1) for c in centres}) > 6
+    assert any(c > 32 for c in centres) and any(c < 32 for c in centres)
+    # Without flip no view is mirrored; the largest crop at jitter 0.3 keeps 70 % of the side, so
+    # the face's left edge (x 8) moves by at most 8 / 0.7.
+    for _ in range(20):
+        view = photo.jittered(rng, 0.3, flip=False)
+        left = int(np.argmax(view.mask.max(axis=0) > 0.5))
+        assert left <= 8 / 0.7 + 1
+
+
+def test_views_train_on_jittered_crops_besides_each_photo(backbone, tiny_cfg, photos):
+    plain = Trainer(backbone, make_cfg(tiny_cfg), photos)
+    assert plain.latents.shape[0] == 2  # views are off by default
+    cfg = make_cfg(tiny_cfg, **{"train.crop_jitter": 0.2, "train.views": 3})
+    trainer = Trainer(backbone, cfg, photos)
+    assert trainer.latents.shape[0] == 6 and trainer.masks.shape[0] == 6
+    # Photo first, then its views; the photos themselves are encoded as without views.
+    assert torch.equal(trainer.latents[0], plain.latents[0]) and torch.equal(trainer.latents[3], plain.latents[1])
+    assert not torch.equal(trainer.latents[1], trainer.latents[0])
+    again = Trainer(backbone, cfg, photos)
+    assert torch.equal(again.latents, trainer.latents)  # the views come from train.seed
+    steps = steps_of(trainer.run())
+    assert len(steps) == 4 and all(np.isfinite(s.loss) for s in steps)
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("train.views", 0, "train.views must be a whole number from 1"),
+    ("train.crop_jitter", 0.8, r"train.crop_jitter must be in \[0, 0.5\]"),
+])
+def test_bad_view_settings_are_refused_with_their_names(tiny_cfg, key, value, match):
+    from studio.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        tiny_cfg.replace(**{key: value})
+
+
 # --------------------------------------------------------------------------- learning
 class TextToImageDenoiser(nn.Module):
     """A denoiser that knows the image from the prompt: the tiny UNet plus an exact x0 readout.
@@ -495,6 +548,12 @@ def test_a_state_resumes_only_the_run_it_came_from(backbone, tiny_cfg, photos):
         Trainer(backbone, cfg.replace(**{"train.lr": 0.5}), photos).load_state_dict(state)
     with pytest.raises(StateMismatch, match=r"concept\.num_tokens was 4, now 2"):
         Trainer(backbone, cfg.replace(**{"concept.num_tokens": 2}), photos).load_state_dict(state)
+
+    # A state saved before a setting existed resumes while that setting is at its default.
+    older = {**state, "run": {k: v for k, v in state["run"].items() if not k.startswith(("train.views", "train.crop"))}}
+    Trainer(backbone, cfg, photos).load_state_dict(older)
+    with pytest.raises(StateMismatch, match=r"train\.crop_jitter was 0\.0, now 0\.1"):
+        Trainer(backbone, cfg.replace(**{"train.crop_jitter": 0.1}), photos).load_state_dict(older)
 
 
 def test_a_preset_can_give_its_own_training_prompts(backbone, tiny_cfg, photos):
