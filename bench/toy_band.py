@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from toy_world import (FIRST, PROMPTS, SEEDS, World, _expand, cpu_name, identity_values,  # noqa: E402
-                       likeness_to_strangers, model_source, stranger_refs)
+from toy_world import (FIRST, PROMPTS, SEEDS, World, _expand, _reference_stats, cpu_name,  # noqa: E402
+                       identity_values, likeness_to_strangers, model_source, stranger_refs)
 
 
 def main() -> int:
@@ -42,10 +42,12 @@ def main() -> int:
     world = World({"model.source": model_source(args.run, args.out), **parse_overrides(args.set)})
     started = time.perf_counter()
     rows = {band: {"own": [], "strangers": [], "prompt": []} for band in bands}
+    real = []  # per identity: its ground-truth renders' likeness to its selfie (same prompts and seeds)
     for k in range(args.identities):
         identity = FIRST + 100 + 10 * k  # not the ablation's identities
         selfie = world.selfie(identity, args.out)
-        refs = world.scorer.embed_references([str(selfie)])
+        refs, real_same, _, _ = _reference_stats(world, identity, selfie, others=0)
+        real.append(float(np.mean(real_same)))
         strangers = stranger_refs(world, identity, args.out)
         concept, _cfg = world.train(selfie)
         for band in bands:
@@ -60,17 +62,21 @@ def main() -> int:
           f"{len(PROMPTS)} prompts x {len(SEEDS)} seeds, toy preset training"
           f"{''.join(' --set ' + item for item in args.set)}; {time.perf_counter() - started:.0f} s.\n")
     with open(args.out / "per-identity.csv", "w") as f:  # for paired comparisons between runs
-        f.write("identity,band,own,strangers,prompt\n")
+        f.write("identity,band,own,strangers,prompt,real_renders\n")
         for band, r in rows.items():
             for k in range(args.identities):
-                f.write(f"{FIRST + 100 + 10 * k},{band[0]}-{band[1]},{r['own'][k]:.4f},{r['strangers'][k]:.4f},{r['prompt'][k]:.2f}\n")
-    print("| interval | likeness to the person | to 10 strangers' selfies | person minus strangers (paired) | prompt score |")
-    print("|---|---|---|---|---|")
+                f.write(f"{FIRST + 100 + 10 * k},{band[0]}-{band[1]},{r['own'][k]:.4f},{r['strangers'][k]:.4f},{r['prompt'][k]:.2f},{real[k]:.4f}\n")
+    print(f"The person's own ground-truth renders (same prompts and seeds) score {np.mean(real):.3f} ± {np.std(real):.3f} "
+          "to the selfie; the last column is each identity's likeness as a share of that (the goal is 0.8).\n")
+    print("| interval | likeness to the person | to 10 strangers' selfies | person minus strangers (paired) | prompt score "
+          "| likeness / real renders |")
+    print("|---|---|---|---|---|---|")
     for band, r in rows.items():
         own, other, prompt = (np.asarray(r[key]) for key in ("own", "strangers", "prompt"))
-        diff = own - other
+        diff, share = own - other, own / np.asarray(real)
         print(f"| {band[0]}–{band[1]} | {own.mean():.3f} ± {own.std():.3f} | {other.mean():.3f} ± {other.std():.3f} | "
-              f"{diff.mean():+.3f} ± {diff.std(ddof=1):.3f} | {prompt.mean():.1f} ± {prompt.std():.1f} |")
+              f"{diff.mean():+.3f} ± {diff.std(ddof=1):.3f} | {prompt.mean():.1f} ± {prompt.std():.1f} | "
+              f"{share.mean():.2f} ± {share.std():.2f} |")
     return 0
 
 

@@ -181,7 +181,7 @@ def _reference_stats(world: World, identity: int, selfie: Path, others: int = 20
     same = world.score([render_prompt(identity, p, seed=100 + s) for p, s in cells], [p for p, _ in cells], refs)
     other_ids = [identity + 1000 + k for k in range(others)]
     other = world.score([render_prompt(o, p, seed=100 + s) for o in other_ids for p, s in cells],
-                        [p for _ in other_ids for p, _ in cells], refs)
+                        [p for _ in other_ids for p, _ in cells], refs) if other_ids else []
     return refs, identity_values(same), identity_values(other), [s.prompt.score for s in same]
 
 

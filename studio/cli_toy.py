@@ -31,6 +31,9 @@ def add_toy_parser(subparsers: Any) -> None:
     pretrain.add_argument("--decoder-minutes", type=float, help="time budget of the decoder fine-tuning stage")
     pretrain.add_argument("--threads", type=int, default=2, help="torch threads (and render workers)")
     pretrain.add_argument("--device", default="cpu", help="where the UNet + text encoder stage runs, e.g. cuda (default cpu)")
+    pretrain.add_argument("--instrument-steps", type=int, metavar="N",
+                          help="training steps of each instrument the instruments stage trains: face locator, identity "
+                               "encoder, attribute classifiers (default 4000; an instrument already in the folder is kept)")
     pretrain.add_argument("--batch", type=int, help="UNet batch size (default 64)")
     pretrain.add_argument("--steps", type=int, help="also stop the UNet stage at this step (unlike --minutes, the same on any machine)")
     pretrain.add_argument("--identity-tokens", type=float, metavar="SHARE",
@@ -76,6 +79,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
         raise CliError("--device cuda was asked for, but torch sees no CUDA GPU here")
     if args.batch is not None and not 1 <= args.batch <= 4096:
         raise CliError(f"--batch must be between 1 and 4096, got {args.batch}")
+    if args.instrument_steps is not None and not 1 <= args.instrument_steps <= 1_000_000:
+        raise CliError(f"--instrument-steps must be between 1 and 1000000, got {args.instrument_steps}")
     if args.steps is not None and args.steps < 1:
         raise CliError(f"--steps must be at least 1, got {args.steps}")
     if args.identity_tokens is not None and not 0 <= args.identity_tokens <= 1:
@@ -89,7 +94,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
             raise CliError(f"--continue-from must be a toy model folder, got {args.continue_from}")
         check_continue_folder(args.continue_from)  # before any stage runs
     flags = {"continue_from": str(args.continue_from) if args.continue_from else None, "unet_batch": args.batch, "unet_minutes": args.minutes, "decoder_minutes": args.decoder_minutes,
-             "unet_steps": args.steps, "identity_token_share": args.identity_tokens,
+             "unet_steps": args.steps, "instrument_steps": args.instrument_steps, "identity_token_share": args.identity_tokens,
              "min_snr_gamma": args.min_snr, "anneal": args.anneal or None}
     plan = PretrainPlan(device=str(device), **{key: value for key, value in flags.items() if value is not None})
     pretrain(args.out, tuple(args.stage or STAGES), plan, threads=args.threads)

@@ -113,15 +113,14 @@ KNOWN_PROMPTS = ["a photo of {} on a beach", "an oil painting of {}", "a photo o
                  "a watercolor of {} in front of a red wall"]
 
 
-def test_a_toy_concept_draws_toward_its_selfie_and_a_wider_interval_toward_the_person_and_away_from_strangers(toy_backbone, toy_cfg, tmp_path):
-    """The toy preset's default training on one selfie of unseen identity 100 001, then 4 prompts x
-    2 seeds. Known answers of the shipped weights for this identity (bench/RESULTS-toy.md, section
-    3, which also says where other identities differ): the images are
-    closer to the selfie than the base model's (class word instead of the concept); the widest
-    identity interval brings them closer to the person than the narrowest while taking them
-    further from five strangers' selfies (same scene); and over the widest interval they are
-    closer to the person than to the strangers. Not asserted, because it is not so at the default
-    interval: that last comparison there."""
+def test_toy_concepts_draw_toward_their_selfies_and_closer_to_their_person_than_to_strangers(toy_backbone, toy_cfg, tmp_path):
+    """The toy preset's default training on one selfie each of unseen identities 100 101, 100 111
+    and 100 121 (the first three of ``bench/toy_band.py``), then 4 prompts x 2 seeds at the
+    preset's interval. Known answers of the shipped weights, as means over the three
+    (bench/RESULTS-toy.md, section 3): the images are closer to the selfie than the base model's
+    (class word instead of the concept; measured +0.069), and closer to the person than to five
+    strangers' selfies in the same scene (+0.057). A wider identity interval is not asserted:
+    with the 4 000-step identity encoder it moves likeness by less than the seeds do."""
     from studio.events import TrainingFinished
     from studio.faces import prepare
     from studio.metrics import Scorer
@@ -129,22 +128,18 @@ def test_a_toy_concept_draws_toward_its_selfie_and_a_wider_interval_toward_the_p
     from studio.trainer import TrainingPhoto
     from studio.training import TrainingRun
 
-    selfie, strangers = tmp_path / "selfie.png", [tmp_path / f"stranger-{k}.png" for k in range(5)]
-    render_prompt(100_001, "a photo of {} in a blue studio", seed=0, size=256).save(selfie)
+    cfg = toy_cfg.replace(**{"train.preview_every": 0})
+    sampler, scorer = Sampler(toy_backbone), Scorer.for_backbone(toy_backbone, cfg.face, cfg.metrics.clip_model)
+    strangers = [tmp_path / f"stranger-{k}.png" for k in range(5)]
     for k, path in enumerate(strangers):  # unseen, unrelated identities in the same scene
         render_prompt(102_001 + k, "a photo of {} in a blue studio", seed=0, size=256).save(path)
-    cfg = toy_cfg.replace(**{"train.preview_every": 0})
-    prepared = prepare([str(selfie)], cfg.face)
-    run = TrainingRun(toy_backbone, cfg, [TrainingPhoto.from_prepared(p) for p in prepared.photos])
-    concept = next(e.concept for e in run.events() if isinstance(e, TrainingFinished))
-    sampler, scorer = Sampler(toy_backbone), Scorer.for_backbone(toy_backbone, cfg.face, cfg.metrics.clip_model)
-    own, others = scorer.embed_references([str(selfie)]), scorer.embed_references([str(p) for p in strangers])
+    others = scorer.embed_references([str(p) for p in strangers])
 
-    def drawn(with_concept: bool, band: tuple[int, int]) -> tuple[list, list[str]]:
+    def drawn(concept) -> tuple[list, list[str]]:
         images, prompts = [], []
         for prompt in KNOWN_PROMPTS:
-            settings = GenerationSettings.from_config(cfg, seeds=[0, 1], band=band)
-            images += list(sampler(concept if with_concept else None, [prompt], **settings.kwargs()).images)
+            settings = GenerationSettings.from_config(cfg, seeds=[0, 1])
+            images += list(sampler(concept, [prompt], **settings.kwargs()).images)
             prompts += [prompt, prompt]
         return images, prompts
 
@@ -152,13 +147,20 @@ def test_a_toy_concept_draws_toward_its_selfie_and_a_wider_interval_toward_the_p
         scores = scorer.score(*images_and_prompts, references, cfg.concept.super_category)
         return float(np.mean([s.identity.similarity or 0.0 for s in scores]))  # no face counts as 0
 
-    default_band = tuple(cfg.sample.band)
-    assert likeness(drawn(True, default_band), own) > likeness(drawn(False, default_band), own) + 0.05, \
-        "the concept draws toward its selfie"
-    wide, narrow = drawn(True, (100, 950)), drawn(True, (450, 650))
-    assert likeness(wide, own) > likeness(narrow, own) + 0.05, "a wider interval draws closer to the person"
-    assert likeness(wide, others) < likeness(narrow, others), "... and further from strangers"
-    assert likeness(wide, own) > likeness(wide, others) + 0.05, "over the widest interval the likeness is the person's"
+    toward_selfie, person_over_strangers = [], []
+    base = drawn(None)
+    for identity in (100_101, 100_111, 100_121):
+        selfie = tmp_path / f"selfie-{identity}.png"
+        render_prompt(identity, "a photo of {} in a blue studio", seed=0, size=256).save(selfie)
+        prepared = prepare([str(selfie)], cfg.face)
+        run = TrainingRun(toy_backbone, cfg, [TrainingPhoto.from_prepared(p) for p in prepared.photos])
+        concept = next(e.concept for e in run.events() if isinstance(e, TrainingFinished))
+        own = scorer.embed_references([str(selfie)])
+        images = drawn(concept)
+        toward_selfie.append(likeness(images, own) - likeness(base, own))
+        person_over_strangers.append(likeness(images, own) - likeness(images, others))
+    assert np.mean(toward_selfie) > 0.03, f"the concepts draw toward their selfies: {toward_selfie}"
+    assert np.mean(person_over_strangers) > 0.02, f"... and closer to their person than to strangers: {person_over_strangers}"
 
 
 def test_on_the_wide_compose_canvas_the_toy_model_draws_two_people_side_by_side(toy_backbone, toy_cfg):

@@ -117,6 +117,7 @@ def test_render_command_writes_the_ground_truth_and_refuses_unknown_words(tmp_pa
         (["--steps", "0"], "--steps must be at least 1, got 0"),
         (["--identity-tokens", "1.5"], "--identity-tokens is a share from 0 to 1, got 1.5"),
         (["--min-snr", "0"], "--min-snr is a positive signal-to-noise cap such as 5, got 0.0"),
+        (["--instrument-steps", "0"], "--instrument-steps must be between 1 and 1000000, got 0"),
         (["--anneal"], "--anneal decays the learning rate towards --steps: give --steps too"),
         (["--continue-from", "no-such-folder"], "--continue-from must be a toy model folder, got no-such-folder"),
         (["--continue-from", str(Path(__file__).parent)], "is not a trained toy model folder to continue from: it lacks unet"),

@@ -53,7 +53,8 @@ class PretrainPlan:
     views: int = 4
     heldout_identities: int = 400
     negatives: int = 3000
-    instrument_steps: int = 500
+    # each of the face locator, identity encoder and attribute classifiers (the shipped locator had 500)
+    instrument_steps: int = 4000
     vision_steps: int = 400
     vae_steps: int = 250
     unet_minutes: float = 55.0
@@ -302,11 +303,15 @@ def stage_instruments(out: Path, plan: PretrainPlan) -> None:
     inst.mkdir(parents=True, exist_ok=True)
     train, heldout = load_set(out, "train"), load_set(out, "heldout")
     negatives = load_set(out, "negatives")["images"]
-    gen = torch.Generator().manual_seed(plan.seed)
-    rng = np.random.default_rng(plan.seed)
     credentials = json.loads((inst / "credentials.json").read_text()) if (inst / "credentials.json").exists() else {}
 
+    def streams() -> tuple[torch.Generator, np.random.Generator]:
+        """Fresh random streams for each instrument: what one draws does not depend on which
+        others were trained before it in this run (one already in the folder is skipped)."""
+        return torch.Generator().manual_seed(plan.seed), np.random.default_rng(plan.seed)
+
     if not (inst / "locator.safetensors").exists():
+        gen, rng = streams()
         torch.manual_seed(plan.seed)
         locator = _train_locator(train, negatives, plan, gen, rng)
         with torch.no_grad():
@@ -318,22 +323,26 @@ def stage_instruments(out: Path, plan: PretrainPlan) -> None:
             "heldout_eye_error_px_p95": float(err[:, :2].flatten().quantile(0.95)),
             "face_detected_rate": float((logit > 0).float().mean()),
             "false_face_rate_on_empty_scenes": float((neg_logit > 0).float().mean()),
+            "steps": plan.instrument_steps,
         }
         save_file(locator.state_dict(), str(inst / "locator.safetensors"))
         (inst / "credentials.json").write_text(json.dumps(credentials, indent=2))
         _log(f"[locator] {credentials['locator']}")
 
     if not (inst / "identity.safetensors").exists():
+        gen, rng = streams()
         torch.manual_seed(plan.seed + 1)
         encoder = _train_identity(train, plan, gen, rng, plan.instrument_steps, toy_models.IdentityEncoder(),
                                   lambda m, x: m(x), "identity")
         with torch.no_grad():
             credentials["identity"] = verification(lambda c: encoder(toy_models.to_input(c)), heldout, rng)
+        credentials["identity"]["steps"] = plan.instrument_steps
         save_file(encoder.state_dict(), str(inst / "identity.safetensors"))
         (inst / "credentials.json").write_text(json.dumps(credentials, indent=2))
         _log(f"[identity] {credentials['identity']}")
 
     if not (inst / "attributes.safetensors").exists():
+        gen, rng = streams()
         torch.manual_seed(plan.seed + 2)
         clf = _train_attributes(train, plan, gen, rng)
         with torch.no_grad():
@@ -342,17 +351,20 @@ def stage_instruments(out: Path, plan: PretrainPlan) -> None:
             a: float((logits[a].argmax(-1) == torch.as_tensor(heldout["attributes"][:, k])).float().mean())
             for k, a in enumerate(toy_models.ATTRIBUTE_NAMES)
         }
+        credentials["attribute_steps"] = plan.instrument_steps
         save_file(clf.state_dict(), str(inst / "attributes.safetensors"))
         (inst / "credentials.json").write_text(json.dumps(credentials, indent=2))
         _log(f"[attributes] held-out accuracy {credentials['attributes']}")
 
     enc_dir = out / "image_encoder"
     if not (enc_dir / "model.safetensors").exists():
+        gen, rng = streams()
         torch.manual_seed(plan.seed + 3)
         vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision_config()))
         vision = _train_identity(train, plan, gen, rng, plan.vision_steps, vision, vision_embed, "image-encoder")
         with torch.no_grad():
             credentials["image_encoder"] = verification(lambda c: vision_embed(vision, toy_models.to_input(c)), heldout, rng)
+        credentials["image_encoder"]["steps"] = plan.vision_steps
         vision.save_pretrained(str(enc_dir), safe_serialization=True)
         CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(str(enc_dir))
         (inst / "credentials.json").write_text(json.dumps(credentials, indent=2))
