@@ -3,8 +3,10 @@ commands behind the page (photo choice, clearing, Train more after a photo chang
 interrupting a generation, slider values in exported concepts)."""
 from __future__ import annotations
 
+import asyncio
 import threading
 from dataclasses import replace
+from types import SimpleNamespace
 
 import gradio as gr
 import pytest
@@ -15,8 +17,35 @@ from studio.sampler import GenerationInterrupted
 from studio.metrics import IdentityScore, ImageScores, PromptScore
 from studio.sweep import SweepSnapshot, summarise
 from studio.ui import explore, form, views
+from studio.ui.app import Handlers
 
 TIMEOUT = 300
+
+
+# ----------------------------------------------------------------------------- sliders
+def test_a_slider_change_that_arrives_after_a_newer_one_is_never_rendered(monkeypatch):
+    """The requests of one drag can reach the server out of order; the page numbers them."""
+    handlers = Handlers(sessions=None, chunked=False)
+    rendered = []
+    monkeypatch.setattr(handlers, "on_slider", lambda lo, hi, gamma, request: rendered.append((lo, hi, gamma)) or "shown")
+    request = SimpleNamespace(session_hash="one tab")
+
+    async def a_drag_whose_requests_cross():
+        # tasks start in the order made: the newer change reaches the server first
+        newer = asyncio.create_task(handlers.on_slider_input(120, 800, 1.0, 7, request))
+        older = asyncio.create_task(handlers.on_slider_input(300, 800, 1.0, 6, request))
+        return await asyncio.gather(newer, older)
+
+    newer, older = asyncio.run(a_drag_whose_requests_cross())
+    assert (newer, rendered) == ("shown", [(120, 800, 1.0)])
+    assert isinstance(older, type(gr.skip())), "the older change leaves the previews alone"
+
+    # a burst renders once, its last change; a call without a number (HTTP API) is the newest
+    async def a_burst():
+        return await asyncio.gather(*(handlers.on_slider_input(lo, 800, 1.0, None, request) for lo in (10, 20, 30)))
+
+    rendered.clear()
+    assert asyncio.run(a_burst())[-1] == "shown" and rendered == [(30, 800, 1.0)]
 
 
 # ----------------------------------------------------------------------------- form

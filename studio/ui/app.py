@@ -36,6 +36,9 @@ EXAMPLE_PHOTOS = sorted(str(p) for p in (ASSETS / "examples").glob("*.png"))
 # toy selfies of one identity never seen in pretraining (the toy world's own photos)
 TOY_EXAMPLE_PHOTOS = sorted(str(p) for p in (ASSETS / "examples" / "toy").glob("*.png"))
 STREAM_MIN_INTERVAL_S = 0.3  # at most ~3 page updates per second while training
+# Runs in the page as a slider change is sent: the values as they are, and a number that grows with
+# every change, so the server can tell the newest change from older ones that arrive late.
+SLIDER_CLOCK_JS = "(lo, hi, gamma, _clock) => [lo, hi, gamma, (window.studioSliderClock = (window.studioSliderClock || 0) + 1)]"
 SLIDER_DEBOUNCE_S = 0.35  # a burst of slider changes (keys, typing, a drag) renders once, after it
 # On ZeroGPU these run in a GPU-attached process; everywhere else spaces.GPU returns fn unchanged.
 GPU_TRAINING_CHUNK = spaces.GPU(duration=CHUNK_DURATION_S)(training_chunk)
@@ -124,6 +127,7 @@ def _live_panel(page: SimpleNamespace, cfg: StudioConfig) -> None:
         page.band_hi = gr.Slider(1, 1000, value=cfg.sample.band[1], step=1, label="Identity interval end t", elem_id="band-hi")
         page.balance = gr.Slider(0.1, 4.0, value=cfg.sample.balance, step=0.05, label="Tandem balance γ", elem_id="balance")
     gr.Markdown(f"{views.SLIDER_HELP['band']}  \n{views.SLIDER_HELP['balance']}", elem_classes=["help"])
+    page.slider_clock = gr.Number(None, visible=False)  # filled by SLIDER_CLOCK_JS as a change is sent
     page.previews = gr.Gallery(label="Previews", columns=4, height=200, elem_id="previews", interactive=False, object_fit="contain")
 
 
@@ -225,7 +229,7 @@ class Handlers:
     def __init__(self, sessions: SessionRegistry, chunked: bool) -> None:
         self.sessions = sessions
         self.chunked = chunked  # ZeroGPU: the request drives training in GPU chunks
-        self._slider_tickets: dict[str, int] = {}
+        self._slider_clocks: dict[str, float] = {}  # session -> number of its newest slider change
         # Accelerator work: on ZeroGPU these run in a GPU-attached process (decorated once, at start).
         self.on_preview = spaces.GPU(duration=GPU_DURATION_S)(self._preview)
         self.on_slider = spaces.GPU(duration=GPU_DURATION_S)(self._slider)
@@ -387,13 +391,20 @@ class Handlers:
         engine = self._render_previews(lo, hi, gamma, request, quiet=True)
         return views.preview_items(engine.snapshot()) if engine is not None else gr.skip()
 
-    async def on_slider_input(self, lo: Any, hi: Any, gamma: Any, request: gr.Request) -> Any:
+    async def on_slider_input(self, lo: Any, hi: Any, gamma: Any, clock: Any, request: gr.Request) -> Any:
         """Every committed slider change (drag, arrow keys, typed value) re-renders, debounced: only
         the last change of a burst renders, once the burst has paused for SLIDER_DEBOUNCE_S."""
         key = self.key(request)
-        ticket = self._slider_tickets[key] = self._slider_tickets.get(key, 0) + 1
+        newest = self._slider_clocks.get(key, 0.0)
+        # the page numbers each change as it happens (SLIDER_CLOCK_JS): the requests of one drag can
+        # arrive out of order, and an older value arriving last must not be what the previews show.
+        # A call without a number (the HTTP API) counts as the newest change.
+        clock = newest + 1.0 if clock is None else float(clock)
+        if clock <= newest:
+            return gr.skip()  # a newer change has already arrived
+        self._slider_clocks[key] = clock
         await asyncio.sleep(SLIDER_DEBOUNCE_S)
-        if self._slider_tickets.get(key) != ticket:
+        if self._slider_clocks.get(key) != clock:
             return gr.skip()  # a newer change follows
         return await asyncio.to_thread(self.on_slider, lo, hi, gamma, request)
 
@@ -491,6 +502,7 @@ class Handlers:
 
     # -------------------------------------------------------------- lifetime
     def on_unload(self, request: gr.Request) -> None:
+        self._slider_clocks.pop(self.key(request), None)
         self.sessions.close(self.key(request))
 
     def on_keepalive(self, request: gr.Request) -> None:  # an open tab is a live session, even when idle
@@ -536,8 +548,8 @@ def wire(page: SimpleNamespace, on: Handlers) -> None:
     page.best_btn.click(on.on_best_step, None, page.state, api_name="best_step", **always).then(
         on.on_slider, page.sliders, page.previews, show_progress="hidden", **always)
     page.preview_btn.click(on.on_preview, page.sliders, page.live, api_name="preview", **always)
-    gr.on([slider.input for slider in page.sliders], on.on_slider_input, page.sliders, page.previews,
-          api_name="sliders", show_progress="hidden", trigger_mode="multiple", **always)
+    gr.on([slider.input for slider in page.sliders], on.on_slider_input, [*page.sliders, page.slider_clock],
+          page.previews, js=SLIDER_CLOCK_JS, api_name="sliders", show_progress="hidden", trigger_mode="multiple", **always)
     _wire_generate(page, on)
     page.export_btn.click(on.on_export, None, [page.export_file, page.concept_msg], api_name="export", **always)
     page.import_file.change(on.on_import, [page.import_file], [page.concept_msg, *page.sliders, *page.state],
