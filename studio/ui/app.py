@@ -533,8 +533,9 @@ def wire(page: SimpleNamespace, on: Handlers) -> None:
     always = dict(concurrency_limit=None)
     photos_out = [page.crops, page.photo_report, page.photo_choice, *page.state]
     page.photos.change(on.on_photos, [page.photos], photos_out, api_name="photos")
+    # each tick sends the whole choice: a tick made while one is handled is sent after it, not dropped
     page.photo_choice.input(on.on_choose_photos, [page.photo_choice], [page.crops, page.photo_choice, *page.state],
-                            api_name="choose_photos", **always)
+                            api_name="choose_photos", trigger_mode="always_last", **always)
     live_inputs = [*page.training, *page.sliders]
     train = page.train_btn.click(on.on_train, live_inputs, page.live, api_name="train", **always)
     more = page.continue_btn.click(on.on_continue, [page.training[0], *page.sliders], page.live, api_name="continue", **always)
