@@ -158,6 +158,7 @@ class Engine:
         self._closed = False
         # one Interrupt per kind of run: Create images and Compose each have their own button
         self._cancel = {kind: threading.Event() for kind in ("generation", "composition")}
+        self._expected_runs: set[str] = set()  # kinds whose next run keeps an interrupt (expect_run)
         self._best_concept = None  # (step, Concept) of the best-balanced training preview
         self._cancel_sweep = threading.Event()
         self._best = BestStep()  # scored training previews of the current run
@@ -579,9 +580,10 @@ class Engine:
         """
         self._check_open()
         sample = self.cfg.sample
-        if band is not None or balance is not None:
-            self.set_preview_settings(band or tuple(sample.band), sample.balance if balance is None else balance)
-        band, balance = self._preview_settings
+        with self._lock:  # the values set are the values rendered, whatever another request sets
+            if band is not None or balance is not None:
+                self.set_preview_settings(band or tuple(sample.band), sample.balance if balance is None else balance)
+            band, balance = self._preview_settings
         concept = self._require_concept("previewing")
         sampler = shared_sampler(self.backbone())
         with self._gate.hold(self.session_id), loras_applied(sampler.backbone, self.loras):
@@ -593,11 +595,12 @@ class Engine:
     def _generation_steps(self, progress: Callable[[int, int], None] | None, kind: str) -> Callable[[int, int], bool]:
         """The per-step callback of a ``kind`` run ("generation" or "composition"): reports progress
         and says whether to stop (interrupt_generation / interrupt_composition). A past interrupt
-        does not stop this one."""
+        does not stop this one, unless it came after ``expect_run(kind)``."""
         cancel = self._cancel[kind]
         with self._lock:
-            if not self._closed:
+            if not self._closed and kind not in self._expected_runs:
                 cancel.clear()
+            self._expected_runs.discard(kind)
 
         def on_step(i: int, total: int) -> bool:
             if progress is not None:
@@ -665,6 +668,15 @@ class Engine:
 
         prompt = prompt or self.cfg.sample.preview_prompts[0].replace("{}", "{0}")
         return self.compose([PersonSource("photos")], prompt, progress=progress, **kwargs)
+
+    def expect_run(self, kind: str) -> None:
+        """A ``kind`` run ("generation" or "composition") has been asked for and starts soon: an
+        interrupt from now on stops it, even one that comes before the run itself has begun (a
+        page enables its Interrupt button as it asks)."""
+        with self._lock:
+            if not self._closed:
+                self._cancel[kind].clear()
+                self._expected_runs.add(kind)
 
     def interrupt_generation(self) -> None:
         """Stop this session's generation after the denoising step in flight (GenerationInterrupted)."""

@@ -17,6 +17,7 @@ from studio.sampler import GenerationInterrupted
 from studio.metrics import IdentityScore, ImageScores, PromptScore
 from studio.sweep import SweepSnapshot, summarise
 from studio.ui import explore, form, views
+from studio.ui import app as ui_app
 from studio.ui.app import Handlers
 
 TIMEOUT = 300
@@ -25,7 +26,9 @@ TIMEOUT = 300
 # ----------------------------------------------------------------------------- sliders
 def test_a_slider_change_that_arrives_after_a_newer_one_is_never_rendered(monkeypatch):
     """The requests of one drag can reach the server out of order; the page numbers them."""
-    handlers = Handlers(sessions=None, chunked=False)
+    monkeypatch.setattr(ui_app, "SLIDER_DEBOUNCE_S", 0.0)
+    live = ["one tab"]
+    handlers = Handlers(sessions=SimpleNamespace(sessions=lambda: live), chunked=False)
     rendered = []
     monkeypatch.setattr(handlers, "on_slider", lambda lo, hi, gamma, request: rendered.append((lo, hi, gamma)) or "shown")
     request = SimpleNamespace(session_hash="one tab")
@@ -46,6 +49,11 @@ def test_a_slider_change_that_arrives_after_a_newer_one_is_never_rendered(monkey
 
     rendered.clear()
     assert asyncio.run(a_burst())[-1] == "shown" and rendered == [(30, 800, 1.0)]
+
+    # what a closed session left is forgotten at the next change of another one
+    live[:] = ["another tab"]
+    asyncio.run(handlers.on_slider_input(40, 800, 1.0, 1, SimpleNamespace(session_hash="another tab")))
+    assert list(handlers._slider_lines) == ["another tab"]
 
 
 # ----------------------------------------------------------------------------- form
@@ -210,6 +218,13 @@ def test_an_interrupted_generation_stops_and_the_next_one_runs(engine, faces_dir
     with pytest.raises(GenerationInterrupted):
         engine.generate("a photo of {}", seeds=[0], num_inference_steps=5, progress=interrupt_at_step_two)
     assert len(engine.generate("a photo of {}", seeds=[0], num_inference_steps=2).images) == 1
+
+    # the page asks for a run and enables Interrupt at once: a click before the run has begun stops it
+    engine.expect_run("generation")
+    engine.interrupt_generation()
+    with pytest.raises(GenerationInterrupted):
+        engine.generate("a photo of {}", seeds=[0], num_inference_steps=2)
+    assert len(engine.generate("a photo of {}", seeds=[0], num_inference_steps=2).images) == 1, "only that one"
 
 
 def test_an_exported_concept_carries_the_trade_off_slider_values(engine, faces_dir, tmp_path):

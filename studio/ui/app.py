@@ -12,6 +12,7 @@ import logging
 import random
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -223,13 +224,22 @@ def render_live(snapshot: Snapshot, last: dict[str, Any] | None = None, *, plot:
     return [status, loss, gallery, *buttons]
 
 
+@dataclass
+class SliderLine:
+    """One session's trade-off slider changes: the number of the newest one seen, and the lock
+    that lets one preview render run at a time."""
+
+    newest: float = 0.0
+    rendering: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 class Handlers:
     """One named method per page event; each is given the session by Gradio's request."""
 
     def __init__(self, sessions: SessionRegistry, chunked: bool) -> None:
         self.sessions = sessions
         self.chunked = chunked  # ZeroGPU: the request drives training in GPU chunks
-        self._slider_clocks: dict[str, float] = {}  # session -> number of its newest slider change
+        self._slider_lines: dict[str, SliderLine] = {}
         # Accelerator work: on ZeroGPU these run in a GPU-attached process (decorated once, at start).
         self.on_preview = spaces.GPU(duration=GPU_DURATION_S)(self._preview)
         self.on_slider = spaces.GPU(duration=GPU_DURATION_S)(self._slider)
@@ -282,12 +292,17 @@ class Handlers:
 
     def on_choose_photos(self, names: list[str], request: gr.Request) -> list[Any]:
         engine = self.engine(request)
+        refused = False
         try:
             engine.choose_photos(names or [])
         except (ValueError, RuntimeError) as exc:
             gr.Warning(views.error_text(exc))
+            refused = True
         snapshot = engine.snapshot()
-        return [*self._photo_outputs(snapshot, request), *render_state(snapshot)]
+        crops, choice = self._photo_outputs(snapshot, request)
+        # an accepted choice is what the page already shows: sending it back would undo a tick
+        # made meanwhile, which is sent next (trigger_mode "always_last"); a refused one is put back
+        return [crops, choice if refused else gr.skip(), *render_state(snapshot)]
 
     # -------------------------------------------------------------- training
     async def on_train(self, request: gr.Request, *values: Any):
@@ -391,22 +406,32 @@ class Handlers:
         engine = self._render_previews(lo, hi, gamma, request, quiet=True)
         return views.preview_items(engine.snapshot()) if engine is not None else gr.skip()
 
-    async def on_slider_input(self, lo: Any, hi: Any, gamma: Any, clock: Any, request: gr.Request) -> Any:
+    async def on_slider_input(self, lo: Any, hi: Any, gamma: Any, clock: Any = None, request: gr.Request = None) -> Any:
         """Every committed slider change (drag, arrow keys, typed value) re-renders, debounced: only
-        the last change of a burst renders, once the burst has paused for SLIDER_DEBOUNCE_S."""
+        the last change of a burst renders, once the burst has paused for SLIDER_DEBOUNCE_S.
+
+        The page numbers each change as it happens (``clock``, SLIDER_CLOCK_JS): the requests of
+        one drag can arrive out of order, and an older value must never be what the previews show.
+        A call without a number (the HTTP API) counts as the newest change."""
         key = self.key(request)
-        newest = self._slider_clocks.get(key, 0.0)
-        # the page numbers each change as it happens (SLIDER_CLOCK_JS): the requests of one drag can
-        # arrive out of order, and an older value arriving last must not be what the previews show.
-        # A call without a number (the HTTP API) counts as the newest change.
-        clock = newest + 1.0 if clock is None else float(clock)
-        if clock <= newest:
+        line = self._slider_line(key)
+        clock = line.newest + 1.0 if clock is None else float(clock)
+        if clock <= line.newest:
             return gr.skip()  # a newer change has already arrived
-        self._slider_clocks[key] = clock
+        line.newest = clock
         await asyncio.sleep(SLIDER_DEBOUNCE_S)
-        if self._slider_clocks.get(key) != clock:
-            return gr.skip()  # a newer change follows
-        return await asyncio.to_thread(self.on_slider, lo, hi, gamma, request)
+        async with line.rendering:  # one render at a time, so the newest one finishes last
+            if line.newest != clock:
+                return gr.skip()  # a newer change follows
+            return await asyncio.to_thread(self.on_slider, lo, hi, gamma, request)
+
+    def _slider_line(self, key: str) -> SliderLine:
+        """This session's slider changes in flight; those of closed sessions are forgotten here
+        (sessions closed by the idle reaper never unload)."""
+        live = set(self.sessions.sessions())
+        for gone in [other for other in self._slider_lines if other != key and other not in live]:
+            del self._slider_lines[gone]
+        return self._slider_lines.setdefault(key, SliderLine())
 
     # -------------------------------------------------------------- images
     def _generate(self, text: str, negative: str, seed: Any, steps: Any, guidance: Any, scheduler: str, count: Any,
@@ -437,6 +462,9 @@ class Handlers:
         folder = self.folder(request)
         items = views.generated_items(result, steps_done, folder, model=snapshot.backbone)
         return [items, views.zip_of([path for path, _caption in items], folder)]
+
+    def expect_generation(self, request: gr.Request) -> None:
+        self.engine(request).expect_run("generation")
 
     def on_interrupt(self, request: gr.Request) -> None:
         self.engine(request).interrupt_generation()
@@ -502,7 +530,7 @@ class Handlers:
 
     # -------------------------------------------------------------- lifetime
     def on_unload(self, request: gr.Request) -> None:
-        self._slider_clocks.pop(self.key(request), None)
+        self._slider_lines.pop(self.key(request), None)
         self.sessions.close(self.key(request))
 
     def on_keepalive(self, request: gr.Request) -> None:  # an open tab is a live session, even when idle
@@ -570,7 +598,8 @@ def _wire_generate(page: SimpleNamespace, on: Handlers) -> None:
     inputs = [page.prompt, page.negative, page.gen_seed, page.gen_steps, page.guidance, page.scheduler,
               page.num_images, *page.sliders, page.width, page.height]
     # a prompt without its {} is said at the prompt box, and the gallery keeps its images
-    generate = views.start_checked(page.generate_btn, {page.prompt: check_prompt}, running, starts=1).then(
+    generate = views.start_checked(page.generate_btn, {page.prompt: check_prompt}, running, starts=1,
+                                   on_start=on.expect_generation).then(
         on.on_generate, inputs, [page.generated, page.download_all], api_name="generate", concurrency_limit=None,
     )
     views.afterwards(generate, views.while_running(False, starts=1), None, running, api_visibility="private", queue=False)

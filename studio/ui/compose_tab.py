@@ -282,6 +282,9 @@ class ComposeHandlers:
             raise views.user_error(exc) from None
         return rendered(result, region_scores, 1)
 
+    def expect_composition(self, request: gr.Request) -> None:
+        self.engine_for(request).expect_run("composition")
+
     def on_interrupt(self, request: gr.Request) -> None:
         self.engine_for(request).interrupt_composition()
 
@@ -300,7 +303,7 @@ def build_compose_tab(engine_for: Callable[[gr.Request], Engine], cfg: StudioCon
          names_the_people),
         (tab.instant_btn, on.on_instant, [tab.seed, tab.steps], {}),
     ):
-        run = views.start_checked(button, checks, buttons, starts=2).then(
+        run = views.start_checked(button, checks, buttons, starts=2, on_start=on.expect_composition).then(
             handler, inputs, tab.outputs, api_name="compose" if button is tab.compose_btn else "instant_preview",
         )
         views.afterwards(run, views.while_running(False, starts=2), None, buttons, api_visibility="private", queue=False)

@@ -82,17 +82,29 @@ def field_validator(checks: list[Callable[[Any], Any]]) -> Callable[..., Any]:
     return validate
 
 
-def start_checked(button: gr.Button, checks: dict[Any, Callable[[Any], Any]], buttons: list[Any], starts: int) -> Any:
+def start_checked(button: gr.Button, checks: dict[Any, Callable[[Any], Any]], buttons: list[Any], starts: int,
+                  on_start: Callable[[gr.Request], None] | None = None) -> Any:
     """``button``'s first step: each component in ``checks`` is checked (its sentence shows at the
     component), then the run's buttons turn to running (while_running). Chain the run with
     ``.then``: a refused input stops the chain before any button changes or any output is
     touched. Only the checked components are sent (an upload is read once, by the run). Gradio
     checks inputs only on queued events, so a checked first step is queued, with no concurrency
-    limit; API callers call the run's own step, where the engine refuses the same input."""
+    limit; API callers call the run's own step, where the engine refuses the same input.
+
+    ``on_start(request)`` runs in the step that turns the buttons, before an Interrupt can be
+    clicked (Engine.expect_run, so that an Interrupt clicked before the run begins still stops it).
+    """
     running = while_running(True, starts)
+
+    def first_step(request: gr.Request, *_values: Any) -> list[Any]:
+        if on_start is not None:
+            on_start(request)
+        return running()
+
     if not checks:
-        return button.click(running, None, buttons, api_visibility="private", queue=False)
-    return button.click(lambda *_values: running(), list(checks), buttons, validator=field_validator(list(checks.values())),
+        return button.click(first_step, None, buttons, api_visibility="private", concurrency_limit=None,
+                            show_progress="hidden")
+    return button.click(first_step, list(checks), buttons, validator=field_validator(list(checks.values())),
                         api_visibility="private", concurrency_limit=None, show_progress="hidden")
 
 
