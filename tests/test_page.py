@@ -50,6 +50,26 @@ def test_a_slider_change_that_arrives_after_a_newer_one_is_never_rendered(monkey
     rendered.clear()
     assert asyncio.run(a_burst())[-1] == "shown" and rendered == [(30, 800, 1.0)]
 
+    # a change still waiting out its pause gives way to previews something else sets meanwhile
+    async def a_change_then_best_step():
+        arrived, resume = asyncio.Event(), asyncio.Event()
+
+        async def pause():
+            arrived.set()
+            await resume.wait()
+
+        handlers._burst_pause = pause
+        change = asyncio.create_task(handlers.on_slider_input(50, 800, 1.0, 99, request))
+        await arrived.wait()
+        handlers.on_previews_set(600, 900, 0.75, request)  # e.g. Best step's values
+        resume.set()
+        return await change
+
+    rendered.clear()
+    assert isinstance(asyncio.run(a_change_then_best_step()), type(gr.skip()))
+    assert rendered == [(600, 900, 0.75)]
+    del handlers._burst_pause
+
     # what a closed session left is forgotten at the next change of another one
     live[:] = ["another tab"]
     asyncio.run(handlers.on_slider_input(40, 800, 1.0, 1, SimpleNamespace(session_hash="another tab")))

@@ -230,6 +230,7 @@ class SliderLine:
     that lets one preview render run at a time."""
 
     newest: float = 0.0
+    others: int = 0  # previews rendered meanwhile by anything else (Preview now, Best step, an import)
     rendering: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -398,6 +399,7 @@ class Handlers:
 
     def _preview(self, lo: Any, hi: Any, gamma: Any, request: gr.Request) -> list[Any]:
         """Preview now: the live view (the loss plot is not resent: it has not changed)."""
+        self._slider_line(self.key(request)).others += 1
         return render_live(self._render_previews(lo, hi, gamma, request, quiet=False).snapshot(), plot=False)
 
     def _slider(self, lo: Any, hi: Any, gamma: Any, request: gr.Request) -> Any:
@@ -405,6 +407,12 @@ class Handlers:
         Gradio marks as pending, so the status and plot stay as they are."""
         engine = self._render_previews(lo, hi, gamma, request, quiet=True)
         return views.preview_items(engine.snapshot()) if engine is not None else gr.skip()
+
+    def on_previews_set(self, lo: Any, hi: Any, gamma: Any, request: gr.Request) -> Any:
+        """The previews at slider values something else has just set (Best step, an import); a
+        slider change still waiting to render gives way to it."""
+        self._slider_line(self.key(request)).others += 1
+        return self.on_slider(lo, hi, gamma, request)
 
     async def on_slider_input(self, lo: Any, hi: Any, gamma: Any, clock: Any = None, request: gr.Request = None) -> Any:
         """Every committed slider change (drag, arrow keys, typed value) re-renders, debounced: only
@@ -418,12 +426,16 @@ class Handlers:
         clock = line.newest + 1.0 if clock is None else float(clock)
         if clock <= line.newest:
             return gr.skip()  # a newer change has already arrived
-        line.newest = clock
-        await asyncio.sleep(SLIDER_DEBOUNCE_S)
+        line.newest, others = clock, line.others
+        await self._burst_pause()
         async with line.rendering:  # one render at a time, so the newest one finishes last
-            if line.newest != clock:
-                return gr.skip()  # a newer change follows
+            if line.newest != clock or line.others != others:
+                return gr.skip()  # a newer change follows, or another render has set the previews since
             return await asyncio.to_thread(self.on_slider, lo, hi, gamma, request)
+
+    @staticmethod
+    async def _burst_pause() -> None:
+        await asyncio.sleep(SLIDER_DEBOUNCE_S)
 
     def _slider_line(self, key: str) -> SliderLine:
         """This session's slider changes in flight; those of closed sessions are forgotten here
@@ -575,7 +587,7 @@ def wire(page: SimpleNamespace, on: Handlers) -> None:
     page.pause_btn.click(on.on_pause, None, page.state, api_name="pause", **always)
     page.resume_btn.click(on.on_resume, None, page.state, api_name="resume", **always)
     page.best_btn.click(on.on_best_step, None, page.state, api_name="best_step", **always).then(
-        on.on_slider, page.sliders, page.previews, show_progress="hidden", **always)
+        on.on_previews_set, page.sliders, page.previews, show_progress="hidden", **always)
     page.preview_btn.click(on.on_preview, page.sliders, page.live, api_name="preview", **always)
     gr.on([slider.input for slider in page.sliders], on.on_slider_input, [*page.sliders, page.slider_clock],
           page.previews, js=SLIDER_CLOCK_JS, api_name="sliders", show_progress="hidden", trigger_mode="multiple", **always)
@@ -583,7 +595,7 @@ def wire(page: SimpleNamespace, on: Handlers) -> None:
     page.export_btn.click(on.on_export, None, [page.export_file, page.concept_msg], api_name="export", **always)
     page.import_file.change(on.on_import, [page.import_file], [page.concept_msg, *page.sliders, *page.state],
                             api_name="import", **always).then(
-        on.on_slider, page.sliders, page.previews, show_progress="hidden", **always)  # show the imported concept
+        on.on_previews_set, page.sliders, page.previews, show_progress="hidden", **always)  # show the imported concept
     page.preset.change(on.on_preset, [page.preset],
                        [page.banner, page.model_source, page.image_encoder, *page.training, *page.sliders], api_name="preset")
     for box in (page.model_source, page.image_encoder):
