@@ -165,6 +165,8 @@ def test_keyboard_slider_changes_rerender_the_previews(page, faces_dir):
     box.fill("2.5")
     box.press("Tab")
     wait_for_text(page, "previews", "γ=2.5")
+    # the page numbered every change as it sent it (the server orders changes by that number)
+    assert page.evaluate("() => window.studioSliderClock") >= 6, "five key presses and a typed value"
     plot_paths = page.locator("#loss-plot g.mark-line path").count()
     assert plot_paths == 2, "the loss plot is still drawn after the re-render"
     assert page.evaluate("() => document.querySelector('#loss-plot svg')?.dataset.kept") == "yes", "plot not resent"
