@@ -19,16 +19,17 @@ from studio.sweep import SweepSnapshot, summarise
 from studio.ui import explore, form, views
 from studio.ui import app as ui_app
 from studio.ui.app import Handlers
+from studio.ui.sessions import SessionRegistry
 
 TIMEOUT = 300
 
 
 # ----------------------------------------------------------------------------- sliders
-def test_a_slider_change_that_arrives_after_a_newer_one_is_never_rendered(monkeypatch):
+def test_a_slider_change_that_arrives_after_a_newer_one_is_never_rendered(monkeypatch, tiny_cfg, tmp_path):
     """The requests of one drag can reach the server out of order; the page numbers them."""
     monkeypatch.setattr(ui_app, "SLIDER_DEBOUNCE_S", 0.0)
-    live = ["one tab"]
-    handlers = Handlers(sessions=SimpleNamespace(sessions=lambda: live), chunked=False)
+    sessions = SessionRegistry(tiny_cfg, root=tmp_path)
+    handlers = Handlers(sessions, chunked=False)
     rendered = []
     monkeypatch.setattr(handlers, "on_slider", lambda lo, hi, gamma, request: rendered.append((lo, hi, gamma)) or "shown")
     request = SimpleNamespace(session_hash="one tab")
@@ -70,9 +71,9 @@ def test_a_slider_change_that_arrives_after_a_newer_one_is_never_rendered(monkey
     assert rendered == [(600, 900, 0.75)]
     del handlers._burst_pause
 
-    # what a closed session left is forgotten at the next change of another one
-    live[:] = ["another tab"]
+    # what a session left is forgotten when it closes, however it closes (unload or idle)
     asyncio.run(handlers.on_slider_input(40, 800, 1.0, 1, SimpleNamespace(session_hash="another tab")))
+    sessions.close("one tab")
     assert list(handlers._slider_lines) == ["another tab"]
 
 

@@ -241,6 +241,7 @@ class Handlers:
         self.sessions = sessions
         self.chunked = chunked  # ZeroGPU: the request drives training in GPU chunks
         self._slider_lines: dict[str, SliderLine] = {}
+        sessions.when_closed(lambda key: self._slider_lines.pop(key, None))
         # Accelerator work: on ZeroGPU these run in a GPU-attached process (decorated once, at start).
         self.on_preview = spaces.GPU(duration=GPU_DURATION_S)(self._preview)
         self.on_slider = spaces.GPU(duration=GPU_DURATION_S)(self._slider)
@@ -438,11 +439,7 @@ class Handlers:
         await asyncio.sleep(SLIDER_DEBOUNCE_S)
 
     def _slider_line(self, key: str) -> SliderLine:
-        """This session's slider changes in flight; those of closed sessions are forgotten here
-        (sessions closed by the idle reaper never unload)."""
-        live = set(self.sessions.sessions())
-        for gone in [other for other in self._slider_lines if other != key and other not in live]:
-            del self._slider_lines[gone]
+        """This session's slider changes in flight (forgotten when the session closes)."""
         return self._slider_lines.setdefault(key, SliderLine())
 
     # -------------------------------------------------------------- images
@@ -542,7 +539,6 @@ class Handlers:
 
     # -------------------------------------------------------------- lifetime
     def on_unload(self, request: gr.Request) -> None:
-        self._slider_lines.pop(self.key(request), None)
         self.sessions.close(self.key(request))
 
     def on_keepalive(self, request: gr.Request) -> None:  # an open tab is a live session, even when idle

@@ -63,6 +63,7 @@ class SessionRegistry:
         self._folders: dict[str, Path] = {}
         self._files: dict[str, set[Path]] = {}
         self._closing: dict[str, int] = {}  # session hash -> close() calls still cleaning up
+        self._on_close: list[Callable[[str], None]] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
 
@@ -114,7 +115,14 @@ class SessionRegistry:
         with self._lock:
             self._files.setdefault(session_hash, set()).update(Path(p) for p in paths if p)
 
+    def when_closed(self, forget: Callable[[str], None]) -> None:
+        """Call ``forget(session_hash)`` whenever a session closes (unload or idle), for state kept
+        about a session outside its engine."""
+        self._on_close.append(forget)
+
     def close(self, session_hash: str) -> None:
+        for forget in self._on_close:
+            forget(session_hash)
         with self._lock:
             engine = self._engines.pop(session_hash, None)
             self._closing[session_hash] = self._closing.get(session_hash, 0) + 1

@@ -102,8 +102,7 @@ def start_checked(button: gr.Button, checks: dict[Any, Callable[[Any], Any]], bu
         return running()
 
     if not checks:
-        return button.click(first_step, None, buttons, api_visibility="private", concurrency_limit=None,
-                            show_progress="hidden")
+        return button.click(first_step, None, buttons, api_visibility="private", queue=False)
     return button.click(first_step, list(checks), buttons, validator=field_validator(list(checks.values())),
                         api_visibility="private", concurrency_limit=None, show_progress="hidden")
 
