@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from toy_world import FIRST, PROMPTS, SEEDS, World, cpu_name, identity_values  # noqa: E402
+from toy_world import FIRST, PROMPTS, SEEDS, World, cpu_name, identity_values, model_source  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> str:
@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> str:
 
     started = time.perf_counter()
     overrides = {"train.steps": args.steps} if args.steps else {}
-    world = World()
+    args.out.mkdir(parents=True, exist_ok=True)
+    world = World({"model.source": model_source(args.run, args.out)})
     cfg = world.cfg.replace(**overrides) if overrides else world.cfg
     prompts, seeds = PROMPTS[: args.prompts], SEEDS[: args.seeds]
     cells = [(p, s) for p in prompts for s in seeds]
@@ -91,6 +92,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"first N of the {len(PROMPTS)} toy prompts")
     parser.add_argument("--seeds", type=int, default=len(SEEDS))
     parser.add_argument("--steps", type=int, help="training steps (default: the toy preset's)")
+    parser.add_argument("--run", type=Path, help="a pretraining run folder: its VAE and last checkpoint (default: the shipped assets/toy)")
     parser.add_argument("--out", type=Path, default=Path("bench/out/toy-export"))
     args = parser.parse_args()
     section = "## Export: full concept vs exported static approximation\n\n" + run(args)

@@ -67,7 +67,8 @@ def ci95(values) -> tuple[float, float]:
 
 def model_source(run: Path | None, scratch: Path) -> str:
     """The toy preset's ``model.source`` for a bench: "toy" (the shipped assets/toy), or a copy of
-    it in ``scratch`` carrying pretraining run ``run``'s last checkpoint (EMA weights) and its VAE."""
+    it in ``scratch`` carrying pretraining run ``run``'s VAE and its last checkpoint (EMA weights;
+    the shipped UNet and text encoder where the run has none, e.g. a decoder-only run)."""
     import shutil
 
     if run is None:
@@ -78,7 +79,8 @@ def model_source(run: Path | None, scratch: Path) -> str:
     folder = scratch / "toy-model"
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(TOY_DIR, folder)
-    export_checkpoint(run, folder)
+    if (run / "checkpoint" / "ema.safetensors").exists():
+        export_checkpoint(run, folder)
     shutil.rmtree(folder / "vae")
     shutil.copytree(run / "vae", folder / "vae")
     return str(folder)

@@ -29,6 +29,10 @@ def add_toy_parser(subparsers: Any) -> None:
                           help="run only these stages (default: all, in order)")
     pretrain.add_argument("--minutes", type=float, help="time budget of the UNet + text encoder stage")
     pretrain.add_argument("--decoder-minutes", type=float, help="time budget of the decoder fine-tuning stage")
+    pretrain.add_argument("--decoder-rounds", type=int, metavar="N",
+                          help="fine-tune the decoder again until it has had N rounds (default 1; a --continue-from folder brings its own)")
+    pretrain.add_argument("--decoder-feature-weight", type=float, metavar="W",
+                          help="extra loss weight of the pixels at the eyes and mouth in the decoder stage (default 0: every pixel alike)")
     pretrain.add_argument("--threads", type=int, default=2, help="torch threads (and render workers)")
     pretrain.add_argument("--device", default="cpu", help="where the UNet + text encoder stage runs, e.g. cuda (default cpu)")
     pretrain.add_argument("--instrument-steps", type=int, metavar="N",
@@ -43,7 +47,7 @@ def add_toy_parser(subparsers: Any) -> None:
     pretrain.add_argument("--anneal", action="store_true",
                           help="decay the learning rate along a cosine to a tenth by --steps (which it needs), from the step it is first given")
     pretrain.add_argument("--continue-from", type=Path, metavar="FOLDER",
-                          help="start the UNet stage from a trained toy folder, e.g. assets/toy (it goes on from its step; --minutes is the new run's own time)")
+                          help="start the UNet and decoder stages from a trained toy folder, e.g. assets/toy (it goes on from its step; --minutes is the new run's own time)")
     pretrain.set_defaults(func=run_pretrain)
 
 
@@ -87,6 +91,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
         raise CliError(f"--identity-tokens is a share from 0 to 1, got {args.identity_tokens}")
     if args.min_snr is not None and not args.min_snr > 0:
         raise CliError(f"--min-snr is a positive signal-to-noise cap such as 5, got {args.min_snr}")
+    if args.decoder_rounds is not None and not 1 <= args.decoder_rounds <= 100:
+        raise CliError(f"--decoder-rounds must be between 1 and 100, got {args.decoder_rounds}")
+    if args.decoder_feature_weight is not None and not 0 <= args.decoder_feature_weight <= 100:
+        raise CliError(f"--decoder-feature-weight must be between 0 and 100, got {args.decoder_feature_weight}")
     if args.anneal and args.steps is None:
         raise CliError("--anneal decays the learning rate towards --steps: give --steps too")
     if args.continue_from is not None:
@@ -95,7 +103,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
         check_continue_folder(args.continue_from)  # before any stage runs
     flags = {"continue_from": str(args.continue_from) if args.continue_from else None, "unet_batch": args.batch, "unet_minutes": args.minutes, "decoder_minutes": args.decoder_minutes,
              "unet_steps": args.steps, "instrument_steps": args.instrument_steps, "identity_token_share": args.identity_tokens,
-             "min_snr_gamma": args.min_snr, "anneal": args.anneal or None}
+             "min_snr_gamma": args.min_snr, "anneal": args.anneal or None, "decoder_rounds": args.decoder_rounds,
+             "decoder_feature_weight": args.decoder_feature_weight}
     plan = PretrainPlan(device=str(device), **{key: value for key, value in flags.items() if value is not None})
     pretrain(args.out, tuple(args.stage or STAGES), plan, threads=args.threads)
     return 0

@@ -118,6 +118,8 @@ def test_render_command_writes_the_ground_truth_and_refuses_unknown_words(tmp_pa
         (["--identity-tokens", "1.5"], "--identity-tokens is a share from 0 to 1, got 1.5"),
         (["--min-snr", "0"], "--min-snr is a positive signal-to-noise cap such as 5, got 0.0"),
         (["--instrument-steps", "0"], "--instrument-steps must be between 1 and 1000000, got 0"),
+        (["--decoder-rounds", "0"], "--decoder-rounds must be between 1 and 100, got 0"),
+        (["--decoder-feature-weight", "-1"], "--decoder-feature-weight must be between 0 and 100, got -1.0"),
         (["--anneal"], "--anneal decays the learning rate towards --steps: give --steps too"),
         (["--continue-from", "no-such-folder"], "--continue-from must be a toy model folder, got no-such-folder"),
         (["--continue-from", str(Path(__file__).parent)], "is not a trained toy model folder to continue from: it lacks unet"),
@@ -263,3 +265,50 @@ def test_centring_the_latent_space_moves_its_means_to_zero_and_decodes_every_ima
     assert torch.allclose(after, before - moved.view(1, 4, 1, 1), atol=1e-5)
     assert torch.allclose(decoded_after, decoded_before, atol=1e-4), "the shift is folded in exactly"
     assert center_latent_space(vae, images) is None, "a centred space is left as it is"
+
+
+def test_feature_weights_peak_at_the_eyes_and_mouth_and_are_one_far_from_them():
+    from studio.toy.pretrain import feature_weights
+
+    landmarks = np.array([[[20, 24], [44, 24], [32, 34], [32, 46], [32, 32]]], np.float32)  # eyes, nose, mouth, centre
+    w = feature_weights(landmarks, 4.0, 64)
+    assert w.shape == (1, 1, 64, 64)
+    for x, y in ((20, 24), (44, 24), (32, 46)):
+        assert 4.9 < float(w[0, 0, y, x]) < 5.1, "1 + the weight at each feature"
+    assert float(w[0, 0, 34, 32]) < 1.5, "the nose is not weighted"
+    assert abs(float(w[0, 0, 2, 2]) - 1) < 1e-6 and float(w.min()) >= 1
+    assert bool((feature_weights(landmarks, 0.0, 64) == 1).all()), "weight 0: every pixel alike"
+
+
+def test_the_decoder_stage_adds_a_round_to_a_continued_folder_and_leaves_the_encoder_alone(tmp_path):
+    """A second round of decoder fine-tuning on the shipped VAE, at a tiny size: it starts from
+    the folder's VAE, trains only the decoder, records both rounds, and is not run twice."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from studio.toy.pretrain import PretrainPlan, decoder_rounds, stage_data, stage_decoder
+    from studio.weights import TOY_DIR
+
+    out = tmp_path / "run"
+    plan = PretrainPlan(identities=2, views=2, heldout_identities=1, negatives=1, decoder_minutes=0.002, decoder_batch=2,
+                        continue_from=str(TOY_DIR), decoder_rounds=2, decoder_feature_weight=4.0)
+    stage_data(out, plan, workers=1)
+    shipped = decoder_rounds(TOY_DIR / "vae" / "decoder.json")
+    assert len(shipped) >= 1, "the shipped decoder was fine-tuned"
+    before = load_file(str(TOY_DIR / "vae" / "diffusion_pytorch_model.safetensors"))
+
+    stage_decoder(out, replace(plan, decoder_rounds=len(shipped)))
+    assert decoder_rounds(out / "vae" / "decoder.json") == shipped, "as many rounds as asked for: nothing ran"
+    stage_decoder(out, replace(plan, decoder_rounds=len(shipped) + 1))
+    rounds = decoder_rounds(out / "vae" / "decoder.json")
+    assert rounds[:-1] == shipped and len(rounds) == len(shipped) + 1
+    assert rounds[-1]["feature_weight"] == 4.0 and rounds[-1]["steps"] >= 1
+    after = load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    modified = (out / "vae" / "decoder.json").stat().st_mtime_ns
+    stage_decoder(out, replace(plan, decoder_rounds=len(shipped) + 1))  # the same command again: done already
+    assert (out / "vae" / "decoder.json").stat().st_mtime_ns == modified
+    assert json.loads((out / "vae" / "decoder.json").read_text())["rounds"] == rounds

@@ -72,6 +72,12 @@ class PretrainPlan:
     anneal: bool = False
     decoder_minutes: float = 20.0
     decoder_batch: int = 32
+    # rounds of decoder fine-tuning the VAE should have had: the decoder stage runs one more while it
+    # has had fewer (a folder continued from, e.g. assets/toy, brings its rounds along)
+    decoder_rounds: int = 1
+    # extra weight of the pixels at the eyes and the mouth in the decoder's loss (a Gaussian of
+    # FEATURE_SIGMA_PX around each of the render's landmarks there); 0 = every pixel alike
+    decoder_feature_weight: float = 0.0
     seed: int = 0
     device: str = "cpu"  # where the UNet + text encoder stage runs ("cuda" on a lent GPU)
     # a toy diffusers folder (e.g. assets/toy) whose weights a new run's UNet stage starts from
@@ -176,7 +182,7 @@ def degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
-def _optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float, step: int, total: int, floor: float = 0.0) -> None:
+def _optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float, step: float, total: float, floor: float = 0.0) -> None:
     """One optimiser step, then the learning rate of the next: cosine from ``lr`` down to ``floor * lr``."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -424,38 +430,72 @@ def _train_vae(train: dict, plan: PretrainPlan, vae_dir: Path) -> None:
     vae.save_pretrained(str(vae_dir), safe_serialization=True)
 
 
+FEATURE_SIGMA_PX = 3.0
+DECODER_LR = 5e-4  # the first round; later rounds fine-tune a fine-tuned decoder, more gently
+LATER_DECODER_LR = 2e-4
+
+
+def feature_weights(landmarks: np.ndarray, weight: float, side: int) -> torch.Tensor:
+    """Per-pixel loss weights (B, 1, side, side): 1, plus ``weight`` times a Gaussian of
+    FEATURE_SIGMA_PX at each eye and the mouth of each render's landmarks (B, 5, 2)."""
+    centres = torch.from_numpy(landmarks[:, [0, 1, 3]].astype(np.float32))  # (B, 3, 2): eyes, mouth as (x, y)
+    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32), indexing="ij")
+    d2 = (xs - centres[..., 0, None, None]) ** 2 + (ys - centres[..., 1, None, None]) ** 2  # (B, 3, side, side)
+    return 1 + weight * torch.exp(-d2 / (2 * FEATURE_SIGMA_PX**2)).sum(1, keepdim=True)
+
+
+def decoder_rounds(record: Path) -> list[dict[str, Any]]:
+    """The fine-tuning rounds ``vae/decoder.json`` records (a file from before rounds were
+    recorded describes one)."""
+    if not record.exists():
+        return []
+    data = json.loads(record.read_text())
+    return data["rounds"] if "rounds" in data else [data]
+
+
 def stage_decoder(out: Path, plan: PretrainPlan) -> None:
     """Fine-tune the VAE's decoder with its encoder frozen (as SD's ft-MSE VAE was): the latent
     space the UNet learned stays exactly the same, and every generated latent decodes sharper.
     The short VAE stage reconstructs colours and edges poorly, which caps what any sample can
     look like. Posterior samples (not means) are decoded, so that imperfect latents from the
-    UNet decode well too. Skipped when ``vae/decoder.json`` says it ran."""
+    UNet decode well too. Runs one round while ``vae/decoder.json`` records fewer than
+    ``plan.decoder_rounds``; a run continued from a folder starts from the folder's VAE."""
     from diffusers import AutoencoderKL
 
     vae_dir, record = out / "vae", out / "vae" / "decoder.json"
-    if record.exists():
-        _log(f"[decoder] already fine-tuned ({record})")
+    if plan.continue_from and not (vae_dir / "diffusion_pytorch_model.safetensors").exists():
+        take_folder_latent_space(out, Path(plan.continue_from))
+    rounds = decoder_rounds(record)
+    if len(rounds) >= plan.decoder_rounds:
+        _log(f"[decoder] already fine-tuned in {len(rounds)} round(s) ({record})")
         return
     train = load_set(out, "train")
     vae = AutoencoderKL.from_pretrained(str(vae_dir))
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())  # the encoder stays as it is
-    opt = torch.optim.AdamW(params, 5e-4, weight_decay=0)
-    rng = np.random.default_rng(plan.seed + 8)
+    lr = DECODER_LR if not rounds else LATER_DECODER_LR
+    opt = torch.optim.AdamW(params, lr, weight_decay=0)
+    rng = np.random.default_rng([plan.seed + 8, len(rounds)])
     n, budget, started = len(train["images"]), plan.decoder_minutes * 60, time.time()
-    progress = Progress("decoder", None, deadline=started + budget)
+    progress = Progress(f"decoder, round {len(rounds) + 1}", None, deadline=started + budget)
     step = 0
     while (elapsed := time.time() - started) < budget:
         step += 1
-        x = toy_models.to_input(train["images"][rng.integers(0, n, plan.decoder_batch)])
+        idx = rng.integers(0, n, plan.decoder_batch)
+        x = toy_models.to_input(train["images"][idx])
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
         recon = vae.decode(z).sample
-        loss = _pixel_loss(recon, x)
-        _optimise(opt, loss, 5e-4, int(elapsed), int(budget), floor=0.1)  # cosine over the time budget
+        if plan.decoder_feature_weight:
+            w = feature_weights(train["landmarks"][idx], plan.decoder_feature_weight, x.shape[-1])
+            loss = (((recon - x) ** 2 + 0.5 * (recon - x).abs()) * w).mean() / w.mean()  # _pixel_loss, weighted
+        else:
+            loss = _pixel_loss(recon, x)
+        _optimise(opt, loss, lr, elapsed, budget, floor=0.1)  # cosine over the time budget
         progress.update(step, loss=loss.item())
     vae.save_pretrained(str(vae_dir), safe_serialization=True)
-    record.write_text(json.dumps({"steps": step, "batch": plan.decoder_batch, "minutes": (time.time() - started) / 60,
-                                  "final_loss": loss.item()}, indent=2))
+    rounds.append({"steps": step, "batch": plan.decoder_batch, "minutes": (time.time() - started) / 60,
+                   "final_loss": loss.item(), "learning_rate": lr, "feature_weight": plan.decoder_feature_weight})
+    record.write_text(json.dumps({"rounds": rounds}, indent=2))
 
 
 def _to_cpu(value: Any) -> Any:

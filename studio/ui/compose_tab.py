@@ -44,7 +44,9 @@ EXPLAIN = (
     "Put **two people** in one picture: each is a trained concept (this session's or a file) and/or a photo. "
     "Write `{0}` and `{1}` in the prompt where they go. After a short layout stage with class words only, each "
     "person's region (shown as a coloured overlay) sees only their own tokens and photo. "
-    "**Instant preview** shows a likeness from this session's photo before any training."
+    "**Instant preview** lets this session's photo steer the picture through reference attention before any "
+    "training: the method means it as a first likeness; on the toy model, measured, it changes the picture but "
+    "does not carry the person yet."
 )
 
 
