@@ -279,6 +279,18 @@ def test_feature_weights_peak_at_the_eyes_and_mouth_and_are_one_far_from_them():
     assert abs(float(w[0, 0, 2, 2]) - 1) < 1e-6 and float(w.min()) >= 1
     assert bool((feature_weights(landmarks, 0.0, 64) == 1).all()), "weight 0: every pixel alike"
 
+    import torch
+
+    from studio.toy.pretrain import _pixel_loss
+
+    x = torch.zeros(1, 3, 64, 64)
+    at_mouth, in_a_corner = x.clone(), x.clone()
+    at_mouth[..., 44:49, 30:35] = 0.5
+    in_a_corner[..., 0:5, 0:5] = 0.5
+    assert torch.isclose(_pixel_loss(at_mouth, x, torch.ones(1, 1, 64, 64)), _pixel_loss(at_mouth, x))
+    assert torch.isclose(_pixel_loss(at_mouth, x), _pixel_loss(in_a_corner, x)), "unweighted: where does not matter"
+    assert _pixel_loss(at_mouth, x, w) > 2 * _pixel_loss(in_a_corner, x, w), "weighted: an error at the mouth costs more"
+
 
 def test_the_decoder_stage_adds_a_round_to_a_continued_folder_and_leaves_the_encoder_alone(tmp_path):
     """A second round of decoder fine-tuning on the shipped VAE, at a tiny size: it starts from

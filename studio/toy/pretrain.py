@@ -399,9 +399,13 @@ def text_config(tokenizer) -> dict:
                 pad_token_id=tokenizer.pad_token_id, projection_dim=128)
 
 
-def _pixel_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Reconstruction loss of the VAE stages: MSE + 0.5 L1 on (B, 3, H, W) images in [-1, 1]."""
-    return F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+def _pixel_loss(recon: torch.Tensor, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Reconstruction loss of the VAE stages: MSE + 0.5 L1 on (B, 3, H, W) images in [-1, 1];
+    with per-pixel ``weights`` (B, 1, H, W), their weighted mean (divided by the mean weight, so
+    that weights of 1 give the plain loss)."""
+    if weights is None:
+        return F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+    return (((recon - x) ** 2 + 0.5 * (recon - x).abs()) * weights).mean() / weights.mean()
 
 
 def _train_vae(train: dict, plan: PretrainPlan, vae_dir: Path) -> None:
@@ -485,11 +489,9 @@ def stage_decoder(out: Path, plan: PretrainPlan) -> None:
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
         recon = vae.decode(z).sample
-        if plan.decoder_feature_weight:
-            w = feature_weights(train["landmarks"][idx], plan.decoder_feature_weight, x.shape[-1])
-            loss = (((recon - x) ** 2 + 0.5 * (recon - x).abs()) * w).mean() / w.mean()  # _pixel_loss, weighted
-        else:
-            loss = _pixel_loss(recon, x)
+        weights = (feature_weights(train["landmarks"][idx], plan.decoder_feature_weight, x.shape[-1])
+                   if plan.decoder_feature_weight else None)
+        loss = _pixel_loss(recon, x, weights)
         _optimise(opt, loss, lr, elapsed, budget, floor=0.1)  # cosine over the time budget
         progress.update(step, loss=loss.item())
     vae.save_pretrained(str(vae_dir), safe_serialization=True)
