@@ -33,6 +33,8 @@ def add_toy_parser(subparsers: Any) -> None:
                           help="fine-tune the decoder again until it has had N rounds (default 1; a --continue-from folder brings its own)")
     pretrain.add_argument("--decoder-feature-weight", type=float, metavar="W",
                           help="extra loss weight of the pixels at the eyes and mouth in the decoder stage (default 0: every pixel alike)")
+    pretrain.add_argument("--decoder-latent-noise", type=float, metavar="F",
+                          help="in the decoder stage, add Gaussian noise up to F times the latents' std to what it decodes (default 0)")
     pretrain.add_argument("--threads", type=int, default=2, help="torch threads (and render workers)")
     pretrain.add_argument("--device", default="cpu", help="where the UNet + text encoder stage runs, e.g. cuda (default cpu)")
     pretrain.add_argument("--instrument-steps", type=int, metavar="N",
@@ -95,6 +97,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
         raise CliError(f"--decoder-rounds must be between 1 and 100, got {args.decoder_rounds}")
     if args.decoder_feature_weight is not None and not 0 <= args.decoder_feature_weight <= 100:
         raise CliError(f"--decoder-feature-weight must be between 0 and 100, got {args.decoder_feature_weight}")
+    if args.decoder_latent_noise is not None and not 0 <= args.decoder_latent_noise <= 1:
+        raise CliError(f"--decoder-latent-noise must be between 0 and 1, got {args.decoder_latent_noise}")
     if args.anneal and args.steps is None:
         raise CliError("--anneal decays the learning rate towards --steps: give --steps too")
     if args.continue_from is not None:
@@ -104,7 +108,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     flags = {"continue_from": str(args.continue_from) if args.continue_from else None, "unet_batch": args.batch, "unet_minutes": args.minutes, "decoder_minutes": args.decoder_minutes,
              "unet_steps": args.steps, "instrument_steps": args.instrument_steps, "identity_token_share": args.identity_tokens,
              "min_snr_gamma": args.min_snr, "anneal": args.anneal or None, "decoder_rounds": args.decoder_rounds,
-             "decoder_feature_weight": args.decoder_feature_weight}
+             "decoder_feature_weight": args.decoder_feature_weight, "decoder_latent_noise": args.decoder_latent_noise}
     plan = PretrainPlan(device=str(device), **{key: value for key, value in flags.items() if value is not None})
     pretrain(args.out, tuple(args.stage or STAGES), plan, threads=args.threads)
     return 0

@@ -120,6 +120,7 @@ def test_render_command_writes_the_ground_truth_and_refuses_unknown_words(tmp_pa
         (["--instrument-steps", "0"], "--instrument-steps must be between 1 and 1000000, got 0"),
         (["--decoder-rounds", "0"], "--decoder-rounds must be between 1 and 100, got 0"),
         (["--decoder-feature-weight", "-1"], "--decoder-feature-weight must be between 0 and 100, got -1.0"),
+        (["--decoder-latent-noise", "2"], "--decoder-latent-noise must be between 0 and 1, got 2.0"),
         (["--anneal"], "--anneal decays the learning rate towards --steps: give --steps too"),
         (["--continue-from", "no-such-folder"], "--continue-from must be a toy model folder, got no-such-folder"),
         (["--continue-from", str(Path(__file__).parent)], "is not a trained toy model folder to continue from: it lacks unet"),
@@ -305,7 +306,8 @@ def test_the_decoder_stage_adds_a_round_to_a_continued_folder_and_leaves_the_enc
 
     out = tmp_path / "run"
     plan = PretrainPlan(identities=2, views=2, heldout_identities=1, negatives=1, decoder_minutes=0.002, decoder_batch=2,
-                        continue_from=str(TOY_DIR), decoder_rounds=2, decoder_feature_weight=4.0)
+                        continue_from=str(TOY_DIR), decoder_rounds=2, decoder_feature_weight=4.0,
+                        decoder_latent_noise=0.3)
     stage_data(out, plan, workers=1)
     shipped = decoder_rounds(TOY_DIR / "vae" / "decoder.json")
     assert len(shipped) >= 1, "the shipped decoder was fine-tuned"
@@ -316,7 +318,7 @@ def test_the_decoder_stage_adds_a_round_to_a_continued_folder_and_leaves_the_enc
     stage_decoder(out, replace(plan, decoder_rounds=len(shipped) + 1))
     rounds = decoder_rounds(out / "vae" / "decoder.json")
     assert rounds[:-1] == shipped and len(rounds) == len(shipped) + 1
-    assert rounds[-1]["feature_weight"] == 4.0 and rounds[-1]["steps"] >= 1
+    assert rounds[-1]["feature_weight"] == 4.0 and rounds[-1]["latent_noise"] == 0.3 and rounds[-1]["steps"] >= 1
     after = load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))

@@ -78,6 +78,10 @@ class PretrainPlan:
     # extra weight of the pixels at the eyes and the mouth in the decoder's loss (a Gaussian of
     # FEATURE_SIGMA_PX around each of the render's landmarks there); 0 = every pixel alike
     decoder_feature_weight: float = 0.0
+    # Gaussian noise added to the latents the decoder learns from, up to this fraction of their std
+    # (drawn per image, uniformly): the UNet's latents are off the encoder's distribution, and a
+    # sharp decoder that never saw such latents draws their fine noise as a grid; 0 = none
+    decoder_latent_noise: float = 0.0
     seed: int = 0
     device: str = "cpu"  # where the UNet + text encoder stage runs ("cuda" on a lent GPU)
     # a toy diffusers folder (e.g. assets/toy) whose weights a new run's UNet stage starts from
@@ -479,6 +483,7 @@ def stage_decoder(out: Path, plan: PretrainPlan) -> None:
     lr = DECODER_LR if not rounds else LATER_DECODER_LR
     opt = torch.optim.AdamW(params, lr, weight_decay=0)
     rng = np.random.default_rng([plan.seed + 8, len(rounds)])
+    noise_gen = torch.Generator().manual_seed(plan.seed + 9 + len(rounds))
     n, budget, started = len(train["images"]), plan.decoder_minutes * 60, time.time()
     progress = Progress(f"decoder, round {len(rounds) + 1}", None, deadline=started + budget)
     step = 0
@@ -488,6 +493,9 @@ def stage_decoder(out: Path, plan: PretrainPlan) -> None:
         x = toy_models.to_input(train["images"][idx])
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
+            if plan.decoder_latent_noise:
+                spread = torch.rand(len(z), 1, 1, 1, generator=noise_gen) * plan.decoder_latent_noise * z.std()
+                z = z + spread * torch.randn(z.shape, generator=noise_gen)
         recon = vae.decode(z).sample
         weights = (feature_weights(train["landmarks"][idx], plan.decoder_feature_weight, x.shape[-1])
                    if plan.decoder_feature_weight else None)
@@ -496,7 +504,8 @@ def stage_decoder(out: Path, plan: PretrainPlan) -> None:
         progress.update(step, loss=loss.item())
     vae.save_pretrained(str(vae_dir), safe_serialization=True)
     rounds.append({"steps": step, "batch": plan.decoder_batch, "minutes": (time.time() - started) / 60,
-                   "final_loss": loss.item(), "learning_rate": lr, "feature_weight": plan.decoder_feature_weight})
+                   "final_loss": loss.item(), "learning_rate": lr, "feature_weight": plan.decoder_feature_weight,
+                   "latent_noise": plan.decoder_latent_noise})
     record.write_text(json.dumps({"rounds": rounds}, indent=2))
 
 

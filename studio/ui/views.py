@@ -46,8 +46,8 @@ STOP_TIMEOUT_S = 120.0  # how long a Stop endpoint waits for the run to end (a s
 SLIDER_HELP = {
     "band": "**Identity interval** — denoising steps with *t* in [start, end] see the person; "
     "steps above *end* see only the word, so the prompt sets the layout. The method intends a wider "
-    "interval to give more likeness and less prompt control; on the toy model, measured, likeness "
-    "barely moves and the prompt score falls a little at the widest, so compare previews.",
+    "interval to give more likeness and less prompt control; on the toy model, measured, neither "
+    "likeness nor the prompt score moved beyond seed noise, so compare previews.",
     "balance": "**Tandem balance γ** — how strongly the prompt's words attend to the identity tokens: "
     "< 1 is meant to favour the prompt (scene, style), > 1 the identity. A fine adjustment: on the toy "
     "model it changed nothing measurable.",
