@@ -37,7 +37,6 @@ def run(args: argparse.Namespace) -> str:
     cells = [(p, s) for p in prompts for s in seeds]
     segment_counts = [int(n) for n in args.segments.split(",")]
     per_identity: dict[str, list[tuple[float, float, float]]] = {"full": [], **{f"export-{n}": [] for n in segment_counts}}
-    args.out.mkdir(parents=True, exist_ok=True)
     for k in range(args.identities):
         identity = FIRST + 200 + k  # unseen in pretraining, and not the ones toy_world.py uses
         selfie = world.selfie(identity, args.out)

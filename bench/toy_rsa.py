@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from toy_world import FIRST, PROMPTS, SEEDS, World, ci95, cpu_name, model_source  # noqa: E402
+from toy_world import FIRST, PROMPTS, SEEDS, World, ci95, cpu_name, likeness_to_strangers, model_source  # noqa: E402
 
 ALL_BLOCKS = ["down_blocks", "mid_block", "up_blocks"]
 # name -> compose overrides; the first is the toy preset's own
@@ -47,25 +47,22 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     from studio.compose import Composer, Person, Reference
-    from studio.faces import identity_embedding, prepare
+    from studio.faces import prepare
+    from studio.sampler import GenerationSettings
 
     world = World({"model.source": model_source(args.run, args.out)})
     cfg = world.cfg
-    analyzer = world.scorer.analyzer
     identities = [FIRST + 300 + 10 * k for k in range(args.identities)]  # not the other benches' identities
     selfies = {k: world.selfie(k, args.out) for k in identities}
     refs = {k: world.scorer.embed_references([str(p)])[0] for k, p in selfies.items()}
     prompts = PROMPTS[: args.prompts]
-    settings = dict(num_inference_steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale,
-                    scheduler=cfg.sample.scheduler, negative_prompt=cfg.sample.negative_prompt, band=tuple(cfg.sample.band))
+    settings = GenerationSettings.from_config(cfg, seeds=SEEDS).kwargs()  # what World.generate uses for the base images
     started = time.perf_counter()
     base = [image for prompt in prompts for image in world.generate(None, [prompt], SEEDS)]
 
     def own_minus_others(images, identity: int) -> float:
-        faces = [e for e in (identity_embedding(np.asarray(image), analyzer) for image in images) if e is not None]
-        own = np.mean([analyzer.similarity(f, refs[identity]) for f in faces])
-        others = np.mean([analyzer.similarity(f, refs[k]) for f in faces for k in identities if k != identity])
-        return float(own - others)
+        own = likeness_to_strangers(world, images, [refs[identity]])[0]
+        return own - likeness_to_strangers(world, images, [refs[k] for k in identities if k != identity])[0]
 
     rows = []
     for name, change in SETTINGS.items():
@@ -74,9 +71,8 @@ def main() -> int:
         for identity in identities:
             photo = prepare([str(selfies[identity])], cfg.face).photos[0]
             person = Person(reference=Reference.from_prepared(photo), class_word=cfg.concept.super_category)
-            previews = [image for prompt in prompts for image in composer(
-                [person], prompt.replace("{}", "{0}"), seeds=SEEDS, height=cfg.image_size, width=cfg.image_size,
-                **settings).images]
+            previews = [image for prompt in prompts
+                        for image in composer([person], prompt.replace("{}", "{0}"), **settings).images]
             paired.append(own_minus_others(previews, identity))
             moved.append(np.mean([np.abs(np.asarray(p, np.float64) - np.asarray(b, np.float64)).mean()
                                   for p, b in zip(previews, base)]))
