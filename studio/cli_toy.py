@@ -46,6 +46,8 @@ def add_toy_parser(subparsers: Any) -> None:
                           help="share of the captions whose class word carries the identity (0-1; default 0, docs/TOY.md)")
     pretrain.add_argument("--min-snr", type=float, metavar="GAMMA",
                           help="weight each sample's loss by min(SNR, GAMMA) / SNR (Min-SNR; e.g. 5; default off)")
+    pretrain.add_argument("--feature-weight", type=float, metavar="W",
+                          help="extra weight of the latent pixels at the eyes and mouth in the UNet's loss (default 0: every pixel alike)")
     pretrain.add_argument("--anneal", action="store_true",
                           help="decay the learning rate along a cosine to a tenth by --steps (which it needs), from the step it is first given")
     pretrain.add_argument("--continue-from", type=Path, metavar="FOLDER",
@@ -95,8 +97,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
         raise CliError(f"--min-snr is a positive signal-to-noise cap such as 5, got {args.min_snr}")
     if args.decoder_rounds is not None and not 1 <= args.decoder_rounds <= 100:
         raise CliError(f"--decoder-rounds must be between 1 and 100, got {args.decoder_rounds}")
-    if args.decoder_feature_weight is not None and not 0 <= args.decoder_feature_weight <= 100:
-        raise CliError(f"--decoder-feature-weight must be between 0 and 100, got {args.decoder_feature_weight}")
+    for flag, value in (("--feature-weight", args.feature_weight), ("--decoder-feature-weight", args.decoder_feature_weight)):
+        if value is not None and not 0 <= value <= 100:
+            raise CliError(f"{flag} must be between 0 and 100, got {value}")
     if args.decoder_latent_noise is not None and not 0 <= args.decoder_latent_noise <= 1:
         raise CliError(f"--decoder-latent-noise must be between 0 and 1, got {args.decoder_latent_noise}")
     if args.anneal and args.steps is None:
@@ -107,7 +110,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
         check_continue_folder(args.continue_from)  # before any stage runs
     flags = {"continue_from": str(args.continue_from) if args.continue_from else None, "unet_batch": args.batch, "unet_minutes": args.minutes, "decoder_minutes": args.decoder_minutes,
              "unet_steps": args.steps, "instrument_steps": args.instrument_steps, "identity_token_share": args.identity_tokens,
-             "min_snr_gamma": args.min_snr, "anneal": args.anneal or None, "decoder_rounds": args.decoder_rounds,
+             "min_snr_gamma": args.min_snr, "anneal": args.anneal or None, "unet_feature_weight": args.feature_weight, "decoder_rounds": args.decoder_rounds,
              "decoder_feature_weight": args.decoder_feature_weight, "decoder_latent_noise": args.decoder_latent_noise}
     plan = PretrainPlan(device=str(device), **{key: value for key, value in flags.items() if value is not None})
     pretrain(args.out, tuple(args.stage or STAGES), plan, threads=args.threads)

@@ -119,6 +119,7 @@ def test_render_command_writes_the_ground_truth_and_refuses_unknown_words(tmp_pa
         (["--min-snr", "0"], "--min-snr is a positive signal-to-noise cap such as 5, got 0.0"),
         (["--instrument-steps", "0"], "--instrument-steps must be between 1 and 1000000, got 0"),
         (["--decoder-rounds", "0"], "--decoder-rounds must be between 1 and 100, got 0"),
+        (["--feature-weight", "101"], "--feature-weight must be between 0 and 100, got 101.0"),
         (["--decoder-feature-weight", "-1"], "--decoder-feature-weight must be between 0 and 100, got -1.0"),
         (["--decoder-latent-noise", "2"], "--decoder-latent-noise must be between 0 and 1, got 2.0"),
         (["--anneal"], "--anneal decays the learning rate towards --steps: give --steps too"),
@@ -182,7 +183,8 @@ def test_the_backbone_stage_trains_checkpoints_resumes_and_exports_at_a_tiny_siz
     again = tmp_path / "again"
     again.mkdir()
     shutil.copytree(out / "data", again / "data")
-    continued = replace(plan, unet_steps=3, identity_token_share=0.0, continue_from=str(out), min_snr_gamma=5.0)
+    continued = replace(plan, unet_steps=3, identity_token_share=0.0, continue_from=str(out), min_snr_gamma=5.0,
+                        unet_feature_weight=6.0)
     stage_backbone(again, continued)  # stops at once: the folder is at step 3 already
     state = json.loads((again / "checkpoint" / "state.json").read_text())
     assert state["step"] == state["warmup_from"] == 3 and state["continued_from"]["unet_steps"] == 3
@@ -194,6 +196,7 @@ def test_the_backbone_stage_trains_checkpoints_resumes_and_exports_at_a_tiny_siz
     assert state["step"] == 4 and state["warmup_from"] == 3, "the warm-up counts from where the run continued"
     record = json.loads((again / "pretrain.json").read_text())
     assert record["continued_from"]["folder"] == str(out) and record["plan"]["min_snr_gamma"] == 5.0
+    assert record["plan"]["unet_feature_weight"] == 6.0
 
 
 def test_min_snr_weights_cap_the_clean_steps_and_leave_the_noisy_ones():
@@ -279,6 +282,10 @@ def test_feature_weights_peak_at_the_eyes_and_mouth_and_are_one_far_from_them():
     assert float(w[0, 0, 34, 32]) < 1.5, "the nose is not weighted"
     assert abs(float(w[0, 0, 2, 2]) - 1) < 1e-6 and float(w.min()) >= 1
     assert bool((feature_weights(landmarks, 0.0, 64) == 1).all()), "weight 0: every pixel alike"
+    latent = feature_weights(landmarks, 4.0, 16)  # the UNet's loss: the same places at a quarter of the size
+    assert latent.shape == (1, 1, 16, 16)
+    assert int(latent[0, 0].argmax()) // 16 in (11, 12) and float(latent[0, 0, 6, 5]) > 3, "the mouth and the eyes"
+    assert float(latent[0, 0, 8, 8]) < 1.5 and abs(float(latent[0, 0, 0, 0]) - 1) < 1e-6
 
     import torch
 

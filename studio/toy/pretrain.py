@@ -70,6 +70,9 @@ class PretrainPlan:
     # decay the learning rate along a cosine to a tenth, from the step this is first switched on to
     # unet_steps (which it needs); off = the constant rate after warm-up
     anneal: bool = False
+    # extra weight of the latent pixels at the eyes and the mouth in the UNet's epsilon loss (the
+    # decoder's Gaussians, at the latent's scale); 0 = every latent pixel alike
+    unet_feature_weight: float = 0.0
     decoder_minutes: float = 20.0
     decoder_batch: int = 32
     # rounds of decoder fine-tuning the VAE should have had: the decoder stage runs one more while it
@@ -443,13 +446,17 @@ DECODER_LR = 5e-4  # the first round; later rounds fine-tune a fine-tuned decode
 LATER_DECODER_LR = 2e-4
 
 
-def feature_weights(landmarks: np.ndarray, weight: float, side: int) -> torch.Tensor:
+def feature_weights(landmarks: np.ndarray, weight: float, side: int, image_side: int = 64) -> torch.Tensor:
     """Per-pixel loss weights (B, 1, side, side): 1, plus ``weight`` times a Gaussian of
-    FEATURE_SIGMA_PX at each eye and the mouth of each render's landmarks (B, 5, 2)."""
+    FEATURE_SIGMA_PX at each eye and the mouth of each render's landmarks (B, 5, 2), given in the
+    pixels of an ``image_side`` render; a smaller ``side`` (a latent's) scales centres and
+    Gaussians with it, so that centres are taken at pixel centres ((x + 0.5) side / image_side - 0.5)."""
+    scale = side / image_side
     centres = torch.from_numpy(landmarks[:, [0, 1, 3]].astype(np.float32))  # (B, 3, 2): eyes, mouth as (x, y)
+    centres = (centres + 0.5) * scale - 0.5
     ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32), indexing="ij")
     d2 = (xs - centres[..., 0, None, None]) ** 2 + (ys - centres[..., 1, None, None]) ** 2  # (B, 3, side, side)
-    return 1 + weight * torch.exp(-d2 / (2 * FEATURE_SIGMA_PX**2)).sum(1, keepdim=True)
+    return 1 + weight * torch.exp(-d2 / (2 * (FEATURE_SIGMA_PX * scale) ** 2)).sum(1, keepdim=True)
 
 
 def decoder_rounds(record: Path) -> list[dict[str, Any]]:
@@ -833,9 +840,14 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         noise, t = noise.to(device), t.to(device)
         hidden = text_encoder(ids).last_hidden_state
         pred = unet(zt, t, hidden).sample
-        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        loss = per_sample.mean()  # the plain loss, logged whatever the weighting
-        objective = loss if plan.min_snr_gamma is None else (per_sample * min_snr_weights(alphas, t, plan.min_snr_gamma)).mean()
+        squared = F.mse_loss(pred, noise, reduction="none")  # (B, 4, 16, 16)
+        loss = squared.mean()  # the plain loss, logged whatever the weighting
+        if plan.unet_feature_weight:  # weighted mean per sample, divided by the mean weight as _pixel_loss does
+            weights = feature_weights(train["landmarks"][idx], plan.unet_feature_weight, z0.shape[-1]).to(device)
+            per_sample = (squared * weights).mean(dim=(1, 2, 3)) / weights.mean(dim=(1, 2, 3))
+        else:
+            per_sample = squared.mean(dim=(1, 2, 3))  # (B,)
+        objective = per_sample.mean() if plan.min_snr_gamma is None else (per_sample * min_snr_weights(alphas, t, plan.min_snr_gamma)).mean()
         for optimiser in optimisers:
             optimiser.zero_grad(set_to_none=True)
         objective.backward()
