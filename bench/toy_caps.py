@@ -25,25 +25,7 @@ from PIL import Image, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from toy_world import FIRST, PROMPTS, SEEDS, World, cpu_name, identity_values, model_source  # noqa: E402
-
-
-def to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    """PIL images -> [N, 3, H, W] in [-1, 1]."""
-    array = np.stack([np.asarray(image.convert("RGB"), np.float32) / 127.5 - 1.0 for image in images])
-    return torch.from_numpy(array).permute(0, 3, 1, 2)
-
-
-def to_images(pixels: torch.Tensor) -> list[Image.Image]:
-    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in array]
-
-
-@torch.no_grad()
-def through_vae(world: World, images: list[Image.Image]) -> list[Image.Image]:
-    vae = world.backbone.vae
-    latents = vae.encode(to_tensor(images)).latent_dist.mean
-    return to_images(vae.decode(latents).sample)
+from toy_world import FIRST, PROMPTS, SEEDS, World, cpu_name, identity_values, model_source, to_images, to_tensor  # noqa: E402
 
 
 @torch.no_grad()
@@ -120,7 +102,7 @@ def main() -> int:
             "ground-truth renders": renders,
             "blurred (Gaussian, radius 1 px)": [r.filter(ImageFilter.GaussianBlur(1)) for r in renders],
             "blurred (Gaussian, radius 2 px)": [r.filter(ImageFilter.GaussianBlur(2)) for r in renders],
-            "through the VAE (encode + decode)": through_vae(world, renders),
+            "through the VAE (encode + decode)": world.through_vae(renders),
             **{f"UNet's one-step estimate from t = {t}": unet_estimate(world, renders, prompts, t, seed=k)
                for t in timesteps},
             "sampled from pure noise (plain DDIM 50 loop, guidance 3, class word)": sampled_from_noise(world, prompts, k),

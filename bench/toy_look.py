@@ -4,6 +4,7 @@ samples from three samplers, one row each, in one PNG (bench/RESULTS-toy.md, sec
     python bench/toy_look.py --out look.png                       # the shipped assets/toy
     python bench/toy_look.py --run /work/toyrun --out look.png    # a pretraining run in progress:
                                    # its last checkpoint's EMA weights and its (fine-tuned) VAE
+    python bench/toy_look.py --out look.png --prompt "a photo of {} smiling" --prompt ...   # other columns
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ SAMPLERS = [("ddim", 50, 3.0), ("euler", 30, 5.0), ("dpmsolver++", 20, 1.0)]  # 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="a `python -m studio toy pretrain --out` folder (default: assets/toy)")
+    parser.add_argument("--prompt", action="append", metavar="TEXT",
+                        help="a prompt with {} for the person, once per column (default: the four of section 1b)")
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -39,7 +42,8 @@ def main() -> int:
     from studio.sampler import Sampler
     from studio.toy.world import render_prompt
 
-    renders = [render_prompt(100001 + i, p, seed=0, size=64) for i, p in enumerate(PROMPTS)]
+    columns = args.prompt or PROMPTS
+    renders = [render_prompt(100001 + i, p, seed=0, size=64) for i, p in enumerate(columns)]
     with tempfile.TemporaryDirectory() as scratch:
         backbone = get_backbone(load_preset("toy", **{"model.source": model_source(args.run, Path(scratch))}).model)
         x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), np.float32) / 127.5 - 1).permute(2, 0, 1) for im in renders])
@@ -47,12 +51,12 @@ def main() -> int:
             decoded = backbone.vae.decode(backbone.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         rows = [renders, [Image.fromarray(((t.permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.uint8)) for t in decoded]]
         sampler = Sampler(backbone)
-        prompts = [p.replace("{}", "a person") for p in PROMPTS]
+        prompts = [p.replace("{}", "a person") for p in columns]
         for scheduler, steps, guidance in SAMPLERS:
             result = sampler(None, prompts, seeds=[args.seed], num_inference_steps=steps, guidance_scale=guidance,
                              scheduler=scheduler, height=64, width=64)
             rows.append(list(result.images))
-    sheet = Image.new("RGB", (64 * len(PROMPTS), 64 * len(rows)))
+    sheet = Image.new("RGB", (64 * len(columns), 64 * len(rows)))
     for r, images in enumerate(rows):
         for c, image in enumerate(images):
             sheet.paste(image.resize((64, 64)), (64 * c, 64 * r))

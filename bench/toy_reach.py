@@ -27,8 +27,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from toy_caps import mean_identity, to_images, to_tensor  # noqa: E402
-from toy_world import FIRST, World, cpu_name, model_source  # noqa: E402
+from toy_caps import mean_identity  # noqa: E402
+from toy_world import FIRST, World, cpu_name, model_source, to_images, to_tensor  # noqa: E402
 
 PROMPT = "a photo of {} on a beach"
 TOKEN_ROW = "class word + the pretraining's identity token W e of the selfie (nothing optimised)"
