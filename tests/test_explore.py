@@ -13,7 +13,9 @@ from gradio_client import Client
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from PIL import Image
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS, SHOTS, TIMEOUT_MS, set_number, shot, upload_photo, wait_for_status
+from test_browser import (
+    CHROMIUM, CHROMIUM_ARGS, SHOTS, TIMEOUT_MS, set_number, shot, upload_photo, wait_for_previews_with, wait_for_status,
+)
 
 from studio.metrics import IdentityScore, ImageScores, PromptScore
 from studio.sweep import SweepPoint, SweepSnapshot, summarise
@@ -309,6 +311,9 @@ def test_a_2x2_sweep_shows_plot_and_grid_and_a_chosen_or_dragged_point_sets_the_
     page.click("#explore-adopt")
     _wait_sliders(page, 600, 900, 0.75)
     _wait_text(page, "explore-adopted", "t 600–900 · γ 0.75")
+    # the previews re-render at the adopted values (their captions name what they were made with)
+    wait_for_previews_with(page, "t∈[600, 900]")
+    wait_for_previews_with(page, "γ=0.75")
     shot(page, "explore-02-adopted-from-list")
 
     # adopt by dragging across the dot (tiny's four coincide in one: the best balance among them wins)
@@ -323,6 +328,8 @@ def test_a_2x2_sweep_shows_plot_and_grid_and_a_chosen_or_dragged_point_sets_the_
     _wait_text(page, "explore-adopted", f"Sliders set to t {lo}–{hi}")
     _wait_sliders(page, int(lo), int(hi), float(gamma))
     assert _sliders(page) == (int(lo), int(hi), float(gamma))
+    wait_for_previews_with(page, f"t∈[{lo}, {hi}]")
+    wait_for_previews_with(page, f"γ={float(gamma):g}")
     shot(page, "explore-03-adopted-by-dragging")
     _assert_no_error_toast(page)
 

@@ -187,7 +187,8 @@ def layout(cfg: StudioConfig, on: Handlers) -> SimpleNamespace:
         with gr.Tab("Create images", elem_id="tab-generate"):
             _generate_tab(page, cfg)
         with gr.Tab("Explore", elem_id="tab-explore"):
-            build_explore_tab(on.engine, on.folder, page.band_lo, page.band_hi, page.balance, default_steps=cfg.sample.preview_steps)
+            build_explore_tab(on.engine, on.folder, page.band_lo, page.band_hi, page.balance, page.previews,
+                              on.on_previews_set, default_steps=cfg.sample.preview_steps)
         with gr.Tab("Compose", elem_id="tab-compose"):
             build_compose_tab(on.engine, cfg)
         with gr.Tab("Export & LoRAs", elem_id="tab-export-tools"):

@@ -463,21 +463,24 @@ def sweep_frame(run: SweepSnapshot, folder: Path, *, final: bool, first: bool = 
 
 
 def adopt_setting(key: str | None) -> list[Any]:
-    """The three slider values of a setting key and a note saying so (band start, end, γ, note)."""
+    """The three slider values of a setting key, a note saying so, and the key adopted (band
+    start, end, γ, note, key; the key is None when nothing was adopted)."""
     if not key:
         gr.Warning("Run a sweep first, then choose one of its settings.")
-        return [gr.skip()] * 4
+        return [gr.skip()] * 4 + [None]
     (lo, hi), gamma = parse_setting_key(key)
-    note = f"✓ Sliders set to **{setting_label((lo, hi), gamma)}**. Press *Preview now* or *Generate* to use them."
-    return [lo, hi, gamma, note]
+    note = f"✓ Sliders set to **{setting_label((lo, hi), gamma)}**; the previews re-render at them, and *Generate* uses them."
+    return [lo, hi, gamma, note, key]
 
 
 class ExploreHandlers:
     """The tab's handlers, for one server: ``engine_for`` and ``folder_for`` give a request's
-    engine and session folder (deleted with the session)."""
+    engine and session folder (deleted with the session); ``render_previews(lo, hi, γ, request)``
+    renders the studio's previews at slider values set here (the page's previews, or a skip)."""
 
-    def __init__(self, engine_for: Callable[[gr.Request], Engine], folder_for: Callable[[gr.Request], Path]) -> None:
-        self.engine_for, self.folder_for = engine_for, folder_for
+    def __init__(self, engine_for: Callable[[gr.Request], Engine], folder_for: Callable[[gr.Request], Path],
+                 render_previews: Callable[[Any, Any, Any, gr.Request], Any]) -> None:
+        self.engine_for, self.folder_for, self.render_previews = engine_for, folder_for, render_previews
         self.on_run = spaces.GPU(duration=GPU_DURATION_S)(self._run)  # ZeroGPU: a GPU-attached process
 
     def _run(self, band_values, balance_values, prompt_text, seed_text, n_steps, request: gr.Request):
@@ -520,7 +523,7 @@ class ExploreHandlers:
         return progress_markdown(engine.snapshot().sweep)
 
     def on_select(self, plot_value, evt: gr.SelectData, request: gr.Request) -> list[Any]:
-        """A drag across the plot adopts the best setting under it (pick, band start, end, γ, note)."""
+        """A drag across the plot adopts the best setting under it (pick, band start, end, γ, note, key)."""
         x_range = evt.value if isinstance(evt.value, list) else []
         keys = keys_in_range(plot_value_frame(plot_value), x_range)
         sweep = self.engine_for(request).snapshot().sweep
@@ -528,18 +531,25 @@ class ExploreHandlers:
         if key is None:
             if is_range(x_range):  # a drag over empty space, not a cleared one
                 gr.Info("No setting lies in that range: drag across a point.")
-            return [gr.skip()] * 5
-        lo, hi, gamma, note = adopt_setting(key)
+            return [gr.skip()] * 5 + [None]
+        lo, hi, gamma, note, _key = adopt_setting(key)
         if len(keys) > 1:
             note += f" ({len(keys)} settings lie in the range you dragged: this is the best balance among them.)"
-        return [key, lo, hi, gamma, note]
+        return [key, lo, hi, gamma, note, key]
+
+    def on_adopted(self, lo: Any, hi: Any, gamma: Any, key: str | None, request: gr.Request) -> Any:
+        """After an adoption: the previews at the adopted values, as after any other change of the
+        sliders that is not the user's own (nothing when nothing was adopted)."""
+        return gr.skip() if key is None else self.render_previews(lo, hi, gamma, request)
 
 
 def build_explore_tab(engine_for: Callable[[gr.Request], Engine], folder_for: Callable[[gr.Request], Path],
-                      band_lo: gr.Slider, band_hi: gr.Slider, balance: gr.Slider, *, default_steps: int = 20) -> None:
-    """The Explore panel; call inside ``with gr.Tab("Explore")``. Adopting a setting sets the three sliders."""
+                      band_lo: gr.Slider, band_hi: gr.Slider, balance: gr.Slider, previews: gr.Gallery,
+                      render_previews: Callable[[Any, Any, Any, gr.Request], Any], *, default_steps: int = 20) -> None:
+    """The Explore panel; call inside ``with gr.Tab("Explore")``. Adopting a setting sets the three
+    sliders, then re-renders ``previews`` with ``render_previews`` (see ExploreHandlers)."""
     tab = _explore_layout(default_steps)
-    on = ExploreHandlers(engine_for, folder_for)
+    on = ExploreHandlers(engine_for, folder_for, render_previews)
     sliders = [band_lo, band_hi, balance]
     tab.run_btn.click(
         on.on_run, [tab.bands, tab.balances, tab.prompts, tab.seeds, tab.steps], tab.outputs, api_name="explore_sweep",
@@ -547,6 +557,10 @@ def build_explore_tab(engine_for: Callable[[gr.Request], Engine], folder_for: Ca
     )
     tab.stop_btn.click(on.on_stop_click, None, None, api_visibility="private", concurrency_limit=None)
     gr.api(on.on_stop, api_name="explore_stop", concurrency_limit=None)
-    tab.adopt_btn.click(adopt_setting, [tab.pick], [*sliders, tab.adopted], api_name="explore_adopt", concurrency_limit=None)
-    tab.plot.select(on.on_select, [tab.plot], [tab.pick, *sliders, tab.adopted], api_visibility="private",
-                    concurrency_limit=None)
+    adopted_key = gr.State(None)  # the setting an adoption set, None when it set nothing
+    rerender = dict(fn=on.on_adopted, inputs=[*sliders, adopted_key], outputs=previews, show_progress="hidden",
+                    api_visibility="private", concurrency_limit=None)
+    tab.adopt_btn.click(adopt_setting, [tab.pick], [*sliders, tab.adopted, adopted_key], api_name="explore_adopt",
+                        concurrency_limit=None).then(**rerender)
+    tab.plot.select(on.on_select, [tab.plot], [tab.pick, *sliders, tab.adopted, adopted_key], api_visibility="private",
+                    concurrency_limit=None).then(**rerender)
