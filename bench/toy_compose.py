@@ -73,15 +73,17 @@ def main() -> int:
     from studio.cli import parse_overrides
     from studio.compose import Composer, Person, Reference, region_crop, side_boxes
     from studio.faces import prepare
+    from studio.sampler import GenerationSettings
 
     world = World({"model.source": model_source(args.run, args.out), **parse_overrides(args.set)})
     cfg = world.cfg
     composer = Composer(world.sampler, cfg.compose)
     prompts, seeds = PROMPTS[: args.prompts], list(range(args.seeds))
-    steps = args.steps or cfg.sample.steps
-    settings = dict(num_inference_steps=steps, guidance_scale=cfg.sample.guidance_scale, scheduler=cfg.sample.scheduler,
-                    negative_prompt=cfg.sample.negative_prompt, band=tuple(cfg.sample.band))
     height, width = composer.canvas(cfg.image_size, 2)  # the pair's picture (the Compose tab's); one person: a square
+    # the Compose tab's settings (the preset's), one image per seed
+    pair_settings = GenerationSettings.from_config(cfg, num_inference_steps=args.steps, seeds=seeds, height=height, width=width)
+    one_settings = GenerationSettings.from_config(cfg, num_inference_steps=args.steps, seeds=seeds)
+    steps = pair_settings.num_inference_steps
     overrides = {"train.steps": args.train_steps} if args.train_steps else {}
 
     selfies = {k: world.selfie(k, args.out) for k in (IDENTITY_A, IDENTITY_B, IDENTITY_C)}
@@ -106,7 +108,7 @@ def main() -> int:
     for name, variant in variants.items():
         separated, own_all, other_all, found, images = [], [], [], [], []
         for prompt in prompts:
-            result = composer(people, pair_prompt(prompt), seeds=seeds, height=height, width=width, **variant, **settings)
+            result = composer(people, pair_prompt(prompt), **variant, **pair_settings.kwargs())
             for image, labels in zip(result.images, result.regions):
                 images.append(image)
                 labels = labels if variant["mode"] == "regions" else halves
@@ -138,8 +140,7 @@ def main() -> int:
     instant = Person(reference=Reference.from_prepared(photo_a), class_word=cfg.concept.super_category)
     previews, base = [], []
     for prompt in prompts:
-        previews += composer([instant], prompt.replace("{}", "{0}"), seeds=seeds, height=cfg.image_size,
-                             width=cfg.image_size, **settings).images
+        previews += composer([instant], prompt.replace("{}", "{0}"), **one_settings.kwargs()).images
         base += world.generate(None, [prompt], seeds)
     grid(previews, args.out / "instant.png", cols=max(1, len(seeds) * 4))
 

@@ -143,7 +143,7 @@ def run_compose(args: argparse.Namespace) -> int:
     from studio.compose import Composer, Person
     from studio.concept_file import load_concept, read_concept_info
     from studio.lora import applied, uses_from_arguments
-    from studio.sampler import Sampler
+    from studio.sampler import GenerationSettings, Sampler
 
     for kind, path in people_args:
         if kind == "concept":
@@ -159,17 +159,13 @@ def run_compose(args: argparse.Namespace) -> int:
             if index in references:
                 raise CliError(f"person {{{index}}} is already a photo; --reference adds a photo to a concept")
             people.append(Person(reference=_prepared_reference(path, cfg)))
-    sample = cfg.sample
-    settings = dict(
-        negative_prompt=sample.negative_prompt if args.negative is None else args.negative,
-        num_inference_steps=args.steps or sample.steps,
-        guidance_scale=sample.guidance_scale if args.guidance is None else args.guidance,
-        band=tuple(sample.band), balance=sample.balance, balance_layers=sample.balance_layers,
-        seeds=list(range(args.seed, args.seed + args.num_images)),
-        scheduler=args.scheduler or sample.scheduler,
-    )
     composer = Composer(Sampler(backbone), cfg.compose)
-    settings["height"], settings["width"] = composer.canvas(args.size or cfg.image_size, len(people))
+    height, width = composer.canvas(args.size or cfg.image_size, len(people))
+    settings = GenerationSettings.from_config(
+        cfg, negative_prompt=args.negative, num_inference_steps=args.steps or None, guidance_scale=args.guidance,
+        seeds=list(range(args.seed, args.seed + args.num_images)), height=height, width=width,
+        scheduler=args.scheduler or None,
+    ).kwargs()
     composer.check_inputs(people, args.prompt, args.mode, boxes, **settings)
     with _progress(None, "composing") as bar, applied(backbone, loras):
         def on_step(done: int, total: int) -> None:
