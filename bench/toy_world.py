@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -368,25 +368,49 @@ COLOURS = [(124, 58, 237), (220, 38, 38), (5, 150, 105), (217, 119, 6), (37, 99,
 
 
 def scatter(points: dict, path: Path) -> None:
-    """Identity (x) against prompt score (y), one dot per identity and variant, with a legend."""
-    w, h, pad = 720, 520, 60
+    """Identity (x) against prompt score (y), one dot per identity and variant and a ring at each
+    variant's mean, with a legend; both axes span the data (ticks say where), so that points
+    crowded near a ceiling stay apart."""
+    w, h, left, top, bottom, legend = 980, 540, 70, 30, 60, 400
+    font = ImageFont.load_default(size=13)
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
-    all_x = [x for xs, _ in points.values() for x in xs if x == x] or [0, 1]
-    lo_x, hi_x = min(all_x) - 0.02, max(all_x) + 0.02
-    d.rectangle([pad, 20, w - 200, h - pad], outline="black")
-    d.text((pad, h - pad + 20), f"identity similarity ({lo_x:.2f} .. {hi_x:.2f})", fill="black")
-    d.text((5, 5), "prompt score (0 .. 100)", fill="black")
+    valid = [(x, y) for xs, ys in points.values() for x, y in zip(xs, ys) if x == x] or [(0.0, 0.0), (1.0, 100.0)]
+
+    def span(values, margin):
+        lo, hi = min(values), max(values)
+        pad = max((hi - lo) * 0.1, margin)
+        return lo - pad, hi + pad
+
+    (lo_x, hi_x), (lo_y, hi_y) = span([x for x, _ in valid], 0.01), span([y for _, y in valid], 1.0)
+    lo_y, hi_y = max(lo_y, 0.0), min(hi_y, 100.0)  # the score's own range; a dot at 100 sits on the frame
+    x0, x1, y0, y1 = left, w - legend, top, h - bottom
+
+    def to_px(x, y):
+        return x0 + (x - lo_x) / (hi_x - lo_x) * (x1 - x0), y1 - (y - lo_y) / (hi_y - lo_y) * (y1 - y0)
+
+    d.rectangle([x0, y0, x1, y1], outline="black")
+    for k in range(5):  # ticks and faint grid lines
+        tx, ty = lo_x + (hi_x - lo_x) * k / 4, lo_y + (hi_y - lo_y) * k / 4
+        px, py = to_px(tx, ty)
+        d.line([px, y0, px, y1], fill=(230, 230, 230))
+        d.line([x0, py, x1, py], fill=(230, 230, 230))
+        d.text((px, y1 + 4), f"{tx:.3f}", fill="black", font=font, anchor="ma")
+        d.text((x0 - 4, py), f"{ty:.1f}", fill="black", font=font, anchor="rm")
+    d.text(((x0 + x1) / 2, h - 22), "identity similarity to the selfie", fill="black", font=font, anchor="ma")
+    d.text((8, 8), "prompt score (0-100)", fill="black", font=font)
     for k, (name, (xs, ys)) in enumerate(points.items()):
         c = COLOURS[k % len(COLOURS)]
-        for x, y in zip(xs, ys):
-            if x != x:
-                continue
-            px = pad + (x - lo_x) / (hi_x - lo_x) * (w - 200 - pad)
-            py = h - pad - y / 100 * (h - pad - 20)
+        pairs = [(x, y) for x, y in zip(xs, ys) if x == x]
+        for x, y in pairs:
+            px, py = to_px(x, y)
             d.ellipse([px - 5, py - 5, px + 5, py + 5], fill=c, outline="black")
-        d.rectangle([w - 190, 30 + 22 * k, w - 178, 42 + 22 * k], fill=c)
-        d.text((w - 172, 30 + 22 * k), name[:26], fill="black")
+        if pairs:
+            px, py = to_px(float(np.mean([x for x, _ in pairs])), float(np.mean([y for _, y in pairs])))
+            d.ellipse([px - 10, py - 10, px + 10, py + 10], outline=c, width=3)
+        d.rectangle([x1 + 14, top + 4 + 24 * k, x1 + 26, top + 16 + 24 * k], fill=c)
+        d.text((x1 + 32, top + 3 + 24 * k), name.replace("λ", "lambda"), fill="black", font=font)  # the font has no λ
+    d.text((x1 + 14, top + 8 + 24 * len(points)), "dots: one identity each\nrings: the variant's mean", fill=(80, 80, 80), font=font)
     img.save(path)
 
 
