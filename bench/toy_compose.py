@@ -9,7 +9,8 @@ concept trained with the toy preset (``--train-steps`` overrides its steps). For
 seed, "{0} and {1} ..." is composed three ways, on the picture two people get in the studio
 (``compose.aspect`` times as wide as high; ``--set compose.aspect=1`` for the model's square):
 
-- regions, located: region-grouped attention with regions found from the attention maps;
+- regions, located: region-grouped attention with regions found from the attention maps, with
+  the preset's ``compose.locate_grouping`` and (unless that is "tokens") with "tokens" beside it;
 - regions, left/right: the same with user boxes (A left, B right);
 - naive: both concepts' tokens in one prompt, no regions, scored on the left/right halves with
   whichever assignment of A and B suits it better (the baseline beside the region modes).
@@ -23,6 +24,7 @@ with the class word. Every figure comes from this run. Prints a markdown section
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import json
 import sys
@@ -63,6 +65,7 @@ def main() -> int:
     parser.add_argument("--train-steps", type=int, help="training steps per concept (default: the toy preset's)")
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the 8 prompts")
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed + 1, ...")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the toy preset's)")
     parser.add_argument("--run", type=Path, help="a pretraining run folder: its last checkpoint and VAE (default: the shipped assets/toy)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -78,7 +81,7 @@ def main() -> int:
     world = World({"model.source": model_source(args.run, args.out), **parse_overrides(args.set)})
     cfg = world.cfg
     composer = Composer(world.sampler, cfg.compose)
-    prompts, seeds = PROMPTS[: args.prompts], list(range(args.seeds))
+    prompts, seeds = PROMPTS[: args.prompts], list(range(args.first_seed, args.first_seed + args.seeds))
     height, width = composer.canvas(cfg.image_size, 2)  # the pair's picture (the Compose tab's); one person: a square
     # the Compose tab's settings (the preset's), one image per seed
     pair_settings = GenerationSettings.from_config(cfg, num_inference_steps=args.steps, seeds=seeds, height=height, width=width)
@@ -95,20 +98,26 @@ def main() -> int:
 
     people = [Person(concept=concepts[IDENTITY_A]), Person(concept=concepts[IDENTITY_B])]
     ab = (IDENTITY_A, IDENTITY_B)
-    variants = {
-        "regions, located": dict(mode="regions", boxes=None),
-        "regions, left/right boxes": dict(mode="regions", boxes=side_boxes(2)),
-        "naive (one prompt, no regions)": dict(mode="naive", boxes=None),
+    grouping = cfg.compose.locate_grouping
+    variants = {  # name: (composer, file name, mode and boxes)
+        f"regions, located ({grouping})": (composer, "located", dict(mode="regions", boxes=None)),
     }
+    if grouping != "tokens":  # the grouping before clusters, beside it
+        by_tokens = Composer(world.sampler, dataclasses.replace(cfg.compose, locate_grouping="tokens"))
+        variants["regions, located (tokens: each pixel to the class word it attends most)"] = (
+            by_tokens, "located-tokens", dict(mode="regions", boxes=None))
+    variants["regions, left/right boxes"] = (composer, "boxes", dict(mode="regions", boxes=side_boxes(2)))
+    variants["naive (one prompt, no regions)"] = (composer, "naive", dict(mode="naive", boxes=None))
     table, raw, sheets = [], {}, {}
     latent_hw = (height // world.backbone.vae_scale_factor, width // world.backbone.vae_scale_factor)
     halves = np.ones(latent_hw, np.int64)  # naive images are scored on their left (A) and right (B) halves
     halves[:, latent_hw[1] // 2:] = 2
     t1 = time.perf_counter()
-    for name, variant in variants.items():
-        separated, own_all, other_all, found, images = [], [], [], [], []
+    for name, (maker, file_name, variant) in variants.items():
+        separated, own_all, other_all, found, images, overlays = [], [], [], [], [], []
         for prompt in prompts:
-            result = composer(people, pair_prompt(prompt), **variant, **pair_settings.kwargs())
+            result = maker(people, pair_prompt(prompt), **variant, **pair_settings.kwargs())
+            overlays += result.overlays
             for image, labels in zip(result.images, result.regions):
                 images.append(image)
                 labels = labels if variant["mode"] == "regions" else halves
@@ -130,7 +139,9 @@ def main() -> int:
                     separated.append(straight)
                     own_all += [sims[0][0], sims[1][1]]
                     other_all += [sims[0][1], sims[1][0]]
-        grid(images, args.out / f"compose-{('located', 'boxes', 'naive')[len(raw)]}.png", cols=max(1, len(seeds) * 4))
+        grid(images, args.out / f"compose-{file_name}.png", cols=max(1, len(seeds) * 4))
+        if variant["mode"] == "regions":
+            grid(overlays, args.out / f"compose-{file_name}-regions.png", cols=max(1, len(seeds) * 4))
         raw[name] = dict(separated=separated, own=own_all, other=other_all, face_found=found)
         table.append((name, np.mean(separated), np.mean(own_all) if own_all else float("nan"),
                       np.mean(other_all) if other_all else float("nan"), np.mean(found), len(separated)))
@@ -165,6 +176,7 @@ def main() -> int:
         f"{len(prompts)} prompts × {len(seeds)} seeds = {n} images per row, {width} × {height} px, {steps} denoising steps; "
         f"compositions took {compose_s:.0f} s.",
         f"Command: `python bench/toy_compose.py --prompts {args.prompts} --seeds {args.seeds}"
+        + (f" --first-seed {args.first_seed}" if args.first_seed else "")
         + (f" --train-steps {args.train_steps}" if args.train_steps else "") + (f" --steps {args.steps}" if args.steps else "")
         + "".join(f" --set {item}" for item in args.set) + (f" --run {args.run}" if args.run else "") + "`.\n",
         "| composition | both regions closer to their own identity | identity to own (mean) | identity to the other (mean) | faces found in both regions | images |",

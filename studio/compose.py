@@ -7,9 +7,10 @@ reference photo, or both. Two mechanisms act on the UNet's attention (``studio.a
   the same timestep, goes through the UNet with a class prompt; the generated image's
   self-attention also attends to the reference's inputs, face pixels weighted more;
 * region-grouped attention: after a layout stage with class words only, each person's region
-  is located from the cross-attention of their class word (refined through self-attention,
-  smoothed, argmax; the start token stands for the background), and the pixels of a region
-  see only their own person's tokens and reference; the background sees the plain prompt.
+  is located from the attention maps (the cross-attention of their class word refined through
+  self-attention and smoothed, the start token standing for the background; then the pixels
+  clustered by where they attend and lie, or each given to its highest map), and the pixels of
+  a region see only their own person's tokens and reference; the background sees the plain prompt.
 
 With one person there are no regions: the person follows their concept's stage table exactly
 as :class:`studio.sampler.Sampler` does, plus RSA when a photo is given.
@@ -17,6 +18,7 @@ as :class:`studio.sampler.Sampler` does, plus RSA when a photo is given.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -371,7 +373,7 @@ class Composer:
                 noise_pred = uncond + checked.guidance_scale * (text - uncond)
             # 5d. Where is everyone? Regions for the next step from this step's attention maps.
             if locate:
-                regions = self._locate(control, plain.positions, num_images, latents.shape[-2:])
+                regions = self._locate(control, plain.positions, num_images, latents.shape[-2:], regions)
             # 5e. Scheduler step, progress / interrupt.
             latents = noise_scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
             if callback_on_step_end is not None and callback_on_step_end(i + 1, total) is True:
@@ -493,10 +495,13 @@ class Composer:
         weights = self.config.rsa_weight * mask + self.config.rsa_context_weight * (1.0 - mask)
         return {"latents": latents, "noise": noise, "weights": weights}
 
-    def _locate(self, control: attention.UNetAttentionControl, positions, num_images: int, latent_hw) -> torch.Tensor:
-        """Regions (n, P + 1, h, w) one-hot from this step's maps: background = the start token."""
+    def _locate(self, control: attention.UNetAttentionControl, positions, num_images: int, latent_hw,
+                previous: torch.Tensor | None) -> torch.Tensor:
+        """Regions (n, P + 1, h, w) one-hot from this step's maps (background = the start token);
+        previous: the regions of the last step, or None on the first locating step."""
         return locate_regions(control.cross_maps, control.self_maps, positions, num_images, tuple(latent_hw),
-                              self.config.locate_smoothing)
+                              self.config.locate_smoothing, self.config.locate_grouping,
+                              self.config.locate_compactness, previous)
 
 
 # --------------------------------------------------------------------------- sessions
@@ -582,12 +587,17 @@ def score_regions(result: ComposeResult, references: Sequence[Sequence[np.ndarra
 # --------------------------------------------------------------------------- regions
 def locate_regions(cross_maps: dict[str, torch.Tensor], self_maps: dict[str, torch.Tensor],
                    positions: Sequence[Sequence[int]], num_images: int, latent_hw: tuple[int, int],
-                   smoothing: float = 1.0) -> torch.Tensor:
+                   smoothing: float = 1.0, grouping: str = "clusters", compactness: float = 0.5,
+                   previous: torch.Tensor | None = None) -> torch.Tensor:
     """Each latent pixel to the background or one person (docs/COMPOSE.md, "Regions").
 
     cross_maps: layer -> (B, N, L) head-mean cross-attention of the plain prompt (the last
     ``num_images`` rows are the conditional ones); self_maps: layer -> (B, N, N) self-attention
     of the image on the finest located layers; positions[p]: person p's token indices.
+    grouping: "tokens" gives each pixel to the map it scores highest on; "clusters" groups the
+    pixels by their self-attention, maps and position (weighed by ``compactness``) and names the
+    groups (``_group_people``). previous: the last step's regions (num_images, P + 1, h, w) or
+    None; with "clusters" each region keeps its place from step to step.
     Returns a one-hot float partition (num_images, P + 1, h, w); channel 0 = background.
     """
     if not self_maps:
@@ -612,9 +622,63 @@ def locate_regions(cross_maps: dict[str, torch.Tensor], self_maps: dict[str, tor
     low = located.amin(dim=(-2, -1), keepdim=True)
     high = located.amax(dim=(-2, -1), keepdim=True)
     located = (located - low) / (high - low).clamp_min(1e-12)
-    labels = located.argmax(1)  # (n, h', w')
+    if grouping == "clusters" and len(positions) > 1:
+        before = None if previous is None else F.adaptive_avg_pool2d(previous.float(), grid)
+        labels = _group_people(located, refine, before, compactness)
+    else:
+        labels = located.argmax(1)  # (n, h', w')
     labels = F.interpolate(labels[:, None].float(), size=(height, width), mode="nearest")[:, 0].long()
     return F.one_hot(labels, len(positions) + 1).permute(0, 3, 1, 2).float()
+
+
+def _group_people(located: torch.Tensor, refine: torch.Tensor, previous: torch.Tensor | None,
+                  compactness: float, iterations: int = 20) -> torch.Tensor:
+    """Labels (n, h, w): 0 = background, p + 1 = person p, from clustering the pixels.
+
+    located: (n, P + 1, h, w) normalised maps (background first); refine: (n, h*w, h*w)
+    self-attention; previous: (n, P + 1, h, w) share of each pixel in each region on the last
+    step, or None. Each pixel is described by where it attends (its self-attention row), its
+    profile over the maps, and its position times ``compactness``; k-means (cosine, farthest-point
+    start) makes P + 1 groups of pixels that attend alike and lie together, so two people are two
+    groups even where their class words are the same word and their maps alike. The groups are
+    then named, over every one-to-one assignment, by how much of each map they cover plus, from the
+    second locating step on, how much of each region of the last step.
+    """
+    num_images, channels, height, width = located.shape
+    device = located.device
+    ys, xs = torch.meshgrid(torch.linspace(-height / width, height / width, height, device=device),
+                            torch.linspace(-1.0, 1.0, width, device=device), indexing="ij")
+    position = torch.stack([ys.flatten(), xs.flatten()], 1)  # (N, 2), x from -1 to 1
+    labels = torch.empty(num_images, height * width, dtype=torch.long, device=device)
+    for b in range(num_images):
+        maps = located[b].flatten(1).float()  # (P + 1, N)
+        features = torch.cat([F.normalize(refine[b].float(), dim=1), F.normalize(maps.T, dim=1)], 1)
+        features = F.normalize(torch.cat([F.normalize(features, dim=1), compactness * position], 1), dim=1)
+        centres = [int(maps[1:].sum(0).argmax())]
+        while len(centres) < channels:
+            centres.append(int((features @ features[centres].T).amax(1).argmin()))
+        centre_rows = features[centres]
+        for _ in range(iterations):
+            group = (features @ centre_rows.T).argmax(1)
+            updated = torch.stack([
+                F.normalize(features[group == g].mean(0), dim=0) if bool((group == g).any()) else centre_rows[g]
+                for g in range(channels)
+            ])
+            if torch.allclose(updated, centre_rows):
+                break
+            centre_rows = updated
+        score = torch.zeros(channels, channels, device=device)  # [region, group]
+        for g in range(channels):
+            inside = group == g
+            if bool(inside.any()):
+                score[:, g] = maps[:, inside].mean(1)
+                if previous is not None:
+                    score[:, g] += previous[b].flatten(1)[:, inside].float().mean(1)
+        best = max(itertools.permutations(range(channels)),
+                   key=lambda order: float(sum(score[region, g] for region, g in enumerate(order))))
+        for region, g in enumerate(best):
+            labels[b, group == g] = region
+    return labels.reshape(num_images, height, width)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -327,6 +327,9 @@ class MetricsConfig:
     score_images: bool = True
 
 
+LOCATE_GROUPINGS = ("clusters", "tokens")
+
+
 @dataclass
 class ComposeConfig:
     """Several people in one picture and one-photo likeness (docs/COMPOSE.md)."""
@@ -356,6 +359,14 @@ class ComposeConfig:
     locate_max_tokens: int = 1536
     # Gaussian smoothing of the located attention maps, in pixels of that layer (0 = none)
     locate_smoothing: float = 1.0
+    # how pixels are given to the background and the people (docs/COMPOSE.md, "Regions"):
+    # "clusters" groups them by where they attend (self-attention), their maps and their place,
+    # then names the groups by the maps and the last step's regions; "tokens" gives each pixel to
+    # the map it scores highest on (two people with the same class word have alike maps)
+    locate_grouping: str = "clusters"
+    # weight of a pixel's place against what it attends to in "clusters" (0 = place does not
+    # count; higher = rounder, more compact regions)
+    locate_compactness: float = 0.5
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_people <= 4:
@@ -375,6 +386,11 @@ class ComposeConfig:
             raise ConfigError("compose.reference_prompt must contain {} for the person's class word")
         if self.locate_max_tokens < 16 or self.locate_smoothing < 0:
             raise ConfigError("compose.locate_max_tokens must be >= 16 and compose.locate_smoothing >= 0")
+        if self.locate_compactness < 0:
+            raise ConfigError(f"compose.locate_compactness must be >= 0, got {self.locate_compactness}")
+        if self.locate_grouping not in LOCATE_GROUPINGS:
+            raise ConfigError(
+                f"compose.locate_grouping must be one of {', '.join(LOCATE_GROUPINGS)}, got {self.locate_grouping!r}")
 
 
 @dataclass

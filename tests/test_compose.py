@@ -143,7 +143,8 @@ def test_a_drawing_that_misses_a_person_names_the_colour_to_paint():
         boxes_from_strokes([only_red, later], 2)
 
 
-def test_locate_regions_follows_the_persons_attention():
+@pytest.mark.parametrize("grouping", ["clusters", "tokens"])
+def test_locate_regions_follows_the_persons_attention(grouping):
     # 4x4 pixels: person 0's word is attended on the left, person 1's on the right, the start token at the top row
     n, tokens, length = 1, 16, 5
     cross = torch.full((n, tokens, length), 0.01)
@@ -152,10 +153,48 @@ def test_locate_regions_follows_the_persons_attention():
     cross[0, grid[1:, 2:].flatten(), 3] = 1.0
     cross[0, grid[0].flatten(), 0] = 1.0
     identity = torch.eye(tokens)[None]
-    regions = locate_regions({"a": cross}, {"s": identity}, [(1,), (3,)], n, (4, 4), smoothing=0.0)
+    regions = locate_regions({"a": cross}, {"s": identity}, [(1,), (3,)], n, (4, 4), smoothing=0.0, grouping=grouping)
     labels = regions.argmax(1)[0]
     assert torch.all(labels[0] == 0)
     assert torch.all(labels[1:, :2] == 1) and torch.all(labels[1:, 2:] == 2)
+
+
+def _two_people_with_one_class_word():
+    """4x4 pixels: the start token is attended on the top row; both people's class words (the
+    same word, tokens 1 and 3) equally below it; the self-attention of the left and of the right
+    people pixels stays on their own side."""
+    n, tokens, length = 1, 16, 5
+    grid = torch.arange(tokens).reshape(4, 4)
+    cross = torch.full((n, tokens, length), 0.01)
+    cross[0, grid[0].flatten(), 0] = 1.0
+    cross[0, grid[1:].flatten().unsqueeze(1), torch.tensor([1, 3])] = 1.0
+    attend = torch.zeros(tokens, tokens)
+    for part in (grid[0].flatten(), grid[1:, :2].flatten(), grid[1:, 2:].flatten()):
+        attend[part.unsqueeze(1), part] = 1.0 / len(part)
+    return cross, attend[None]
+
+
+def test_clusters_tell_apart_two_people_whose_class_words_are_the_same_word():
+    cross, attend = _two_people_with_one_class_word()
+    by_tokens = locate_regions({"a": cross}, {"s": attend}, [(1,), (3,)], 1, (4, 4), smoothing=0.0, grouping="tokens")
+    assert torch.all(by_tokens.argmax(1)[0, 1:] == 1)  # a tie: every people pixel goes to {0}
+    labels = locate_regions({"a": cross}, {"s": attend}, [(1,), (3,)], 1, (4, 4), smoothing=0.0).argmax(1)[0]
+    assert torch.all(labels[0] == 0)
+    left, right = labels[1:, :2], labels[1:, 2:]
+    assert len(left.unique()) == 1 and len(right.unique()) == 1
+    assert {int(left[0, 0]), int(right[0, 0])} == {1, 2}
+
+
+def test_located_people_keep_their_places_from_the_last_step():
+    cross, attend = _two_people_with_one_class_word()
+    for left_person in (1, 2):
+        previous = torch.zeros(1, 3, 4, 4)
+        previous[0, 0, 0] = 1.0
+        previous[0, left_person, 1:, :2] = 1.0
+        previous[0, 3 - left_person, 1:, 2:] = 1.0
+        labels = locate_regions({"a": cross}, {"s": attend}, [(1,), (3,)], 1, (4, 4), smoothing=0.0,
+                                previous=previous).argmax(1)[0]
+        assert torch.all(labels[1:, :2] == left_person) and torch.all(labels[1:, 2:] == 3 - left_person)
 
 
 @pytest.mark.parametrize(
@@ -212,6 +251,8 @@ def test_compose_config_is_checked():
         load_preset("tiny", **{"compose.rsa_blocks": ["decoder"]})
     with pytest.raises(ConfigError, match=r"compose.aspect \(width / height\) must be from 1 to 3, got 5"):
         load_preset("tiny", **{"compose.aspect": 5})
+    with pytest.raises(ConfigError, match="compose.locate_grouping must be one of clusters, tokens, got 'kmeans'"):
+        load_preset("tiny", **{"compose.locate_grouping": "kmeans"})
 
 
 def test_two_people_get_a_wide_picture_and_one_person_a_square(backbone, sampler):
