@@ -6,7 +6,7 @@
 
 Two identities A and B (>= 100000, never seen in pretraining) each get one toy selfie and a
 concept trained with the toy preset (``--train-steps`` overrides its steps). For every prompt x
-seed, "{0} and {1} ..." is composed three ways, on the picture two people get in the studio
+seed, "{0} and {1} ..." is composed four ways, on the picture two people get in the studio
 (``compose.aspect`` times as wide as high; ``--set compose.aspect=1`` for the model's square):
 
 - regions, located: region-grouped attention with regions found from the attention maps, with
