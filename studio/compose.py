@@ -659,21 +659,17 @@ def _group_people(located: torch.Tensor, refine: torch.Tensor, previous: torch.T
             centres.append(int((features @ features[centres].T).amax(1).argmin()))
         centre_rows = features[centres]
         for _ in range(iterations):
-            group = (features @ centre_rows.T).argmax(1)
-            updated = torch.stack([
-                F.normalize(features[group == g].mean(0), dim=0) if bool((group == g).any()) else centre_rows[g]
-                for g in range(channels)
-            ])
+            member = F.one_hot((features @ centre_rows.T).argmax(1), channels).float()  # (N, P + 1)
+            updated = torch.where(member.sum(0)[:, None] > 0, F.normalize(member.T @ features, dim=1), centre_rows)
             if torch.allclose(updated, centre_rows):
                 break
             centre_rows = updated
-        score = torch.zeros(channels, channels, device=device)  # [region, group]
-        for g in range(channels):
-            inside = group == g
-            if bool(inside.any()):
-                score[:, g] = maps[:, inside].mean(1)
-                if previous is not None:
-                    score[:, g] += previous[b].flatten(1)[:, inside].float().mean(1)
+        group = (features @ centre_rows.T).argmax(1)
+        member = F.one_hot(group, channels).float()
+        share = member / member.sum(0).clamp_min(1.0)  # (N, P + 1): mean over each group's pixels
+        score = maps @ share  # [region, group]; an empty group scores 0
+        if previous is not None:
+            score = score + previous[b].flatten(1).float() @ share
         best = max(itertools.permutations(range(channels)),
                    key=lambda order: float(sum(score[region, g] for region, g in enumerate(order))))
         for region, g in enumerate(best):

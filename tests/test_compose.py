@@ -253,6 +253,8 @@ def test_compose_config_is_checked():
         load_preset("tiny", **{"compose.aspect": 5})
     with pytest.raises(ConfigError, match="compose.locate_grouping must be one of clusters, tokens, got 'kmeans'"):
         load_preset("tiny", **{"compose.locate_grouping": "kmeans"})
+    with pytest.raises(ConfigError, match="compose.locate_compactness must be >= 0, got -1"):
+        load_preset("tiny", **{"compose.locate_compactness": -1})
 
 
 def test_two_people_get_a_wide_picture_and_one_person_a_square(backbone, sampler):

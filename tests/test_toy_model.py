@@ -15,6 +15,13 @@ REPO = Path(__file__).resolve().parent.parent
 TOY_SELFIES = sorted((REPO / "assets" / "examples" / "toy").glob("*.png"))
 
 
+
+def toy_selfie(identity: int, folder: Path) -> Path:
+    """A 256 px toy selfie of ``identity`` in a blue studio, written to ``folder``."""
+    path = folder / f"selfie-{identity}.png"
+    render_prompt(identity, "a photo of {} in a blue studio", seed=0, size=256).save(path)
+    return path
+
 def test_the_toy_backbone_loads_as_a_local_diffusers_folder(toy_backbone):
     assert toy_backbone.source == "toy" and not toy_backbone.is_random
     assert toy_backbone.vae_scale_factor == 4 and toy_backbone.native_resolution == 64
@@ -150,8 +157,7 @@ def test_toy_concepts_draw_toward_their_selfies_and_closer_to_their_person_than_
     toward_selfie, person_over_strangers = [], []
     base = drawn(None)
     for identity in (100_101, 100_111, 100_121):
-        selfie = tmp_path / f"selfie-{identity}.png"
-        render_prompt(identity, "a photo of {} in a blue studio", seed=0, size=256).save(selfie)
+        selfie = toy_selfie(identity, tmp_path)
         prepared = prepare([str(selfie)], cfg.face)
         run = TrainingRun(toy_backbone, cfg, [TrainingPhoto.from_prepared(p) for p in prepared.photos])
         concept = next(e.concept for e in run.events() if isinstance(e, TrainingFinished))
@@ -202,9 +208,7 @@ def test_located_regions_give_each_of_two_toy_people_one_side_of_the_picture(toy
     analyzer, sampler = get_face_analyzer(toy_cfg.face), Sampler(toy_backbone)
     selfies = []
     for identity in (100_101, 100_202):
-        path = tmp_path / f"selfie-{identity}.png"
-        render_prompt(identity, "a photo of {} in a blue studio", seed=0, size=256).save(path)
-        selfies.append(prepare([str(path)], toy_cfg.face, analyzer).photos[0])
+        selfies.append(prepare([str(toy_selfie(identity, tmp_path))], toy_cfg.face, analyzer).photos[0])
     people = [Person(reference=Reference.from_prepared(photo), class_word="person") for photo in selfies]
 
     def sides(labels):
