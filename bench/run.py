@@ -533,9 +533,10 @@ class Bench:
             state["band"] += 1
             sampler(concept, prompts, **dataclasses.replace(preview, band=(band0[0] - 7 * state["band"], band0[1]), balance=1.0).kwargs())
 
-        def balance_moved() -> None:  # the balance slider moved to a value never used before
+        def balance_moved(target: str = "unet") -> None:  # the balance slider moved to a value never used before
             state["balance"] += 1
-            sampler(concept, prompts, **dataclasses.replace(preview, band=band0, balance=1.0 - 0.01 * state["balance"]).kwargs())
+            sampler(concept, prompts, **dataclasses.replace(preview, band=band0, balance=1.0 - 0.01 * state["balance"],
+                                                            balance_target=target).kwargs())
 
         pipe = StableDiffusionPipeline(
             vae=backbone.vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer, unet=backbone.unet,
@@ -556,7 +557,8 @@ class Bench:
             "diffusers pipeline": diffusers_pipeline,
             "ours: first preview": first_preview,
             "ours: band moved": band_moved,
-            "ours: balance moved": balance_moved,
+            "ours: balance moved": balance_moved,  # gamma on the UNet's keys (the default): no text encoding
+            "ours: balance moved, in the text encoder": lambda: balance_moved("text_encoder"),
         }
         self.say(f"  previews: {len(prompts)} images at {side} px, {steps} steps, CFG {sample.guidance_scale}, {sample.scheduler}")
         calls_before = sampler.text_encoder_calls

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from studio.config import load_preset  # noqa: E402
 
-PROMPTS = [
+PLAIN_PROMPTS = [
     "a photo of {}",
     "a photo of {} on a beach",
     "an oil painting of {}",
@@ -44,6 +44,20 @@ PROMPTS = [
     "a watercolor of {} in front of a red wall",
     "a photo of {} wearing a crown in a city at night",
 ]
+# four scene attributes asked in every prompt: the base model meets about nine in ten of them
+# where it meets 31 of 32 of the plain set's, so a variant or setting that costs the prompt shows
+RICH_PROMPTS = [
+    "an oil painting of {} wearing a red hat and sunglasses on a beach",
+    "a pencil sketch of {} wearing a crown and glasses in a forest",
+    "pixel art of {} wearing a beanie on a snowy mountain, smiling",
+    "a watercolor of {} with sunglasses in a city at night, looking surprised",
+    "a photo of {} wearing a crown and glasses in front of a red wall",
+    "an oil painting of {} wearing a beanie in a city at night, smiling",
+    "a pencil sketch of {} wearing a red hat on a snowy mountain, looking surprised",
+    "pixel art of {} wearing sunglasses and a crown on a beach",
+]
+PROMPT_SETS = {"plain": PLAIN_PROMPTS, "rich": RICH_PROMPTS}
+PROMPTS = PLAIN_PROMPTS  # the set this run measures (--prompts)
 SEEDS = [0, 1]
 FIRST = 100_001
 SELFIE = dict(prompt="a photo of {} in a blue studio", seed=0, size=256)
@@ -290,21 +304,43 @@ def section_oneshot(world: World, out: Path) -> tuple[str, dict]:
     return text, dict(concept=concept, refs=refs, selfie=selfie, strangers=strangers)
 
 
-def section_sliders(world: World, out: Path, concept, refs, strangers) -> str:
+def section_sliders(world: World, out: Path, concept, refs, strangers, balances: list[float]) -> str:
+    """Interval width x balance gamma on one concept; beside each setting's mean, its paired
+    difference from the preset's interval at gamma 1 (same prompts and seeds, per image)."""
     bands = [(450, 650), (300, 800), (100, 950)]
-    balances = [0.5, 1.0, 2.0]
-    lines = ["| interval | γ | identity (95 % CI) | to strangers' selfies | prompt score (95 % CI) |", "|---|---|---|---|---|"]
-    table = {}
+    reference = (tuple(world.cfg.sample.band), 1.0)
+    target = world.cfg.sample.balance_target
+    lines = [f"γ acts in: **{target}** (`sample.balance_target`). Δ: paired per image against "
+             f"{reference[0][0]}–{reference[0][1]} at γ 1, mean ± 95 %.", "",
+             "| interval | γ | identity (95 % CI) | Δ identity | to strangers' selfies | prompt score (95 % CI) | Δ prompt | pixels moved (0–255) |",
+             "|---|---|---|---|---|---|---|---|"]
+    cells = {}
     for band in bands:
         for balance in balances:
             images = world.generate(concept, PROMPTS, SEEDS, band=band, balance=balance)
-            scores = world.score(images, _expand(PROMPTS, SEEDS), refs)
-            i_m, i_c = ci95(identity_values(scores))
-            p_m, p_c = ci95([s.prompt.score for s in scores])
-            o_m, o_s = likeness_to_strangers(world, images, strangers)
-            table[f"{band[0]}-{band[1]}@{balance}"] = dict(identity=(i_m, i_c), prompt=(p_m, p_c), strangers=(o_m, o_s))
-            lines.append(f"| {band[0]}–{band[1]} | {balance} | {i_m:.3f} ± {i_c:.3f} | {o_m:.3f} ± {o_s:.3f} | {p_m:.1f} ± {p_c:.1f} |")
-    (out / "sliders.json").write_text(json.dumps(table, indent=2))
+            cells[(band, balance)] = (images, world.score(images, _expand(PROMPTS, SEEDS), refs))
+    if reference not in cells:
+        images = world.generate(concept, PROMPTS, SEEDS, band=reference[0], balance=1.0)
+        cells[reference] = (images, world.score(images, _expand(PROMPTS, SEEDS), refs))
+    base_images, base_scores = cells[reference]
+    table = {}
+    for (band, balance), (images, scores) in cells.items():
+        if band not in bands or balance not in balances:
+            continue
+        i_m, i_c = ci95(identity_values(scores))
+        p_m, p_c = ci95([s.prompt.score for s in scores])
+        o_m, o_s = likeness_to_strangers(world, images, strangers)
+        d_id = [a.identity.similarity - b.identity.similarity for a, b in zip(scores, base_scores)
+                if a.identity.similarity is not None and b.identity.similarity is not None]
+        d_pr = [a.prompt.score - b.prompt.score for a, b in zip(scores, base_scores)]
+        (di_m, di_c), (dp_m, dp_c) = ci95(d_id), ci95(d_pr)
+        moved = float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
+                               for a, b in zip(images, base_images)]))
+        table[f"{band[0]}-{band[1]}@{balance}"] = dict(identity=(i_m, i_c), prompt=(p_m, p_c), strangers=(o_m, o_s),
+                                                     delta_identity=(di_m, di_c), delta_prompt=(dp_m, dp_c), pixels_moved=moved)
+        lines.append(f"| {band[0]}–{band[1]} | {balance:g} | {i_m:.3f} ± {i_c:.3f} | {di_m:+.3f} ± {di_c:.3f} | "
+                     f"{o_m:.3f} ± {o_s:.3f} | {p_m:.1f} ± {p_c:.1f} | {dp_m:+.1f} ± {dp_c:.1f} | {moved:.2f} |")
+    (out / "sliders.json").write_text(json.dumps({"balance_target": target, **table}, indent=2))
     return "\n".join(lines)
 
 
@@ -415,6 +451,7 @@ def scatter(points: dict, path: Path) -> None:
 
 
 def main() -> int:
+    global PROMPTS, SEEDS  # the run's prompt set and seeds, read by every section
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="base,oneshot,sliders,ablation")
     parser.add_argument("--out", type=Path, default=Path("bench/out/toy"))
@@ -425,7 +462,12 @@ def main() -> int:
     parser.add_argument("--run", type=Path, help="a pretraining run folder: its last checkpoint and VAE (default: the shipped assets/toy)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a toy preset setting, e.g. --set 'sample.scheduler=euler ancestral'")
+    parser.add_argument("--prompts", choices=sorted(PROMPT_SETS), default="plain",
+                        help="the prompt set of oneshot, sliders and ablation: plain (1-3 attributes each) or rich (4 each)")
+    parser.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds per prompt (0, 1, ...)")
+    parser.add_argument("--balances", default="0.5,1,2", help="the sliders section's gamma values, comma-separated")
     args = parser.parse_args()
+    PROMPTS, SEEDS = PROMPT_SETS[args.prompts], list(range(args.seeds))
     args.out.mkdir(parents=True, exist_ok=True)
     sections = args.sections.split(",")
     from studio.cli import parse_overrides
@@ -436,7 +478,8 @@ def main() -> int:
     started = time.perf_counter()
     sample = world.cfg.sample
     report = [f"Machine: {cpu_name()}; torch threads {__import__('torch').get_num_threads()}. Sampler: {sample.scheduler}, "
-              f"{sample.steps} steps, guidance {sample.guidance_scale:g}{' (--set ' + ', '.join(args.set) + ')' if args.set else ''}.\n"]
+              f"{sample.steps} steps, guidance {sample.guidance_scale:g}{' (--set ' + ', '.join(args.set) + ')' if args.set else ''}. "
+              f"Prompts: {args.prompts} ({len(PROMPTS)}), seeds {SEEDS[0]}–{SEEDS[-1]}.\n"]
     if "base" in sections:
         report += ["### Base model follows prompts", section_base(world, args.out, args.base_samples)]
     state = None
@@ -444,7 +487,8 @@ def main() -> int:
         text, state = section_oneshot(world, args.out)
         report += ["### One selfie, default training", text]
     if "sliders" in sections and state:
-        report += ["### Sliders", section_sliders(world, args.out, state["concept"], state["refs"], state["strangers"])]
+        balances = [float(g) for g in args.balances.split(",")]
+        report += ["### Sliders", section_sliders(world, args.out, state["concept"], state["refs"], state["strangers"], balances)]
     if "ablation" in sections:
         variants = VARIANTS
         if args.variants:

@@ -133,19 +133,25 @@ AttentionInterface.register(ATTENTION_NAME, _text_attention)
 
 # --------------------------------------------------------------------------- UNet
 class BypassAttnProcessor(AttnProcessor2_0):
-    """diffusers' SDPA processor; cross-attention values may come from ``value_states``.
+    """diffusers' SDPA processor; cross-attention values may come from ``value_states`` and the
+    text keys may carry a logit bias ``key_bias``.
 
     value_states: (B, L, D) text states used for the values only (keys stay the plain states).
+    key_bias: (B, L) added to every cross-attention logit of those keys (``log gamma`` at the
+        identity positions when the tandem balance acts in the UNet, docs/ALGORITHM.md).
+    Both are cross-attention keywords: self-attention layers receive and ignore them.
     """
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, value_states=None, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 value_states=None, key_bias=None, **kwargs):
         control = _UNET_CONTROL.get()
         if control is not None and attention_mask is None and hidden_states.ndim == 3:
             return control.attend(attn, hidden_states, encoder_hidden_states, value_states)
-        if value_states is None or encoder_hidden_states is None:
+        if (value_states is None and key_bias is None) or encoder_hidden_states is None:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if attn.spatial_norm is not None or attn.group_norm is not None or attention_mask is not None:
-            raise NotImplementedError("the image bypass supports SD 1.x cross-attention only")
+            raise NotImplementedError("the image bypass and the UNet balance support SD 1.x cross-attention only")
+        value_states = encoder_hidden_states if value_states is None else value_states
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
             value_states = attn.norm_encoder_hidden_states(value_states)
@@ -154,15 +160,11 @@ class BypassAttnProcessor(AttnProcessor2_0):
         if input_ndim == 4:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch = hidden_states.shape[0]
         query, key, value = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(value_states)
-        head_dim = key.shape[-1] // attn.heads
-
-        def split(x: torch.Tensor) -> torch.Tensor:  # (B, N, H*d) -> (B, H, N, d)
-            return x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(split(query), split(key), split(value))
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        bias = None if key_bias is None else key_bias[:, None, None, :].to(query.dtype)  # (B, 1, 1, L)
+        out = F.scaled_dot_product_attention(_heads(query, attn.heads), _heads(key, attn.heads), _heads(value, attn.heads),
+                                             attn_mask=bias)
+        out = _merge(out, query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(batch, channel, height, width)

@@ -91,10 +91,12 @@ class ComposeResult:
 
 @dataclass(frozen=True)
 class _Row:
-    """A text row like the sampler's cached ones: hidden (L, D), bypassed values (L, D) or None."""
+    """A text row like the sampler's cached ones: hidden (L, D), bypassed values (L, D) or None,
+    identity (L,) bool at identity-token positions or None."""
 
     hidden: torch.Tensor
     values: torch.Tensor | None = None
+    identity: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -277,6 +279,9 @@ class Composer:
         # 2. Text rows: the plain prompt (class words), and per person the prompt with their
         #    identity at their place (the sampler's cache encodes each once).
         negative = checked.negative_prompt if do_cfg else None
+        # the tandem balance acts in the text encoder (these rows) or on the UNet's keys (_group)
+        text_balance = 1.0 if checked.balance_target == "unet" else checked.balance
+        unet_balance = checked.balance if checked.balance_target == "unet" else 1.0
         plain = _layout(tokenizer, template, words, None, 0)
         plain_rows = sampler.encode_conditions(None, [plain.prompt], negative, [None], 1.0, 1)
         person_layouts, person_rows = [], []
@@ -288,7 +293,7 @@ class Composer:
                 person_rows.append(plain_rows)
             else:
                 person_rows.append(sampler.encode_conditions(
-                    concept, [layout.prompt], negative, person_ts[index], checked.balance, checked.balance_layers))
+                    concept, [layout.prompt], negative, person_ts[index], text_balance, checked.balance_layers))
         naive_rows: dict[tuple, Any] = {}
 
         # 3. Initial latents exactly as the sampler draws them (one CPU generator per seed).
@@ -327,9 +332,10 @@ class Composer:
                 key = tuple(ts[i] for ts in person_ts)
                 if key not in naive_rows:
                     naive_rows[key] = self._naive_row(people, template, words, key, checked)
-                groups = [self._group(naive_rows[key], None, plain_rows, num_images, do_cfg)]
+                groups = [self._group(naive_rows[key], None, plain_rows, num_images, do_cfg, unet_balance=unet_balance)]
             elif count == 1:
-                groups = [self._group(person_rows[0][(0, person_ts[0][i])], None, person_rows[0], num_images, do_cfg)]
+                groups = [self._group(person_rows[0][(0, person_ts[0][i])], None, person_rows[0], num_images, do_cfg,
+                                      unet_balance=unet_balance)]
             else:
                 groups = [self._group(plain_rows[(0, None)], None, plain_rows, num_images, do_cfg)]
                 if not layout_stage:
@@ -337,7 +343,7 @@ class Composer:
                         others = [pos for p, pos in enumerate(person_layouts[index].positions) if p != index]
                         row = person_rows[index][(0, person_ts[index][i])]
                         own = (ref_slot[index],) if use_rsa and index in ref_slot else ()
-                        groups.append(self._group(row, others, person_rows[index], num_images, do_cfg, own))
+                        groups.append(self._group(row, others, person_rows[index], num_images, do_cfg, own, unet_balance))
                     groups[0].references = ()
             rsa_now = use_rsa and first_rsa <= i < last_rsa
             locate = grouped and boxes is None and i >= layout_steps - 1 and i < total - 1
@@ -362,12 +368,14 @@ class Composer:
                 control.self_map_tokens = cfg.locate_max_tokens
                 control.cross_maps, control.self_maps = {}, {}
             # 5c. Noise prediction on the whole batch, then guidance.
-            hidden, values = groups[0].hidden, groups[0].values
-            kwargs = {"value_states": values} if values is not None else None
+            hidden, values, key_bias = groups[0].hidden, groups[0].values, groups[0].key_bias
+            kwargs = {"value_states": values} if values is not None else {}
+            if key_bias is not None and control is None:  # without control the processor applies the bias
+                kwargs["key_bias"] = key_bias
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             model_input = noise_scheduler.scale_model_input(model_input, t)
             with attention.unet_context(control):
-                noise_pred = backbone.unet(model_input, t, encoder_hidden_states=hidden, cross_attention_kwargs=kwargs).sample
+                noise_pred = backbone.unet(model_input, t, encoder_hidden_states=hidden, cross_attention_kwargs=kwargs or None).sample
             if do_cfg:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + checked.guidance_scale * (text - uncond)
@@ -410,14 +418,18 @@ class Composer:
         return [step.mapper_timestep for step in plan]
 
     def _group(self, row, masked_positions, rows, num_images: int, do_cfg: bool,
-               references: tuple[int, ...] | None = None) -> attention.TextGroup:
-        """A batch group [negatives ; conditions] from a cached row; ``masked_positions``: tokens hidden from it."""
+               references: tuple[int, ...] | None = None, unet_balance: float = 1.0) -> attention.TextGroup:
+        """A batch group [negatives ; conditions] from a cached row; ``masked_positions``: tokens
+        hidden from it; ``unet_balance``: gamma on its identity tokens' keys (1 = none)."""
         cond_hidden = row.hidden[None].expand(num_images, -1, -1)
         cond_values = None if row.values is None else row.values[None].expand(num_images, -1, -1)
         bias = None
-        if masked_positions:
+        identity = row.identity
+        if masked_positions or (unet_balance != 1.0 and identity is not None):
             bias = torch.zeros(row.hidden.shape[0], device=row.hidden.device)
-            for positions in masked_positions:
+            if unet_balance != 1.0 and identity is not None:
+                bias = bias + attention.balance_bias(identity.to(bias.device), unet_balance)
+            for positions in masked_positions or ():
                 bias[list(positions)] = float("-inf")
             bias = bias[None].expand(num_images, -1)
         if do_cfg:
@@ -471,9 +483,11 @@ class Composer:
         residuals = None
         if identity and any(b.abs().sum() > 0 for b in bypass):
             residuals = torch.cat(bypass)[None].to(backbone.device, backbone.dtype)
+        text_balance = 1.0 if checked.balance_target == "unet" else checked.balance
         states = encode_text(backbone, input_ids, identity_mask if identity else None, identity=vectors, bypass=residuals,
-                             balance=checked.balance, balance_layers=checked.balance_layers)
-        return _Row(states.hidden[0], None if states.values is None else states.values[0])
+                             balance=text_balance, balance_layers=checked.balance_layers)
+        return _Row(states.hidden[0], None if states.values is None else states.values[0],
+                    identity_mask[0].to(states.hidden.device) if identity else None)
 
     def _references(self, references: list[Reference], seed: int) -> dict[str, torch.Tensor]:
         """Clean latents (R, C, h, w), fixed noise of the same shape, and pixel weights (R, H, W)."""

@@ -31,6 +31,8 @@ MAX_VIEWS = 64
 MAX_SEED = 2**63 - 1
 
 DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
+# where the tandem balance gamma acts at generation (sample.balance_target)
+BALANCE_TARGETS = ("text_encoder", "unet")
 
 
 class ConfigError(StudioError, ValueError):
@@ -256,6 +258,10 @@ class SampleConfig:
     balance: float = 1.0
     # how many of the text encoder's last layers the balance gamma acts on
     balance_layers: int = 1
+    # where gamma acts (docs/ALGORITHM.md, "Live tandem balance"): "unet" = the image's
+    # cross-attention to the identity tokens; "text_encoder" = the prompt's words' attention to
+    # them in the last balance_layers layers (the TE loss's counterpart; measured inert on toy)
+    balance_target: str = "unet"
     # output side in pixels (0 = the training resolution)
     resolution: int = 0
     # fixed prompts and seeds of the live previews; "{}" stands for the person
@@ -274,6 +280,8 @@ class SampleConfig:
             raise ConfigError(f"sample.balance must be > 0, got {self.balance}")
         if self.balance_layers < 1:
             raise ConfigError(f"sample.balance_layers must be >= 1, got {self.balance_layers}")
+        if self.balance_target not in BALANCE_TARGETS:
+            raise ConfigError(f"sample.balance_target must be one of {', '.join(BALANCE_TARGETS)}, got {self.balance_target!r}")
         if self.resolution < 0 or self.resolution % 8:
             raise ConfigError(f"sample.resolution must be 0 or a positive multiple of 8, got {self.resolution}")
         if not self.preview_prompts or any("{}" not in p for p in self.preview_prompts):

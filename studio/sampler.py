@@ -41,7 +41,8 @@ from studio.conditioning import (
     super_category_id,
     tokenize,
 )
-from studio.config import DEFAULT_NEGATIVE_PROMPT, NUM_TRAIN_TIMESTEPS, SampleConfig, StudioConfig, check_band
+from studio.attention import balance_bias
+from studio.config import BALANCE_TARGETS, DEFAULT_NEGATIVE_PROMPT, NUM_TRAIN_TIMESTEPS, SampleConfig, StudioConfig, check_band
 from studio.errors import StudioError
 from studio.events import PreviewReady
 
@@ -124,10 +125,12 @@ def _plan(timesteps: Sequence[Any], band: tuple[int, int], late_stage: str) -> l
 
 @dataclass(frozen=True)
 class _EncodedRow:
-    """One cached text condition: hidden (L, D) for keys (and values), values (L, D) bypassed, or None."""
+    """One cached text condition: hidden (L, D) for keys (and values), values (L, D) bypassed, or
+    None; identity (L,) bool at the identity tokens' positions, or None for a plain-text row."""
 
     hidden: torch.Tensor
     values: torch.Tensor | None = None
+    identity: torch.Tensor | None = None
 
     @property
     def value_states(self) -> torch.Tensor:
@@ -154,7 +157,8 @@ class GenerationSettings:
     band: (start, end) on the 0..999 scale: denoising steps with start <= t <= end get mapper(t);
         later steps get mapper(start) or the word (``concept.late_stage``).
     guidance_scale: classifier-free guidance; <= 1 runs without the negative branch (diffusers' rule).
-    balance: tandem balance gamma in the text encoder (1 = neutral), over the last ``balance_layers``.
+    balance: tandem balance gamma (1 = neutral); ``balance_target`` says where it acts: the text
+        encoder's last ``balance_layers`` layers, or the UNet's cross-attention.
     seeds: one image per seed and prompt; latents come from a CPU generator, so a seed gives the
         same image on every device.
     height, width: None = the backbone's native resolution.
@@ -166,6 +170,7 @@ class GenerationSettings:
     band: tuple[int, int] = (400, 800)
     balance: float = 1.0
     balance_layers: int = 1
+    balance_target: str = "unet"
     seeds: int | list[int] = 0
     height: int | None = None
     width: int | None = None
@@ -185,7 +190,7 @@ class GenerationSettings:
             negative_prompt=sample.negative_prompt,
             num_inference_steps=sample.preview_steps if preview else sample.steps,
             guidance_scale=sample.guidance_scale, band=tuple(sample.band), balance=sample.balance,
-            balance_layers=sample.balance_layers, seeds=list(sample.preview_seeds) if preview else 0,
+            balance_layers=sample.balance_layers, balance_target=sample.balance_target, seeds=list(sample.preview_seeds) if preview else 0,
             height=side, width=side, scheduler=sample.scheduler,
         )
         return replace(settings, **{key: value for key, value in overrides.items() if value is not None})
@@ -257,6 +262,10 @@ class Sampler:
             raise SamplerInputError(
                 f"balance_layers must be between 1 and {num_layers} (the text encoder's layers), got {given.balance_layers}."
             )
+        if given.balance_target not in BALANCE_TARGETS:
+            raise SamplerInputError(
+                f"The tandem balance acts in one of: {', '.join(BALANCE_TARGETS)}; got {given.balance_target!r}."
+            )
         if given.scheduler not in SCHEDULERS:
             raise SamplerInputError(f"Unknown scheduler {given.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}.")
         seeds = [given.seeds] if isinstance(given.seeds, int) else list(given.seeds)
@@ -323,7 +332,10 @@ class Sampler:
         if concept is not None and not concept.stage_regulation:
             band = (0, NUM_TRAIN_TIMESTEPS)
         mapper_ts = [step.mapper_timestep if concept is not None else None for step in _plan(timesteps, band, late_stage)]
-        rows = self._text_conditions(concept, prompts, negative_prompt if do_cfg else None, mapper_ts, balance, balance_layers)
+        # gamma acts either inside the text encoder (cached with the rows) or on the UNet's keys
+        in_unet = checked.balance_target == "unet" and balance != 1.0
+        text_balance = 1.0 if checked.balance_target == "unet" else balance
+        rows = self._text_conditions(concept, prompts, negative_prompt if do_cfg else None, mapper_ts, text_balance, balance_layers)
 
         # 3. Initial latents: one CPU generator per image, so a (prompt, seed) pair gives the
         # same noise whatever else is in the batch and on whatever device.
@@ -345,10 +357,14 @@ class Sampler:
             cond = [rows[(p, mapper_t)] for p in images_prompt]
             if do_cfg:
                 cond = [rows["negative"]] * num_images + cond
-            values = None
+            kwargs = {}
             if any(row.values is not None for row in cond):
-                values = {"value_states": torch.stack([row.value_states for row in cond])}
-            batch_conditions[mapper_t] = (torch.stack([row.hidden for row in cond]), values)
+                kwargs["value_states"] = torch.stack([row.value_states for row in cond])
+            if in_unet and any(row.identity is not None for row in cond):
+                kwargs["key_bias"] = balance_bias(torch.stack([
+                    torch.zeros_like(cond[0].hidden[:, 0], dtype=torch.bool) if row.identity is None else row.identity
+                    for row in cond]), balance).to(dtype)
+            batch_conditions[mapper_t] = (torch.stack([row.hidden for row in cond]), kwargs or None)
 
         # 5. Denoising loop.
         for i, t in enumerate(timesteps):
@@ -486,10 +502,12 @@ class Sampler:
         for index, request in enumerate(requests):
             # clone(): a cached row must not keep the whole batch's storage alive.
             hidden = states.hidden[index].clone()
-            values = None
-            if states.values is not None and request.mapper_t is not None:
-                values = states.values[index].clone()
-            rows.append(_EncodedRow(hidden, values))
+            values = identity_positions = None
+            if request.mapper_t is not None:
+                identity_positions = identity_mask[index].to(hidden.device)
+                if states.values is not None:
+                    values = states.values[index].clone()
+            rows.append(_EncodedRow(hidden, values, identity_positions))
         return rows
 
     # ------------------------------------------------------------------ cache

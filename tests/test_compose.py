@@ -42,11 +42,15 @@ def composer(sampler, tiny_cfg):
     return Composer(sampler, tiny_cfg.compose)
 
 
-def test_a_single_concept_without_reference_weight_is_todays_generation_bit_for_bit(backbone, sampler, tiny_cfg):
+@pytest.mark.parametrize("balance", [dict(), dict(balance=3.0, balance_target="unet"),
+                                     dict(balance=0.2, balance_target="text_encoder", balance_layers=2)],
+                         ids=["neutral", "unet-balance", "text-encoder-balance"])
+def test_a_single_concept_without_reference_weight_is_todays_generation_bit_for_bit(backbone, sampler, tiny_cfg, balance):
     concept = make_concept(backbone, seed=3, bypass=True)
     off = Composer(sampler, ComposeConfig(rsa_weight=0.0))
-    composed = off([Person(concept=concept, reference=photo((200, 80, 40)))], "a photo of {0} on a beach", seeds=[0, 1], **STEPS)
-    plain = sampler(concept, "a photo of {} on a beach", seeds=[0, 1], **STEPS)
+    composed = off([Person(concept=concept, reference=photo((200, 80, 40)))], "a photo of {0} on a beach", seeds=[0, 1],
+                   **STEPS, **balance)
+    plain = sampler(concept, "a photo of {} on a beach", seeds=[0, 1], **STEPS, **balance)
     for ours, theirs in zip(composed.images, plain.images):
         assert np.array_equal(np.asarray(ours), np.asarray(theirs))
     assert composed.settings[0]["unet_passes_per_step"] == 1

@@ -113,3 +113,11 @@ def test_face_settings_that_would_divide_by_zero_are_refused():
         load_preset("tiny", **{"face.same_person_threshold": 0})
     with pytest.raises(ConfigError, match="face.mask_feather >= 0"):
         load_preset("tiny", **{"face.mask_feather": -0.1})
+
+
+def test_a_balance_that_acts_nowhere_the_studio_knows_is_refused():
+    from studio.config import ConfigError, load_preset
+
+    with pytest.raises(ConfigError, match="sample.balance_target must be one of text_encoder, unet, got 'vae'"):
+        load_preset("tiny", **{"sample.balance_target": "vae"})
+    assert load_preset("tiny", **{"sample.balance_target": "text_encoder"}).sample.balance_target == "text_encoder"

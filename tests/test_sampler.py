@@ -153,7 +153,10 @@ def test_seed_and_band_changes_reuse_the_text_encoding(backbone, concept, sample
     sampler(concept, "a photo of {}", seeds=0, band=(500, 700), scheduler="ddim", **FAST)
     assert sampler.text_encoder_calls == 2
     sampler(concept, "a photo of {}", seeds=0, band=(500, 700), scheduler="ddim", balance=0.5, **FAST)
-    assert sampler.text_encoder_calls == 3  # the balance acts inside the text encoder
+    assert sampler.text_encoder_calls == 2  # the balance acts on the UNet's keys (the default)
+    sampler(concept, "a photo of {}", seeds=0, band=(500, 700), scheduler="ddim", balance=0.5,
+            balance_target="text_encoder", **FAST)
+    assert sampler.text_encoder_calls == 3  # this balance acts inside the text encoder
     sampler(make_concept(backbone, seed=9), "a photo of {}", band=(500, 700), scheduler="ddim", **FAST)
     assert sampler.text_encoder_calls == 4  # other weights (new uid)
 
@@ -192,14 +195,61 @@ def test_concurrent_calls_match_sequential_ones(backbone, concept):
 
 
 # --------------------------------------------------------------------------- settings that matter
-def test_balance_changes_the_image(concept, sampler):
+@pytest.mark.parametrize("target", ["unet", "text_encoder"])
+def test_balance_changes_the_image(concept, sampler, target):
     # The random 2-layer text encoder of the tiny model reacts weakly to attention re-weighting,
     # so this checks that gamma reaches the pixels, not how much.
-    neutral = pixels(sampler(concept, "a photo of {} as a chef", balance=1.0, balance_layers=2, **FAST))[0]
-    prompt_first = pixels(sampler(concept, "a photo of {} as a chef", balance=0.05, balance_layers=2, **FAST))[0]
-    again = pixels(sampler(concept, "a photo of {} as a chef", balance=1.0, balance_layers=2, **FAST))[0]
+    where = dict(balance_layers=2, balance_target=target)
+    neutral = pixels(sampler(concept, "a photo of {} as a chef", balance=1.0, **where, **FAST))[0]
+    prompt_first = pixels(sampler(concept, "a photo of {} as a chef", balance=0.05, **where, **FAST))[0]
+    again = pixels(sampler(concept, "a photo of {} as a chef", balance=1.0, **where, **FAST))[0]
     assert not np.array_equal(neutral, prompt_first)
     assert np.array_equal(neutral, again)
+
+
+def test_a_neutral_balance_is_the_same_image_wherever_it_acts(concept, sampler):
+    in_unet = pixels(sampler(concept, "a photo of {} as a chef", balance=1.0, balance_target="unet", **FAST))[0]
+    in_text = pixels(sampler(concept, "a photo of {} as a chef", balance=1.0, balance_target="text_encoder", **FAST))[0]
+    assert np.array_equal(in_unet, in_text)
+
+
+def test_the_unet_balance_reuses_the_text_rows_and_leaves_rows_without_identity_alone(backbone, sampler):
+    concept = make_concept(backbone, seed=4, late_stage="super_category")
+    sampler(concept, "a photo of {} in the rain", balance=1.0, balance_target="unet", **FAST)
+    calls = sampler.text_encoder_calls
+    moved = pixels(sampler(concept, "a photo of {} in the rain", balance=3.0, balance_target="unet", **FAST))[0]
+    neutral = pixels(sampler(concept, "a photo of {} in the rain", balance=1.0, balance_target="unet", **FAST))[0]
+    assert sampler.text_encoder_calls == calls  # gamma on the UNet's keys needs no new text rows
+    assert not np.array_equal(moved, neutral)
+    # no step inside the band: every row is plain text, so there is nothing for gamma to weigh
+    outside = dict(band=(998, 999), scheduler="ddim", balance_target="unet")
+    assert np.array_equal(pixels(sampler(concept, "a photo of {}", balance=3.0, **outside, **FAST))[0],
+                          pixels(sampler(None, "a photo of {}", scheduler="ddim", **FAST))[0])
+
+
+def test_the_unet_balance_multiplies_the_attention_odds_of_the_identity_keys():
+    from diffusers.models.attention_processor import Attention
+
+    from studio.attention import BypassAttnProcessor, balance_bias
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4, processor=BypassAttnProcessor()).eval()
+    pixels_in, text = torch.randn(2, 5, 8), torch.randn(2, 4, 6)
+    identity = torch.tensor([[False, True, True, False], [False, False, False, False]])
+    gamma = 3.0
+    with torch.no_grad():
+        got = attn(pixels_in, encoder_hidden_states=text, key_bias=balance_bias(identity, gamma))
+        # by hand: softmax(q k^T / sqrt(d) + log gamma at the identity keys) v, per head
+        q, k, v = (x.view(2, -1, 2, 4).transpose(1, 2) for x in (attn.to_q(pixels_in), attn.to_k(text), attn.to_v(text)))
+        probs = torch.softmax(q @ k.transpose(-1, -2) / 2.0 + torch.log(torch.where(identity, gamma, 1.0))[:, None, None], -1)
+        expected = attn.to_out[0]((probs @ v).transpose(1, 2).reshape(2, 5, 8))
+        assert torch.allclose(got, expected, atol=1e-5)
+        plain = attn(pixels_in, encoder_hidden_states=text)
+        assert torch.allclose(got[1], plain[1], atol=1e-6)  # a row without identity keys is unchanged
+        assert not torch.allclose(got[0], plain[0], atol=1e-3)
+        # self-attention layers get the same keyword from diffusers and ignore it
+        own = Attention(query_dim=8, heads=2, dim_head=4, processor=BypassAttnProcessor()).eval()
+        assert torch.equal(own(pixels_in, key_bias=torch.ones(2, 5)), own(pixels_in))
 
 
 def test_band_decides_where_the_identity_acts(backbone, sampler):
@@ -240,6 +290,7 @@ def test_plain_generation_without_a_concept(sampler):
         ("a photo of {}", {"num_inference_steps": 0}, ValueError, "number of steps"),
         ("a photo of {}", {"guidance_scale": -1.0}, ValueError, "guidance scale"),
         ("a photo of {}", {"balance": 0.0}, ValueError, "balance must be > 0"),
+        ("a photo of {}", {"balance_target": "vae"}, ValueError, "balance acts in one of: text_encoder, unet; got 'vae'"),
         ("a photo of {}", {"height": 40}, ValueError, "multiple of 16"),
         ("a photo of {}", {"seeds": []}, ValueError, "at least one seed"),
         ("a photo of {} " + "very " * 80, {}, PromptError, "too long"),
