@@ -123,6 +123,7 @@ def test_render_command_writes_the_ground_truth_and_refuses_unknown_words(tmp_pa
         (["--decoder-feature-weight", "-1"], "--decoder-feature-weight must be between 0 and 100, got -1.0"),
         (["--decoder-latent-noise", "2"], "--decoder-latent-noise must be between 0 and 1, got 2.0"),
         (["--anneal"], "--anneal decays the learning rate towards --steps: give --steps too"),
+        (["--head-width", "48"], "--head-width must divide the UNet's attention channels 64, 128, got 48"),
         (["--continue-from", "no-such-folder"], "--continue-from must be a toy model folder, got no-such-folder"),
         (["--continue-from", str(Path(__file__).parent)], "is not a trained toy model folder to continue from: it lacks unet"),
     ],
@@ -184,16 +185,20 @@ def test_the_backbone_stage_trains_checkpoints_resumes_and_exports_at_a_tiny_siz
     again.mkdir()
     shutil.copytree(out / "data", again / "data")
     continued = replace(plan, unet_steps=3, identity_token_share=0.0, continue_from=str(out), min_snr_gamma=5.0,
-                        unet_feature_weight=6.0)
+                        unet_feature_weight=6.0, unet_head_width=32)
     stage_backbone(again, continued)  # stops at once: the folder is at step 3 already
     state = json.loads((again / "checkpoint" / "state.json").read_text())
     assert state["step"] == state["warmup_from"] == 3 and state["continued_from"]["unet_steps"] == 3
     seeded = load_file(str(again / "checkpoint" / "unet.safetensors"))
     assert all(torch.equal(seeded[k], v) for k, v in unet.state_dict().items())
     assert (again / "vae" / "decoder.json").exists(), "the folder's fine-tuned VAE came with it"
-    stage_backbone(again, replace(continued, unet_steps=4))
+    stage_backbone(again, replace(continued, unet_steps=4, unet_head_width=None))
     state = json.loads((again / "checkpoint" / "state.json").read_text())
     assert state["step"] == 4 and state["warmup_from"] == 3, "the warm-up counts from where the run continued"
+    # the same weights with heads of width 32 (diffusers reads attention_head_dim as a head count), kept on resume
+    heads = lambda model: model.mid_block.attentions[0].transformer_blocks[0].attn1.heads  # noqa: E731
+    assert heads(unet) == 32 and heads(UNet2DConditionModel.from_pretrained(str(again / "unet"))) == 128 // 32
+    assert state["unet_head_width"] == 32
     record = json.loads((again / "pretrain.json").read_text())
     assert record["continued_from"]["folder"] == str(out) and record["plan"]["min_snr_gamma"] == 5.0
     assert record["plan"]["unet_feature_weight"] == 6.0

@@ -73,6 +73,9 @@ class PretrainPlan:
     # extra weight of the latent pixels at the eyes and the mouth in the UNet's epsilon loss (the
     # decoder's Gaussians, at the latent's scale); 0 = every latent pixel alike
     unet_feature_weight: float = 0.0
+    # width of the UNet's attention heads (see unet_config); None = the first runs' 32 heads per
+    # layer. A run records what it was built with, and resuming or exporting it keeps that
+    unet_head_width: int | None = None
     decoder_minutes: float = 20.0
     decoder_batch: int = 32
     # rounds of decoder fine-tuning the VAE should have had: the decoder stage runs one more while it
@@ -391,12 +394,21 @@ def vae_config() -> dict:
                 down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
 
 
-def unet_config(cross_dim: int) -> dict:
+UNET_CHANNELS = (32, 64, 128)
+
+
+def unet_config(cross_dim: int, head_width: int | None = None) -> dict:
+    """The toy UNet's diffusers config. diffusers reads ``attention_head_dim`` as the number of
+    heads (a naming quirk it keeps for old checkpoints), so the first toy UNets, built with 32,
+    have 32 heads of width 2 and 4 in every attention layer. ``head_width`` (e.g. 32) gives
+    each block channels / head_width heads of that width instead (docs/TOY.md, "Attention heads");
+    the parameters are the same either way."""
+    heads = 32 if head_width is None else tuple(max(1, c // head_width) for c in UNET_CHANNELS)
     return dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-                block_out_channels=(32, 64, 128), norm_num_groups=32,
+                block_out_channels=UNET_CHANNELS, norm_num_groups=32,
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                cross_attention_dim=cross_dim, attention_head_dim=32)
+                cross_attention_dim=cross_dim, attention_head_dim=heads)
 
 
 def text_config(tokenizer) -> dict:
@@ -753,18 +765,21 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
     tokenizer = load_tokenizer()
     torch.manual_seed(plan.seed + 5)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
-    unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size))
     step, elapsed = 0, 0.0
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"unet_head_width": plan.unet_head_width}
     if resumed:  # weights are loaded on the CPU, then everything moves to the device together
         state = json.loads((ckpt / "state.json").read_text())
+        state.setdefault("unet_head_width", None)  # a checkpoint from before the setting
+    unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size, state["unet_head_width"]))
+    _log(f"[backbone] UNet attention: {unet_heads(unet)}")
+    if resumed:
         step, elapsed = state["step"], state["elapsed"]
         unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
         text_encoder.load_state_dict(load_file(str(ckpt / "text_encoder.safetensors")))
     elif continued is not None:  # its weights (and so the EMA) and its step; Adam's moments start fresh
         step = int(continued["unet_steps"])
-        state = {"warmup_from": step, "continued_from": {"folder": str(folder), "unet_steps": step,
-                                                         "minutes": continued.get("minutes")}}
+        state = {**state, "warmup_from": step, "continued_from": {"folder": str(folder), "unet_steps": step,
+                                                                  "minutes": continued.get("minutes")}}
         unet.load_state_dict(load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")))
         text_encoder.load_state_dict(load_file(str(folder / "text_encoder" / "model.safetensors")))
         _log(f"[backbone] continuing {folder} from its step {step}")
@@ -874,6 +889,16 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
     _log(f"[backbone] done: {step} steps")
 
 
+def unet_heads(unet) -> str:
+    """E.g. "down_blocks.1: 2 heads of 32, ..." for each block with attention."""
+    seen: dict[str, str] = {}
+    for name, module in unet.named_modules():
+        if name.endswith("attn1"):
+            block = ".".join(name.split(".")[:2]) if not name.startswith("mid_block") else "mid_block"
+            seen.setdefault(block, f"{module.heads} heads of {module.to_q.out_features // module.heads}")
+    return ", ".join(f"{block}: {text}" for block, text in seen.items())
+
+
 def export_checkpoint(out: Path, target: Path | None = None) -> None:
     """Write the EMA weights of the last UNet + text-encoder checkpoint as the diffusers
     folder's ``unet/`` and ``text_encoder/`` (``target``: another folder, e.g. for a look at
@@ -885,8 +910,9 @@ def export_checkpoint(out: Path, target: Path | None = None) -> None:
 
     target = target or out
     ckpt = out / "checkpoint"
+    head_width = json.loads((ckpt / "state.json").read_text()).get("unet_head_width")
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(load_tokenizer())))
-    unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size))
+    unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size, head_width))
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = load_file(str(ckpt / "ema.safetensors"))
     with torch.no_grad():
