@@ -16,7 +16,9 @@
 # on 16 cores). IDENTITY_TOKENS=0.5 trains with identity-bearing class words in half the captions
 # (docs/TOY.md, "Identity tokens"); bench/toy_reach.py then says whether a token can carry a face.
 # CONTINUE=1 starts from the shipped assets/toy weights (`--continue-from assets/toy`) instead of
-# from scratch: MINUTES more on top of the steps already shipped.
+# from scratch: MINUTES more on top of the steps already shipped. HEAD_WIDTH=32 (the default) builds
+# the UNet with attention heads of width 32 (docs/TOY.md, "Attention heads"); HEAD_WIDTH= (empty)
+# keeps the first runs' 32 heads of width 2-4 per layer.
 # What comes back (7 files; the device tool returns at most 8): unet/ (fp16 tensors on disk: the
 # fp32 file is over the 16 MiB a returned file may have; it loads as the preset's dtype),
 # text_encoder/, pretrain.json and the logs, copied on exit. The backbone stage exports only when
@@ -33,6 +35,9 @@ RUN="${RUN:-/tmp/toy-pretrain}"
 MINUTES="${MINUTES:-6}"
 BATCH="${BATCH:-256}"
 IDENTITY_TOKENS="${IDENTITY_TOKENS:-0}"  # share of captions with an identity-bearing class word (docs/TOY.md)
+HEAD_WIDTH="${HEAD_WIDTH-32}"
+HEAD_ARGS=()
+[[ -n "$HEAD_WIDTH" ]] && HEAD_ARGS=(--head-width "$HEAD_WIDTH")
 CONTINUE_ARGS=()
 [[ "${CONTINUE:-0}" == 1 ]] && CONTINUE_ARGS=(--continue-from assets/toy)
 DEVICE="${DEVICE:-cuda}"
@@ -64,4 +69,4 @@ PY
 trap send_back EXIT
 "$PY" -m studio toy pretrain --out "$RUN" --stage data --threads "$THREADS" 2>&1 | tee "$OUT/data.log"
 "$PY" -m studio toy pretrain --out "$RUN" --stage backbone --minutes "$MINUTES" --device "$DEVICE" \
-  --batch "$BATCH" --identity-tokens "$IDENTITY_TOKENS" --threads "$THREADS" ${CONTINUE_ARGS[@]+"${CONTINUE_ARGS[@]}"} 2>&1 | grep --line-buffered -v "Writing model shards" | tee "$OUT/backbone.log"
+  --batch "$BATCH" --identity-tokens "$IDENTITY_TOKENS" --threads "$THREADS" ${HEAD_ARGS[@]+"${HEAD_ARGS[@]}"} ${CONTINUE_ARGS[@]+"${CONTINUE_ARGS[@]}"} 2>&1 | grep --line-buffered -v "Writing model shards" | tee "$OUT/backbone.log"
