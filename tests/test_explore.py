@@ -25,6 +25,7 @@ from studio.ui.explore import (
     NO_REFERENCE,
     SCORED,
     SERIES_COLORS,
+    best_of,
     choose_setting,
     keys_in_range,
     parse_bands,
@@ -122,6 +123,18 @@ def test_a_drag_over_the_prompt_axis_adopts_the_best_balance_inside_it():
     # without the points (another process), the one nearest the drag's centre
     assert choose_setting(keys_in_range(frame, [25.0, 31.0]), []) == key_b
     assert parse_setting_key(key_c) == ((600, 900), 2.0)
+
+
+def test_a_drag_over_settings_drawn_as_one_dot_weighs_them_all():
+    # shown alike (prompt rounded to 2 places, no face), but the last one's prompt score is the best
+    first = _point((200, 800), 0.75, identity=None, prompt=12.001)
+    last = _point((600, 900), 1.5, identity=None, prompt=12.004)
+    frame = _drawn(scatter_frame([first, last]))
+    assert len(frame) == 1, "one dot that names both"
+    keys = keys_in_range(frame, [11.0, 13.0])
+    assert set(keys) == {setting_key(first.band, first.balance), setting_key(last.band, last.balance)}
+    assert choose_setting(keys, [first, last]) == setting_key(last.band, last.balance) == setting_key(
+        best_of([first, last]).band, best_of([first, last]).balance), "the same pick as the table's star"
 
 
 def test_sweep_inputs_are_checked_with_sentences_a_user_can_act_on():

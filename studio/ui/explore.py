@@ -124,6 +124,10 @@ def default_prompts() -> str:
 
 
 # ----------------------------------------------------------------------------- settings
+# joins the keys of settings drawn as one dot (a key itself is "start,end,gamma")
+KEY_SEPARATOR = ";"
+
+
 def setting_key(band: tuple[int, int], balance: float) -> str:
     """A setting as a Dropdown / plot value, e.g. "400,800,1.5"."""
     return f"{band[0]},{band[1]},{balance:g}"
@@ -236,8 +240,9 @@ def _merge_overlaps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         kept = merged[place]
         kept["setting"] = f"{kept['setting']} = {row['setting']}"
+        kept["key"] = f"{kept['key']}{KEY_SEPARATOR}{row['key']}"  # a drag over the dot weighs every setting in it
         if row["series"] == BEST:
-            kept["series"], kept["key"] = BEST, row["key"]
+            kept["series"] = BEST
     return list(merged.values())
 
 
@@ -368,7 +373,8 @@ def keys_in_range(frame: pd.DataFrame, x_range: Sequence[float]) -> list[str]:
     lo, hi = sorted(float(x) for x in x_range)
     inside = frame[(frame["prompt"] >= lo) & (frame["prompt"] <= hi)]
     distance = (inside["prompt"] - (lo + hi) / 2).abs()
-    return [str(key) for key in inside.assign(distance=distance).sort_values("distance", kind="stable")["key"]]
+    ordered = inside.assign(distance=distance).sort_values("distance", kind="stable")["key"]
+    return [key for keys in ordered for key in str(keys).split(KEY_SEPARATOR)]
 
 
 def choose_setting(keys: Sequence[str], points: Sequence[SweepPoint]) -> str | None:
