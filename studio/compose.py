@@ -280,8 +280,7 @@ class Composer:
         #    identity at their place (the sampler's cache encodes each once).
         negative = checked.negative_prompt if do_cfg else None
         # the tandem balance acts in the text encoder (these rows) or on the UNet's keys (_group)
-        text_balance = 1.0 if checked.balance_target == "unet" else checked.balance
-        unet_balance = checked.balance if checked.balance_target == "unet" else 1.0
+        unet_balance = checked.unet_balance
         plain = _layout(tokenizer, template, words, None, 0)
         plain_rows = sampler.encode_conditions(None, [plain.prompt], negative, [None], 1.0, 1)
         person_layouts, person_rows = [], []
@@ -293,7 +292,7 @@ class Composer:
                 person_rows.append(plain_rows)
             else:
                 person_rows.append(sampler.encode_conditions(
-                    concept, [layout.prompt], negative, person_ts[index], text_balance, checked.balance_layers))
+                    concept, [layout.prompt], negative, person_ts[index], checked.text_balance, checked.balance_layers))
         naive_rows: dict[tuple, Any] = {}
 
         # 3. Initial latents exactly as the sampler draws them (one CPU generator per seed).
@@ -369,9 +368,8 @@ class Composer:
                 control.cross_maps, control.self_maps = {}, {}
             # 5c. Noise prediction on the whole batch, then guidance.
             hidden, values, key_bias = groups[0].hidden, groups[0].values, groups[0].key_bias
-            kwargs = {"value_states": values} if values is not None else {}
-            if key_bias is not None and control is None:  # without control the processor applies the bias
-                kwargs["key_bias"] = key_bias
+            # under a control its groups carry the bias; without one the processor applies it
+            kwargs = {name: v for name, v in (("value_states", values), ("key_bias", key_bias)) if v is not None}
             model_input = torch.cat([latents] * 2) if do_cfg else latents
             model_input = noise_scheduler.scale_model_input(model_input, t)
             with attention.unet_context(control):
@@ -423,12 +421,10 @@ class Composer:
         hidden from it; ``unet_balance``: gamma on its identity tokens' keys (1 = none)."""
         cond_hidden = row.hidden[None].expand(num_images, -1, -1)
         cond_values = None if row.values is None else row.values[None].expand(num_images, -1, -1)
+        weighed = unet_balance != 1.0 and row.identity is not None
         bias = None
-        identity = row.identity
-        if masked_positions or (unet_balance != 1.0 and identity is not None):
-            bias = torch.zeros(row.hidden.shape[0], device=row.hidden.device)
-            if unet_balance != 1.0 and identity is not None:
-                bias = bias + attention.balance_bias(identity.to(bias.device), unet_balance)
+        if masked_positions or weighed:
+            bias = attention.balance_bias(row.identity, unet_balance) if weighed else torch.zeros(len(row.hidden), device=row.hidden.device)
             for positions in masked_positions or ():
                 bias[list(positions)] = float("-inf")
             bias = bias[None].expand(num_images, -1)
@@ -483,9 +479,8 @@ class Composer:
         residuals = None
         if identity and any(b.abs().sum() > 0 for b in bypass):
             residuals = torch.cat(bypass)[None].to(backbone.device, backbone.dtype)
-        text_balance = 1.0 if checked.balance_target == "unet" else checked.balance
         states = encode_text(backbone, input_ids, identity_mask if identity else None, identity=vectors, bypass=residuals,
-                             balance=text_balance, balance_layers=checked.balance_layers)
+                             balance=checked.text_balance, balance_layers=checked.balance_layers)
         return _Row(states.hidden[0], None if states.values is None else states.values[0],
                     identity_mask[0].to(states.hidden.device) if identity else None)
 

@@ -136,6 +136,11 @@ class _EncodedRow:
     def value_states(self) -> torch.Tensor:
         return self.hidden if self.values is None else self.values
 
+    @property
+    def identity_positions(self) -> torch.Tensor:
+        """(L,) bool: ``identity``, all False for a plain-text row."""
+        return self.identity if self.identity is not None else torch.zeros(len(self.hidden), dtype=torch.bool, device=self.hidden.device)
+
 
 @dataclass(frozen=True)
 class _Request:
@@ -194,6 +199,16 @@ class GenerationSettings:
             height=side, width=side, scheduler=sample.scheduler,
         )
         return replace(settings, **{key: value for key, value in overrides.items() if value is not None})
+
+    @property
+    def text_balance(self) -> float:
+        """The gamma the text encoder applies (1 when it acts in the UNet)."""
+        return self.balance if self.balance_target == "text_encoder" else 1.0
+
+    @property
+    def unet_balance(self) -> float:
+        """The gamma on the UNet's identity keys (1 when it acts in the text encoder)."""
+        return self.balance if self.balance_target == "unet" else 1.0
 
     def kwargs(self) -> dict[str, Any]:
         """The settings as ``Sampler.__call__`` keywords."""
@@ -333,9 +348,8 @@ class Sampler:
             band = (0, NUM_TRAIN_TIMESTEPS)
         mapper_ts = [step.mapper_timestep if concept is not None else None for step in _plan(timesteps, band, late_stage)]
         # gamma acts either inside the text encoder (cached with the rows) or on the UNet's keys
-        in_unet = checked.balance_target == "unet" and balance != 1.0
-        text_balance = 1.0 if checked.balance_target == "unet" else balance
-        rows = self._text_conditions(concept, prompts, negative_prompt if do_cfg else None, mapper_ts, text_balance, balance_layers)
+        rows = self._text_conditions(concept, prompts, negative_prompt if do_cfg else None, mapper_ts,
+                                     checked.text_balance, balance_layers)
 
         # 3. Initial latents: one CPU generator per image, so a (prompt, seed) pair gives the
         # same noise whatever else is in the batch and on whatever device.
@@ -360,10 +374,8 @@ class Sampler:
             kwargs = {}
             if any(row.values is not None for row in cond):
                 kwargs["value_states"] = torch.stack([row.value_states for row in cond])
-            if in_unet and any(row.identity is not None for row in cond):
-                kwargs["key_bias"] = balance_bias(torch.stack([
-                    torch.zeros_like(cond[0].hidden[:, 0], dtype=torch.bool) if row.identity is None else row.identity
-                    for row in cond]), balance).to(dtype)
+            if checked.unet_balance != 1.0 and any(row.identity is not None for row in cond):
+                kwargs["key_bias"] = balance_bias(torch.stack([row.identity_positions for row in cond]), balance).to(dtype)
             batch_conditions[mapper_t] = (torch.stack([row.hidden for row in cond]), kwargs or None)
 
         # 5. Denoising loop.
