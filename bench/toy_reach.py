@@ -31,6 +31,7 @@ from toy_caps import mean_identity  # noqa: E402
 from toy_world import FIRST, World, cpu_name, model_source, to_images, to_tensor  # noqa: E402
 
 PROMPT = "a photo of {} on a beach"
+TUNED_ROW = "v optimised for likeness (other seeds than optimised on)"
 TOKEN_ROW = "class word + the pretraining's identity token W e of the selfie (nothing optimised)"
 
 
@@ -126,7 +127,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="a pretraining run folder: its last checkpoint and VAE (default: the shipped assets/toy)")
     parser.add_argument("--identities", type=int, default=3)
-    parser.add_argument("--iterations", type=int, default=60)
+    parser.add_argument("--iterations", type=int, default=60,
+                        help="optimisation steps of v; 0 = no v, only the class word and the pretraining's identity token")
     parser.add_argument("--steps", type=int, default=8, help="DDIM steps of the differentiable loop")
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=Path("bench/out/toy-reach"))
@@ -167,29 +169,32 @@ def main() -> int:
             last = likeness.item()
         token = pretraining_token.of(selfie) if pretraining_token is not None else None
         with torch.no_grad():
-            tuned = to_images(draw(world, vector, test_seeds, 20, args.guidance))
+            tuned = to_images(draw(world, vector, test_seeds, 20, args.guidance)) if args.iterations else None
             plain = to_images(draw(world, None, test_seeds, 20, args.guidance))
             given = to_images(draw(world, token, test_seeds, 20, args.guidance)) if token is not None else None
         others = [render_prompt(identity + 1000 + j, PROMPT, seed=100 + j) for j in range(len(test_seeds))]
-        drawn = {"class word (the base model)": plain, "v optimised for likeness (other seeds than optimised on)": tuned}
+        drawn = {"class word (the base model)": plain}
+        if tuned is not None:
+            drawn[TUNED_ROW] = tuned
         if given is not None:
             drawn[TOKEN_ROW] = given
         for label, images in {**drawn, "other identities' renders (baseline)": others}.items():
             rows.setdefault(label, []).append(mean_identity(world, images, prompts, refs)[0])
-        base_row, tuned_row = rows["class word (the base model)"], rows["v optimised for likeness (other seeds than optimised on)"]
-        rows.setdefault("v optimised minus the class word, paired per identity", []).append(tuned_row[-1] - base_row[-1])
+        base_row = rows["class word (the base model)"]
+        if tuned is not None:
+            rows.setdefault("v optimised minus the class word, paired per identity", []).append(
+                rows[TUNED_ROW][-1] - base_row[-1])
+            rows.setdefault("likeness on the optimised seeds: first → last iteration (encoder's own crop)", []).append(
+                (first, last))
         if given is not None:
             rows.setdefault("the pretraining's identity token minus the class word, paired", []).append(
                 rows[TOKEN_ROW][-1] - base_row[-1])
-        rows.setdefault("likeness on the optimised seeds: first → last iteration (encoder's own crop)", []).append(
-            (first, last))
-        for j, image in enumerate(tuned):
+        for j, image in enumerate(tuned or []):
             image.save(args.out / f"reach-{identity}-{j}.png")
         for j, image in enumerate(given or []):
             image.save(args.out / f"reach-token-{identity}-{j}.png")
-        print(f"identity {identity}: {first:.3f} -> {last:.3f} on the optimised seeds, held-out "
-              f"{base_row[-1]:.3f} (class word) -> {tuned_row[-1]:.3f} (v) "
-              f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+        found = {label: f"{values[-1]:.3f}" for label, values in rows.items() if not isinstance(values[-1], tuple)}
+        print(f"identity {identity}: {found} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     lines = [
         f"Command: `python bench/toy_reach.py --identities {args.identities} --iterations {args.iterations}"
         f"{f' --run {args.run}' if args.run else ''}` ({cpu_name()}; {time.perf_counter() - started:.0f} s). "

@@ -51,6 +51,9 @@ def add_toy_parser(subparsers: Any) -> None:
     pretrain.add_argument("--head-width", type=int, metavar="W",
                           help="width of the UNet's attention heads, e.g. 32 (1, 2, 4 heads at 32, 64, 128 channels); default: "
                                "the first runs' 32 heads of width 2-4 (docs/TOY.md); a resumed run keeps what it was built with")
+    pretrain.add_argument("--fine-attention", action="store_true",
+                          help="cross-attention at the 16 x 16 latent level too, as SD 1.x has at its finest (docs/TOY.md); "
+                               "continued from a folder without it, the new layers start as exact no-ops")
     pretrain.add_argument("--anneal", action="store_true",
                           help="decay the learning rate along a cosine to a tenth by --steps (which it needs), from the step it is first given")
     pretrain.add_argument("--continue-from", type=Path, metavar="FOLDER",
@@ -105,8 +108,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
             raise CliError(f"{flag} must be between 0 and 100, got {value}")
     if args.decoder_latent_noise is not None and not 0 <= args.decoder_latent_noise <= 1:
         raise CliError(f"--decoder-latent-noise must be between 0 and 1, got {args.decoder_latent_noise}")
-    if args.head_width is not None and not (args.head_width > 0 and all(c % args.head_width == 0 for c in UNET_CHANNELS[1:])):
-        raise CliError(f"--head-width must divide the UNet's attention channels {', '.join(map(str, UNET_CHANNELS[1:]))}, got {args.head_width}")
+    attended = UNET_CHANNELS if args.fine_attention else UNET_CHANNELS[1:]
+    if args.head_width is not None and not (args.head_width > 0 and all(c % args.head_width == 0 for c in attended)):
+        raise CliError(f"--head-width must divide the UNet's attention channels {', '.join(map(str, attended))}, got {args.head_width}")
     if args.anneal and args.steps is None:
         raise CliError("--anneal decays the learning rate towards --steps: give --steps too")
     if args.continue_from is not None:
@@ -117,7 +121,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
              "unet_steps": args.steps, "instrument_steps": args.instrument_steps, "identity_token_share": args.identity_tokens,
              "min_snr_gamma": args.min_snr, "anneal": args.anneal or None, "unet_feature_weight": args.feature_weight, "decoder_rounds": args.decoder_rounds,
              "decoder_feature_weight": args.decoder_feature_weight, "decoder_latent_noise": args.decoder_latent_noise,
-             "unet_head_width": args.head_width}
+             "unet_head_width": args.head_width, "unet_fine_attention": args.fine_attention or None}
     plan = PretrainPlan(device=str(device), **{key: value for key, value in flags.items() if value is not None})
     pretrain(args.out, tuple(args.stage or STAGES), plan, threads=args.threads)
     return 0

@@ -124,6 +124,7 @@ def test_render_command_writes_the_ground_truth_and_refuses_unknown_words(tmp_pa
         (["--decoder-latent-noise", "2"], "--decoder-latent-noise must be between 0 and 1, got 2.0"),
         (["--anneal"], "--anneal decays the learning rate towards --steps: give --steps too"),
         (["--head-width", "48"], "--head-width must divide the UNet's attention channels 64, 128, got 48"),
+        (["--head-width", "64", "--fine-attention"], "--head-width must divide the UNet's attention channels 32, 64, 128, got 64"),
         (["--continue-from", "no-such-folder"], "--continue-from must be a toy model folder, got no-such-folder"),
         (["--continue-from", str(Path(__file__).parent)], "is not a trained toy model folder to continue from: it lacks unet"),
     ],
@@ -148,7 +149,7 @@ def test_the_backbone_stage_trains_checkpoints_resumes_and_exports_at_a_tiny_siz
     from safetensors.torch import load_file
     from transformers import CLIPTextModel
 
-    from studio.toy.pretrain import PretrainPlan, stage_backbone, stage_data
+    from studio.toy.pretrain import PretrainPlan, has_fine_attention, stage_backbone, stage_data
     from studio.weights import TOY_DIR
 
     out = tmp_path / "run"
@@ -202,6 +203,42 @@ def test_the_backbone_stage_trains_checkpoints_resumes_and_exports_at_a_tiny_siz
     record = json.loads((again / "pretrain.json").read_text())
     assert record["continued_from"]["folder"] == str(out) and record["plan"]["min_snr_gamma"] == 5.0
     assert record["plan"]["unet_feature_weight"] == 6.0
+
+    # attention at the 16 x 16 level added to a folder without it, then kept by a run continued without the flag
+    fine, finer = tmp_path / "fine", tmp_path / "finer"
+    for folder in (fine, finer):
+        folder.mkdir()
+        shutil.copytree(out / "data", folder / "data")
+    stage_backbone(fine, replace(continued, continue_from=str(out), unet_steps=4, unet_fine_attention=True))
+    assert json.loads((fine / "checkpoint" / "state.json").read_text())["unet_fine_attention"] is True
+    assert has_fine_attention(fine / "unet") and not has_fine_attention(out / "unet")
+    stage_backbone(finer, replace(continued, continue_from=str(fine), unet_steps=5))
+    assert has_fine_attention(finer / "unet"), "a folder's fine attention is kept without the flag"
+    assert json.loads((finer / "pretrain.json").read_text())["unet_steps"] == 5
+
+
+def test_fine_attention_joins_a_toy_unet_as_an_exact_no_op_and_only_where_it_is_missing():
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from studio.toy.pretrain import load_unet_weights, unet_config
+
+    torch.manual_seed(0)
+    plain = UNet2DConditionModel(**unet_config(128))
+    fine = UNet2DConditionModel(**unet_config(128, fine_attention=True))
+    assert load_unet_weights(fine, plain.state_dict()) == [
+        "down_blocks.0.attentions.0", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1"]
+    assert fine.down_blocks[0].attentions[0].transformer_blocks[0].attn2.heads == 4, "heads of width 8 at 32 channels"
+    x, t, text = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 77, 128)
+    with torch.no_grad():
+        assert torch.equal(plain(x, t, text).sample, fine(x, t, text).sample)
+        fine.up_blocks[2].attentions[1].proj_out.weight.add_(0.1)  # the new layers do take part once trained
+        assert not torch.equal(plain(x, t, text).sample, fine(x, t, text).sample)
+    trained = {k: v.clone() for k, v in fine.state_dict().items()}
+    assert load_unet_weights(fine, trained) == [], "weights that have the layers load as they are"
+    assert torch.equal(fine.up_blocks[2].attentions[1].proj_out.weight, trained["up_blocks.2.attentions.1.proj_out.weight"])
+    with pytest.raises(ValueError, match="do not fit this toy UNet"):
+        load_unet_weights(plain, trained)
 
 
 def test_min_snr_weights_cap_the_clean_steps_and_leave_the_noisy_ones():

@@ -76,6 +76,9 @@ class PretrainPlan:
     # width of the UNet's attention heads (see unet_config); None = the first runs' 32 heads per
     # layer. A run records what it was built with, and resuming or exporting it keeps that
     unet_head_width: int | None = None
+    # cross-attention at the 16 x 16 latent level too, as SD 1.x has at its finest level (see
+    # unet_config); a run continued from a folder without it adds the layers as exact no-ops
+    unet_fine_attention: bool = False
     decoder_minutes: float = 20.0
     decoder_batch: int = 32
     # rounds of decoder fine-tuning the VAE should have had: the decoder stage runs one more while it
@@ -397,18 +400,50 @@ def vae_config() -> dict:
 UNET_CHANNELS = (32, 64, 128)
 
 
-def unet_config(cross_dim: int, head_width: int | None = None) -> dict:
+FINE_HEAD_WIDTH = 8  # the 16 x 16 level's heads unless head_width says otherwise: 4 heads at 32 channels
+
+
+def unet_config(cross_dim: int, head_width: int | None = None, fine_attention: bool = False) -> dict:
     """The toy UNet's diffusers config. diffusers reads ``attention_head_dim`` as the number of
     heads (a naming quirk it keeps for old checkpoints), so the first toy UNets, built with 32,
     have 32 heads of width 2 and 4 in every attention layer. ``head_width`` (e.g. 32) gives
     each block channels / head_width heads of that width instead (docs/TOY.md, "Attention heads");
-    the parameters are the same either way."""
-    heads = 32 if head_width is None else tuple(max(1, c // head_width) for c in UNET_CHANNELS)
+    the parameters are the same either way. ``fine_attention`` puts cross-attention at the
+    16 x 16 latent level as well (docs/TOY.md, "Attention at the finest level"): the first toy
+    UNets condition on the prompt at 8 x 8 and 4 x 4 only."""
+    heads: int | tuple[int, ...]
+    if head_width is not None:
+        heads = tuple(max(1, c // head_width) for c in UNET_CHANNELS)
+    else:
+        heads = (UNET_CHANNELS[0] // FINE_HEAD_WIDTH, 32, 32) if fine_attention else 32
+    first, last = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if fine_attention else ("DownBlock2D", "UpBlock2D")
     return dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
                 block_out_channels=UNET_CHANNELS, norm_num_groups=32,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                down_block_types=(first, "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", last),
                 cross_attention_dim=cross_dim, attention_head_dim=heads)
+
+
+def has_fine_attention(unet_folder: Path) -> bool:
+    """Whether a saved toy UNet (its diffusers folder) has cross-attention at the 16 x 16 level."""
+    return json.loads((unet_folder / "config.json").read_text())["down_block_types"][0] == "CrossAttnDownBlock2D"
+
+
+def load_unet_weights(unet, weights: dict[str, torch.Tensor]) -> list[str]:
+    """Load ``weights`` into ``unet``; the fine level's attention layers, where ``unet`` has them
+    and the weights do not, start as exact no-ops (their output projection zero, so each block
+    adds nothing to its residual stream) and train from there. Returns the layers so added."""
+    missing, unexpected = unet.load_state_dict(weights, strict=False)
+    added = sorted({".".join(key.split(".")[:4]) for key in missing})  # e.g. "down_blocks.0.attentions.0"
+    fine = ("down_blocks.0.attentions.", "up_blocks.2.attentions.")
+    if unexpected or any(not key.startswith(fine) for key in missing):
+        raise ValueError(f"the UNet weights do not fit this toy UNet: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        for name in added:
+            out = unet.get_submodule(name).proj_out
+            out.weight.zero_()
+            out.bias.zero_()
+    return added
 
 
 def text_config(tokenizer) -> dict:
@@ -766,11 +801,15 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
     torch.manual_seed(plan.seed + 5)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
     step, elapsed = 0, 0.0
-    state: dict[str, Any] = {"unet_head_width": plan.unet_head_width}
+    state: dict[str, Any] = {"unet_head_width": plan.unet_head_width, "unet_fine_attention": plan.unet_fine_attention}
     if resumed:  # weights are loaded on the CPU, then everything moves to the device together
         state = json.loads((ckpt / "state.json").read_text())
         state.setdefault("unet_head_width", None)  # a checkpoint from before the setting
-    unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size, state["unet_head_width"]))
+        state.setdefault("unet_fine_attention", False)
+    elif folder is not None:  # a folder that has the fine level's attention keeps it
+        state["unet_fine_attention"] = plan.unet_fine_attention or has_fine_attention(folder / "unet")
+    unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size, state["unet_head_width"],
+                                              state["unet_fine_attention"]))
     _log(f"[backbone] UNet attention: {unet_heads(unet)}")
     if resumed:
         step, elapsed = state["step"], state["elapsed"]
@@ -780,9 +819,10 @@ def stage_backbone(out: Path, plan: PretrainPlan) -> None:
         step = int(continued["unet_steps"])
         state = {**state, "warmup_from": step, "continued_from": {"folder": str(folder), "unet_steps": step,
                                                                   "minutes": continued.get("minutes")}}
-        unet.load_state_dict(load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")))
+        added = load_unet_weights(unet, load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")))
         text_encoder.load_state_dict(load_file(str(folder / "text_encoder" / "model.safetensors")))
-        _log(f"[backbone] continuing {folder} from its step {step}")
+        _log(f"[backbone] continuing {folder} from its step {step}"
+             + (f"; added {', '.join(added)} as no-ops" if added else ""))
     unet.to(device)
     text_encoder.to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -910,9 +950,10 @@ def export_checkpoint(out: Path, target: Path | None = None) -> None:
 
     target = target or out
     ckpt = out / "checkpoint"
-    head_width = json.loads((ckpt / "state.json").read_text()).get("unet_head_width")
+    state = json.loads((ckpt / "state.json").read_text())
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(load_tokenizer())))
-    unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size, head_width))
+    unet = UNet2DConditionModel(**unet_config(text_encoder.config.hidden_size, state.get("unet_head_width"),
+                                              state.get("unet_fine_attention", False)))
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = load_file(str(ckpt / "ema.safetensors"))
     with torch.no_grad():
