@@ -198,9 +198,10 @@ def main() -> int:
     lines = [
         f"Command: `python bench/toy_reach.py --identities {args.identities} --iterations {args.iterations}"
         f"{f' --run {args.run}' if args.run else ''}` ({cpu_name()}; {time.perf_counter() - started:.0f} s). "
-        f"Prompt \"{PROMPT}\"; {args.identities} unseen identities (from {FIRST + 600}); v optimised on seeds "
-        f"{train_seeds} through a DDIM {args.steps} loop (guidance {args.guidance}), scored on seeds {test_seeds} "
-        "with DDIM 20 by the studio's toy scorer; mean ± std over identities.",
+        f"Prompt \"{PROMPT}\"; {args.identities} unseen identities (from {FIRST + 600}); "
+        + (f"v optimised on seeds {train_seeds} through a DDIM {args.steps} loop (guidance {args.guidance}), "
+           if args.iterations else "")
+        + f"scored on seeds {test_seeds} with DDIM 20 by the studio's toy scorer; mean ± std over identities.",
         "", "| images | identity to the selfie |", "|---|---|",
     ]
     for label, values in rows.items():
