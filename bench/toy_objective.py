@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from toy_reach import PretrainingToken  # noqa: E402
-from toy_world import World, cpu_name, model_source  # noqa: E402
+from toy_world import FIRST, World, cpu_name, model_source  # noqa: E402
 
 DRAWS = 96  # fixed (t, noise) draws per loss
 
@@ -73,7 +73,7 @@ def main() -> int:
         raise SystemExit(f"{args.run} has no identity-token map: pretrain with --identity-tokens")
     rows: dict[str, list[float]] = {}
     for k in range(args.identities):
-        identity = 100_601 + k  # the identities of bench/toy_reach.py
+        identity = FIRST + 600 + k  # the identities of bench/toy_reach.py
         selfie, stranger = world.selfie(identity, args.out), world.selfie(identity + 50, args.out)
         cfg = world.cfg.replace(**{"train.preview_every": 0, "concept.num_tokens": 1, "concept.use_bypass": False})
         trainer = Trainer(world.backbone, cfg, [TrainingPhoto.from_prepared(p) for p in prepare([str(selfie)], cfg.face).photos])
