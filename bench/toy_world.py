@@ -61,6 +61,14 @@ PROMPTS = PLAIN_PROMPTS  # the set this run measures (--prompts)
 SEEDS = [0, 1]
 FIRST = 100_001
 SELFIE = dict(prompt="a photo of {} in a blue studio", seed=0, size=256)
+# the few-shot measurement's further photos of a person (bench/toy_band.py --photos): "pose" is
+# the selfie's scene again with other framing jitter; "scenes" varies setting and expression,
+# with nothing the plain prompts ask for (the world's six settings leave only the snowy mountain)
+MORE_SELFIE_PROMPTS = {
+    "pose": [SELFIE["prompt"]] * 4,
+    "scenes": ["a photo of {} on a snowy mountain", "a photo of {} in a blue studio, smiling",
+               "a photo of {} on a snowy mountain, looking surprised", "a photo of {} smiling on a snowy mountain"],
+}
 
 
 def cpu_name() -> str:
@@ -136,14 +144,26 @@ class World:
         render_prompt(identity, SELFIE["prompt"], seed=SELFIE["seed"], size=SELFIE["size"]).save(path)
         return path
 
-    def train(self, photo: Path, overrides: dict | None = None):
+    def more_selfies(self, identity: int, folder: Path, count: int, kind: str = "pose") -> list[Path]:
+        """``count`` further photos of the identity besides :meth:`selfie` (seeds 1, 2, ...), of
+        the kind :data:`MORE_SELFIE_PROMPTS` names."""
+        from studio.toy.world import render_prompt
+
+        paths = []
+        for k, prompt in enumerate(MORE_SELFIE_PROMPTS[kind][:count], start=1):
+            paths.append(folder / f"selfie-{identity}-{kind}-{k}.png")
+            render_prompt(identity, prompt, seed=k, size=SELFIE["size"]).save(paths[-1])
+        return paths
+
+    def train(self, photo: Path | list[Path], overrides: dict | None = None):
         from studio.events import TrainingFailed, TrainingFinished
         from studio.faces import prepare
         from studio.trainer import TrainingPhoto
         from studio.training import TrainingRun
 
         cfg = self.cfg.replace(**{"train.preview_every": 0, **(overrides or {})})
-        prepared = prepare([str(photo)], cfg.face)
+        photos = photo if isinstance(photo, list) else [photo]
+        prepared = prepare([str(p) for p in photos], cfg.face)
         run = TrainingRun(self.backbone, cfg, [TrainingPhoto.from_prepared(p) for p in prepared.photos])
         for event in run.events():
             if isinstance(event, TrainingFailed):
