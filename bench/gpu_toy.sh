@@ -18,7 +18,10 @@
 # CONTINUE=1 starts from the shipped assets/toy weights (`--continue-from assets/toy`) instead of
 # from scratch: MINUTES more on top of the steps already shipped. HEAD_WIDTH=32 (the default) builds
 # the UNet with attention heads of width 32 (docs/TOY.md, "Attention heads"); HEAD_WIDTH= (empty)
-# keeps the first runs' 32 heads of width 2-4 per layer.
+# keeps the first runs' 32 heads of width 2-4 per layer. FINE_ATTENTION=1 adds cross-attention at the
+# 16 x 16 latent level (docs/TOY.md, "Attention at the finest level"; joined as an exact no-op when
+# continued). EXTRA holds more pretraining flags, e.g. EXTRA="--min-snr 5 --feature-weight 6", the
+# shipped weights' last stretch (bench/RESULTS-toy.md, 2d).
 # What comes back (7 files; the device tool returns at most 8): unet/ (fp16 tensors on disk: the
 # fp32 file is over the 16 MiB a returned file may have; it loads as the preset's dtype),
 # text_encoder/, pretrain.json and the logs, copied on exit. The backbone stage exports only when
@@ -38,6 +41,9 @@ IDENTITY_TOKENS="${IDENTITY_TOKENS:-0}"  # share of captions with an identity-be
 HEAD_WIDTH="${HEAD_WIDTH-32}"
 HEAD_ARGS=()
 [[ -n "$HEAD_WIDTH" ]] && HEAD_ARGS=(--head-width "$HEAD_WIDTH")
+FINE_ARGS=()
+[[ "${FINE_ATTENTION:-0}" == 1 ]] && FINE_ARGS=(--fine-attention)
+read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
 CONTINUE_ARGS=()
 [[ "${CONTINUE:-0}" == 1 ]] && CONTINUE_ARGS=(--continue-from assets/toy)
 DEVICE="${DEVICE:-cuda}"
@@ -69,4 +75,5 @@ PY
 trap send_back EXIT
 "$PY" -m studio toy pretrain --out "$RUN" --stage data --threads "$THREADS" 2>&1 | tee "$OUT/data.log"
 "$PY" -m studio toy pretrain --out "$RUN" --stage backbone --minutes "$MINUTES" --device "$DEVICE" \
-  --batch "$BATCH" --identity-tokens "$IDENTITY_TOKENS" --threads "$THREADS" ${HEAD_ARGS[@]+"${HEAD_ARGS[@]}"} ${CONTINUE_ARGS[@]+"${CONTINUE_ARGS[@]}"} 2>&1 | grep --line-buffered -v "Writing model shards" | tee "$OUT/backbone.log"
+  --batch "$BATCH" --identity-tokens "$IDENTITY_TOKENS" --threads "$THREADS" ${HEAD_ARGS[@]+"${HEAD_ARGS[@]}"} ${CONTINUE_ARGS[@]+"${CONTINUE_ARGS[@]}"} \
+  ${FINE_ARGS[@]+"${FINE_ARGS[@]}"} ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} 2>&1 | grep --line-buffered -v "Writing model shards" | tee "$OUT/backbone.log"
