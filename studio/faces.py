@@ -248,7 +248,7 @@ class DlibFaceAnalyzer(FaceAnalyzer):
         padding = _padding_that_fits(to_chip, size, wanted, rgb.shape[:2])
         if padding != wanted:
             to_chip = _chip_matrix(dlib.get_face_chip_details(face.native, size, padding), size)
-        outside, pads = _outside_of_photo(to_chip, rgb.shape[:2], size)
+        outside, pads = outside_of_photo(to_chip, rgb.shape[:2], size)
         shape = face.native
         if any(pads):
             # get_face_chip fills outside the photo with black; stretch the border instead so
@@ -358,7 +358,7 @@ class InsightFaceAnalyzer(FaceAnalyzer):
             source = cv2.resize(rgb, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
             to_crop = matrix @ np.diag([1.0 / factor, 1.0 / factor, 1.0])
         crop = cv2.warpAffine(source, to_crop, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        outside, _ = _outside_of_photo(to_crop, source.shape[:2], size)
+        outside, _ = outside_of_photo(to_crop, source.shape[:2], size)
         return AlignedFace(crop, _apply_affine(matrix, face.landmarks), scale, outside)
 
     def embed(self, rgb: np.ndarray, face: DetectedFace) -> np.ndarray:
@@ -466,7 +466,7 @@ def _padding_that_fits(to_crop: np.ndarray, size: int, padding: float, photo_hw:
     return float(np.clip((shrink * (1 + 2 * padding) - 1) / 2, min(MIN_CROP_PADDING, padding), padding))
 
 
-def _outside_of_photo(to_crop: np.ndarray, photo_hw: tuple[int, int], size: int) -> tuple[float, tuple[int, int, int, int]]:
+def outside_of_photo(to_crop: np.ndarray, photo_hw: tuple[int, int], size: int) -> tuple[float, tuple[int, int, int, int]]:
     """Share of the crop that falls outside the photo, and the (left, top, right, bottom)
     padding the photo needs to contain the whole crop."""
     height, width = photo_hw

@@ -43,6 +43,25 @@ def test_the_toy_face_step_aligns_and_masks_a_toy_selfie(toy_cfg):
         assert photo.mask[centre[1], centre[0]] > 0.9 and photo.mask[0, 0] < 0.1
 
 
+def test_the_toy_face_step_reports_the_share_of_the_crop_outside_the_photo(toy_cfg):
+    """The edge warning's figure is the share of crop pixels that fall outside the photo."""
+    from studio.faces import get_face_analyzer
+
+    analyzer = get_face_analyzer(toy_cfg.face)
+    rgb = np.asarray(render_prompt(100_001, "a photo of {} in a blue studio", seed=0, size=256).convert("RGB"))
+    face = analyzer.detect(rgb)[0]
+    side = toy_cfg.face.crop_size
+    for margin, outside_expected in ((0.1, False), (toy_cfg.face.margin, True), (1.5, True)):
+        aligned = analyzer.align(rgb, face, side, margin)
+        matrix = toy_models.alignment_matrix(face.landmarks[0], face.landmarks[1], side, 1.0 / (1.0 + margin))
+        inverse = np.linalg.inv(np.vstack([matrix, [0, 0, 1]]))[:2]
+        grid = np.stack(np.meshgrid(np.arange(side) + 0.5, np.arange(side) + 0.5), -1).reshape(-1, 2)
+        photo_xy = grid @ inverse[:, :2].T + inverse[:, 2]
+        share = float(np.mean((photo_xy < 0).any(1) | (photo_xy[:, 0] > rgb.shape[1]) | (photo_xy[:, 1] > rgb.shape[0])))
+        assert (share > 0) == outside_expected
+        assert abs(aligned.outside_fraction - share) < 0.03, (margin, aligned.outside_fraction, share)
+
+
 def test_the_face_locator_finds_no_face_in_an_empty_scene(toy_cfg):
     from studio.faces import get_face_analyzer
     from studio.toy.world import render_background

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from studio.errors import StudioError
 from studio.face_analyzer import AlignedFace, DetectedFace, FaceAnalyzer
+from studio.faces import outside_of_photo
 from studio.toy import models as toy_models
 from studio.toy.world import NATIVE_SIZE, ToyPromptError, parse_prompt
 from studio.weights import TOY_DIR
@@ -112,11 +113,7 @@ class ToyFaceAnalyzer(FaceAnalyzer):
         matrix = toy_models.alignment_matrix(face.landmarks[0], face.landmarks[1], size, zoom)
         crop = toy_models.warp(rgb, matrix, size)
         landmarks = (face.landmarks @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
-        corners = np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float64)
-        inverse = np.linalg.inv(np.vstack([matrix, [0, 0, 1]]))[:2]
-        photo_corners = corners @ inverse[:, :2].T + inverse[:, 2]
-        h, w = rgb.shape[:2]
-        outside = float(np.mean([(x < 0 or y < 0 or x > w or y > h) for x, y in photo_corners])) * 0.25
+        outside, _ = outside_of_photo(matrix, rgb.shape[:2], size)
         return AlignedFace(crop, landmarks, float(np.hypot(matrix[0, 0], matrix[0, 1])), outside)
 
     def embed(self, rgb: np.ndarray, face: DetectedFace) -> np.ndarray:
