@@ -120,8 +120,11 @@ def _live_panel(page: SimpleNamespace, cfg: StudioConfig) -> None:
         page.preview_btn = gr.Button("Preview now", elem_id="preview-now", **small)
         page.best_btn = gr.Button("Best step", elem_id="best-step", **small)
     page.status = gr.Markdown("**Idle** · add a photo to begin", elem_id="status")
+    # The series are named in the label, not in a chart title and a legend: at 150 px those left
+    # the curve about 25 px and one y tick.
     page.loss_plot = gr.LinePlot(None, x="step", y="loss", color="series", color_map={"loss": "#9ca3af", "smoothed": "#7c3aed"},
-                                 title="Training loss", height=150, elem_id="loss-plot")
+                                 label="Training loss (grey: each step; purple: smoothed)", show_label=True,
+                                 colors_in_legend=[], y_axis_format="~g", height=170, elem_id="loss-plot")
     gr.Markdown("### 3 · Trade-off (re-renders the previews, no retraining)")
     with gr.Row():
         page.band_lo = gr.Slider(0, 999, value=cfg.sample.band[0], step=1, label="Identity interval start t", elem_id="band-lo")
