@@ -213,6 +213,19 @@ def test_another_person_is_left_out_until_chosen_and_clearing_forgets_all(engine
         engine.start()
 
 
+def test_the_photo_report_says_whether_each_odd_photo_is_trained_on(engine, faces_dir):
+    """Two people, one photo each: both are flagged and, since neither is the odd one out, both
+    are trained on; the report says so, and says "left out" once one is unticked."""
+    pool = engine.prepare_photos([str(faces_dir / "scarletthead_woman" / "scarlett_0.jpg"),
+                                  str(faces_dir / "newton_man" / "newton_0.jpg")])
+    assert len(pool.outliers) == 2 and len(engine.snapshot().prepared.photos) == 2
+    lines = views.photo_report(pool, engine.snapshot().prepared).splitlines()[1:]
+    assert all("trained on" in line and "left out of training" not in line for line in lines), lines
+    engine.choose_photos(["scarlett_0.jpg"])
+    scarlett, newton = views.photo_report(pool, engine.snapshot().prepared).splitlines()[1:]
+    assert "trained on" in scarlett and "left out of training unless you tick it" in newton
+
+
 def test_train_more_is_offered_only_for_the_photos_it_was_trained_on(engine, faces_dir):
     first, other = str(faces_dir / "single" / "f2d_0.jpg"), str(faces_dir / "single" / "f2d_1.jpg")
     engine.prepare_photos([first])

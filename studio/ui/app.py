@@ -287,7 +287,7 @@ class Handlers:
                 gr.Warning(str(exc))
                 report = f"✗ {exc}"
         snapshot = engine.snapshot()
-        report = report or views.photo_report(snapshot.photo_pool)
+        report = report or views.photo_report(snapshot.photo_pool, snapshot.prepared)
         crops, choice = self._photo_outputs(snapshot, request)
         return [crops, report, choice, *render_state(snapshot)]
 
@@ -308,7 +308,8 @@ class Handlers:
         crops, choice = self._photo_outputs(snapshot, request)
         # an accepted choice is what the page already shows: sending it back would undo a tick
         # made meanwhile, which is sent next (trigger_mode "always_last"); a refused one is put back
-        return [crops, choice if refused else gr.skip(), *render_state(snapshot)]
+        report = views.photo_report(snapshot.photo_pool, snapshot.prepared)  # which photos are trained on
+        return [crops, report, choice if refused else gr.skip(), *render_state(snapshot)]
 
     # -------------------------------------------------------------- training
     async def on_train(self, request: gr.Request, *values: Any):
@@ -574,7 +575,7 @@ def wire(page: SimpleNamespace, on: Handlers) -> None:
     photos_out = [page.crops, page.photo_report, page.photo_choice, *page.state]
     page.photos.change(on.on_photos, [page.photos], photos_out, api_name="photos")
     # each tick sends the whole choice: a tick made while one is handled is sent after it, not dropped
-    page.photo_choice.input(on.on_choose_photos, [page.photo_choice], [page.crops, page.photo_choice, *page.state],
+    page.photo_choice.input(on.on_choose_photos, [page.photo_choice], photos_out,
                             api_name="choose_photos", trigger_mode="always_last", **always)
     live_inputs = [*page.training, *page.sliders]
     train = page.train_btn.click(on.on_train, live_inputs, page.live, api_name="train", **always)

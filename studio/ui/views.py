@@ -333,17 +333,21 @@ def photo_choices(pool, chosen) -> tuple[list[tuple[str, str]], list[str]]:
     return choices, [photo.name for photo in chosen.photos] if chosen is not None else []
 
 
-def photo_report(prepared) -> str:
-    """Markdown: backend, one line per photo (ok / problem, warnings), outliers."""
+def photo_report(prepared, chosen=None) -> str:
+    """Markdown: backend, one line per photo (ok / problem, warnings), outliers, and whether each
+    outlier is trained on (it is in ``chosen``, the photos training uses) or left out."""
     if prepared is None:
         return ""
     lines = [f"Face backend: **{prepared.backend}** · {len(prepared.photos)} of {len(prepared.reports)} photos usable"]
     outliers = {prepared.photos[i].name for i in prepared.outliers}
+    used = {photo.name for photo in chosen.photos} if chosen is not None else set()
     for report in prepared.reports:
         if report.ok:
             mark = "⚠" if report.name in outliers else "✓"
             line = f"- {mark} {report.name}"
-            if report.name in outliers:
+            if report.name in outliers and report.name in used:
+                line += " — trained on, since no photo is clearly the odd one out: untick it below to leave it out"
+            elif report.name in outliers:
                 line += " — left out of training unless you tick it below"
             if report.warnings:
                 line += " — " + " ".join(w if w.endswith(".") else w + "." for w in report.warnings)
