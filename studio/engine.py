@@ -632,7 +632,8 @@ class Engine:
             per_image = [settings["prompt"] for settings in result.settings]
             scores = self._score(result.images, per_image, concept.super_category, self.cfg)
         if scores:
-            result = replace(result, captions=[f"{c} · {s.caption}" for c, s in zip(result.captions, scores)])
+            # scores first: a gallery cuts a long caption short, and they are what is compared
+            result = replace(result, captions=[f"{s.caption} · {c}" for c, s in zip(result.captions, scores)])
         return result
 
     def compose(self, sources: Sequence[Any], prompt: str, *, mode: str = "regions", boxes: Any = None,

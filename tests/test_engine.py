@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from studio.engine import Engine, EngineClosed, Phase
+from studio.ui import views
 
 TIMEOUT = 300
 
@@ -289,7 +290,10 @@ def test_previews_and_generations_carry_scores_and_the_best_step_is_marked(engin
     assert done.best_step in (0, 3, 6) and f"step {done.best_step}" in done.best_note
 
     result = engine.generate("a photo of {} smiling", seeds=[1], num_inference_steps=2)
-    assert "no face" in result.captions[0] and "prompt" in result.captions[0]
+    # the scores lead the caption (a gallery cuts a long one short), then the prompt and seed
+    assert result.captions[0].startswith("no face · prompt ") and result.captions[0].endswith("a photo of {} smiling (seed 1)")
+    [(_, preview_caption), *_] = views.preview_items(done)
+    assert preview_caption.startswith("no face · prompt ") and f"step {done.preview.step} · " in preview_caption
 
 
 def test_a_sweep_yields_one_point_per_setting_and_can_be_cancelled(engine):

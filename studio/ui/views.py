@@ -235,8 +235,8 @@ def preview_items(snapshot: Snapshot) -> list[tuple]:
     for i, (image, caption) in enumerate(zip(preview.images, preview.captions)):
         score = preview.scores[i] if i < len(preview.scores) else None
         text = f"step {preview.step} · {caption} · t∈[{preview.band[0]}, {preview.band[1]}] · γ={preview.balance:g}"
-        if score is not None:
-            text += f" · {score.caption}"
+        if score is not None:  # first: the gallery cuts a long caption short, and the scores are what is compared
+            text = f"{score.caption} · {text}"
         items.append((image, text))
     return items
 
