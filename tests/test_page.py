@@ -185,6 +185,10 @@ def test_equal_points_are_one_dot_naming_every_setting_and_the_summary_says_tie(
                         steps=2, references=0, random_backbone=True, points=tuple(points))
     summary = explore.summary_markdown(run)
     assert summary.startswith("**Tie**") and points[1].label in summary
+    # the sentence names the row the table stars
+    starred = explore.results_table(points).set_index(explore.TABLE_HEADERS[1]).iloc[:, 0]
+    [marked] = [label for label, mark in starred.items() if mark == "★"]
+    assert f"{marked} is marked ★" in summary
 
 
 # ----------------------------------------------------------------------------- engine commands

@@ -311,7 +311,7 @@ def summary_markdown(run: SweepSnapshot, best: SweepPoint | None = None) -> str:
     if ties:
         others = ", ".join(point.label for point in ties)
         lines[0] = (f"**Tie** for the best balance: {best.label} and {others} score the same "
-                    f"({identity}, prompt score {best.mean_prompt:.1f}); the first is marked ★.")
+                    f"({identity}, prompt score {best.mean_prompt:.1f}); {best.label} is marked ★.")
     first = points[0].scores[0]
     photos = _count(run.references, "photo") if run.references else "no photo"
     lines.append(f"Scores: identity by **{first.identity.model}** against {photos} · prompt by **{first.prompt.model}**.")
@@ -429,7 +429,7 @@ def _explore_layout(default_steps: int) -> SimpleNamespace:
             tab.plot = gr.ScatterPlot(
                 scatter_frame([]), x="prompt", y="identity", color="series", tooltip=["setting", "faces"],
                 title="Identity vs prompt fidelity, one point per setting",
-                x_title="prompt score (CLIPScore, 0–100)", y_title="identity similarity (0–1)", color_title="outcome",
+                x_title="prompt score (0–100; its model is named below)", y_title="identity similarity (0–1)", color_title="outcome",
                 color_map=SERIES_COLORS, y_lim=[-0.05, 1.05], x_axis_format=".1f", height=PLOT_HEIGHT, elem_id="explore-plot",
             )
             gr.Markdown(PLOT_HELP, elem_classes=["help"])
