@@ -119,6 +119,9 @@ class Snapshot:
     can_continue: bool = False  # Train more would go on from the last run (same photos and model)
     photo_pool: Any = None  # studio.faces.PreparedSet of every usable upload; ``prepared`` is the chosen part
     best_concept_step: int | None = None  # use_best_step() would return to the concept of this step
+    # the running trainer's weights can be previewed before its first concept is published (not
+    # on ZeroGPU, where the trainer lives in the GPU process between chunks)
+    live_weights: bool = False
 
     @property
     def active(self) -> bool:
@@ -422,7 +425,8 @@ class Engine:
                 with self._gate.hold(self.session_id, cancelled=self._stop.is_set):
                     run.build()
             events = run.events()
-            self._publish(phase=Phase.TRAINING, backbone=backbone.describe(), is_random_backbone=backbone.is_random)
+            self._publish(phase=Phase.TRAINING, backbone=backbone.describe(), is_random_backbone=backbone.is_random,
+                          live_weights=not run.chunked)
             yield
             while not run.stop_lands_now():
                 self._resume.wait()

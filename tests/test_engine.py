@@ -69,6 +69,8 @@ def test_pause_holds_the_step_and_resume_continues_to_the_end(engine_cfg, face_p
         engine.wait_until(lambda s: s.step >= 2, timeout=TIMEOUT)
         engine.pause()
         paused = engine.wait_until(lambda s: s.phase is Phase.PAUSED, timeout=TIMEOUT)
+        # nothing published yet, but the live weights can be previewed, and the page offers it
+        assert paused.concept is None and paused.live_weights and views.controls(paused)["preview"]
         # a step already inside the gate may still land; taking the gate ourselves waits it out
         engine.render_previews()
         held = engine.snapshot().step

@@ -116,6 +116,15 @@ def test_the_buttons_allowed_follow_the_phase(phase, allowed):
     assert {name for name, ok in views.controls(snapshot).items() if ok} == allowed
 
 
+@pytest.mark.parametrize("phase", [Phase.TRAINING, Phase.PAUSED])
+def test_a_first_run_can_be_previewed_from_its_live_weights_before_any_concept(phase):
+    photos = type("Prepared", (), {"photos": ("a",)})()
+    live = Snapshot(version=1, phase=phase, prepared=photos, live_weights=True)
+    assert views.controls(live)["preview"]
+    assert not views.controls(replace(live, live_weights=False))["preview"], "ZeroGPU: nothing to preview until a chunk ends"
+    assert not views.controls(replace(live, phase=Phase.FINISHED))["preview"]
+
+
 def test_nothing_is_allowed_but_adding_photos_at_first_and_train_once_there_are_some():
     assert not any(views.controls(Snapshot(version=0, phase=Phase.IDLE)).values())
     photos = type("Prepared", (), {"photos": ("a",)})()

@@ -139,7 +139,8 @@ def controls(snapshot: Snapshot) -> dict[str, bool]:
         "pause": snapshot.phase is Phase.TRAINING,
         "resume": snapshot.phase is Phase.PAUSED,
         "stop": busy,
-        "preview": snapshot.concept is not None and snapshot.phase is not Phase.LOADING,
+        "preview": snapshot.phase is not Phase.LOADING and (
+            snapshot.concept is not None or (snapshot.live_weights and snapshot.phase in (Phase.TRAINING, Phase.PAUSED))),
         "best": not busy and snapshot.best_concept_step is not None,
     }
 
