@@ -403,7 +403,7 @@ class Composer:
             loras=lora.active_records(),  # the style LoRAs this composition ran with (studio/lora.py)
         )
         settings_out = [dict(seed=s, **common) for s in seeds]
-        captions = [f"{plain.prompt} (seed {s})" for s in seeds]
+        captions = [f"{template} (seed {s})" for s in seeds]  # the prompt as written, {0} and {1} included
         return ComposeResult(images, overlays, labels, captions, settings_out)
 
     # ------------------------------------------------------------------ pieces

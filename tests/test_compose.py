@@ -108,6 +108,7 @@ def test_boxes_give_left_and_right_regions(composer):
     result = composer(people, "{0} and {1}", seeds=[0], boxes=side_boxes(2), **STEPS)
     labels = result.regions[0]
     assert np.all(labels[:, :16] == 1) and np.all(labels[:, 16:] == 2)
+    assert result.captions == ["{0} and {1} (seed 0)"], "the prompt as the user wrote it"
 
 
 def _strokes(height: int = 100, width: int = 100) -> np.ndarray:
