@@ -87,7 +87,10 @@ def _photos_and_settings(page: SimpleNamespace, cfg: StudioConfig) -> None:
                           elem_id="photos", height=140)
     if EXAMPLE_PHOTOS:
         toy = cfg.model.source == "toy" and TOY_EXAMPLE_PHOTOS
-        gr.Examples(examples=[[[p]] for p in (TOY_EXAMPLE_PHOTOS if toy else EXAMPLE_PHOTOS)] + ([[TOY_EXAMPLE_PHOTOS]] if toy else []),
+        singles = TOY_EXAMPLE_PHOTOS if toy else EXAMPLE_PHOTOS
+        # the toy set also as one example of several photos, named so that it fits a phone's width
+        gr.Examples(examples=[[[p]] for p in singles] + ([[TOY_EXAMPLE_PHOTOS]] if toy else []),
+                    example_labels=[Path(p).name for p in singles] + ([f"all {len(TOY_EXAMPLE_PHOTOS)} together"] if toy else []),
                     inputs=[page.photos], label="Or try a sample photo")
     page.crops = gr.Gallery(label="What training sees: aligned crop + face mask", columns=4, height=200, elem_id="crops",
                             allow_preview=True, preview=False, fit_columns=False, interactive=False, object_fit="contain")
