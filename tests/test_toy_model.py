@@ -34,6 +34,7 @@ def test_the_toy_face_step_aligns_and_masks_a_toy_selfie(toy_cfg):
 
     prepared = prepare([str(p) for p in TOY_SELFIES], toy_cfg.face)
     assert len(prepared.photos) == len(TOY_SELFIES) and not prepared.outliers
+    assert not any(report.warnings for report in prepared.reports), "the sample photos a new user clicks first warn of nothing"
     for photo in prepared.photos:
         side = toy_cfg.face.crop_size
         left, right = photo.landmarks[0], photo.landmarks[1]
