@@ -24,8 +24,12 @@ def _open_with_two_concept_files(page, backbone, tmp_path, seeds: tuple[int, int
     """Open the Compose tab with a concept file (random, on the test backbone) for each person."""
     files = [save_concept(make_concept(backbone, seed=s), tmp_path / f"p{s}.safetensors") for s in seeds]
     page.get_by_role("tab", name="Compose").click()
+    # person {0} starts as this session's concept: no file box until a file is the source
+    page.locator("#compose-file-1").wait_for(state="visible")
+    assert not page.locator("#compose-file-0").is_visible()
     for index, path in enumerate(files):
         page.locator(f"#compose-kind-{index}").get_by_label("A concept file").check()
+        page.locator(f"#compose-file-{index}").wait_for(state="visible")
         page.set_input_files(f"#compose-file-{index} input[type=file]", str(path))
 
 

@@ -32,6 +32,14 @@ SOURCES = {
     "A concept file": "file",
     "A photo": "photo",
 }
+FILE_SOURCES = ("file", "photo")  # the sources that need the person's file box
+
+
+def file_box_shown(kind: str) -> bool:
+    """Whether a person's file box is shown for the source ``kind`` (a :data:`SOURCES` label)."""
+    return SOURCES.get(kind) in FILE_SOURCES
+
+
 LAYOUTS = {"Found from the picture's attention": None, "Left / right": "left-right", "Drawn by me": "drawn"}
 CANVAS_HEIGHT = 256  # the drawing canvas's height in canvas pixels; its width follows compose.aspect (boxes are fractions)
 # What a drawing may be (guard_canvas): pixels by the header, bytes per file, layers, drawings in waiting
@@ -186,7 +194,7 @@ def _compose_layout(cfg: StudioConfig) -> SimpleNamespace:
             with gr.Column():
                 kind = gr.Radio(list(SOURCES), value=default, label=f"Person {{{index}}}", elem_id=f"compose-kind-{index}")
                 file = gr.File(label=f"Concept file or photo for {{{index}}}", file_types=[".safetensors", "image"],
-                               type="filepath", elem_id=f"compose-file-{index}")
+                               type="filepath", elem_id=f"compose-file-{index}", visible=file_box_shown(default))
                 tab.people.append((kind, file))
     with gr.Row():
         tab.prompt = gr.Textbox("a photo of {0} and {1} on a beach", label="Prompt ({0}, {1} = the people)",
@@ -315,3 +323,5 @@ def build_compose_tab(engine_for: Callable[[gr.Request], Engine], cfg: StudioCon
                     queue=False)
     for kind in kinds:
         kind.change(lambda a, b: cost_text([a, b], cfg.compose.rsa_weight, cfg.compose.aspect), kinds, tab.cost)
+    for kind, file in tab.people:  # the file box only where the source is a file
+        kind.change(lambda k: gr.update(visible=file_box_shown(k)), kind, file, api_visibility="private", queue=False)
