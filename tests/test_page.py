@@ -301,3 +301,12 @@ def test_the_best_step_is_a_trained_one_even_when_the_untrained_start_scores_bes
     best = best.with_preview(_preview_at(25, 20.0)).with_preview(_preview_at(50, 25.0))
     assert best.step == 50 and "step 50" in best.note  # not step 0, although its prompt score is highest
     assert BestStep().with_preview(_preview_at(0, 9.0, 0.1)).with_preview(_preview_at(25, 5.0, 0.6)).step == 25
+
+
+def test_one_lora_strength_slider_is_shown_per_file_and_named_after_it():
+    from studio.ui.export_tab import MAX_LORAS, strength_sliders
+
+    updates = strength_sliders(["/tmp/up/ink.safetensors", "/tmp/up/film grain.safetensors"])
+    assert [u["visible"] for u in updates] == [True, True] + [False] * (MAX_LORAS - 2)
+    assert [u["label"] for u in updates[:2]] == ["Strength · ink.safetensors", "Strength · film grain.safetensors"]
+    assert not any(u["visible"] for u in strength_sliders(None)), "no sliders before a LoRA is added"

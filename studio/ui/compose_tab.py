@@ -198,7 +198,7 @@ def _compose_layout(cfg: StudioConfig) -> SimpleNamespace:
                 tab.people.append((kind, file))
     with gr.Row():
         tab.prompt = gr.Textbox("a photo of {0} and {1} on a beach", label="Prompt ({0}, {1} = the people)",
-                                elem_id="compose-prompt", scale=3)
+                                elem_id="compose-prompt", scale=3, min_width=300)  # its own line on a phone
         tab.layout = gr.Radio(list(LAYOUTS), value="Found from the picture's attention", label="Regions", scale=2,
                               elem_id="compose-layout")
     with gr.Column(visible=False, elem_id="compose-drawing") as tab.drawing:

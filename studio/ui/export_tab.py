@@ -57,10 +57,17 @@ def _export_layout(default_steps: int) -> SimpleNamespace:
             tab.lora_files = gr.File(file_count="multiple", file_types=[".safetensors"],
                                      label=f"LoRA files (up to {MAX_LORAS})", elem_id="lora-files", height=100)
             tab.strengths = [gr.Slider(*STRENGTH_RANGE, value=1.0, step=0.05, label=f"Strength {i + 1}",
-                                       elem_id=f"lora-strength-{i}") for i in range(MAX_LORAS)]
+                                       elem_id=f"lora-strength-{i}", visible=False) for i in range(MAX_LORAS)]
             tab.lora_btn = gr.Button("Use these LoRAs", elem_id="lora-use")
             tab.lora_msg = gr.Markdown(elem_id="lora-msg")
     return tab
+
+
+def strength_sliders(files: list[str] | None) -> list[Any]:
+    """One strength slider shown per LoRA file, named after it; the rest hidden."""
+    names = [Path(f).name for f in (files or [])]
+    return [gr.update(visible=i < len(names), label=f"Strength · {names[i]}" if i < len(names) else f"Strength {i + 1}")
+            for i in range(MAX_LORAS)]
 
 
 def _whole(value: Any, what: str) -> int:
@@ -144,5 +151,6 @@ def build_export_tab(engine_for: Callable[[gr.Request], Engine], folder_for: Cal
                          concurrency_limit=None)
     tab.compare_btn.click(on.on_compare, [tab.name, tab.segments, tab.prompt, tab.scheduler, tab.steps, tab.seed,
                                           band_lo, band_hi, balance], [tab.compared], api_name="export_compare")
+    tab.lora_files.change(strength_sliders, [tab.lora_files], tab.strengths, api_visibility="private", queue=False)
     tab.lora_btn.click(on.on_loras, [tab.lora_files, *tab.strengths], [tab.lora_msg], api_name="loras",
                        concurrency_limit=None)
