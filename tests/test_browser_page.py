@@ -1,5 +1,5 @@
-"""The page follows the user: each test is a defect found in a real browser (see the page
-defects in docs), reproduced in Debian's chromium and checked after the fix.
+"""The page follows the user: each test is a defect found in a real browser,
+reproduced in Debian's chromium and checked after the fix.
 
 Screenshots go to test-output/browser/ (page-*.png): look at them after a change to the layout.
 """
