@@ -407,3 +407,25 @@ def test_the_best_step_button_goes_back_to_the_best_balanced_step(page, faces_di
     assert shown and all(int(step) == best for step in shown), captions
     assert "Train more still goes on from the end of the run" in status(page), status(page)
     shot(page, f"best-step-{best}-of-{stopped_at}")
+
+
+def test_a_sample_photo_still_works_for_the_next_visitor_after_the_first_has_left(browser, studio_app):
+    """Every visitor who clicks a sample is handed Gradio's one cached copy of it: the first
+    visitor's session, closing, must not delete it."""
+    demo, _url = studio_app
+    before = set(demo.sessions.sessions())
+    first = open_page(browser, studio_app)
+    first.get_by_text("astronaut.png").first.click()
+    first.wait_for_selector("#crops img")
+    mine = set(demo.sessions.sessions()) - before
+    assert mine, "the click opened a session"
+    first.context.close()  # the visitor leaves: the page unloads and the session closes
+    assert demo.sessions.wait_until(lambda keys: not mine & set(keys), timeout=TIMEOUT_MS / 1000), "the session closed"
+    second = open_page(browser, studio_app)
+    try:
+        second.get_by_text("astronaut.png").first.click()
+        second.wait_for_function("() => (document.getElementById('photo-report')?.innerText || '').includes('astronaut.png')")
+        assert "✗" not in second.locator("#photo-report").inner_text(), second.locator("#photo-report").inner_text()
+        second.wait_for_selector("#crops img")
+    finally:
+        second.context.close()

@@ -526,3 +526,27 @@ def test_a_closed_sessions_uploads_crops_exports_and_sweeps_are_deleted(studio_a
         client.close()
     assert demo.sessions.wait_until(lambda s: session not in s, timeout=60)
     assert not folder.exists() and not any(p.exists() for p in uploads)
+
+
+def test_a_file_two_sessions_hold_and_a_sample_photo_outlive_a_closing_session(tiny_cfg, tmp_path):
+    """Gradio keeps files by content: two sessions handed the same photo hold one path, and every
+    visitor who clicks a sample photo is handed the same cached copy of it."""
+    from studio.ui.sessions import SessionRegistry
+
+    sample = tmp_path / "sample.png"
+    sample.write_bytes(b"a sample photo")
+    cached_sample, shared_upload, own_upload = tmp_path / "cache-a" / "sample.png", tmp_path / "b.jpg", tmp_path / "c.jpg"
+    cached_sample.parent.mkdir()
+    cached_sample.write_bytes(sample.read_bytes())
+    shared_upload.write_bytes(b"the same selfie, uploaded twice")
+    own_upload.write_bytes(b"only mine")
+    registry = SessionRegistry(tiny_cfg, root=tmp_path / "sessions")
+    registry.share(sample)
+    registry.own("first", cached_sample, shared_upload, own_upload)
+    registry.own("second", cached_sample, shared_upload)
+    registry.close("first")
+    assert cached_sample.exists() and shared_upload.exists(), "another session holds them"
+    assert not own_upload.exists(), "a closed session's own upload is gone"
+    registry.close("second")
+    assert not shared_upload.exists(), "the last holder has gone"
+    assert cached_sample.exists(), "a sample photo's copy is every visitor's"

@@ -627,6 +627,7 @@ def build_demo(cfg: StudioConfig) -> gr.Blocks:
     # Session folders inside Gradio's cache: files returned from there are served without a copy,
     # so deleting a closed session's folder really removes its exports and crops.
     sessions = SessionRegistry(cfg, root=Path(gr.utils.get_upload_folder()) / "studio-sessions")
+    sessions.share(*EXAMPLE_PHOTOS, *TOY_EXAMPLE_PHOTOS)  # every visitor is handed the same cached copies
     threading.Thread(target=_reap_idle_sessions, args=(sessions,), name="idle-sessions", daemon=True).start()
     handlers = Handlers(sessions, chunked=chunked_training())
     with gr.Blocks(title="PersonaMagic Studio", delete_cache=(3600, 3600)) as demo:

@@ -3,11 +3,15 @@ or after ``idle_timeout_s`` without a request (REST and script clients have no h
 no unload ever comes for them). At most ``max_engines`` sessions at once.
 
 Each session also owns a folder (exports) and the files it was handed (uploads): both are
-deleted when the session closes, so nothing of a closed session stays downloadable.
+deleted when the session closes, so nothing of a closed session stays downloadable. Gradio keeps
+files by their content, so two sessions handed the same photo hold one path: a file is deleted
+when the last session holding it closes, and a file anyone may be handed (a sample photo's
+cached copy, see :meth:`SessionRegistry.share`) is never deleted.
 """
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import shutil
 import tempfile
@@ -39,6 +43,11 @@ def _return_freed_memory() -> None:
         pass
 
 
+def _digest(path: Path) -> tuple[int, str]:
+    """(size, sha256) of a file's bytes."""
+    return path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 class StudioFull(StudioError, RuntimeError):
     """No room for another session right now; the message says so plainly."""
 
@@ -62,6 +71,7 @@ class SessionRegistry:
         self._last_seen: dict[str, float] = {}
         self._folders: dict[str, Path] = {}
         self._files: dict[str, set[Path]] = {}
+        self._shared: set[tuple[int, str]] = set()  # (size, sha256) of files every session may be handed
         self._closing: dict[str, int] = {}  # session hash -> close() calls still cleaning up
         self._on_close: list[Callable[[str], None]] = []
         self._lock = threading.Lock()
@@ -110,10 +120,22 @@ class SessionRegistry:
                 folder = self._folders[session_hash] = Path(tempfile.mkdtemp(prefix="session-", dir=self._root))
             return folder
 
-    def own(self, session_hash: str, *paths: str | Path | None) -> None:
-        """Files handed to this session (uploads): deleted when it closes."""
+    def share(self, *paths: str | Path) -> None:
+        """Files whose copies any session may be handed (the sample photos): never deleted."""
+        digests = {_digest(Path(p)) for p in paths}
         with self._lock:
-            self._files.setdefault(session_hash, set()).update(Path(p) for p in paths if p)
+            self._shared |= digests
+
+    def own(self, session_hash: str, *paths: str | Path | None) -> None:
+        """Files handed to this session (uploads): deleted when it closes, unless another open
+        session holds them too or they are copies of a shared file."""
+        handed = [Path(p) for p in paths if p]
+        with self._lock:
+            shared = set(self._shared)
+        sizes = {size for size, _ in shared}
+        mine = [p for p in handed if not (p.is_file() and p.stat().st_size in sizes and _digest(p) in shared)]
+        with self._lock:
+            self._files.setdefault(session_hash, set()).update(mine)
 
     def when_closed(self, forget: Callable[[str], None]) -> None:
         """Call ``forget(session_hash)`` whenever a session closes (unload or idle), for state kept
@@ -129,6 +151,7 @@ class SessionRegistry:
             self._last_seen.pop(session_hash, None)
             folder = self._folders.pop(session_hash, None)
             files = self._files.pop(session_hash, set())
+            files -= set().union(*self._files.values())  # still held by an open session
         if engine is not None:
             engine.close()
         if folder is not None:
