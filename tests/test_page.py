@@ -310,3 +310,10 @@ def test_one_lora_strength_slider_is_shown_per_file_and_named_after_it():
     assert [u["visible"] for u in updates] == [True, True] + [False] * (MAX_LORAS - 2)
     assert [u["label"] for u in updates[:2]] == ["Strength · ink.safetensors", "Strength · film grain.safetensors"]
     assert not any(u["visible"] for u in strength_sliders(None)), "no sliders before a LoRA is added"
+
+
+def test_a_message_for_people_stays_until_it_is_closed():
+    from studio.compose import ComposeInputError
+
+    error = views.user_error(ComposeInputError("Choose the concept file for person {1}."))
+    assert error.message == "Choose the concept file for person {1}." and error.duration is None

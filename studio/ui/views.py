@@ -62,8 +62,9 @@ def error_text(exc: BaseException) -> str:
 
 
 def user_error(exc: BaseException) -> gr.Error:
-    """An expected error as a plain sentence in the page (no traceback in the server log)."""
-    return gr.Error(error_text(exc), print_exception=False)
+    """An expected error as a plain sentence in the page (no traceback in the server log). It
+    stays until closed: a run that fails minutes after its click is read when the user looks back."""
+    return gr.Error(error_text(exc), print_exception=False, duration=None)
 
 
 def field_validator(checks: list[Callable[[Any], Any]]) -> Callable[..., Any]:
