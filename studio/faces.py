@@ -634,7 +634,8 @@ def prepare(sources: Sequence[PhotoSource], cfg: FaceConfig, analyzer: FaceAnaly
     outliers = find_outliers(distances, analyzer.same_person_threshold)
     for index in outliers:
         others = np.delete(distances[index], index)
-        note = (f"This photo may show a different person from the others (identity distance "
+        others_named = "the other photo" if len(prepared) == 2 else "the others"
+        note = (f"This photo may show a different person from {others_named} (identity distance "
                 f"{float(np.median(others)):.2f}; the same person is usually below {analyzer.same_person_threshold:.2f}).")
         photo = prepared[index]
         report = dataclasses.replace(photo.report, warnings=photo.report.warnings + (note,))

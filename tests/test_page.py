@@ -232,11 +232,14 @@ def test_the_photo_report_says_whether_each_odd_photo_is_trained_on(engine, face
     pool = engine.prepare_photos([str(faces_dir / "scarletthead_woman" / "scarlett_0.jpg"),
                                   str(faces_dir / "newton_man" / "newton_0.jpg")])
     assert len(pool.outliers) == 2 and len(engine.snapshot().prepared.photos) == 2
-    lines = views.photo_report(pool, engine.snapshot().prepared).splitlines()[1:]
+    head, *lines = views.photo_report(pool, engine.snapshot().prepared).splitlines()
     assert all("trained on" in line and "left out of training" not in line for line in lines), lines
+    assert all("different person from the other photo" in line for line in lines), lines
+    assert head.endswith("2 of 2 photos usable")
     engine.choose_photos(["scarlett_0.jpg"])
-    scarlett, newton = views.photo_report(pool, engine.snapshot().prepared).splitlines()[1:]
+    head, scarlett, newton = views.photo_report(pool, engine.snapshot().prepared).splitlines()
     assert "trained on" in scarlett and "left out of training unless you tick it" in newton
+    assert head.endswith("2 of 2 photos usable · 1 trained on")
 
 
 def test_train_more_is_offered_only_for_the_photos_it_was_trained_on(engine, faces_dir):

@@ -341,8 +341,10 @@ def photo_report(prepared, chosen=None) -> str:
     if prepared is None:
         return ""
     lines = [f"Face backend: **{prepared.backend}** · {len(prepared.photos)} of {len(prepared.reports)} photos usable"]
-    outliers = {prepared.photos[i].name for i in prepared.outliers}
     used = {photo.name for photo in chosen.photos} if chosen is not None else set()
+    if chosen is not None and len(used) != len(prepared.photos):
+        lines[0] += f" · {len(used)} trained on"
+    outliers = {prepared.photos[i].name for i in prepared.outliers}
     for report in prepared.reports:
         if report.ok:
             mark = "⚠" if report.name in outliers else "✓"
