@@ -429,7 +429,7 @@ def _explore_layout(default_steps: int) -> SimpleNamespace:
             tab.plot = gr.ScatterPlot(
                 scatter_frame([]), x="prompt", y="identity", color="series", tooltip=["setting", "faces"],
                 title="Identity vs prompt fidelity, one point per setting",
-                x_title="prompt score (0–100; its model is named below)", y_title="identity similarity (0–1)", color_title="outcome",
+                x_title="prompt score (0–100)", y_title="identity similarity (0–1)", color_title="outcome",
                 color_map=SERIES_COLORS, y_lim=[-0.05, 1.05], x_axis_format=".1f", height=PLOT_HEIGHT, elem_id="explore-plot",
             )
             gr.Markdown(PLOT_HELP, elem_classes=["help"])
