@@ -96,6 +96,11 @@ def test_the_prompt_score_reads_ground_truth_renders():
     assert np.mean(model.cosines(images, texts)) >= 0.9
     swapped = model.cosines(images, texts[1:] + texts[:1])
     assert np.mean(swapped) < 0.5
+    # words the world does not know ask for nothing: a beach render on "... on a beach as an
+    # astronaut" scores as on "... on a beach", and against "... in a forest, astronaut" as on a forest
+    beach = images[:1]
+    assert model.cosines(beach, ["a photo of person on a beach as an astronaut"]) == model.cosines(beach, texts[:1])
+    assert model.cosines(beach, ["a photo of person in a forest as an astronaut on the moon"])[0] < 1.0
 
 
 def test_the_score_command_prints_json_for_images_made_anywhere(tmp_path):

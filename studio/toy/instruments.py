@@ -158,8 +158,11 @@ class ToyPromptModel:
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images but {len(texts)} texts: give one text per image")
         scored = self.scored_attributes
-        # ToyPromptError names unknown words
-        asked = [{k: v for k, v in parse_prompt(t).items() if k in scored} for t in texts]
+        # words the world does not know ask for nothing it can show, as identity traits ask for
+        # nothing a prompt decides: both are left out, so "{} as an astronaut" is scored on its
+        # known words and its images keep their identity scores
+        asked = [{k: v for k, v in parse_prompt(t, allow_traits=True, allow_unknown=True).items() if k in scored}
+                 for t in texts]
         seen = self.present(images)
         return [1.0 if not a else sum(s[k] == v for k, v in a.items()) / len(a) for a, s in zip(asked, seen)]
 

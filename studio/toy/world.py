@@ -276,12 +276,13 @@ def _phrase_table() -> list[tuple[str, str, str]]:
 _PHRASES = _phrase_table()
 
 
-def parse_prompt(prompt: str, allow_traits: bool = False) -> dict[str, str]:
+def parse_prompt(prompt: str, allow_traits: bool = False, allow_unknown: bool = False) -> dict[str, str]:
     """The scene attributes a prompt asks for, e.g. ``{"eyewear": "sunglasses", "setting": "forest"}``.
 
     ``{}`` and the class words stand for the person. A prompt naming two values of one
     attribute, or words the toy world does not know, raises :class:`ToyPromptError`.
-    Identity traits ("red hair") are refused unless ``allow_traits`` (the identity decides them).
+    Identity traits ("red hair") are refused unless ``allow_traits`` (the identity decides them);
+    unknown words unless ``allow_unknown`` (scoring: they ask for nothing the world can show).
     """
     text = " " + re.sub(r"[^a-z{} ]+", " ", prompt.lower().replace(",", " ")) + " "
     text = re.sub(r"\s+", " ", text)
@@ -305,7 +306,7 @@ def parse_prompt(prompt: str, allow_traits: bool = False) -> dict[str, str]:
             "leave it out of the prompt."
         )
     unknown = [w for w in text.replace("{}", " ").split() if w != "|" and w not in FILLER_WORDS]
-    if unknown:
+    if unknown and not allow_unknown:
         known = "; ".join(f"{a}: {', '.join(v for v in values if v != 'none')}" for a, values in ATTRIBUTES.items())
         raise ToyPromptError(
             f"The toy world does not know {', '.join(repr(w) for w in dict.fromkeys(unknown))}. It knows {known}."
