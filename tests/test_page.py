@@ -320,3 +320,9 @@ def test_a_message_for_people_stays_until_it_is_closed():
 
     error = views.user_error(ComposeInputError("Choose the concept file for person {1}."))
     assert error.message == "Choose the concept file for person {1}." and error.duration is None
+
+
+def test_the_toy_pages_first_prompt_is_in_the_toy_worlds_words():
+    from studio.toy.world import parse_prompt
+
+    assert parse_prompt(ui_app.TOY_DEFAULT_PROMPT) == {"eyewear": "sunglasses", "setting": "forest", "style": "photo"}

@@ -34,6 +34,9 @@ from studio.ui.sessions import KEEPALIVE_S, SessionRegistry, StudioFull
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 EXAMPLE_PHOTOS = sorted(str(p) for p in (ASSETS / "examples").glob("*.png"))
+# the Create images tab's first prompt; the toy world draws only its own words (docs/TOY.md)
+DEFAULT_PROMPT = "a photo of {} as an astronaut on the moon"
+TOY_DEFAULT_PROMPT = "a photo of {} wearing sunglasses in a forest"
 # toy selfies of one identity never seen in pretraining (the toy world's own photos)
 TOY_EXAMPLE_PHOTOS = sorted(str(p) for p in (ASSETS / "examples" / "toy").glob("*.png"))
 STREAM_MIN_INTERVAL_S = 0.3  # at most ~3 page updates per second while training
@@ -142,8 +145,8 @@ def _generate_tab(page: SimpleNamespace, cfg: StudioConfig) -> None:
     gr.Markdown("Uses the newest weights and the identity interval and balance set in *3 · Trade-off* above.",
                 elem_classes=["help"])
     with gr.Row():
-        page.prompt = gr.Textbox("a photo of {} as an astronaut on the moon", label="Prompt ({} = the person)",
-                                 elem_id="prompt", scale=3)
+        default = TOY_DEFAULT_PROMPT if cfg.model.source == "toy" else DEFAULT_PROMPT
+        page.prompt = gr.Textbox(default, label="Prompt ({} = the person)", elem_id="prompt", scale=3, min_width=300)
         page.negative = gr.Textbox(cfg.sample.negative_prompt, label="Negative prompt", scale=2, elem_id="negative")
     with gr.Row(equal_height=True):
         page.gen_seed = gr.Number(RANDOM_SEED, precision=0, label="Seed (-1 = random)", elem_id="gen-seed", min_width=120)
