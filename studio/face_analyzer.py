@@ -1,13 +1,16 @@
 """What a face backend is (docs/FACES.md): the :class:`FaceAnalyzer` interface and the faces it
 finds. The backends (studio/faces.py: dlib, insightface; studio/toy/instruments.py: the toy
-world's) implement it; studio/faces.py picks one and prepares photos with it.
+world's) implement it; studio/faces.py picks one and prepares photos with it. The crop geometry
+all of them share (where a crop lies, how much of it falls outside the photo) is here too.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from typing import Any
 
+import cv2
 import numpy as np
 
 
@@ -81,3 +84,31 @@ class FaceAnalyzer(ABC):
             for j in range(i + 1, n):
                 out[i, j] = out[j, i] = self.distance(embeddings[i], embeddings[j])
         return out
+
+
+# ----------------------------------------------------------------------------- crop geometry (every backend)
+def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """(N, 2) float32 points through a 2x3 affine ``matrix``."""
+    return (np.asarray(points, np.float64) @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
+
+
+def crop_corners(to_crop: np.ndarray, size: int) -> np.ndarray:
+    """(4, 2) photo coordinates of the crop's corners."""
+    return apply_affine(cv2.invertAffineTransform(to_crop), np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float32))
+
+
+def outside_of_photo(to_crop: np.ndarray, photo_hw: tuple[int, int], size: int) -> tuple[float, tuple[int, int, int, int]]:
+    """Share of the crop that falls outside the photo, and the (left, top, right, bottom)
+    padding the photo needs to contain the whole crop."""
+    height, width = photo_hw
+    corners = crop_corners(to_crop, size)
+    (min_x, min_y), (max_x, max_y) = corners.min(axis=0), corners.max(axis=0)
+    if min_x >= 0 and min_y >= 0 and max_x <= width and max_y <= height:
+        return 0.0, (0, 0, 0, 0)
+    pads = tuple(max(0, math.ceil(v) + 2) for v in (-min_x, -min_y, max_x - width, max_y - height))
+    # Warp a coarse "inside the photo" map onto a 64 x 64 grid: cheap and exact enough.
+    probe, step = 64, max(1, math.ceil(max(height, width) / 256))
+    inside = np.ones((math.ceil(height / step), math.ceil(width / step)), np.uint8)
+    probe_matrix = (probe / size) * to_crop @ np.diag([step, step, 1.0])
+    warped = cv2.warpAffine(inside, probe_matrix, (probe, probe), flags=cv2.INTER_NEAREST, borderValue=0)
+    return float(1.0 - warped.mean()), pads  # type: ignore[return-value]

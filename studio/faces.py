@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from studio.config import FaceConfig
-from studio.face_analyzer import AlignedFace, DetectedFace, FaceAnalyzer
+from studio.face_analyzer import AlignedFace, DetectedFace, FaceAnalyzer, apply_affine, crop_corners, outside_of_photo
 from studio.photos import (  # noqa: F401  (the safe decoding lives there; these names stay importable here)
     ALPHA_BACKGROUND,
     MAX_DECODE_PIXELS,
@@ -262,7 +262,7 @@ class DlibFaceAnalyzer(FaceAnalyzer):
             )
         with self._lock:
             crop = dlib.get_face_chip(np.ascontiguousarray(rgb), shape, size, padding)
-        landmarks = _apply_affine(to_chip, face.landmarks)
+        landmarks = apply_affine(to_chip, face.landmarks)
         scale = float(math.hypot(to_chip[0, 0], to_chip[0, 1]))
         return AlignedFace(crop, landmarks, scale, outside)
 
@@ -359,7 +359,7 @@ class InsightFaceAnalyzer(FaceAnalyzer):
             to_crop = matrix @ np.diag([1.0 / factor, 1.0 / factor, 1.0])
         crop = cv2.warpAffine(source, to_crop, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         outside, _ = outside_of_photo(to_crop, source.shape[:2], size)
-        return AlignedFace(crop, _apply_affine(matrix, face.landmarks), scale, outside)
+        return AlignedFace(crop, apply_affine(matrix, face.landmarks), scale, outside)
 
     def embed(self, rgb: np.ndarray, face: DetectedFace) -> np.ndarray:
         return np.asarray(face.native.normed_embedding, np.float32)
@@ -445,42 +445,16 @@ def _chip_matrix(details: Any, size: int) -> np.ndarray:
     return np.hstack([linear, offset[:, None]])
 
 
-def _apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    return (np.asarray(points, np.float64) @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
-
-
-def _crop_corners(to_crop: np.ndarray, size: int) -> np.ndarray:
-    """(4, 2) photo coordinates of the crop's corners."""
-    return _apply_affine(cv2.invertAffineTransform(to_crop), np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float32))
-
-
 def _padding_that_fits(to_crop: np.ndarray, size: int, padding: float, photo_hw: tuple[int, int]) -> float:
     """The largest padding <= ``padding`` (but >= MIN_CROP_PADDING) whose crop, shrunk about
     its centre, stays inside the photo. The crop side is proportional to 1 + 2 * padding."""
     height, width = photo_hw
-    centre = _apply_affine(cv2.invertAffineTransform(to_crop), np.array([[size / 2, size / 2]], np.float32))[0]
-    offsets = _crop_corners(to_crop, size) - centre
+    centre = apply_affine(cv2.invertAffineTransform(to_crop), np.array([[size / 2, size / 2]], np.float32))[0]
+    offsets = crop_corners(to_crop, size) - centre
     limits = np.where(offsets > 0, (np.array([width, height]) - centre) / np.maximum(offsets, 1e-9),
                       centre / np.maximum(-offsets, 1e-9))
     shrink = float(min(1.0, limits.min()))
     return float(np.clip((shrink * (1 + 2 * padding) - 1) / 2, min(MIN_CROP_PADDING, padding), padding))
-
-
-def outside_of_photo(to_crop: np.ndarray, photo_hw: tuple[int, int], size: int) -> tuple[float, tuple[int, int, int, int]]:
-    """Share of the crop that falls outside the photo, and the (left, top, right, bottom)
-    padding the photo needs to contain the whole crop."""
-    height, width = photo_hw
-    corners = _crop_corners(to_crop, size)
-    (min_x, min_y), (max_x, max_y) = corners.min(axis=0), corners.max(axis=0)
-    if min_x >= 0 and min_y >= 0 and max_x <= width and max_y <= height:
-        return 0.0, (0, 0, 0, 0)
-    pads = tuple(max(0, math.ceil(v) + 2) for v in (-min_x, -min_y, max_x - width, max_y - height))
-    # Warp a coarse "inside the photo" map onto a 64 x 64 grid: cheap and exact enough.
-    probe, step = 64, max(1, math.ceil(max(height, width) / 256))
-    inside = np.ones((math.ceil(height / step), math.ceil(width / step)), np.uint8)
-    probe_matrix = (probe / size) * to_crop @ np.diag([step, step, 1.0])
-    warped = cv2.warpAffine(inside, probe_matrix, (probe, probe), flags=cv2.INTER_NEAREST, borderValue=0)
-    return float(1.0 - warped.mean()), pads  # type: ignore[return-value]
 
 
 def face_mask(analyzer: FaceAnalyzer, landmarks: np.ndarray, size: int, feather: float) -> np.ndarray:

@@ -24,8 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from studio.errors import StudioError
-from studio.face_analyzer import AlignedFace, DetectedFace, FaceAnalyzer
-from studio.faces import outside_of_photo
+from studio.face_analyzer import AlignedFace, DetectedFace, FaceAnalyzer, outside_of_photo
 from studio.toy import models as toy_models
 from studio.toy.world import NATIVE_SIZE, ToyPromptError, parse_prompt
 from studio.weights import TOY_DIR
