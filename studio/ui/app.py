@@ -138,7 +138,8 @@ def _live_panel(page: SimpleNamespace, cfg: StudioConfig) -> None:
         page.balance = gr.Slider(0.1, 4.0, value=cfg.sample.balance, step=0.05, label="Tandem balance γ", elem_id="balance")
     gr.Markdown(f"{views.SLIDER_HELP['band']}  \n{views.SLIDER_HELP['balance']}", elem_classes=["help"])
     page.slider_clock = gr.Number(None, visible=False)  # filled by SLIDER_CLOCK_JS as a change is sent
-    page.previews = gr.Gallery(label="Previews", columns=4, height=200, elem_id="previews", interactive=False, object_fit="contain")
+    # as tall as its pictures: a fixed 200 px cut them in half on a wide window, captions and all
+    page.previews = gr.Gallery(label="Previews", columns=4, height="auto", elem_id="previews", interactive=False, object_fit="contain")
 
 
 def _generate_tab(page: SimpleNamespace, cfg: StudioConfig) -> None:
