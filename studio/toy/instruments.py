@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from studio.errors import StudioError
-from studio.face_analyzer import AlignedFace, DetectedFace, FaceAnalyzer, outside_of_photo
+from studio.face_analyzer import AlignedFace, DetectedFace, FaceAnalyzer, apply_affine, outside_of_photo
 from studio.toy import models as toy_models
 from studio.toy.world import NATIVE_SIZE, ToyPromptError, parse_prompt
 from studio.weights import TOY_DIR
@@ -111,7 +111,7 @@ class ToyFaceAnalyzer(FaceAnalyzer):
         zoom = 1.0 / (1.0 + margin)
         matrix = toy_models.alignment_matrix(face.landmarks[0], face.landmarks[1], size, zoom)
         crop = toy_models.warp(rgb, matrix, size)
-        landmarks = (face.landmarks @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
+        landmarks = apply_affine(matrix, face.landmarks)
         outside, _ = outside_of_photo(matrix, rgb.shape[:2], size)
         return AlignedFace(crop, landmarks, float(np.hypot(matrix[0, 0], matrix[0, 1])), outside)
 

@@ -350,7 +350,7 @@ def photo_report(prepared, chosen=None) -> str:
             mark = "⚠" if report.name in outliers else "✓"
             line = f"- {mark} {report.name}"
             if report.name in outliers and report.name in used:
-                line += " — trained on, since no photo is clearly the odd one out: untick it below to leave it out"
+                line += " — trained on (ticked below): untick it to leave it out"
             elif report.name in outliers:
                 line += " — left out of training unless you tick it below"
             if report.warnings:
