@@ -77,6 +77,49 @@ def test_a_slider_change_that_arrives_after_a_newer_one_is_never_rendered(monkey
     assert list(handlers._slider_lines) == ["another tab"]
 
 
+def test_train_and_train_more_touch_sessions_and_engines_off_the_event_loop(tiny_cfg, tmp_path):
+    """The server's one event loop serves every page: a session lookup (which may close idle
+    sessions, joining their threads) or an engine start waiting on a lock must run elsewhere."""
+    loop_threads, calls = [], []
+
+    class Recorder:
+        """Every engine and registry method records the thread it was called on."""
+
+        def __init__(self, target):
+            self._target = target
+
+        def __getattr__(self, name):
+            attr = getattr(self._target, name)
+            if not callable(attr):
+                return attr
+
+            def recorded(*args, **kwargs):
+                calls.append((name, threading.current_thread()))
+                result = attr(*args, **kwargs)
+                return Recorder(result) if isinstance(result, Engine) else result
+            return recorded
+
+    handlers = Handlers(Recorder(SessionRegistry(tiny_cfg, root=tmp_path)), chunked=False)
+    request = SimpleNamespace(session_hash="one tab")
+    steps = views.as_number(1, "steps")
+    band_and_balance = (tiny_cfg.sample.band[0], tiny_cfg.sample.band[1], tiny_cfg.sample.balance)
+
+    async def press(handler, *values):
+        loop_threads.append(threading.current_thread())
+        with pytest.raises(gr.Error, match="photo|no training"):  # nothing to train yet: refused in words
+            async for _ in handler(request, *values):
+                pass
+
+    training_form = form.values_from(form.TRAINING_FORM, tiny_cfg)
+    calls.clear()  # from here on, only what the presses call
+    asyncio.run(press(handlers.on_train, *training_form, *band_and_balance))
+    asyncio.run(press(handlers.on_continue, steps, *band_and_balance))
+    names = {name for name, _ in calls}
+    assert {"get", "set_preview_settings", "start", "continue_training"} <= names, names
+    on_the_loop = [name for name, thread in calls if thread in loop_threads]
+    assert not on_the_loop, f"called on the event loop: {on_the_loop}"
+
+
 # ----------------------------------------------------------------------------- form
 def test_the_form_spec_fills_from_a_preset_and_reads_back_the_same_overrides(tiny_cfg):
     values = form.values_from(form.TRAINING_FORM, tiny_cfg)

@@ -12,6 +12,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -321,14 +322,14 @@ class Handlers:
     # -------------------------------------------------------------- training
     async def on_train(self, request: gr.Request, *values: Any):
         """Train a new concept: the training form's values, then the live band and balance."""
-        engine = self.engine(request)
         overrides = form.overrides(form.TRAINING_FORM, values[: len(form.TRAINING_FORM)])
+        engine = await asyncio.to_thread(self.engine, request)
         async for outputs in self._stream(engine, lambda **mode: engine.start(overrides, **mode), *values[-3:]):
             yield outputs
 
     async def on_continue(self, request: gr.Request, more_steps: Any, lo: Any, hi: Any, gamma: Any):
-        engine = self.engine(request)
         more = views.as_number(more_steps, "The number of extra steps", whole=True)
+        engine = await asyncio.to_thread(self.engine, request)
         async for outputs in self._stream(engine, lambda **mode: engine.continue_training(more, **mode), lo, hi, gamma):
             yield outputs
 
@@ -336,9 +337,13 @@ class Handlers:
         """Start ``launch`` and stream its snapshots, locally (a background thread trains) or on
         ZeroGPU (no thread may hold the GPU: this request drives GPU chunks itself)."""
         band, balance = _interval(lo, hi), views.as_number(gamma, "The tandem balance")
-        try:
+
+        def start() -> Iterator[Snapshot] | None:
             engine.set_preview_settings(band, balance)
-            driven = launch(foreground=True, gpu_call=GPU_TRAINING_CHUNK) if self.chunked else launch()
+            return launch(foreground=True, gpu_call=GPU_TRAINING_CHUNK) if self.chunked else launch()
+
+        try:  # off the event loop, like every engine call here: a lock waited on stalls no other page
+            driven = await asyncio.to_thread(start)
         except (ValueError, RuntimeError) as exc:  # ConfigError is a ValueError
             raise views.user_error(exc) from None
         last: dict[str, Any] = {}
