@@ -112,7 +112,7 @@ def test_engine_in_foreground_mode_continues_a_run_in_chunks(chunk_cfg, faces_di
         engine.close()
 
 
-def test_the_zerogpu_train_handler_streams_a_chunked_training_in_the_launched_app(monkeypatch, faces_dir):
+def test_the_zerogpu_train_handler_streams_a_chunked_training_in_the_launched_app(monkeypatch, faces_dir, tmp_path):
     """The sync-generator handler that drives GPU chunks on ZeroGPU, here without ZeroGPU itself."""
     import socket
 
@@ -122,6 +122,10 @@ def test_the_zerogpu_train_handler_streams_a_chunked_training_in_the_launched_ap
 
     monkeypatch.setenv("STUDIO_CHUNKED_TRAINING", "1")
     monkeypatch.setenv("STUDIO_CHUNK_STEPS", "2")
+    # A second launched app keeps its files apart: Gradio names cached files by content, and a
+    # launched app deletes the ones it made when it closes, the sample photos' copies among them,
+    # which the session's studio (conftest.studio_app) goes on handing to its visitors.
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
