@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ def add_score_parser(subparsers: Any) -> None:
 def run_score(args: argparse.Namespace) -> int:
     from studio.cli import CliError, _load_config
     from studio.faces import load_photo
-    from studio.metrics import Scorer, default_clip_model
+    from studio.metrics import TOY_PROMPT_MODEL, Scorer, default_clip_model
 
     cfg = _load_config(args)
     for path in [*args.images, *args.reference]:
@@ -47,6 +48,13 @@ def run_score(args: argparse.Namespace) -> int:
     references = scorer.embed_references([str(p) for p in args.reference])
     images = [load_photo(str(p), cfg.face.max_pixels)[0] for p in args.images]
     prompt = args.prompt or "{}"
+    if args.prompt and clip == TOY_PROMPT_MODEL:
+        from studio.toy.world import unknown_words
+
+        unknown = unknown_words(args.prompt)
+        if unknown:  # said, not silently dropped: the score is only about the words it knows
+            print(f"note: the toy world does not know {', '.join(repr(w) for w in unknown)}; "
+                  "the prompt score leaves them out", file=sys.stderr)
     scores = scorer.score(images, [prompt] * len(images), references, cfg.concept.super_category)
     rows = [
         {

@@ -108,10 +108,13 @@ def test_the_score_command_prints_json_for_images_made_anywhere(tmp_path):
     render_prompt(100_777, "a photo of {} in a forest", seed=5).save(tmp_path / "other.png")
     done = subprocess.run(
         [sys.executable, "-m", "studio", "score", "--preset", "toy", "--reference", str(TOY_SELFIES[0]),
-         "--prompt", "a photo of {} on a beach", str(tmp_path / "same.png"), str(tmp_path / "other.png"), "--json"],
+         "--prompt", "a photo of {} on a beach as an astronaut", str(tmp_path / "same.png"), str(tmp_path / "other.png"),
+         "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
+    # words the world cannot show are named once, and the score is about the rest of the prompt
+    assert "does not know 'as', 'astronaut'; the prompt score leaves them out" in done.stderr, done.stderr
     rows = json.loads(done.stdout)
     assert [Path(r["image"]).name for r in rows] == ["same.png", "other.png"]
     assert rows[0]["identity"] > rows[1]["identity"]

@@ -284,6 +284,25 @@ def parse_prompt(prompt: str, allow_traits: bool = False, allow_unknown: bool = 
     Identity traits ("red hair") are refused unless ``allow_traits`` (the identity decides them);
     unknown words unless ``allow_unknown`` (scoring: they ask for nothing the world can show).
     """
+    found, traits, unknown = _read_prompt(prompt)
+    if traits and not allow_traits:
+        raise ToyPromptError(
+            f"{', '.join(repr(t) for t in traits)} describes the person's own features, which the identity decides; "
+            "leave it out of the prompt."
+        )
+    if unknown and not allow_unknown:
+        known = "; ".join(f"{a}: {', '.join(v for v in values if v != 'none')}" for a, values in ATTRIBUTES.items())
+        raise ToyPromptError(f"The toy world does not know {', '.join(repr(w) for w in unknown)}. It knows {known}.")
+    return found
+
+
+def unknown_words(prompt: str) -> list[str]:
+    """The words of ``prompt`` the toy world does not know, once each (its prompt score leaves them out)."""
+    return _read_prompt(prompt)[2]
+
+
+def _read_prompt(prompt: str) -> tuple[dict[str, str], list[str], list[str]]:
+    """(attribute -> value asked for, identity traits named, unknown words) of a prompt."""
     text = " " + re.sub(r"[^a-z{} ]+", " ", prompt.lower().replace(",", " ")) + " "
     text = re.sub(r"\s+", " ", text)
     found: dict[str, str] = {}
@@ -300,18 +319,8 @@ def parse_prompt(prompt: str, allow_traits: bool = False, allow_unknown: bool = 
                     f"The prompt asks for two {attribute}s ({found[attribute]!r} and {value!r}); the toy world shows one."
                 )
             found[attribute] = value
-    if traits and not allow_traits:
-        raise ToyPromptError(
-            f"{', '.join(repr(t) for t in traits)} describes the person's own features, which the identity decides; "
-            "leave it out of the prompt."
-        )
     unknown = [w for w in text.replace("{}", " ").split() if w != "|" and w not in FILLER_WORDS]
-    if unknown and not allow_unknown:
-        known = "; ".join(f"{a}: {', '.join(v for v in values if v != 'none')}" for a, values in ATTRIBUTES.items())
-        raise ToyPromptError(
-            f"The toy world does not know {', '.join(repr(w) for w in dict.fromkeys(unknown))}. It knows {known}."
-        )
-    return found
+    return found, traits, list(dict.fromkeys(unknown))
 
 
 def scene_for_prompt(prompt: str, rng: np.random.Generator | None = None) -> Scene:
