@@ -342,7 +342,7 @@ class Handlers:
             engine.set_preview_settings(band, balance)
             return launch(foreground=True, gpu_call=GPU_TRAINING_CHUNK) if self.chunked else launch()
 
-        try:  # off the event loop, like every engine call here: a lock waited on stalls no other page
+        try:  # off the event loop: a start that waits on a lock (or joins a thread) stalls no other page
             driven = await asyncio.to_thread(start)
         except (ValueError, RuntimeError) as exc:  # ConfigError is a ValueError
             raise views.user_error(exc) from None
